@@ -1,0 +1,442 @@
+//! The only module that knows how PostgreSQL, SQLite and MySQL differ.
+//!
+//! - **Schema**: native DDL per backend (PostgreSQL: LIST partitions, a sequence, `xid8`).
+//! - **Append**: PostgreSQL appends in *one statement* (a data-modifying CTE that moves the stream
+//!   row and inserts the messages; one round trip, atomic without an explicit transaction).
+//!   SQLite and MySQL run the same steps as separate statements in one transaction
+//!   (`BEGIN IMMEDIATE` on SQLite, so writers queue instead of failing on lock upgrade).
+//! - **Global positions**: a sequence on PostgreSQL, `AUTO_INCREMENT` on MySQL, a one-row
+//!   counter table on SQLite (one writer at a time, so it never contends).
+//! - **Tenant partitions**: real `PARTITION OF` tables on PostgreSQL; nothing elsewhere.
+
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, PostgresQueryBuilder, Query, QueryBuilder, SimpleExpr};
+use sea_orm::{
+    ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, ExecResult, SqlErr, Statement, TransactionOptions,
+    TransactionTrait,
+};
+use serde_json::Value;
+
+use crate::schema::{messages, streams};
+use crate::ExpectedVersion;
+
+/// Tables of the store, in creation order.
+const TABLES: [&str; 4] = ["streams", "messages", "subscriptions", "snapshots"];
+
+/// DDL that creates the schema on `backend`.
+pub(crate) fn create_schema(backend: DbBackend) -> Result<Vec<&'static str>, DbErr> {
+    Ok(match backend {
+        DbBackend::Postgres => vec![
+            "CREATE TABLE IF NOT EXISTS streams (
+               stream_id text NOT NULL, stream_position bigint NOT NULL, partition text NOT NULL,
+               stream_type text NOT NULL, stream_metadata jsonb NOT NULL, is_archived boolean NOT NULL DEFAULT false,
+               CONSTRAINT pk_streams PRIMARY KEY (stream_id, partition, is_archived)
+             ) PARTITION BY LIST (partition)",
+            "CREATE TABLE IF NOT EXISTS streams_default PARTITION OF streams DEFAULT",
+            "CREATE SEQUENCE IF NOT EXISTS emt_global_message_position",
+            "CREATE TABLE IF NOT EXISTS messages (
+               stream_id text NOT NULL, stream_position bigint NOT NULL, partition text NOT NULL,
+               message_kind char(1) NOT NULL DEFAULT 'E', message_data jsonb NOT NULL, message_metadata jsonb NOT NULL,
+               message_schema_version text NOT NULL, message_type text NOT NULL, message_id text NOT NULL,
+               is_archived boolean NOT NULL DEFAULT false,
+               global_position bigint DEFAULT nextval('emt_global_message_position'),
+               created timestamptz(3) NOT NULL DEFAULT now(),
+               transaction_id xid8 NOT NULL DEFAULT pg_current_xact_id(),
+               CONSTRAINT pk_messages PRIMARY KEY (stream_id, stream_position, partition, is_archived)
+             ) PARTITION BY LIST (partition)",
+            // A schema created by the TypeScript package lacks it; consumers need it for gap-free reads.
+            "ALTER TABLE messages ADD COLUMN IF NOT EXISTS transaction_id xid8 NOT NULL DEFAULT pg_current_xact_id()",
+            "CREATE TABLE IF NOT EXISTS messages_default PARTITION OF messages DEFAULT",
+            "CREATE INDEX IF NOT EXISTS idx_messages_partition_global_position ON messages (partition, global_position)",
+            "CREATE TABLE IF NOT EXISTS subscriptions (
+               subscription_id text NOT NULL, version integer NOT NULL DEFAULT 1, partition text NOT NULL,
+               last_processed_position bigint NOT NULL,
+               CONSTRAINT pk_subscriptions PRIMARY KEY (subscription_id, partition, version)
+             ) PARTITION BY LIST (partition)",
+            "CREATE TABLE IF NOT EXISTS subscriptions_default PARTITION OF subscriptions DEFAULT",
+            "CREATE TABLE IF NOT EXISTS snapshots (
+               readmodel_table_name text NOT NULL, stream_id text NOT NULL,
+               last_stream_position bigint NOT NULL, last_global_position bigint NOT NULL,
+               snapshot jsonb NOT NULL, PRIMARY KEY (readmodel_table_name, stream_id))",
+        ],
+        DbBackend::MySql => vec![
+            "CREATE TABLE IF NOT EXISTS streams (
+               stream_id VARCHAR(255) NOT NULL, stream_position BIGINT NOT NULL, `partition` VARCHAR(255) NOT NULL,
+               stream_type VARCHAR(255) NOT NULL, stream_metadata JSON NOT NULL, is_archived BOOLEAN NOT NULL DEFAULT FALSE,
+               PRIMARY KEY (stream_id, `partition`, is_archived))",
+            "CREATE TABLE IF NOT EXISTS messages (
+               stream_id VARCHAR(255) NOT NULL, stream_position BIGINT NOT NULL, `partition` VARCHAR(255) NOT NULL,
+               message_kind CHAR(1) NOT NULL DEFAULT 'E', message_data JSON NOT NULL, message_metadata JSON NOT NULL,
+               message_schema_version VARCHAR(64) NOT NULL, message_type VARCHAR(255) NOT NULL,
+               message_id VARCHAR(64) NOT NULL, is_archived BOOLEAN NOT NULL DEFAULT FALSE,
+               global_position BIGINT NOT NULL AUTO_INCREMENT,
+               created DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
+               PRIMARY KEY (stream_id, stream_position, `partition`, is_archived),
+               UNIQUE KEY uq_messages_global_position (global_position),
+               KEY idx_messages_partition_global_position (`partition`, global_position))",
+            "CREATE TABLE IF NOT EXISTS subscriptions (
+               subscription_id VARCHAR(255) NOT NULL, version INT NOT NULL DEFAULT 1, `partition` VARCHAR(255) NOT NULL,
+               last_processed_position BIGINT NOT NULL,
+               PRIMARY KEY (subscription_id, `partition`, version))",
+            "CREATE TABLE IF NOT EXISTS snapshots (
+               readmodel_table_name VARCHAR(255) NOT NULL, stream_id VARCHAR(512) NOT NULL,
+               last_stream_position BIGINT NOT NULL, last_global_position BIGINT NOT NULL,
+               snapshot JSON NOT NULL, PRIMARY KEY (readmodel_table_name, stream_id))",
+        ],
+        DbBackend::Sqlite => vec![
+            "CREATE TABLE IF NOT EXISTS streams (
+               stream_id TEXT NOT NULL, stream_position INTEGER NOT NULL, partition TEXT NOT NULL,
+               stream_type TEXT NOT NULL, stream_metadata TEXT NOT NULL, is_archived BOOLEAN NOT NULL DEFAULT FALSE,
+               PRIMARY KEY (stream_id, partition, is_archived))",
+            "CREATE TABLE IF NOT EXISTS emt_global_message_position (
+               id INTEGER PRIMARY KEY CHECK (id = 1), last_value INTEGER NOT NULL)",
+            "INSERT OR IGNORE INTO emt_global_message_position (id, last_value) VALUES (1, 0)",
+            "CREATE TABLE IF NOT EXISTS messages (
+               stream_id TEXT NOT NULL, stream_position INTEGER NOT NULL, partition TEXT NOT NULL,
+               message_kind TEXT NOT NULL DEFAULT 'E', message_data TEXT NOT NULL, message_metadata TEXT NOT NULL,
+               message_schema_version TEXT NOT NULL, message_type TEXT NOT NULL, message_id TEXT NOT NULL,
+               is_archived BOOLEAN NOT NULL DEFAULT FALSE, global_position INTEGER,
+               created TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+               PRIMARY KEY (stream_id, stream_position, partition, is_archived))",
+            "CREATE UNIQUE INDEX IF NOT EXISTS uq_messages_global_position ON messages (global_position)",
+            "CREATE INDEX IF NOT EXISTS idx_messages_partition_global_position ON messages (partition, global_position)",
+            "CREATE TABLE IF NOT EXISTS subscriptions (
+               subscription_id TEXT NOT NULL, version INTEGER NOT NULL DEFAULT 1, partition TEXT NOT NULL,
+               last_processed_position INTEGER NOT NULL,
+               PRIMARY KEY (subscription_id, partition, version))",
+            "CREATE TABLE IF NOT EXISTS snapshots (
+               readmodel_table_name TEXT NOT NULL, stream_id TEXT NOT NULL,
+               last_stream_position INTEGER NOT NULL, last_global_position INTEGER NOT NULL,
+               snapshot TEXT NOT NULL, PRIMARY KEY (readmodel_table_name, stream_id))",
+        ],
+        other => return Err(DbErr::BackendNotSupported { db: other.as_str(), ctx: "emmett-seaorm schema" }),
+    })
+}
+
+/// DDL that drops the schema on `backend` (the tenant partitions go with their parents).
+pub(crate) fn drop_schema(backend: DbBackend) -> Vec<String> {
+    let mut ddl: Vec<String> = TABLES.iter().rev().map(|t| format!("DROP TABLE IF EXISTS {t}")).collect();
+    match backend {
+        DbBackend::Postgres => ddl.push("DROP SEQUENCE IF EXISTS emt_global_message_position".into()),
+        DbBackend::Sqlite => ddl.push("DROP TABLE IF EXISTS emt_global_message_position".into()),
+        _ => {}
+    }
+    ddl
+}
+
+/// Begins a write transaction (a savepoint inside a session): `BEGIN IMMEDIATE` on SQLite so
+/// concurrent writers wait for the lock instead of failing when they upgrade to it.
+pub(crate) async fn begin_write<C: TransactionTrait<Transaction = DatabaseTransaction>>(conn: &C) -> Result<DatabaseTransaction, DbErr> {
+    conn.begin_with_options(TransactionOptions {
+        sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+        ..Default::default()
+    })
+    .await
+}
+
+/// One append, as the backends receive it.
+pub(crate) struct Append<'a> {
+    pub stream_id: &'a str,
+    pub partition: &'a str,
+    pub stream_type: &'a str,
+    pub expected: ExpectedVersion,
+    pub metadata: &'a Value,
+    /// `(message_type, message_data, message_id)` per event.
+    pub events: Vec<(String, Value, String)>,
+}
+
+/// What a successful append wrote.
+pub(crate) struct Appended {
+    pub next_expected_version: u64,
+    pub last_global_position: u64,
+}
+
+/// Appends, or returns `None` when the expected version does not hold (nothing written).
+pub(crate) async fn append<C: ConnectionTrait + TransactionTrait<Transaction = DatabaseTransaction>>(
+    conn: &C,
+    append: &Append<'_>,
+) -> Result<Option<Appended>, DbErr> {
+    match conn.get_database_backend() {
+        DbBackend::Postgres => append_in_one_statement(conn, append).await,
+        _ => append_in_transaction(conn, append).await,
+    }
+}
+
+/// PostgreSQL: one data-modifying CTE. The stream row update takes the row lock, so a racing
+/// writer with the same expected version re-checks its `WHERE` after we commit and matches nothing.
+async fn append_in_one_statement<C: ConnectionTrait>(conn: &C, a: &Append<'_>) -> Result<Option<Appended>, DbErr> {
+    let n = a.events.len() as i64;
+    let events = Value::Array(
+        a.events
+            .iter()
+            .map(|(t, d, id)| serde_json::json!({ "t": t, "d": d, "i": id }))
+            .collect(),
+    );
+    let mut values: Vec<sea_orm::Value> =
+        vec![a.stream_id.into(), a.partition.into(), n.into(), events.into(), a.metadata.clone().into()];
+    let insert_stream = "INSERT INTO streams (stream_id, stream_position, partition, stream_type, stream_metadata)
+                         VALUES ($1, $3, $2, $6, '{}') ON CONFLICT (stream_id, partition, is_archived)";
+    let update_stream = "UPDATE streams SET stream_position = stream_position + $3
+                         WHERE stream_id = $1 AND partition = $2 AND is_archived = false";
+    let stream_write = match a.expected {
+        ExpectedVersion::Any => {
+            values.push(a.stream_type.into());
+            format!("{insert_stream} DO UPDATE SET stream_position = streams.stream_position + $3")
+        }
+        ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => {
+            values.push(a.stream_type.into());
+            format!("{insert_stream} DO NOTHING")
+        }
+        ExpectedVersion::StreamExists => update_stream.to_owned(),
+        ExpectedVersion::Exact(v) => {
+            values.push((v as i64).into());
+            format!("{update_stream} AND stream_position = $6")
+        }
+    };
+    let sql = format!(
+        "WITH st AS ({stream_write} RETURNING stream_position),
+         ins AS (
+           INSERT INTO messages (stream_id, stream_position, partition, message_data, message_metadata,
+                                 message_schema_version, message_type, message_id)
+           SELECT $1, st.stream_position - $3 + e.ord, $2, e.m->'d', $5::jsonb, '1', e.m->>'t', e.m->>'i'
+           FROM st, jsonb_array_elements($4::jsonb) WITH ORDINALITY AS e(m, ord)
+           RETURNING global_position)
+         SELECT st.stream_position, (SELECT max(global_position) FROM ins) AS last_global_position FROM st"
+    );
+    let row = conn
+        .query_one_raw(Statement::from_sql_and_values(DbBackend::Postgres, sql, values))
+        .await?;
+    row.map(|row| {
+        Ok(Appended {
+            next_expected_version: row.try_get::<i64>("", "stream_position")? as u64,
+            last_global_position: row.try_get::<i64>("", "last_global_position")? as u64,
+        })
+    })
+    .transpose()
+}
+
+/// SQLite and MySQL: the stream row first (its lock serialises writers of one stream), then the
+/// messages, in one transaction.
+async fn append_in_transaction<C: TransactionTrait<Transaction = DatabaseTransaction>>(conn: &C, a: &Append<'_>) -> Result<Option<Appended>, DbErr> {
+    let txn = begin_write(conn).await?;
+    let backend = txn.get_database_backend();
+    let n = a.events.len() as i64;
+    let Some(version) = move_stream_row(&txn, a, n).await? else {
+        return Ok(None); // dropping the transaction rolls it back
+    };
+    let first = version - n + 1;
+
+    // SQLite numbers messages itself; MySQL's AUTO_INCREMENT does it there.
+    let first_global = if backend == DbBackend::Sqlite {
+        let row = txn
+            .query_one_raw(Statement::from_sql_and_values(
+                backend,
+                "UPDATE emt_global_message_position SET last_value = last_value + ? WHERE id = 1 RETURNING last_value",
+                [n.into()],
+            ))
+            .await?
+            .ok_or_else(|| DbErr::RecordNotFound("emt_global_message_position".into()))?;
+        Some(row.try_get::<i64>("", "last_value")? - n + 1)
+    } else {
+        None
+    };
+
+    let mut insert = Query::insert();
+    insert.into_table(messages::Entity).columns([
+        messages::Column::StreamId,
+        messages::Column::StreamPosition,
+        messages::Column::Partition,
+        messages::Column::MessageData,
+        messages::Column::MessageMetadata,
+        messages::Column::MessageSchemaVersion,
+        messages::Column::MessageType,
+        messages::Column::MessageId,
+    ]);
+    if first_global.is_some() {
+        insert.columns([messages::Column::GlobalPosition]);
+    }
+    for (i, (message_type, data, id)) in a.events.iter().enumerate() {
+        let mut row: Vec<SimpleExpr> = vec![
+            a.stream_id.into(),
+            (first + i as i64).into(),
+            a.partition.into(),
+            data.clone().into(),
+            a.metadata.clone().into(),
+            "1".into(),
+            message_type.as_str().into(),
+            id.as_str().into(),
+        ];
+        if let Some(g) = first_global {
+            row.push((g + i as i64).into());
+        }
+        insert.values_panic(row);
+    }
+    txn.execute(&insert).await?;
+
+    let last_global_position = match first_global {
+        Some(g) => g + n - 1,
+        None => {
+            let row = txn
+                .query_one(
+                    Query::select()
+                        .column(messages::Column::GlobalPosition)
+                        .from(messages::Entity)
+                        .and_where(Expr::col(messages::Column::StreamId).eq(a.stream_id))
+                        .and_where(Expr::col(messages::Column::Partition).eq(a.partition))
+                        .and_where(Expr::col(messages::Column::IsArchived).eq(false))
+                        .and_where(Expr::col(messages::Column::StreamPosition).eq(version)),
+                )
+                .await?
+                .ok_or_else(|| DbErr::RecordNotFound("appended message".into()))?;
+            row.try_get::<i64>("", "global_position")?
+        }
+    };
+    txn.commit().await?;
+    Ok(Some(Appended { next_expected_version: version as u64, last_global_position: last_global_position as u64 }))
+}
+
+/// Moves the stream row by `n` if the expected version holds; returns the new version.
+async fn move_stream_row(txn: &DatabaseTransaction, a: &Append<'_>, n: i64) -> Result<Option<i64>, DbErr> {
+    let this_stream = || {
+        Expr::col(streams::Column::StreamId)
+            .eq(a.stream_id)
+            .and(Expr::col(streams::Column::Partition).eq(a.partition))
+            .and(Expr::col(streams::Column::IsArchived).eq(false))
+    };
+    let new_stream = || {
+        let mut insert = Query::insert();
+        insert
+            .into_table(streams::Entity)
+            .columns([
+                streams::Column::StreamId,
+                streams::Column::StreamPosition,
+                streams::Column::Partition,
+                streams::Column::StreamType,
+                streams::Column::StreamMetadata,
+            ])
+            .values_panic([
+                a.stream_id.into(),
+                n.into(),
+                a.partition.into(),
+                a.stream_type.into(),
+                serde_json::json!({}).into(),
+            ]);
+        insert
+    };
+    let increment = Expr::col(streams::Column::StreamPosition).add(n);
+    let updated = |res: ExecResult| res.rows_affected() > 0;
+    match a.expected {
+        ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => match txn.execute(&new_stream()).await {
+            Ok(_) => Ok(Some(n)),
+            Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => Ok(None),
+            Err(e) => Err(e),
+        },
+        ExpectedVersion::Exact(v) => {
+            let res = txn
+                .execute(
+                    Query::update()
+                        .table(streams::Entity)
+                        .value(streams::Column::StreamPosition, v as i64 + n)
+                        .cond_where(this_stream().and(Expr::col(streams::Column::StreamPosition).eq(v as i64))),
+                )
+                .await?;
+            Ok(updated(res).then_some(v as i64 + n))
+        }
+        ExpectedVersion::StreamExists | ExpectedVersion::Any => {
+            let moved = if a.expected == ExpectedVersion::Any {
+                let mut upsert = new_stream();
+                upsert.on_conflict(
+                    OnConflict::columns([
+                        streams::Column::StreamId,
+                        streams::Column::Partition,
+                        streams::Column::IsArchived,
+                    ])
+                    .value(streams::Column::StreamPosition, increment)
+                    .to_owned(),
+                );
+                updated(txn.execute(&upsert).await?)
+            } else {
+                let mut update = Query::update();
+                update.table(streams::Entity).value(streams::Column::StreamPosition, increment).cond_where(this_stream());
+                updated(txn.execute(&update).await?)
+            };
+            if !moved {
+                return Ok(None);
+            }
+            let row = txn
+                .query_one(
+                    Query::select()
+                        .column(streams::Column::StreamPosition)
+                        .from(streams::Entity)
+                        .cond_where(this_stream()),
+                )
+                .await?
+                .ok_or_else(|| DbErr::RecordNotFound(format!("stream {}", a.stream_id)))?;
+            Ok(Some(row.try_get::<i64>("", "stream_position")?))
+        }
+    }
+}
+
+/// Creates the PostgreSQL partitions of `partition` for the three partitioned tables, moving any
+/// of its rows out of the DEFAULT partitions. Idempotent; a no-op on SQLite and MySQL.
+pub(crate) async fn create_partition<C: TransactionTrait<Transaction = DatabaseTransaction>>(conn: &C, partition: &str) -> Result<(), DbErr> {
+    let txn = conn.begin().await?;
+    if txn.get_database_backend() != DbBackend::Postgres {
+        return Ok(());
+    }
+    let literal = PostgresQueryBuilder.value_to_string(&partition.into());
+    for table in ["streams", "messages", "subscriptions"] {
+        let name = partition_table_name(table, partition);
+        let exists = txn
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT 1 FROM pg_class WHERE relname = $1",
+                [name.as_str().into()],
+            ))
+            .await?
+            .is_some();
+        if exists {
+            continue;
+        }
+        // `name` holds only [a-z0-9_]; `literal` is quoted by sea-query.
+        for ddl in [
+            format!("CREATE TABLE {name} (LIKE {table} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"),
+            format!("INSERT INTO {name} SELECT * FROM {table}_default WHERE partition = {literal}"),
+            format!("DELETE FROM {table}_default WHERE partition = {literal}"),
+            format!("ALTER TABLE {table} ATTACH PARTITION {name} FOR VALUES IN ({literal})"),
+        ] {
+            txn.execute_unprepared(&ddl).await?;
+        }
+    }
+    txn.commit().await
+}
+
+/// `streams_p_<readable part>_<hash>`: only `[a-z0-9_]`, at most 63 bytes, distinct per tenant.
+fn partition_table_name(table: &str, partition: &str) -> String {
+    let readable: String = partition
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .take(63 - table.len() - 3 - 9)
+        .collect();
+    // FNV-1a: stable across releases, unlike std's hasher.
+    let hash = partition.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193));
+    format!("{table}_p_{readable}_{hash:08x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_table_names_are_safe_distinct_and_short() {
+        let a = partition_table_name("subscriptions", "Tenant A\"; DROP TABLE x; --");
+        assert!(a.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'), "{a}");
+        assert_ne!(partition_table_name("streams", "a-b"), partition_table_name("streams", "a_b"));
+        assert!(partition_table_name("subscriptions", &"x".repeat(500)).len() <= 63);
+    }
+
+    #[test]
+    fn sqlite_ddl_never_declares_json_affinity() {
+        // A column declared JSON has NUMERIC affinity in SQLite and would turn "1" into 1.
+        assert!(create_schema(DbBackend::Sqlite).unwrap().iter().all(|s| !s.contains(" JSON")));
+    }
+}

@@ -1,0 +1,119 @@
+//! Events as the application sees them, and their stored form.
+//!
+//! Any serde type whose JSON is `{"type": "...", "data": ...}` is an event: the usual way is an
+//! enum with `#[serde(tag = "type", content = "data")]`. `type` becomes `message_type`, `data`
+//! becomes `message_data`, exactly the shape the TypeScript packages store.
+//!
+//! ```
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! #[serde(tag = "type", content = "data")]
+//! enum CartEvent {
+//!     CartCreated { currency: String },
+//!     ItemAdded { sku: String, qty: u32 },
+//! }
+//! ```
+
+use chrono::{DateTime, Utc};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::{Map, Value};
+
+use crate::{Error, Result};
+
+/// A domain event: anything serde can turn into `{"type": string, "data": any}` and back.
+///
+/// Implemented for every such type; `serde_json::Value` works too, for untyped access.
+pub trait Event: Serialize + DeserializeOwned + Send + Sync {}
+impl<T: Serialize + DeserializeOwned + Send + Sync> Event for T {}
+
+/// An event as read back from the store, with its position and bookkeeping.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedEvent<E> {
+    /// The decoded event.
+    pub event: E,
+    /// The stored `message_type` (the serde tag).
+    pub message_type: String,
+    /// The stream the event belongs to.
+    pub stream_id: String,
+    /// 1-based position in its stream; contiguous.
+    pub stream_position: u64,
+    /// Position in the whole store; unique and increasing in commit order of appends.
+    pub global_position: u64,
+    /// Unique id of the message (UUID v7 for events this crate wrote).
+    pub message_id: String,
+    /// The partition (tenant) of the stream.
+    pub partition: String,
+    /// When the event was stored.
+    pub created: DateTime<Utc>,
+    /// Metadata given at append time (`{}` when none).
+    pub metadata: Value,
+}
+
+/// An event split into the two stored columns.
+pub(crate) struct EncodedEvent {
+    pub message_type: String,
+    pub data: Value,
+}
+
+/// Splits a typed event into `message_type` and `message_data`.
+pub(crate) fn encode<E: Event>(event: &E, stream: &str) -> Result<EncodedEvent> {
+    let invalid = |reason: &str| Error::InvalidEvent { stream: stream.to_owned(), reason: reason.to_owned() };
+    let Value::Object(mut object) = serde_json::to_value(event)? else {
+        return Err(invalid("not a JSON object"));
+    };
+    let Some(Value::String(message_type)) = object.remove("type") else {
+        return Err(invalid("no string field \"type\""));
+    };
+    let data = object.remove("data").unwrap_or_else(|| Value::Object(Map::new()));
+    if let Some(extra) = object.keys().next() {
+        return Err(invalid(&format!("unexpected field \"{extra}\" beside \"type\" and \"data\"")));
+    }
+    Ok(EncodedEvent { message_type, data })
+}
+
+/// Rebuilds a typed event from `message_type` and `message_data`.
+pub(crate) fn decode<E: Event>(message_type: &str, data: Value) -> serde_json::Result<E> {
+    let mut object = Map::with_capacity(2);
+    object.insert("type".into(), Value::String(message_type.to_owned()));
+    // Unit variants serialize without "data"; TypeScript writers store `{}` or `null` there.
+    let empty = matches!(&data, Value::Null) || matches!(&data, Value::Object(o) if o.is_empty());
+    object.insert("data".into(), data);
+    serde_json::from_value(Value::Object(object.clone())).or_else(|err| {
+        if empty {
+            object.remove("data");
+            serde_json::from_value(Value::Object(object)).map_err(|_| err)
+        } else {
+            Err(err)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    #[serde(tag = "type", content = "data")]
+    enum Ev {
+        Created { id: u32 },
+        Emptied,
+    }
+
+    #[test]
+    fn round_trips_struct_and_unit_variants() {
+        for ev in [Ev::Created { id: 7 }, Ev::Emptied] {
+            let enc = encode(&ev, "s").unwrap();
+            assert_eq!(decode::<Ev>(&enc.message_type, enc.data).unwrap(), ev);
+        }
+        assert_eq!(decode::<Ev>("Emptied", Value::Null).unwrap(), Ev::Emptied);
+    }
+
+    #[test]
+    fn rejects_untagged_shapes() {
+        assert!(matches!(encode(&42, "s"), Err(Error::InvalidEvent { .. })));
+        assert!(matches!(encode(&serde_json::json!({"kind": "x"}), "s"), Err(Error::InvalidEvent { .. })));
+        assert!(decode::<Ev>("Unknown", Value::Null).is_err());
+    }
+}

@@ -1,0 +1,28 @@
+//! `snapshots`: the state of snapshot projections, per read-model table and key set.
+
+use sea_orm::entity::prelude::*;
+
+/// A projection's state for one read-model row.
+#[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+#[sea_orm(table_name = "snapshots")]
+pub struct Model {
+    /// The read model's table.
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub readmodel_table_name: String,
+    /// The keys of the row, encoded like the TypeScript `constructStreamId`.
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub stream_id: String,
+    /// Last stream position folded into the state.
+    pub last_stream_position: i64,
+    /// Last global position folded into the state.
+    pub last_global_position: i64,
+    /// The state as JSON.
+    #[sea_orm(column_type = "JsonBinary")]
+    pub snapshot: Json,
+}
+
+/// No relations are declared.
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

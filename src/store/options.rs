@@ -1,0 +1,167 @@
+//! Options and results of the event store's operations.
+
+use std::fmt;
+
+use serde_json::Value;
+
+use crate::schema::DEFAULT_PARTITION;
+
+/// What the caller believes about the stream's version before appending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExpectedVersion {
+    /// No check.
+    #[default]
+    Any,
+    /// The stream must not exist (same as `Exact(0)`).
+    NoStream,
+    /// The stream must exist, at any version.
+    StreamExists,
+    /// The stream must be at exactly this version (0 = does not exist).
+    Exact(u64),
+}
+
+impl ExpectedVersion {
+    /// Whether a stream at `actual` (0 = missing) satisfies this expectation.
+    pub fn matches(self, actual: u64) -> bool {
+        match self {
+            Self::Any => true,
+            Self::NoStream => actual == 0,
+            Self::StreamExists => actual > 0,
+            Self::Exact(v) => v == actual,
+        }
+    }
+}
+
+impl fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Any => f.write_str("any version"),
+            Self::NoStream => f.write_str("no stream"),
+            Self::StreamExists => f.write_str("an existing stream"),
+            Self::Exact(v) => write!(f, "version {v}"),
+        }
+    }
+}
+
+/// Options of [`EventStore::append_to_stream`](crate::EventStore::append_to_stream).
+///
+/// ```
+/// use emmett_seaorm::{AppendOptions, ExpectedVersion};
+/// let options = AppendOptions::default()
+///     .partition("tenant-a")
+///     .stream_type("cart")
+///     .expected(ExpectedVersion::NoStream)
+///     .metadata(serde_json::json!({ "correlation_id": "c-1" }));
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct AppendOptions {
+    pub(crate) partition: Option<String>,
+    pub(crate) stream_type: Option<String>,
+    pub(crate) expected: ExpectedVersion,
+    pub(crate) metadata: Option<Value>,
+}
+
+impl AppendOptions {
+    /// The partition (tenant); `default_partition` when not set.
+    pub fn partition(mut self, partition: impl Into<String>) -> Self {
+        self.partition = Some(partition.into());
+        self
+    }
+    /// The stream type recorded when the stream is created; `"unknown"` when not set.
+    pub fn stream_type(mut self, stream_type: impl Into<String>) -> Self {
+        self.stream_type = Some(stream_type.into());
+        self
+    }
+    /// The optimistic-concurrency check; [`ExpectedVersion::Any`] when not set.
+    pub fn expected(mut self, expected: ExpectedVersion) -> Self {
+        self.expected = expected;
+        self
+    }
+    /// Metadata stored with every event of this append (`{}` when not set).
+    pub fn metadata(mut self, metadata: Value) -> Self {
+        self.metadata = Some(metadata);
+        self
+    }
+}
+
+/// Options of reads: [`EventStore::read_stream`](crate::EventStore::read_stream) and
+/// [`EventStore::aggregate_stream`](crate::EventStore::aggregate_stream).
+///
+/// ```
+/// use emmett_seaorm::{ExpectedVersion, ReadOptions};
+/// let options = ReadOptions::default().partition("tenant-a").from(3).to(10).max_count(5);
+/// let checked = ReadOptions::default().expected(ExpectedVersion::Exact(4));
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ReadOptions {
+    pub(crate) partition: Option<String>,
+    pub(crate) from: Option<u64>,
+    pub(crate) to: Option<u64>,
+    pub(crate) max_count: Option<u64>,
+    pub(crate) expected: Option<ExpectedVersion>,
+}
+
+impl ReadOptions {
+    /// The partition (tenant); `default_partition` when not set.
+    pub fn partition(mut self, partition: impl Into<String>) -> Self {
+        self.partition = Some(partition.into());
+        self
+    }
+    /// First stream position to read (inclusive, 1-based).
+    pub fn from(mut self, position: u64) -> Self {
+        self.from = Some(position);
+        self
+    }
+    /// Last stream position to read (inclusive).
+    pub fn to(mut self, position: u64) -> Self {
+        self.to = Some(position);
+        self
+    }
+    /// At most this many events.
+    pub fn max_count(mut self, count: u64) -> Self {
+        self.max_count = Some(count);
+        self
+    }
+    /// Fail with [`Error::ExpectedVersionConflict`](crate::Error::ExpectedVersionConflict)
+    /// unless the stream is at this version.
+    pub fn expected(mut self, expected: ExpectedVersion) -> Self {
+        self.expected = Some(expected);
+        self
+    }
+    pub(crate) fn partition_or_default(&self) -> &str {
+        self.partition.as_deref().unwrap_or(DEFAULT_PARTITION)
+    }
+}
+
+/// What [`EventStore::append_to_stream`](crate::EventStore::append_to_stream) wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendResult {
+    /// The stream's version after the append: pass it as `ExpectedVersion::Exact` next time.
+    pub next_expected_stream_version: u64,
+    /// Global position of the last appended event.
+    pub last_event_global_position: u64,
+    /// Whether this append created the stream.
+    pub created_new_stream: bool,
+}
+
+/// What [`EventStore::read_stream`](crate::EventStore::read_stream) found.
+#[derive(Debug, Clone)]
+pub struct ReadStreamResult<E> {
+    /// The events, in stream order.
+    pub events: Vec<crate::RecordedEvent<E>>,
+    /// The stream's version (0 when it does not exist).
+    pub current_stream_version: u64,
+    /// Whether the stream exists (and is not archived).
+    pub stream_exists: bool,
+}
+
+/// What [`EventStore::aggregate_stream`](crate::EventStore::aggregate_stream) folded.
+#[derive(Debug, Clone)]
+pub struct AggregateStreamResult<S> {
+    /// The state after folding every event.
+    pub state: S,
+    /// The version the state corresponds to (0 when the stream does not exist).
+    pub current_stream_version: u64,
+    /// Whether the stream exists (and is not archived).
+    pub stream_exists: bool,
+}
