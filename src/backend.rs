@@ -240,8 +240,7 @@ async fn append_in_transaction<C: TransactionTrait<Transaction = DatabaseTransac
         None
     };
 
-    let mut insert = Query::insert();
-    insert.into_table(messages::Entity).columns([
+    let mut columns = vec![
         messages::Column::StreamId,
         messages::Column::StreamPosition,
         messages::Column::Partition,
@@ -250,10 +249,10 @@ async fn append_in_transaction<C: TransactionTrait<Transaction = DatabaseTransac
         messages::Column::MessageSchemaVersion,
         messages::Column::MessageType,
         messages::Column::MessageId,
-    ]);
-    if first_global.is_some() {
-        insert.columns([messages::Column::GlobalPosition]);
-    }
+    ];
+    columns.extend(first_global.map(|_| messages::Column::GlobalPosition));
+    let mut insert = Query::insert();
+    insert.into_table(messages::Entity).columns(columns);
     for (i, (message_type, data, id)) in a.events.iter().enumerate() {
         let mut row: Vec<SimpleExpr> = vec![
             a.stream_id.into(),

@@ -1,0 +1,97 @@
+//! Test harness: every conformance test runs once per backend, each on a fresh database.
+//!
+//! PostgreSQL and MySQL URLs come from `EMMETT_TEST_POSTGRES_URL` / `EMMETT_TEST_MYSQL_URL`
+//! (server URLs without a database; defaults: the local servers). When a server can't be
+//! reached the test is skipped with a loud message, except under `CI=true`, where it fails.
+#![allow(dead_code)]
+
+use emmett_seaorm::EventStore;
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection};
+
+/// A fresh, migrated database of one backend.
+pub struct TestDb {
+    pub db: DatabaseConnection,
+    pub url: String,
+}
+
+impl TestDb {
+    pub fn store(&self) -> EventStore {
+        EventStore::new(self.db.clone())
+    }
+
+    /// Another pool on the same database: separate connections, as another process would have.
+    pub async fn second_pool(&self) -> DatabaseConnection {
+        connect(&self.url).await.expect("second pool")
+    }
+}
+
+fn unique_name() -> String {
+    format!("emmett_t_{}", uuid::Uuid::now_v7().simple())
+}
+
+async fn connect(url: &str) -> Result<DatabaseConnection, sea_orm::DbErr> {
+    let mut options = ConnectOptions::new(url);
+    options.max_connections(24).sqlx_logging(false);
+    Database::connect(options).await
+}
+
+async fn migrated(url: String) -> TestDb {
+    let db = connect(&url).await.expect("connect to the test database");
+    emmett_seaorm::migrate(&db).await.expect("migrate");
+    TestDb { db, url }
+}
+
+fn unavailable(backend: &str, err: impl std::fmt::Display) -> Option<TestDb> {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{backend} is required in CI but unreachable: {err}");
+    }
+    eprintln!("\n!!! SKIPPED on {backend}: server unreachable ({err}). Start it to run this test. !!!\n");
+    None
+}
+
+pub async fn sqlite() -> Option<TestDb> {
+    let path = std::env::temp_dir().join(format!("{}.db", unique_name()));
+    Some(migrated(format!("sqlite://{}?mode=rwc", path.display())).await)
+}
+
+async fn server(backend: &str, var: &str, default: &str) -> Option<TestDb> {
+    let server = std::env::var(var).unwrap_or_else(|_| default.to_owned());
+    let admin = match connect(&format!("{server}/{}", if backend == "PostgreSQL" { "postgres" } else { "" })).await {
+        Ok(admin) => admin,
+        Err(err) => return unavailable(backend, err),
+    };
+    let name = unique_name();
+    admin.execute_unprepared(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+    admin.close().await.ok();
+    Some(migrated(format!("{server}/{name}")).await)
+}
+
+pub async fn postgres() -> Option<TestDb> {
+    server("PostgreSQL", "EMMETT_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432").await
+}
+
+pub async fn mysql() -> Option<TestDb> {
+    server("MySQL", "EMMETT_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306").await
+}
+
+/// Generates one `#[tokio::test]` per backend for each listed `async fn name(db: TestDb)`.
+#[macro_export]
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        $crate::conformance!(@backend sqlite; $($name),*);
+        $crate::conformance!(@backend postgres; $($name),*);
+        $crate::conformance!(@backend mysql; $($name),*);
+    };
+    (@backend $backend:ident; $($name:ident),*) => {
+        mod $backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    if let Some(db) = $crate::common::$backend().await {
+                        super::$name(db).await;
+                    }
+                }
+            )*
+        }
+    };
+}

@@ -1,0 +1,401 @@
+//! Conformance suite of the event store, run on SQLite, PostgreSQL and MySQL.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use common::TestDb;
+use emmett_seaorm::{AppendOptions, Error, EventStore, ExpectedVersion, Migrator, ReadOptions};
+use sea_orm_migration::MigratorTrait;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::Barrier;
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "type", content = "data")]
+enum Ev {
+    Opened { owner: String },
+    Deposited { amount: i64 },
+    Closed,
+}
+
+fn deposit(amount: i64) -> Ev {
+    Ev::Deposited { amount }
+}
+
+fn exact(v: u64) -> AppendOptions {
+    AppendOptions::default().expected(ExpectedVersion::Exact(v))
+}
+
+fn balance(total: i64, e: &Ev) -> i64 {
+    match e {
+        Ev::Deposited { amount } => total + amount,
+        _ => total,
+    }
+}
+
+fn assert_conflict<T: std::fmt::Debug>(res: emmett_seaorm::Result<T>, stream: &str, expected: ExpectedVersion, actual: u64) {
+    match res {
+        Err(Error::ExpectedVersionConflict { stream: s, partition, expected: e, actual: a }) => {
+            assert_eq!((s.as_str(), e, a), (stream, expected, actual));
+            assert!(!partition.is_empty());
+        }
+        other => panic!("expected a conflict on {stream} (expected {expected}, actual {actual}), got {other:?}"),
+    }
+}
+
+async fn append_then_read_round_trips(db: TestDb) {
+    let store = db.store();
+    let res = store
+        .append_to_stream(
+            "acc-1",
+            [Ev::Opened { owner: "ann".into() }, deposit(5), Ev::Closed],
+            AppendOptions::default()
+                .expected(ExpectedVersion::NoStream)
+                .stream_type("account")
+                .metadata(json!({ "by": "test" })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.next_expected_stream_version, 3);
+    assert!(res.created_new_stream);
+    let read = store.read_stream::<Ev>("acc-1", ReadOptions::default()).await.unwrap();
+    assert!(read.stream_exists);
+    assert_eq!(read.current_stream_version, 3);
+    let events: Vec<Ev> = read.events.iter().map(|r| r.event.clone()).collect();
+    assert_eq!(events, [Ev::Opened { owner: "ann".into() }, deposit(5), Ev::Closed]);
+    assert_eq!(read.events.iter().map(|r| r.stream_position).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(read.events[2].global_position, res.last_event_global_position);
+    assert!(read.events.windows(2).all(|w| w[0].global_position < w[1].global_position));
+    for r in &read.events {
+        assert_eq!(r.stream_id, "acc-1");
+        assert_eq!(r.partition, emmett_seaorm::DEFAULT_PARTITION);
+        assert_eq!(r.metadata, json!({ "by": "test" }));
+        assert_eq!(uuid::Uuid::parse_str(&r.message_id).unwrap().get_version_num(), 7);
+        assert!((chrono::Utc::now() - r.created).num_seconds().abs() < 60, "created {:?}", r.created);
+    }
+    assert_eq!(read.events[1].message_type, "Deposited");
+
+    let more = store.append_to_stream("acc-1", [deposit(1)], AppendOptions::default()).await.unwrap();
+    assert_eq!(more.next_expected_stream_version, 4);
+    assert!(!more.created_new_stream);
+    assert!(more.last_event_global_position > res.last_event_global_position);
+
+    // Untyped access works with serde_json::Value.
+    let raw = store.read_stream::<serde_json::Value>("acc-1", ReadOptions::default().from(4)).await.unwrap();
+    assert_eq!(raw.events[0].event, json!({ "type": "Deposited", "data": { "amount": 1 } }));
+}
+
+async fn every_expected_version_case(db: TestDb) {
+    let store = db.store();
+    let opts = |e| AppendOptions::default().expected(e);
+    use ExpectedVersion::*;
+
+    assert_conflict(store.append_to_stream("s", [deposit(1)], opts(StreamExists)).await, "s", StreamExists, 0);
+    assert_conflict(store.append_to_stream("s", [deposit(1)], opts(Exact(2))).await, "s", Exact(2), 0);
+    assert!(!store.stream_exists("s", emmett_seaorm::DEFAULT_PARTITION).await.unwrap());
+
+    assert_eq!(store.append_to_stream("s", [deposit(1)], opts(Exact(0))).await.unwrap().next_expected_stream_version, 1);
+    assert_conflict(store.append_to_stream("s", [deposit(1)], opts(NoStream)).await, "s", NoStream, 1);
+    assert_conflict(store.append_to_stream("s", [deposit(1)], opts(Exact(0))).await, "s", Exact(0), 1);
+    assert_eq!(store.append_to_stream("s", [deposit(1)], opts(StreamExists)).await.unwrap().next_expected_stream_version, 2);
+    assert_eq!(
+        store.append_to_stream("s", [deposit(1), deposit(1)], opts(Exact(2))).await.unwrap().next_expected_stream_version,
+        4
+    );
+    assert_conflict(store.append_to_stream("s", [deposit(1)], opts(Exact(2))).await, "s", Exact(2), 4);
+    assert_conflict(store.append_to_stream("s", [deposit(1)], opts(Exact(5))).await, "s", Exact(5), 4);
+    assert_eq!(store.append_to_stream("s", [deposit(1)], opts(Any)).await.unwrap().next_expected_stream_version, 5);
+
+    let created = store.append_to_stream("t", [deposit(1)], opts(Any)).await.unwrap();
+    assert!(created.created_new_stream);
+    assert_eq!(store.append_to_stream("u", [deposit(1)], opts(NoStream)).await.unwrap().next_expected_stream_version, 1);
+
+    // Failed appends wrote nothing.
+    let read = store.read_stream::<Ev>("s", ReadOptions::default()).await.unwrap();
+    assert_eq!(read.current_stream_version, 5);
+    assert_eq!(read.events.len(), 5);
+}
+
+/// 16 tasks append to one stream, each with the exact version it read, until each has written
+/// 5 events: every success is contiguous, every loser a typed conflict, nothing lost or doubled.
+async fn racing_appenders_on_one_stream(db: TestDb) {
+    const TASKS: u64 = 16;
+    const EACH: u64 = 5;
+    let store = db.store();
+    let other_pool = EventStore::new(db.second_pool().await);
+    store.append_to_stream("race", [Ev::Opened { owner: "x".into() }], AppendOptions::default()).await.unwrap();
+
+    // Round 1: everyone at once with the same expected version — exactly one wins.
+    let barrier = Arc::new(Barrier::new(TASKS as usize));
+    let handles: Vec<_> = (0..TASKS)
+        .map(|i| {
+            let store = if i % 2 == 0 { store.clone() } else { other_pool.clone() };
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store.append_to_stream("race", [deposit(i as i64)], exact(1)).await
+            })
+        })
+        .collect();
+    let mut winners = 0;
+    for h in handles {
+        match h.await.unwrap() {
+            Ok(r) => {
+                winners += 1;
+                assert_eq!(r.next_expected_stream_version, 2);
+            }
+            Err(e) => assert!(
+                matches!(e, Error::ExpectedVersionConflict { expected: ExpectedVersion::Exact(1), actual: 2, .. }),
+                "{e:?}"
+            ),
+        }
+    }
+    assert_eq!(winners, 1);
+
+    // Round 2: retry loops until each task has written EACH events.
+    let handles: Vec<_> = (0..TASKS)
+        .map(|i| {
+            let store = if i % 2 == 0 { store.clone() } else { other_pool.clone() };
+            tokio::spawn(async move {
+                let (mut versions, mut conflicts) = (Vec::new(), 0);
+                while (versions.len() as u64) < EACH {
+                    let v = store.read_stream::<Ev>("race", ReadOptions::default().from(u64::MAX)).await.unwrap();
+                    match store.append_to_stream("race", [deposit(100)], exact(v.current_stream_version)).await {
+                        Ok(r) => versions.push(r.next_expected_stream_version),
+                        Err(Error::ExpectedVersionConflict { expected: ExpectedVersion::Exact(e), actual, .. }) => {
+                            assert!(actual > e, "a conflict must report a newer version ({actual} vs {e})");
+                            conflicts += 1;
+                        }
+                        Err(e) => panic!("unexpected error: {e:?}"),
+                    }
+                }
+                (versions, conflicts)
+            })
+        })
+        .collect();
+    let mut all = BTreeSet::new();
+    for h in handles {
+        let (versions, _) = h.await.unwrap();
+        for v in versions {
+            assert!(all.insert(v), "version {v} was handed out twice");
+        }
+    }
+    let last = 2 + TASKS * EACH;
+    assert_eq!(all, (3..=last).collect::<BTreeSet<_>>());
+
+    let read = store.read_stream::<Ev>("race", ReadOptions::default()).await.unwrap();
+    assert_eq!(read.current_stream_version, last);
+    assert_eq!(read.events.iter().map(|e| e.stream_position).collect::<Vec<_>>(), (1..=last).collect::<Vec<_>>());
+    let globals: BTreeSet<u64> = read.events.iter().map(|e| e.global_position).collect();
+    assert_eq!(globals.len() as u64, last, "global positions are unique");
+    assert!(read.events.windows(2).all(|w| w[0].global_position < w[1].global_position));
+}
+
+/// 16 tasks try to create the same stream at once: one creates it, the rest get a conflict.
+async fn racing_creators(db: TestDb) {
+    let store = db.store();
+    let barrier = Arc::new(Barrier::new(16));
+    let handles: Vec<_> = (0..16)
+        .map(|i| {
+            let (store, barrier) = (store.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let opts = AppendOptions::default().expected(ExpectedVersion::NoStream);
+                store.append_to_stream("new", [deposit(i), deposit(i)], opts).await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for h in handles {
+        match h.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => assert!(matches!(e, Error::ExpectedVersionConflict { actual: 2, .. }), "{e:?}"),
+        }
+    }
+    assert_eq!(ok, 1);
+    assert_eq!(store.read_stream::<Ev>("new", ReadOptions::default()).await.unwrap().events.len(), 2);
+}
+
+async fn partitions_isolate_tenants(db: TestDb) {
+    let store = db.store();
+    for (tenant, n) in [("tenant-a", 2), ("tenant-b", 3)] {
+        let events: Vec<Ev> = (0..n).map(deposit).collect();
+        let opts = AppendOptions::default().partition(tenant).expected(ExpectedVersion::NoStream);
+        store.append_to_stream("cart-1", events, opts).await.unwrap();
+    }
+    for (tenant, n) in [("tenant-a", 2), ("tenant-b", 3)] {
+        let read = store.read_stream::<Ev>("cart-1", ReadOptions::default().partition(tenant)).await.unwrap();
+        assert_eq!(read.current_stream_version, n);
+        assert!(read.events.iter().all(|e| e.partition == tenant));
+        assert!(store.stream_exists("cart-1", tenant).await.unwrap());
+    }
+    assert!(!store.stream_exists("cart-1", emmett_seaorm::DEFAULT_PARTITION).await.unwrap());
+    assert!(!store.read_stream::<Ev>("cart-1", ReadOptions::default()).await.unwrap().stream_exists);
+    let wrong_tenant = AppendOptions::default().partition("tenant-a").expected(ExpectedVersion::Exact(3));
+    assert_conflict(store.append_to_stream("cart-1", [deposit(1)], wrong_tenant).await, "cart-1", ExpectedVersion::Exact(3), 2);
+}
+
+async fn sessions_commit_or_roll_back_together(db: TestDb) {
+    let store = db.store();
+    // An error from the closure rolls back every append of the session.
+    let res: Result<(), Error> = store
+        .with_session(|s| async move {
+            s.append_to_stream("a", [deposit(1)], AppendOptions::default()).await?;
+            s.append_to_stream("b", [deposit(1)], AppendOptions::default()).await?;
+            s.append_to_stream("a", [deposit(1)], exact(7)).await?; // conflict
+            Ok(())
+        })
+        .await;
+    assert!(matches!(res, Err(Error::ExpectedVersionConflict { actual: 1, .. })), "{res:?}");
+    assert!(!store.stream_exists("a", emmett_seaorm::DEFAULT_PARTITION).await.unwrap());
+    assert!(!store.stream_exists("b", emmett_seaorm::DEFAULT_PARTITION).await.unwrap());
+
+    // Success commits all; a conflict handled inside the session leaves the rest intact.
+    let versions = store
+        .with_session(|s| async move {
+            let a = s.append_to_stream("a", [deposit(1)], AppendOptions::default()).await?;
+            assert!(s.append_to_stream("a", [deposit(9)], exact(5)).await.is_err());
+            let b = s.append_to_stream("b", [deposit(2), deposit(3)], exact(0)).await?;
+            Ok::<_, Error>((a.next_expected_stream_version, b.next_expected_stream_version))
+        })
+        .await
+        .unwrap();
+    assert_eq!(versions, (1, 2));
+    let total = store.aggregate_stream("b", balance, || 0, ReadOptions::default()).await.unwrap();
+    assert_eq!(total.state, 5);
+    assert_eq!(store.read_stream::<Ev>("a", ReadOptions::default()).await.unwrap().events.len(), 1);
+
+    // Keeping the session store alive past the closure is refused, and nothing commits.
+    let leaked: Result<EventStore, Error> = store
+        .with_session(|s| async move {
+            s.append_to_stream("c", [deposit(1)], AppendOptions::default()).await?;
+            Ok(s.clone())
+        })
+        .await;
+    assert!(leaked.is_err());
+    drop(leaked);
+    assert!(!store.stream_exists("c", emmett_seaorm::DEFAULT_PARTITION).await.unwrap());
+}
+
+async fn archived_streams_are_invisible_and_recreatable(db: TestDb) {
+    let store = db.store();
+    let p = emmett_seaorm::DEFAULT_PARTITION;
+    assert!(!store.archive_stream("gone", p).await.unwrap());
+    store.append_to_stream("gone", [deposit(1), deposit(2)], AppendOptions::default()).await.unwrap();
+    assert!(store.archive_stream("gone", p).await.unwrap());
+    assert!(!store.stream_exists("gone", p).await.unwrap());
+    let read = store.read_stream::<Ev>("gone", ReadOptions::default()).await.unwrap();
+    assert!(!read.stream_exists && read.events.is_empty() && read.current_stream_version == 0);
+
+    let again = store
+        .append_to_stream("gone", [deposit(7)], AppendOptions::default().expected(ExpectedVersion::NoStream))
+        .await
+        .unwrap();
+    assert_eq!(again.next_expected_stream_version, 1);
+    let read = store.read_stream::<Ev>("gone", ReadOptions::default()).await.unwrap();
+    assert_eq!(read.events.iter().map(|e| e.event.clone()).collect::<Vec<_>>(), [deposit(7)]);
+    assert!(matches!(store.archive_stream("gone", p).await, Err(Error::AlreadyArchived { .. })));
+    assert!(store.stream_exists("gone", p).await.unwrap());
+}
+
+async fn read_options_select_a_range(db: TestDb) {
+    let store = db.store();
+    store.append_to_stream("r", (1..=10).map(deposit), AppendOptions::default()).await.unwrap();
+    let positions = |opts: ReadOptions| {
+        let store = store.clone();
+        async move {
+            let read = store.read_stream::<Ev>("r", opts).await.unwrap();
+            assert_eq!(read.current_stream_version, 10);
+            read.events.iter().map(|e| e.stream_position).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(positions(ReadOptions::default().from(3).to(5)).await, [3, 4, 5]);
+    assert_eq!(positions(ReadOptions::default().from(8)).await, [8, 9, 10]);
+    assert_eq!(positions(ReadOptions::default().to(2)).await, [1, 2]);
+    assert_eq!(positions(ReadOptions::default().from(2).max_count(3)).await, [2, 3, 4]);
+    assert_eq!(positions(ReadOptions::default().from(11)).await, Vec::<u64>::new());
+    assert_eq!(positions(ReadOptions::default().to(50)).await.len(), 10);
+    let missing = store.read_stream::<Ev>("nope", ReadOptions::default()).await.unwrap();
+    assert!(!missing.stream_exists && missing.events.is_empty());
+    assert_conflict(
+        store.read_stream::<Ev>("r", ReadOptions::default().expected(ExpectedVersion::Exact(3))).await,
+        "r",
+        ExpectedVersion::Exact(3),
+        10,
+    );
+}
+
+async fn aggregate_folds_a_long_stream_in_pages(db: TestDb) {
+    let store = db.store();
+    let mut expected = 0;
+    for chunk in 0..5 {
+        let events: Vec<Ev> = (0..500).map(|i| deposit(chunk * 500 + i)).collect();
+        expected += events.iter().fold(0, balance);
+        store.append_to_stream("long", events, AppendOptions::default()).await.unwrap();
+    }
+    let folded = store.aggregate_stream("long", balance, || 0, ReadOptions::default()).await.unwrap();
+    assert_eq!((folded.state, folded.current_stream_version, folded.stream_exists), (expected, 2500, true));
+
+    let counted = store
+        .aggregate_stream("long", |n: u64, _: &Ev| n + 1, || 0, ReadOptions::default().from(1001).to(2200))
+        .await
+        .unwrap();
+    assert_eq!(counted.state, 1200);
+    let checked = store
+        .aggregate_stream("long", balance, || 0, ReadOptions::default().expected(ExpectedVersion::Exact(2499)))
+        .await;
+    assert_conflict(checked, "long", ExpectedVersion::Exact(2499), 2500);
+    let missing = store.aggregate_stream("none", balance, || -1, ReadOptions::default()).await.unwrap();
+    assert_eq!((missing.state, missing.stream_exists), (-1, false));
+}
+
+async fn bad_input_gets_typed_errors_and_writes_nothing(db: TestDb) {
+    let store = db.store();
+    let empty = store.append_to_stream("e", Vec::<Ev>::new(), AppendOptions::default().partition("t1")).await;
+    assert!(matches!(&empty, Err(Error::EmptyAppend { stream, partition }) if stream == "e" && partition == "t1"), "{empty:?}");
+    let untagged = store.append_to_stream("e", [json!({ "kind": "x" })], AppendOptions::default()).await;
+    assert!(matches!(untagged, Err(Error::InvalidEvent { .. })), "{untagged:?}");
+    assert!(!store.stream_exists("e", "t1").await.unwrap());
+    assert!(!store.stream_exists("e", emmett_seaorm::DEFAULT_PARTITION).await.unwrap());
+
+    // A stored event that the caller's enum does not know is named precisely.
+    let opts = AppendOptions::default().partition("t1");
+    store.append_to_stream("m", [json!({ "type": "Deposited", "data": { "amount": 1 } })], opts.clone()).await.unwrap();
+    store.append_to_stream("m", [json!({ "type": "Teleported", "data": {} })], opts.clone()).await.unwrap();
+    store.append_to_stream("m", [json!({ "type": "Deposited", "data": { "amount": "lots" } })], opts).await.unwrap();
+    let read = store.read_stream::<Ev>("m", ReadOptions::default().partition("t1")).await;
+    match read {
+        Err(Error::UndecodableEvent { stream, partition, position, message_type, .. }) => {
+            assert_eq!((stream.as_str(), partition.as_str(), position, message_type.as_str()), ("m", "t1", 2, "Teleported"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let malformed = store.aggregate_stream("m", balance, || 0, ReadOptions::default().partition("t1").from(3)).await;
+    assert!(matches!(malformed, Err(Error::UndecodableEvent { position: 3, .. })), "{malformed:?}");
+}
+
+async fn migrations_go_down_and_up_again(db: TestDb) {
+    let store = db.store();
+    store.append_to_stream("x", [deposit(1)], AppendOptions::default()).await.unwrap();
+    Migrator::down(&db.db, None).await.unwrap();
+    Migrator::up(&db.db, None).await.unwrap();
+    assert!(!store.stream_exists("x", emmett_seaorm::DEFAULT_PARTITION).await.unwrap());
+    let again = store.append_to_stream("x", [deposit(1)], AppendOptions::default()).await.unwrap();
+    assert_eq!((again.next_expected_stream_version, again.last_event_global_position), (1, 1));
+}
+
+conformance!(
+    append_then_read_round_trips,
+    every_expected_version_case,
+    racing_appenders_on_one_stream,
+    racing_creators,
+    partitions_isolate_tenants,
+    sessions_commit_or_roll_back_together,
+    archived_streams_are_invisible_and_recreatable,
+    read_options_select_a_range,
+    aggregate_folds_a_long_stream_in_pages,
+    bad_input_gets_typed_errors_and_writes_nothing,
+    migrations_go_down_and_up_again,
+);
