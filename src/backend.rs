@@ -375,6 +375,25 @@ async fn move_stream_row(txn: &DatabaseTransaction, a: &Append<'_>, n: i64) -> R
     }
 }
 
+/// Whether `err` is a deadlock, serialization failure or busy database: the transaction lost a
+/// race and may simply be run again.
+pub(crate) fn is_transient(err: &DbErr) -> bool {
+    let (DbErr::Exec(sea_orm::RuntimeErr::SqlxError(e)) | DbErr::Query(sea_orm::RuntimeErr::SqlxError(e))) = err else {
+        return false;
+    };
+    let sea_orm::sqlx::Error::Database(db) = e.as_ref() else { return false };
+    // PostgreSQL and MySQL: serialization failure / deadlock; SQLite: BUSY, LOCKED and their extended codes.
+    matches!(db.code().as_deref(), Some("40001" | "40P01" | "5" | "6" | "261" | "262" | "517"))
+}
+
+/// Only events a transaction can no longer precede: on PostgreSQL, rows of transactions older
+/// than every transaction still running. A global-position reader that skipped this could pass
+/// an event whose transaction commits late. SQLite has one writer; MySQL gets no filter yet.
+pub(crate) fn committed_before_running_transactions(backend: DbBackend) -> Option<SimpleExpr> {
+    (backend == DbBackend::Postgres)
+        .then(|| Expr::cust("transaction_id < pg_snapshot_xmin(pg_current_snapshot())"))
+}
+
 /// Creates the PostgreSQL partitions of `partition` for the three partitioned tables, moving any
 /// of its rows out of the DEFAULT partitions. Idempotent; a no-op on SQLite and MySQL.
 pub(crate) async fn create_partition<C: TransactionTrait<Transaction = DatabaseTransaction>>(conn: &C, partition: &str) -> Result<(), DbErr> {

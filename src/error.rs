@@ -74,6 +74,49 @@ pub enum Error {
         partition: String,
     },
 
+    /// A projection's `extract_keys` returned a different set of key names than before:
+    /// a read model has one primary key.
+    #[error("projection '{projection}' extracted keys {found:?}, but its rows are keyed by {expected:?}")]
+    KeySetMismatch {
+        /// The projection's read-model table.
+        projection: String,
+        /// The key names seen first.
+        expected: Vec<String>,
+        /// The key names of the offending event.
+        found: Vec<String>,
+    },
+
+    /// A stored snapshot is not valid JSON for the projection's state type.
+    #[error("snapshot '{stream_id}' of read model '{table}' does not decode as the projection's state: {source}")]
+    CorruptSnapshot {
+        /// The read-model table.
+        table: String,
+        /// The snapshot's stream id (its encoded keys).
+        stream_id: String,
+        /// What serde said.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A custom projection handler failed; the batch was rolled back and the checkpoint stays
+    /// before this event.
+    #[error(
+        "projection handler failed on '{message_type}' at position {position} of stream '{stream}' in partition '{partition}': {source}"
+    )]
+    Handler {
+        /// The stream id.
+        stream: String,
+        /// The partition (tenant).
+        partition: String,
+        /// The event's stream position.
+        position: u64,
+        /// The event's type.
+        message_type: String,
+        /// What the handler returned.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
     /// The closure given to `with_session` kept a clone of the session's store alive,
     /// so the transaction could not be committed. It was rolled back.
     #[error("the session store was still in use when the session ended; the transaction was rolled back")]

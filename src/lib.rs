@@ -5,6 +5,7 @@ mod backend;
 mod error;
 mod event;
 pub mod migrations;
+pub mod projection;
 pub mod schema;
 mod store;
 

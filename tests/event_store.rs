@@ -220,6 +220,7 @@ async fn racing_creators(db: TestDb) {
 
 async fn partitions_isolate_tenants(db: TestDb) {
     let store = db.store();
+    store.create_partition("tenant-a").await.unwrap(); // before its first event
     for (tenant, n) in [("tenant-a", 2), ("tenant-b", 3)] {
         let events: Vec<Ev> = (0..n).map(deposit).collect();
         let opts = AppendOptions::default().partition(tenant).expected(ExpectedVersion::NoStream);
@@ -235,6 +236,29 @@ async fn partitions_isolate_tenants(db: TestDb) {
     assert!(!store.read_stream::<Ev>("cart-1", ReadOptions::default()).await.unwrap().stream_exists);
     let wrong_tenant = AppendOptions::default().partition("tenant-a").expected(ExpectedVersion::Exact(3));
     assert_conflict(store.append_to_stream("cart-1", [deposit(1)], wrong_tenant).await, "cart-1", ExpectedVersion::Exact(3), 2);
+
+    // After its first events (rows move out of DEFAULT), twice (idempotent), and for a hostile name.
+    let hostile = "o'neil\"; DROP TABLE streams; --";
+    store.append_to_stream("cart-9", [deposit(9)], AppendOptions::default().partition(hostile)).await.unwrap();
+    for tenant in ["tenant-b", "tenant-b", hostile] {
+        store.create_partition(tenant).await.unwrap();
+    }
+    for (tenant, n) in [("tenant-a", 2), ("tenant-b", 3)] {
+        let read = store.read_stream::<Ev>("cart-1", ReadOptions::default().partition(tenant)).await.unwrap();
+        assert_eq!(read.events.len(), n as usize);
+    }
+    let hostile_read = store.read_stream::<Ev>("cart-9", ReadOptions::default().partition(hostile)).await.unwrap();
+    assert_eq!(hostile_read.events.len(), 1);
+    if store.backend() == sea_orm::DbBackend::Postgres {
+        use sea_orm::ConnectionTrait;
+        let count = |sql: &'static str| {
+            let db = db.db.clone();
+            async move { db.query_one_raw(sea_orm::Statement::from_string(db.get_database_backend(), sql)).await.unwrap().unwrap().try_get_by_index::<i64>(0).unwrap() }
+        };
+        assert_eq!(count("SELECT count(*) FROM messages_default").await, 0, "tenant rows left the DEFAULT partition");
+        assert_eq!(count("SELECT count(*) FROM streams_default").await, 0);
+        assert_eq!(count("SELECT count(*) FROM pg_inherits WHERE inhparent = 'messages'::regclass").await, 4);
+    }
 }
 
 async fn sessions_commit_or_roll_back_together(db: TestDb) {

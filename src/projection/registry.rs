@@ -1,0 +1,152 @@
+//! Combines snapshot projections and custom handlers; runs them on a batch in registration order.
+
+use std::sync::Arc;
+
+use sea_orm::{DatabaseTransaction, DbBackend};
+
+use super::snapshot::Fold;
+use crate::event::{Event, RecordedEvent};
+use crate::{Error, Result};
+
+/// What a handler gets besides the event: the batch's transaction and the partition.
+pub struct ProjectionContext<'a> {
+    pub(crate) txn: &'a DatabaseTransaction,
+    pub(crate) partition: &'a str,
+}
+
+impl ProjectionContext<'_> {
+    /// The batch's transaction: write your read model here, it commits with the checkpoint.
+    pub fn db(&self) -> &DatabaseTransaction {
+        self.txn
+    }
+    /// The partition (tenant) being projected.
+    pub fn partition(&self) -> &str {
+        self.partition
+    }
+    /// The database backend.
+    pub fn backend(&self) -> DbBackend {
+        sea_orm::ConnectionTrait::get_database_backend(self.txn)
+    }
+}
+
+/// A custom projection step, called for each event it handles, inside the batch's transaction.
+///
+/// ```
+/// use emmett_seaorm::projection::{EventHandler, ProjectionContext};
+/// use emmett_seaorm::RecordedEvent;
+/// use sea_orm::ConnectionTrait;
+///
+/// struct AuditLog;
+///
+/// #[async_trait::async_trait]
+/// impl EventHandler<serde_json::Value> for AuditLog {
+///     async fn handle(
+///         &self,
+///         ctx: &ProjectionContext<'_>,
+///         event: &RecordedEvent<serde_json::Value>,
+///     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+///         let sql = format!("-- {} at {}", event.message_type, event.global_position);
+///         ctx.db().execute_unprepared(&sql).await?;
+///         Ok(())
+///     }
+/// }
+/// ```
+#[async_trait::async_trait]
+pub trait EventHandler<E>: Send + Sync {
+    /// Handles one event. An error rolls the whole batch back.
+    async fn handle(
+        &self,
+        ctx: &ProjectionContext<'_>,
+        event: &RecordedEvent<E>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+}
+
+enum Step<E> {
+    Snapshot(Arc<dyn Fold<E>>),
+    Custom(Arc<dyn EventHandler<E>>),
+}
+
+struct Registered<E> {
+    /// `None`: every event.
+    event_types: Option<Vec<String>>,
+    step: Step<E>,
+}
+
+impl<E> Registered<E> {
+    fn handles(&self, message_type: &str) -> bool {
+        self.event_types.as_ref().is_none_or(|types| types.iter().any(|t| t == message_type))
+    }
+}
+
+/// The projections and handlers a [`ProjectionRunner`](super::ProjectionRunner) feeds.
+///
+/// Handlers run in registration order, all inside the batch's transaction.
+pub struct SnapshotProjectionRegistry<E> {
+    steps: Vec<Registered<E>>,
+}
+
+impl<E> Default for SnapshotProjectionRegistry<E> {
+    fn default() -> Self {
+        Self { steps: Vec::new() }
+    }
+}
+
+impl<E: Event + 'static> SnapshotProjectionRegistry<E> {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a snapshot projection.
+    pub fn with<S>(mut self, projection: super::SnapshotProjection<E, S>) -> Self
+    where
+        S: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
+    {
+        let event_types = projection.event_types.clone();
+        self.steps.push(Registered { event_types, step: Step::Snapshot(Arc::new(projection)) });
+        self
+    }
+
+    /// Adds a custom handler for the given event types (an empty list: every event).
+    pub fn on<I, T>(mut self, event_types: I, handler: impl EventHandler<E> + 'static) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        let types: Vec<String> = event_types.into_iter().map(Into::into).collect();
+        let event_types = (!types.is_empty()).then_some(types);
+        self.steps.push(Registered { event_types, step: Step::Custom(Arc::new(handler)) });
+        self
+    }
+
+    /// Whether any step handles events of `message_type` (others are skipped undecoded).
+    pub(crate) fn handles(&self, message_type: &str) -> bool {
+        self.steps.iter().any(|s| s.handles(message_type))
+    }
+
+    /// Runs every step on the batch, in registration order.
+    pub(crate) async fn apply(&self, ctx: &ProjectionContext<'_>, batch: &[RecordedEvent<E>]) -> Result<()> {
+        for registered in &self.steps {
+            let events: Vec<&RecordedEvent<E>> =
+                batch.iter().filter(|e| registered.handles(&e.message_type)).collect();
+            if events.is_empty() {
+                continue;
+            }
+            match &registered.step {
+                Step::Snapshot(projection) => projection.fold(ctx, &events).await?,
+                Step::Custom(handler) => {
+                    for event in events {
+                        handler.handle(ctx, event).await.map_err(|source| Error::Handler {
+                            stream: event.stream_id.clone(),
+                            partition: event.partition.clone(),
+                            position: event.stream_position,
+                            message_type: event.message_type.clone(),
+                            source,
+                        })?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

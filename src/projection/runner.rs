@@ -1,0 +1,259 @@
+//! The ProjectionRunner: feeds a registry from the store, one transaction per batch, resuming
+//! from a checkpoint in `subscriptions`.
+
+use std::sync::Arc;
+
+use sea_orm::sea_query::{Expr, ExprTrait, LockType, OnConflict, Query};
+use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+
+use super::{ProjectionContext, SnapshotProjectionRegistry};
+use crate::backend;
+use crate::event::{Event, RecordedEvent};
+use crate::schema::{DEFAULT_PARTITION, messages, subscriptions};
+use crate::store::recorded;
+use crate::{Error, EventStore, Result};
+
+/// Attempts per batch when the database reports a deadlock or serialization failure.
+const ATTEMPTS: usize = 5;
+
+/// Options of [`ProjectionRunner`] runs.
+///
+/// ```
+/// use emmett_seaorm::projection::RunOptions;
+/// let options = RunOptions::default().partition("tenant-a").batch_size(1_000).single_batch();
+/// ```
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    partition: Option<String>,
+    batch_size: u64,
+    single_batch: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self { partition: None, batch_size: 500, single_batch: false }
+    }
+}
+
+impl RunOptions {
+    /// The partition of the stream ([`ProjectionRunner::project_events`] only).
+    pub fn partition(mut self, partition: impl Into<String>) -> Self {
+        self.partition = Some(partition.into());
+        self
+    }
+    /// Events per batch, i.e. per transaction (default 500).
+    pub fn batch_size(mut self, batch_size: u64) -> Self {
+        self.batch_size = Ord::max(batch_size, 1);
+        self
+    }
+    /// Process at most one batch instead of running until caught up.
+    pub fn single_batch(mut self) -> Self {
+        self.single_batch = true;
+        self
+    }
+}
+
+/// What [`ProjectionRunner::project_events`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProjectEventsResult {
+    /// Events read past the checkpoint (handled or not).
+    pub processed: u64,
+    /// The stream's version when the run ended.
+    pub current_stream_version: u64,
+}
+
+/// What [`ProjectionRunner::project_partition`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProjectPartitionResult {
+    /// Events read past the checkpoint (handled or not).
+    pub processed: u64,
+    /// The checkpoint (a global position) when the run ended.
+    pub last_processed_position: u64,
+}
+
+/// Feeds a [`SnapshotProjectionRegistry`] from the store.
+///
+/// Each batch is one transaction: the subscription's checkpoint row is locked, the events after
+/// it are read, every handler runs, and the checkpoint moves — all or nothing. Runners sharing a
+/// subscription therefore take turns, and running again after a crash or alongside another
+/// runner gives the read model of one sequential fold.
+pub struct ProjectionRunner<E> {
+    store: EventStore,
+    registry: Arc<SnapshotProjectionRegistry<E>>,
+}
+
+impl<E> Clone for ProjectionRunner<E> {
+    fn clone(&self) -> Self {
+        Self { store: self.store.clone(), registry: Arc::clone(&self.registry) }
+    }
+}
+
+/// Which events a run reads.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// One stream, checkpoint = stream position (the TypeScript runner's semantics).
+    Stream(&'a str),
+    /// Every stream of the partition, checkpoint = global position.
+    Partition,
+}
+
+impl<E: Event + 'static> ProjectionRunner<E> {
+    /// A runner feeding `registry` from `store`.
+    pub fn new(store: EventStore, registry: SnapshotProjectionRegistry<E>) -> Self {
+        Self { store, registry: Arc::new(registry) }
+    }
+
+    /// Projects one stream's events past the checkpoint of `subscription_id` (in the stream's
+    /// partition), until caught up or for one batch.
+    pub async fn project_events(
+        &self,
+        subscription_id: &str,
+        stream_id: &str,
+        options: RunOptions,
+    ) -> Result<ProjectEventsResult> {
+        let partition = options.partition.clone().unwrap_or_else(|| DEFAULT_PARTITION.to_owned());
+        let processed = self.run(subscription_id, &partition, Source::Stream(stream_id), &options).await?.0;
+        let current_stream_version = self.store.stream_version(stream_id, &partition).await?;
+        Ok(ProjectEventsResult { processed, current_stream_version })
+    }
+
+    /// Projects every stream of `partition` (a tenant) in global order past the checkpoint of
+    /// `subscription_id`, until caught up or for one batch.
+    pub async fn project_partition(
+        &self,
+        subscription_id: &str,
+        partition: &str,
+        options: RunOptions,
+    ) -> Result<ProjectPartitionResult> {
+        let (processed, last_processed_position) =
+            self.run(subscription_id, partition, Source::Partition, &options).await?;
+        Ok(ProjectPartitionResult { processed, last_processed_position })
+    }
+
+    async fn run(&self, subscription: &str, partition: &str, source: Source<'_>, options: &RunOptions) -> Result<(u64, u64)> {
+        let mut processed = 0;
+        loop {
+            let (count, checkpoint) = self.batch_with_retries(subscription, partition, source, options.batch_size).await?;
+            processed += count;
+            if count < options.batch_size || options.single_batch {
+                return Ok((processed, checkpoint));
+            }
+        }
+    }
+
+    async fn batch_with_retries(
+        &self,
+        subscription: &str,
+        partition: &str,
+        source: Source<'_>,
+        batch_size: u64,
+    ) -> Result<(u64, u64)> {
+        let mut attempt = 1;
+        loop {
+            match self.batch(subscription, partition, source, batch_size).await {
+                Err(Error::Database(err)) if attempt < ATTEMPTS && backend::is_transient(&err) => {
+                    tracing::debug!(subscription, partition, attempt, %err, "projection batch lost a race; retrying");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One batch in one transaction; returns (events read, checkpoint after).
+    async fn batch(&self, subscription: &str, partition: &str, source: Source<'_>, batch_size: u64) -> Result<(u64, u64)> {
+        let txn = backend::begin_write(&self.store.executor()).await?;
+        let checkpoint = lock_checkpoint(&txn, subscription, partition).await?;
+        let rows = read_after(&txn, partition, source, checkpoint, batch_size).await?;
+        let Some(last) = rows.last() else {
+            txn.commit().await?;
+            return Ok((0, checkpoint as u64));
+        };
+        let next_checkpoint = match source {
+            Source::Stream(_) => last.stream_position,
+            Source::Partition => last.global_position.unwrap_or_default(),
+        };
+        let count = rows.len() as u64;
+        let batch: Vec<RecordedEvent<E>> = rows
+            .into_iter()
+            .filter(|row| self.registry.handles(&row.message_type))
+            .map(recorded)
+            .collect::<Result<_>>()?;
+        self.registry.apply(&ProjectionContext { txn: &txn, partition }, &batch).await?;
+        subscriptions::Entity::update_many()
+            .col_expr(subscriptions::Column::LastProcessedPosition, Expr::value(next_checkpoint))
+            .filter(subscriptions::Column::SubscriptionId.eq(subscription))
+            .filter(subscriptions::Column::Partition.eq(partition))
+            .filter(subscriptions::Column::Version.eq(1))
+            .exec(&txn)
+            .await?;
+        txn.commit().await?;
+        Ok((count, next_checkpoint as u64))
+    }
+}
+
+/// Creates the checkpoint row if needed and locks it: concurrent runners of one subscription and
+/// partition queue here, and each sees the checkpoint the previous one committed.
+async fn lock_checkpoint(txn: &DatabaseTransaction, subscription: &str, partition: &str) -> Result<i64> {
+    let mut create = Query::insert();
+    create
+        .into_table(subscriptions::Entity)
+        .columns([
+            subscriptions::Column::SubscriptionId,
+            subscriptions::Column::Version,
+            subscriptions::Column::Partition,
+            subscriptions::Column::LastProcessedPosition,
+        ])
+        .values_panic([subscription.into(), 1.into(), partition.into(), 0i64.into()])
+        .on_conflict(
+            OnConflict::columns([
+                subscriptions::Column::SubscriptionId,
+                subscriptions::Column::Partition,
+                subscriptions::Column::Version,
+            ])
+            .do_nothing_on([subscriptions::Column::SubscriptionId])
+            .to_owned(),
+        );
+    txn.execute(&create).await?;
+    let row = txn
+        .query_one(
+            Query::select()
+                .column(subscriptions::Column::LastProcessedPosition)
+                .from(subscriptions::Entity)
+                .and_where(Expr::col(subscriptions::Column::SubscriptionId).eq(subscription))
+                .and_where(Expr::col(subscriptions::Column::Partition).eq(partition))
+                .and_where(Expr::col(subscriptions::Column::Version).eq(1))
+                .lock(LockType::Update),
+        )
+        .await?
+        .ok_or_else(|| sea_orm::DbErr::RecordNotFound(format!("subscription {subscription}")))?;
+    Ok(row.try_get("", "last_processed_position")?)
+}
+
+/// The next `limit` live events after the checkpoint.
+async fn read_after(
+    txn: &DatabaseTransaction,
+    partition: &str,
+    source: Source<'_>,
+    checkpoint: i64,
+    limit: u64,
+) -> Result<Vec<messages::Model>> {
+    let query = messages::Entity::find()
+        .filter(messages::Column::Partition.eq(partition))
+        .filter(messages::Column::IsArchived.eq(false));
+    let query = match source {
+        Source::Stream(stream_id) => query
+            .filter(messages::Column::StreamId.eq(stream_id))
+            .filter(messages::Column::StreamPosition.gt(checkpoint))
+            .order_by_asc(messages::Column::StreamPosition),
+        Source::Partition => {
+            let query = query.filter(messages::Column::GlobalPosition.gt(checkpoint));
+            match backend::committed_before_running_transactions(txn.get_database_backend()) {
+                Some(committed) => query.filter(committed),
+                None => query,
+            }
+            .order_by_asc(messages::Column::GlobalPosition)
+        }
+    };
+    Ok(query.limit(limit).all(txn).await?)
+}
