@@ -1,0 +1,115 @@
+//! Multi-tenant shopping carts: commands decided against the aggregate, events appended with
+//! optimistic concurrency, and a `carts` read model kept by a snapshot projection that reuses
+//! the domain's `evolve`, run per tenant.
+//!
+//! `cargo run --example carts` uses an embedded SQLite file (`carts.db`); set `DATABASE_URL`
+//! to a PostgreSQL or MySQL URL to use those. Run it again: it carries on where it stopped.
+
+mod domain;
+mod read_model;
+
+use domain::{Cart, CartCommand, CartEvent, Status, decide, evolve};
+use emmett_seaorm::projection::{ProjectionRunner, RunOptions, SnapshotProjection, SnapshotProjectionRegistry};
+use emmett_seaorm::{AppendOptions, EventStore, ExpectedVersion, ReadOptions, columns, keys};
+use sea_orm::{ConnectionTrait, Database, EntityTrait, QueryOrder, Schema};
+
+/// Decides `command` against the cart's current state and appends the outcome, expecting the
+/// version it decided on.
+async fn handle(store: &EventStore, tenant: &str, cart_id: &str, command: CartCommand) -> Result<(), Box<dyn std::error::Error>> {
+    let current = store.aggregate_stream(cart_id, evolve, Cart::default, ReadOptions::default().partition(tenant)).await?;
+    let events = match decide(command.clone(), &current.state) {
+        Ok(events) => events,
+        Err(refused) => {
+            println!("  {tenant}/{cart_id}: {command:?} refused: {refused}");
+            return Ok(());
+        }
+    };
+    let options = AppendOptions::default()
+        .partition(tenant)
+        .stream_type("cart")
+        .expected(ExpectedVersion::Exact(current.current_stream_version));
+    let appended = store.append_to_stream(cart_id, events, options).await?;
+    println!("  {tenant}/{cart_id}: {command:?} -> version {}", appended.next_expected_stream_version);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://carts.db?mode=rwc".into());
+    println!("database: {url}");
+    let db = Database::connect(&url).await?;
+    emmett_seaorm::migrate(&db).await?;
+    let backend = db.get_database_backend();
+    db.execute(Schema::new(backend).create_table_from_entity(read_model::Entity).if_not_exists()).await?;
+    let store = EventStore::new(db.clone());
+
+    // Each run adds a new cart per tenant, so re-running shows the runner resuming.
+    let run = store.read_stream::<serde_json::Value>("runs", ReadOptions::default().max_count(0)).await?.current_stream_version + 1;
+    store.append_to_stream("runs", [serde_json::json!({ "type": "DemoRun", "data": { "run": run } })], AppendOptions::default()).await?;
+    println!("run {run}: deciding commands");
+    for (tenant, currency) in [("acme", "EUR"), ("globex", "USD")] {
+        store.create_partition(tenant).await?;
+        let (kept, dropped) = (format!("cart-{run}-a"), format!("cart-{run}-b"));
+        use CartCommand::*;
+        for (cart, command) in [
+            (&kept, Create { currency: currency.into() }),
+            (&kept, AddItem { sku: "book".into(), quantity: 2, unit_price: 1_500 }),
+            (&kept, AddItem { sku: "pen".into(), quantity: 3, unit_price: 250 }),
+            (&kept, RemoveItem { sku: "pen".into(), quantity: 1 }),
+            (&kept, CheckOut { order_id: format!("order-{run}") }),
+            (&kept, AddItem { sku: "late".into(), quantity: 1, unit_price: 1 }), // refused: checked out
+            (&dropped, Create { currency: currency.into() }),
+            (&dropped, AddItem { sku: "lamp".into(), quantity: 1, unit_price: 4_000 }),
+            (&dropped, Empty),
+            (&dropped, Cancel { reason: "changed my mind".into() }),
+        ] {
+            handle(&store, tenant, cart, command).await?;
+        }
+    }
+
+    // The read model: the same `evolve`, kept in the `snapshots` table; `carts` gets columns.
+    let carts = SnapshotProjection::new(
+        "carts",
+        |event, tenant| keys! { "tenant_id" => tenant, "cart_id" => &event.stream_id },
+        evolve,
+        Cart::default,
+    )
+    .handles(["CartCreated", "ItemAddedToCart", "ItemRemovedFromCart", "CartEmptied", "CartCheckedOut", "CartCancelled"])
+    .columns(|cart: &Cart| {
+        columns! {
+            "currency" => cart.currency.clone(),
+            "total" => cart.total,
+            "order_id" => cart.order_id.clone(),
+            "items_json" => serde_json::to_string(&cart.items).expect("items serialize"),
+            "is_checked_out" => cart.status == Status::CheckedOut,
+            "is_cancelled" => cart.status == Status::Cancelled,
+        }
+    });
+    let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(carts));
+    println!("projecting, one runner per tenant");
+    for tenant in ["acme", "globex"] {
+        let done = runner.project_partition("carts-read-model", tenant, RunOptions::default()).await?;
+        println!("  {tenant}: {} new events, checkpoint at global position {}", done.processed, done.last_processed_position);
+    }
+
+    println!("carts read model (plain SeaORM query):");
+    let rows = read_model::Entity::find()
+        .order_by_asc(read_model::Column::TenantId)
+        .order_by_asc(read_model::Column::CartId)
+        .all(&db)
+        .await?;
+    for row in rows {
+        println!(
+            "  {:<7} {:<12} {} {:>6} order={:<9} checked_out={:<5} cancelled={:<5} items={}",
+            row.tenant_id,
+            row.cart_id,
+            row.currency,
+            row.total,
+            row.order_id.unwrap_or_default(),
+            row.is_checked_out,
+            row.is_cancelled,
+            row.items_json
+        );
+    }
+    Ok(())
+}
