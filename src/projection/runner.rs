@@ -2,6 +2,7 @@
 //! from a checkpoint in `subscriptions`.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sea_orm::sea_query::{Expr, ExprTrait, LockType, OnConflict, Query};
 use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
@@ -15,6 +16,10 @@ use crate::{Error, EventStore, Result};
 
 /// Attempts per batch when the database reports a deadlock or serialization failure.
 const ATTEMPTS: usize = 5;
+
+/// How long `project_partition` waits for events hidden by transactions still in flight
+/// (PostgreSQL) before it returns what it has done.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
 
 /// Options of [`ProjectionRunner`] runs.
 ///
@@ -130,13 +135,32 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         Ok(ProjectPartitionResult { processed, last_processed_position })
     }
 
+    /// Runs batches until caught up: for a stream, until a batch comes back short; for a
+    /// partition, until the checkpoint reaches the last event committed when the run started —
+    /// waiting (at most [`CATCH_UP_WAIT`]) while older in-flight transactions hide newer events.
     async fn run(&self, subscription: &str, partition: &str, source: Source<'_>, options: &RunOptions) -> Result<(u64, u64)> {
-        let mut processed = 0;
+        let target = match source {
+            Source::Stream(_) => None,
+            Source::Partition => Some(last_global_position(&self.store, partition).await?),
+        };
+        let (mut processed, started, mut pause) = (0, Instant::now(), Duration::from_millis(2));
         loop {
             let (count, checkpoint) = self.batch_with_retries(subscription, partition, source, options.batch_size).await?;
             processed += count;
-            if count < options.batch_size || options.single_batch {
+            let caught_up = match target {
+                None => count < options.batch_size,
+                Some(target) => checkpoint >= target,
+            };
+            if caught_up || options.single_batch {
                 return Ok((processed, checkpoint));
+            }
+            if count == 0 {
+                if started.elapsed() > CATCH_UP_WAIT {
+                    tracing::warn!(subscription, partition, checkpoint, "events still hidden by in-flight transactions");
+                    return Ok((processed, checkpoint));
+                }
+                tokio::time::sleep(pause).await;
+                pause = Ord::min(pause * 2, Duration::from_millis(100));
             }
         }
     }
@@ -190,6 +214,19 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         txn.commit().await?;
         Ok((count, next_checkpoint as u64))
     }
+}
+
+/// The global position of the partition's last live event (0 when it has none).
+async fn last_global_position(store: &EventStore, partition: &str) -> Result<u64> {
+    let last: Option<Option<i64>> = messages::Entity::find()
+        .select_only()
+        .column_as(messages::Column::GlobalPosition.max(), "last")
+        .filter(messages::Column::Partition.eq(partition))
+        .filter(messages::Column::IsArchived.eq(false))
+        .into_tuple()
+        .one(&store.executor())
+        .await?;
+    Ok(last.flatten().unwrap_or(0) as u64)
 }
 
 /// Creates the checkpoint row if needed and locks it: concurrent runners of one subscription and

@@ -1,0 +1,395 @@
+//! Conformance suite of snapshot projections and the ProjectionRunner, on every backend.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use common::TestDb;
+use emmett_seaorm::projection::{
+    EventHandler, ProjectionContext, ProjectionRunner, RunOptions, SnapshotProjection, SnapshotProjectionRegistry,
+    construct_stream_id,
+};
+use emmett_seaorm::schema::{snapshots, subscriptions};
+use emmett_seaorm::{AppendOptions, Error, EventStore, ReadOptions, RecordedEvent, columns, keys};
+use sea_orm::sea_query::{Alias, ColumnDef, Index, Table};
+use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, Statement};
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "type", content = "data")]
+enum Ev {
+    Opened { owner: String },
+    Deposited { amount: i64 },
+    Closed,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+struct Account {
+    owner: String,
+    total: i64,
+    deposits: u32,
+    closed: bool,
+}
+
+fn evolve(mut acc: Account, e: &Ev) -> Account {
+    match e {
+        Ev::Opened { owner } => acc.owner = owner.clone(),
+        Ev::Deposited { amount } => {
+            acc.total += amount;
+            acc.deposits += 1;
+        }
+        Ev::Closed => acc.closed = true,
+    }
+    acc
+}
+
+fn account_keys(e: &RecordedEvent<Ev>, tenant: &str) -> emmett_seaorm::projection::Keys {
+    keys! { "tenant_id" => tenant, "account_id" => &e.stream_id }
+}
+
+fn projection(table: &str) -> SnapshotProjection<Ev, Account> {
+    SnapshotProjection::new(table, account_keys, evolve, Account::default)
+        .columns(|a: &Account| columns! { "total" => a.total, "deposits" => a.deposits as i64 })
+}
+
+/// Creates a read-model table: keys, `total`, `deposits`, and the legacy snapshot columns.
+async fn create_read_model(db: &DatabaseConnection, table: &str, legacy: bool) {
+    let mut create = Table::create();
+    create
+        .table(Alias::new(table))
+        .col(ColumnDef::new(Alias::new("tenant_id")).string().not_null())
+        .col(ColumnDef::new(Alias::new("account_id")).string().not_null())
+        .col(ColumnDef::new(Alias::new("total")).big_integer())
+        .col(ColumnDef::new(Alias::new("deposits")).big_integer())
+        .primary_key(Index::create().col(Alias::new("tenant_id")).col(Alias::new("account_id")));
+    if legacy {
+        create
+            .col(ColumnDef::new(Alias::new("snapshot")).json_binary())
+            .col(ColumnDef::new(Alias::new("stream_id")).string())
+            .col(ColumnDef::new(Alias::new("last_stream_position")).big_integer())
+            .col(ColumnDef::new(Alias::new("last_global_position")).big_integer());
+    }
+    db.execute(&create).await.unwrap();
+}
+
+/// `(account_id, total, deposits)` rows of a read model for one tenant, sorted.
+async fn read_model(db: &DatabaseConnection, table: &str, tenant: &str) -> Vec<(String, i64, i64)> {
+    let select = sea_orm::sea_query::Query::select()
+        .columns([Alias::new("account_id"), Alias::new("total"), Alias::new("deposits")])
+        .from(Alias::new(table))
+        .and_where(sea_orm::sea_query::ExprTrait::eq(sea_orm::sea_query::Expr::col(Alias::new("tenant_id")), tenant))
+        .order_by(Alias::new("account_id"), sea_orm::Order::Asc)
+        .to_owned();
+    db.query_all(&select)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.try_get("", "account_id").unwrap(), r.try_get("", "total").unwrap(), r.try_get("", "deposits").unwrap()))
+        .collect()
+}
+
+/// Appends `streams` accounts to `tenant`, account i with i + 2 deposits, in a few appends.
+async fn seed(store: &EventStore, tenant: &str, streams: usize) {
+    for i in 0..streams {
+        let id = format!("acc-{i:02}");
+        let opts = AppendOptions::default().partition(tenant);
+        store.append_to_stream(&id, [Ev::Opened { owner: format!("o{i}") }], opts.clone()).await.unwrap();
+        let deposits: Vec<Ev> = (0..i as i64 + 2).map(|d| Ev::Deposited { amount: 10 * d + 1 }).collect();
+        store.append_to_stream(&id, deposits, opts).await.unwrap();
+    }
+}
+
+/// The read model a sequential fold of every stream of `tenant` gives.
+async fn folded(store: &EventStore, tenant: &str, streams: usize) -> Vec<(String, i64, i64)> {
+    let mut rows = Vec::new();
+    for i in 0..streams {
+        let id = format!("acc-{i:02}");
+        let acc = store.aggregate_stream(&id, evolve, Account::default, ReadOptions::default().partition(tenant)).await.unwrap();
+        if acc.stream_exists {
+            rows.push((id, acc.state.total, acc.state.deposits as i64));
+        }
+    }
+    rows
+}
+
+async fn checkpoint(db: &DatabaseConnection, subscription: &str, tenant: &str) -> Option<i64> {
+    subscriptions::Entity::find_by_id((subscription.to_owned(), 1, tenant.to_owned()))
+        .one(db)
+        .await
+        .unwrap()
+        .map(|s| s.last_processed_position)
+}
+
+async fn fold_equals_read_model_and_rerun_is_a_no_op(db: TestDb) {
+    let store = db.store();
+    create_read_model(&db.db, "accounts", false).await;
+    seed(&store, "t1", 6).await;
+    seed(&store, "t2", 2).await;
+    let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(projection("accounts")));
+
+    let first = runner.project_partition("accounts-rm", "t1", RunOptions::default().batch_size(7)).await.unwrap();
+    assert_eq!(first.processed, (0..6).map(|i| i + 3).sum::<u64>());
+    assert_eq!(read_model(&db.db, "accounts", "t1").await, folded(&store, "t1", 6).await);
+    assert!(read_model(&db.db, "accounts", "t2").await.is_empty(), "another tenant's events stay out");
+
+    // The snapshot is the fold, stored under the TypeScript-compatible id.
+    let id = construct_stream_id(&keys! { "tenant_id" => "t1", "account_id" => "acc-03" });
+    assert_eq!(id, "account_id:acc-03|tenant_id:t1");
+    let snap = snapshots::Entity::find_by_id(("accounts".to_owned(), id)).one(&db.db).await.unwrap().unwrap();
+    let expected = store.aggregate_stream("acc-03", evolve, Account::default, ReadOptions::default().partition("t1")).await.unwrap();
+    assert_eq!(serde_json::from_value::<Account>(snap.snapshot).unwrap(), expected.state);
+    assert_eq!(snap.last_stream_position as u64, expected.current_stream_version);
+
+    let again = runner.project_partition("accounts-rm", "t1", RunOptions::default()).await.unwrap();
+    assert_eq!((again.processed, again.last_processed_position), (0, first.last_processed_position));
+
+    // New events are picked up from the checkpoint; the fold still matches.
+    store.append_to_stream("acc-01", [Ev::Deposited { amount: 1000 }, Ev::Closed], AppendOptions::default().partition("t1")).await.unwrap();
+    let more = runner.project_partition("accounts-rm", "t1", RunOptions::default()).await.unwrap();
+    assert_eq!(more.processed, 2);
+    assert_eq!(read_model(&db.db, "accounts", "t1").await, folded(&store, "t1", 6).await);
+    assert_eq!(checkpoint(&db.db, "accounts-rm", "t1").await, Some(more.last_processed_position as i64));
+
+    // A second subscription over the same snapshots (e.g. a rebuild) adds nothing twice.
+    let rebuild = runner.project_partition("accounts-rm-2", "t1", RunOptions::default()).await.unwrap();
+    assert_eq!(rebuild.processed, first.processed + 2);
+    assert_eq!(read_model(&db.db, "accounts", "t1").await, folded(&store, "t1", 6).await);
+}
+
+async fn project_events_per_stream_resumes_from_its_checkpoint(db: TestDb) {
+    let store = db.store();
+    create_read_model(&db.db, "accounts", false).await;
+    seed(&store, "t1", 3).await;
+    let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(projection("accounts")));
+    let opts = RunOptions::default().partition("t1");
+
+    let one = runner.project_events("acc:acc-02", "acc-02", opts.clone().batch_size(2).single_batch()).await.unwrap();
+    assert_eq!((one.processed, one.current_stream_version), (2, 5));
+    assert_eq!(checkpoint(&db.db, "acc:acc-02", "t1").await, Some(2), "stream-position checkpoint, as in TypeScript");
+    let rest = runner.project_events("acc:acc-02", "acc-02", opts.clone().batch_size(2)).await.unwrap();
+    assert_eq!(rest.processed, 3);
+    for i in 0..3 {
+        let id = format!("acc-{i:02}");
+        runner.project_events(&format!("acc:{id}"), &id, opts.clone()).await.unwrap();
+    }
+    assert_eq!(read_model(&db.db, "accounts", "t1").await, folded(&store, "t1", 3).await);
+    let noop = runner.project_events("acc:acc-00", "acc-00", opts.clone()).await.unwrap();
+    assert_eq!((noop.processed, noop.current_stream_version), (0, 3));
+    let missing = runner.project_events("acc:none", "none", opts).await.unwrap();
+    assert_eq!((missing.processed, missing.current_stream_version), (0, 0));
+}
+
+/// Four runners (two connection pools) race on one partition while events keep arriving:
+/// the read model equals one sequential fold.
+async fn concurrent_runners_give_one_sequential_fold(db: TestDb) {
+    let store = db.store();
+    let other = EventStore::new(db.second_pool().await);
+    create_read_model(&db.db, "accounts", false).await;
+    seed(&store, "t1", 12).await;
+    let registry = || SnapshotProjectionRegistry::new().with(projection("accounts"));
+    let runners: Vec<_> = (0..4)
+        .map(|i| {
+            let runner = ProjectionRunner::new(if i % 2 == 0 { store.clone() } else { other.clone() }, registry());
+            tokio::spawn(async move {
+                for _ in 0..3 {
+                    runner.project_partition("accounts-rm", "t1", RunOptions::default().batch_size(5)).await?;
+                }
+                Ok::<_, Error>(())
+            })
+        })
+        .collect();
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for i in 0..12 {
+                let opts = AppendOptions::default().partition("t1");
+                store.append_to_stream(&format!("acc-{i:02}"), [Ev::Deposited { amount: 7 }], opts).await.unwrap();
+            }
+        })
+    };
+    writer.await.unwrap();
+    for r in runners {
+        r.await.unwrap().unwrap();
+    }
+    ProjectionRunner::new(store.clone(), registry()).project_partition("accounts-rm", "t1", RunOptions::default()).await.unwrap();
+    assert_eq!(read_model(&db.db, "accounts", "t1").await, folded(&store, "t1", 12).await);
+
+    // The same with per-stream runners racing on one stream.
+    create_read_model(&db.db, "accounts_by_stream", false).await;
+    let runners: Vec<_> = (0..4)
+        .map(|i| {
+            let runner = ProjectionRunner::new(if i % 2 == 0 { store.clone() } else { other.clone() }, SnapshotProjectionRegistry::new().with(projection("accounts_by_stream")));
+            tokio::spawn(async move { runner.project_events("s:acc-11", "acc-11", RunOptions::default().partition("t1").batch_size(3)).await })
+        })
+        .collect();
+    let mut processed = 0;
+    for r in runners {
+        processed += r.await.unwrap().unwrap().processed;
+    }
+    assert_eq!(processed, 15, "every event projected exactly once across the racing runners");
+    let expected: Vec<_> = folded(&store, "t1", 12).await.into_iter().filter(|r| r.0 == "acc-11").collect();
+    assert_eq!(read_model(&db.db, "accounts_by_stream", "t1").await, expected);
+}
+
+/// Fails on deposits of 13, until told not to.
+struct Picky(Arc<AtomicBool>);
+
+#[async_trait::async_trait]
+impl EventHandler<Ev> for Picky {
+    async fn handle(&self, _: &ProjectionContext<'_>, e: &RecordedEvent<Ev>) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        match (&e.event, self.0.load(Ordering::SeqCst)) {
+            (Ev::Deposited { amount: 13 }, true) => Err("unlucky deposit".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+async fn handler_failure_rolls_the_batch_back(db: TestDb) {
+    let store = db.store();
+    create_read_model(&db.db, "accounts", false).await;
+    let opts = AppendOptions::default().partition("t1");
+    store.append_to_stream("a", [Ev::Opened { owner: "a".into() }, Ev::Deposited { amount: 1 }], opts.clone()).await.unwrap();
+    store.append_to_stream("b", [Ev::Opened { owner: "b".into() }, Ev::Deposited { amount: 13 }], opts.clone()).await.unwrap();
+    let picky = Arc::new(AtomicBool::new(true));
+    let registry = SnapshotProjectionRegistry::new().with(projection("accounts")).on(["Deposited"], Picky(picky.clone()));
+    let runner = ProjectionRunner::new(store.clone(), registry);
+
+    let failed = runner.project_partition("rm", "t1", RunOptions::default()).await;
+    match failed {
+        Err(Error::Handler { stream, partition, position, message_type, .. }) => {
+            assert_eq!((stream.as_str(), partition.as_str(), position, message_type.as_str()), ("b", "t1", 2, "Deposited"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(read_model(&db.db, "accounts", "t1").await.is_empty(), "nothing of the batch was written");
+    assert_eq!(snapshots::Entity::find().all(&db.db).await.unwrap().len(), 0);
+    assert_eq!(checkpoint(&db.db, "rm", "t1").await.unwrap_or(0), 0, "the checkpoint did not move");
+
+    picky.store(false, Ordering::SeqCst);
+    assert_eq!(runner.project_partition("rm", "t1", RunOptions::default()).await.unwrap().processed, 4);
+    assert_eq!(read_model(&db.db, "accounts", "t1").await, vec![("a".into(), 1, 1), ("b".into(), 13, 1)]);
+}
+
+async fn key_set_mismatch_is_a_typed_error(db: TestDb) {
+    let store = db.store();
+    create_read_model(&db.db, "accounts", false).await;
+    store.append_to_stream("a", [Ev::Opened { owner: "a".into() }, Ev::Closed], AppendOptions::default()).await.unwrap();
+    let shifty = SnapshotProjection::new(
+        "accounts",
+        |e: &RecordedEvent<Ev>, p: &str| match e.event {
+            Ev::Closed => keys! { "tenant_id" => p, "account_id" => &e.stream_id, "extra" => 1 },
+            _ => keys! { "tenant_id" => p, "account_id" => &e.stream_id },
+        },
+        evolve,
+        Account::default,
+    );
+    let runner = ProjectionRunner::new(store, SnapshotProjectionRegistry::new().with(shifty));
+    match runner.project_partition("rm", emmett_seaorm::DEFAULT_PARTITION, RunOptions::default()).await {
+        Err(Error::KeySetMismatch { projection, expected, found }) => {
+            assert_eq!(projection, "accounts");
+            assert_eq!(expected, ["account_id", "tenant_id"]);
+            assert_eq!(found, ["account_id", "extra", "tenant_id"]);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn corrupt_snapshot_is_a_typed_error(db: TestDb) {
+    let store = db.store();
+    create_read_model(&db.db, "accounts", false).await;
+    let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(projection("accounts")));
+    store.append_to_stream("a", [Ev::Opened { owner: "a".into() }], AppendOptions::default()).await.unwrap();
+    runner.project_partition("rm", emmett_seaorm::DEFAULT_PARTITION, RunOptions::default()).await.unwrap();
+    db.db
+        .execute_raw(Statement::from_string(db.db.get_database_backend(), r#"UPDATE snapshots SET snapshot = '{"total": "lots"}'"#))
+        .await
+        .unwrap();
+    store.append_to_stream("a", [Ev::Closed], AppendOptions::default()).await.unwrap();
+    match runner.project_partition("rm", emmett_seaorm::DEFAULT_PARTITION, RunOptions::default()).await {
+        Err(Error::CorruptSnapshot { table, stream_id, .. }) => {
+            assert_eq!((table.as_str(), stream_id.as_str()), ("accounts", "account_id:a|tenant_id:default_partition"));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn identifiers_are_quoted_never_executed(db: TestDb) {
+    let store = db.store();
+    create_read_model(&db.db, "accounts", false).await;
+    store.append_to_stream("a", [Ev::Opened { owner: "a".into() }], AppendOptions::default()).await.unwrap();
+    let hostile_table = "accounts\"; DROP TABLE snapshots; --";
+    let hostile_column = SnapshotProjection::new("accounts", account_keys, evolve, Account::default)
+        .columns(|a: &Account| columns! { "total = 0; DROP TABLE messages; --" => a.total });
+    for registry in [
+        SnapshotProjectionRegistry::new().with(projection(hostile_table)),
+        SnapshotProjectionRegistry::new().with(hostile_column),
+    ] {
+        let res = ProjectionRunner::new(store.clone(), registry).project_partition("rm", emmett_seaorm::DEFAULT_PARTITION, RunOptions::default()).await;
+        assert!(matches!(res, Err(Error::Database(_))), "{res:?}");
+    }
+    // Both tables are still there, and the store still works.
+    assert_eq!(snapshots::Entity::find().all(&db.db).await.unwrap().len(), 0);
+    assert_eq!(store.read_stream::<Ev>("a", ReadOptions::default()).await.unwrap().events.len(), 1);
+}
+
+async fn in_table_mode_keeps_state_in_the_row(db: TestDb) {
+    let store = db.store();
+    create_read_model(&db.db, "legacy_accounts", true).await;
+    seed(&store, "t1", 3).await;
+    let legacy = projection("legacy_accounts").in_table();
+    let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(legacy));
+    runner.project_partition("legacy", "t1", RunOptions::default().batch_size(4)).await.unwrap();
+    assert_eq!(read_model(&db.db, "legacy_accounts", "t1").await, folded(&store, "t1", 3).await);
+    assert!(snapshots::Entity::find().all(&db.db).await.unwrap().is_empty(), "nothing in the central table");
+    let row = db
+        .db
+        .query_one_raw(Statement::from_string(
+            db.db.get_database_backend(),
+            "SELECT snapshot, stream_id, last_stream_position FROM legacy_accounts WHERE account_id = 'acc-02'",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let state: serde_json::Value = row.try_get("", "snapshot").unwrap();
+    let expected = store.aggregate_stream("acc-02", evolve, Account::default, ReadOptions::default().partition("t1")).await.unwrap();
+    assert_eq!(serde_json::from_value::<Account>(state).unwrap(), expected.state);
+    assert_eq!(row.try_get::<String>("", "stream_id").unwrap(), "acc-02");
+    assert_eq!(row.try_get::<i64>("", "last_stream_position").unwrap() as u64, expected.current_stream_version);
+
+    // Re-projecting from scratch under another subscription is a no-op on the rows.
+    runner.project_partition("legacy-2", "t1", RunOptions::default()).await.unwrap();
+    assert_eq!(read_model(&db.db, "legacy_accounts", "t1").await, folded(&store, "t1", 3).await);
+}
+
+async fn map_to_columns_runs_once_per_written_state(db: TestDb) {
+    let store = db.store();
+    create_read_model(&db.db, "accounts", false).await;
+    seed(&store, "t1", 3).await; // 3 streams, 3 + 4 + 5 events
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = {
+        let calls = calls.clone();
+        SnapshotProjection::new("accounts", account_keys, evolve, Account::default).columns(move |a: &Account| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            columns! { "total" => a.total, "deposits" => a.deposits as i64 }
+        })
+    };
+    let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(counted));
+    runner.project_partition("rm", "t1", RunOptions::default()).await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "one write per row per batch");
+    runner.project_partition("rm", "t1", RunOptions::default()).await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "a re-run writes nothing");
+    assert_eq!(read_model(&db.db, "accounts", "t1").await, folded(&store, "t1", 3).await);
+}
+
+conformance!(
+    fold_equals_read_model_and_rerun_is_a_no_op,
+    project_events_per_stream_resumes_from_its_checkpoint,
+    concurrent_runners_give_one_sequential_fold,
+    handler_failure_rolls_the_batch_back,
+    key_set_mismatch_is_a_typed_error,
+    corrupt_snapshot_is_a_typed_error,
+    identifiers_are_quoted_never_executed,
+    in_table_mode_keeps_state_in_the_row,
+    map_to_columns_runs_once_per_written_state,
+);
