@@ -5,17 +5,24 @@
 //! cargo run --release --example bench -- --database-url postgres://postgres@127.0.0.1:5432/bench \
 //!     --streams 1000 --events-per-stream 10 --concurrency 8
 //! ```
-//! Workloads: `append-1` (one event per append, `--concurrency` writers, each with its exact
-//! expected version) and `append-batch` (100 appends of 100 events). Each run writes to a
-//! partition of its own, so runs can repeat on one database.
+//! Workloads:
+//! - `append-1`: one event per append, `--concurrency` writers, each with its exact expected version;
+//! - `append-batch`: 100 appends of 100 events;
+//! - `project`: `project_events` per stream over the `append-1` streams, `--concurrency` in
+//!   parallel, into a carts read model (snapshot-table mode), like the Kysely peer;
+//! - `project-partition`: `project_partition` over one tenant of `--partition-events` events.
+//!
+//! Each run writes to partitions of its own, so runs can repeat on one database.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use clap::Parser;
-use emmett_seaorm::{AppendOptions, EventStore, ExpectedVersion, ReadOptions};
-use sea_orm::{ConnectOptions, Database};
+use emmett_seaorm::projection::{ProjectionRunner, RunOptions, SnapshotProjection, SnapshotProjectionRegistry};
+use emmett_seaorm::{AppendOptions, EventStore, ExpectedVersion, ReadOptions, columns, keys};
+use sea_orm::sea_query::{Alias, ColumnDef, Index, Table};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database};
 use serde::{Deserialize, Serialize};
 
 #[derive(Parser)]
@@ -32,9 +39,49 @@ struct Args {
     /// Concurrent writers (and pool size).
     #[arg(long, default_value_t = 8)]
     concurrency: u64,
+    /// Events of the tenant projected by `project-partition` (10 per stream).
+    #[arg(long, default_value_t = 100_000)]
+    partition_events: u64,
+    /// Events per projection batch (one transaction each).
+    #[arg(long, default_value_t = 500)]
+    batch_size: u64,
     /// Workloads to run (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "append-1,append-batch")]
+    #[arg(long, value_delimiter = ',', default_value = "append-1,append-batch,project,project-partition")]
     workloads: Vec<String>,
+}
+
+/// The Kysely peer's cart state.
+#[derive(Serialize, Deserialize, Default)]
+struct CartState {
+    items: i64,
+    total: i64,
+}
+
+fn evolve(state: CartState, event: &CartEvent) -> CartState {
+    match event {
+        CartEvent::CartCreated { .. } => CartState::default(),
+        CartEvent::ItemAdded { qty, price, .. } => CartState { items: state.items + qty, total: state.total + qty * price },
+    }
+}
+
+fn carts_projection() -> SnapshotProjectionRegistry<CartEvent> {
+    let carts = SnapshotProjection::new(
+        "bench_carts",
+        |e, tenant| keys! { "tenant_id" => tenant, "cart_id" => &e.stream_id },
+        evolve,
+        CartState::default,
+    )
+    .handles(["CartCreated", "ItemAdded"])
+    .columns(|s: &CartState| columns! { "item_count" => s.items, "total" => s.total });
+    SnapshotProjectionRegistry::new().with(carts)
+}
+
+fn cart_event(s: u64, e: u64) -> CartEvent {
+    if e == 0 {
+        CartEvent::CartCreated { cart_id: format!("c{s}") }
+    } else {
+        CartEvent::ItemAdded { sku: format!("sku-{e}"), qty: 1, price: 100 + e as i64 }
+    }
 }
 
 /// The peers' event shapes.
@@ -64,13 +111,35 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     options.max_connections(args.concurrency as u32).min_connections(args.concurrency as u32).sqlx_logging(false);
     let db = Database::connect(options).await?;
     emmett_seaorm::migrate(&db).await?;
+    db.execute(
+        Table::create()
+            .table(Alias::new("bench_carts"))
+            .if_not_exists()
+            .col(ColumnDef::new(Alias::new("tenant_id")).string().not_null())
+            .col(ColumnDef::new(Alias::new("cart_id")).string().not_null())
+            .col(ColumnDef::new(Alias::new("item_count")).big_integer())
+            .col(ColumnDef::new(Alias::new("total")).big_integer())
+            .primary_key(Index::create().col(Alias::new("cart_id")).col(Alias::new("tenant_id"))),
+    )
+    .await?;
     let store = EventStore::new(db);
     let partition = format!("bench-{}", uuid::Uuid::now_v7().simple());
+    let mut appended = false;
 
     for workload in &args.workloads {
         match workload.as_str() {
-            "append-1" => append_one(&store, &args, &partition).await?,
+            "append-1" => {
+                append_one(&store, &args, &partition).await?;
+                appended = true;
+            }
             "append-batch" => append_batch(&store, &partition).await?,
+            "project" => {
+                if !appended {
+                    seed(&store, &partition, args.streams, args.events_per_stream, args.concurrency).await?;
+                }
+                project(&store, &args, &partition).await?;
+            }
+            "project-partition" => project_partition(&store, &args, &format!("{partition}-pp")).await?,
             other => return Err(format!("unknown workload {other}").into()),
         }
     }
@@ -91,11 +160,7 @@ async fn append_one(store: &EventStore, args: &Args, partition: &str) -> Result<
                         return Ok::<_, emmett_seaorm::Error>(());
                     }
                     for e in 0..events {
-                        let event = if e == 0 {
-                            CartEvent::CartCreated { cart_id: format!("c{s}") }
-                        } else {
-                            CartEvent::ItemAdded { sku: format!("sku-{e}"), qty: 1, price: 100 + e as i64 }
-                        };
+                        let event = cart_event(s, e);
                         let options = AppendOptions::default()
                             .partition(&partition)
                             .stream_type("cart")
@@ -125,5 +190,92 @@ async fn append_batch(store: &EventStore, partition: &str) -> Result<(), Box<dyn
         store.append_to_stream(&format!("batch-{b}"), events, options).await?;
     }
     report("append-batch", APPENDS * EVENTS, started);
+    Ok(())
+}
+
+/// Writes `streams` carts of `events` events each (untimed set-up), one append per cart.
+async fn seed(store: &EventStore, partition: &str, streams: u64, events: u64, concurrency: u64) -> emmett_seaorm::Result<()> {
+    let next = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (store, next, partition) = (store.clone(), next.clone(), partition.to_owned());
+            tokio::spawn(async move {
+                loop {
+                    let s = next.fetch_add(1, Ordering::Relaxed);
+                    if s >= streams {
+                        return Ok::<_, emmett_seaorm::Error>(());
+                    }
+                    let options = AppendOptions::default().partition(&partition).stream_type("cart");
+                    store.append_to_stream(&format!("cart-{s}"), (0..events).map(|e| cart_event(s, e)), options).await?;
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.expect("seed worker")?;
+    }
+    Ok(())
+}
+
+async fn project(store: &EventStore, args: &Args, partition: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let runner = ProjectionRunner::new(store.clone(), carts_projection());
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..args.concurrency)
+        .map(|_| {
+            let (runner, next, partition, streams) = (runner.clone(), next.clone(), partition.to_owned(), args.streams);
+            let batch_size = args.batch_size;
+            tokio::spawn(async move {
+                loop {
+                    let s = next.fetch_add(1, Ordering::Relaxed);
+                    if s >= streams {
+                        return Ok::<_, emmett_seaorm::Error>(());
+                    }
+                    let options = RunOptions::default().partition(&partition).batch_size(batch_size);
+                    runner.project_events(&format!("carts:cart-{s}"), &format!("cart-{s}"), options).await?;
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await??;
+    }
+    report("project", args.streams * args.events_per_stream, started);
+    check_cart_0(store, partition, args.events_per_stream).await
+}
+
+async fn project_partition(store: &EventStore, args: &Args, partition: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let streams = args.partition_events / 10;
+    store.create_partition(partition).await?; // what a PostgreSQL tenant gets in production
+    seed(store, partition, streams, 10, args.concurrency).await?;
+    if store.backend() == sea_orm::DbBackend::Postgres {
+        // Autovacuum's job after a bulk load; without statistics the planner may read the
+        // whole tenant per batch instead of an index range.
+        store.executor().execute_unprepared("ANALYZE messages").await?;
+    }
+    let runner = ProjectionRunner::new(store.clone(), carts_projection());
+    let started = Instant::now();
+    let done = runner.project_partition("carts-partition", partition, RunOptions::default().batch_size(args.batch_size)).await?;
+    report("project-partition", done.processed, started);
+    assert_eq!(done.processed, streams * 10);
+    check_cart_0(store, partition, 10).await
+}
+
+/// The read model of `cart-0` must be the fold of its events.
+async fn check_cart_0(store: &EventStore, partition: &str, events: u64) -> Result<(), Box<dyn std::error::Error>> {
+    let row = store
+        .executor()
+        .query_one(
+            sea_orm::sea_query::Query::select()
+                .columns([Alias::new("item_count"), Alias::new("total")])
+                .from(Alias::new("bench_carts"))
+                .and_where(sea_orm::sea_query::ExprTrait::eq(sea_orm::sea_query::Expr::col(Alias::new("cart_id")), "cart-0"))
+                .and_where(sea_orm::sea_query::ExprTrait::eq(sea_orm::sea_query::Expr::col(Alias::new("tenant_id")), partition)),
+        )
+        .await?
+        .ok_or("cart-0 missing from the read model")?;
+    let (items, total): (i64, i64) = (row.try_get("", "item_count")?, row.try_get("", "total")?);
+    let expected = (1..events as i64).map(|e| 100 + e).sum::<i64>();
+    assert_eq!((items, total), (events as i64 - 1, expected), "read model of cart-0");
     Ok(())
 }

@@ -8,7 +8,7 @@
 mod domain;
 mod read_model;
 
-use domain::{Cart, CartCommand, CartEvent, Status, decide, evolve};
+use domain::{Cart, CartCommand, Status, decide, evolve};
 use emmett_seaorm::projection::{ProjectionRunner, RunOptions, SnapshotProjection, SnapshotProjectionRegistry};
 use emmett_seaorm::{AppendOptions, EventStore, ExpectedVersion, ReadOptions, columns, keys};
 use sea_orm::{ConnectionTrait, Database, EntityTrait, QueryOrder, Schema};
