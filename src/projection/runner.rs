@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sea_orm::sea_query::{Expr, ExprTrait, LockType, OnConflict, Query};
+use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 
 use super::{ProjectionContext, SnapshotProjectionRegistry};
@@ -117,8 +117,12 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         options: RunOptions,
     ) -> Result<ProjectEventsResult> {
         let partition = options.partition.clone().unwrap_or_else(|| DEFAULT_PARTITION.to_owned());
-        let processed = self.run(subscription_id, &partition, Source::Stream(stream_id), &options).await?.0;
-        let current_stream_version = self.store.stream_version(stream_id, &partition).await?;
+        let (processed, checkpoint, caught_up) = self.run(subscription_id, &partition, Source::Stream(stream_id), &options).await?;
+        // Caught up, the checkpoint is the last position of the stream: no need to ask.
+        let current_stream_version = match caught_up {
+            true => checkpoint,
+            false => self.store.stream_version(stream_id, &partition).await?,
+        };
         Ok(ProjectEventsResult { processed, current_stream_version })
     }
 
@@ -130,7 +134,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         partition: &str,
         options: RunOptions,
     ) -> Result<ProjectPartitionResult> {
-        let (processed, last_processed_position) =
+        let (processed, last_processed_position, _) =
             self.run(subscription_id, partition, Source::Partition, &options).await?;
         Ok(ProjectPartitionResult { processed, last_processed_position })
     }
@@ -138,7 +142,8 @@ impl<E: Event + 'static> ProjectionRunner<E> {
     /// Runs batches until caught up: for a stream, until a batch comes back short; for a
     /// partition, until the checkpoint reaches the last event committed when the run started —
     /// waiting (at most [`CATCH_UP_WAIT`]) while older in-flight transactions hide newer events.
-    async fn run(&self, subscription: &str, partition: &str, source: Source<'_>, options: &RunOptions) -> Result<(u64, u64)> {
+    /// Returns (events read, checkpoint, whether caught up).
+    async fn run(&self, subscription: &str, partition: &str, source: Source<'_>, options: &RunOptions) -> Result<(u64, u64, bool)> {
         let target = match source {
             Source::Stream(_) => None,
             Source::Partition => Some(last_global_position(&self.store, partition).await?),
@@ -152,12 +157,12 @@ impl<E: Event + 'static> ProjectionRunner<E> {
                 Some(target) => checkpoint >= target,
             };
             if caught_up || options.single_batch {
-                return Ok((processed, checkpoint));
+                return Ok((processed, checkpoint, caught_up));
             }
             if count == 0 {
                 if started.elapsed() > CATCH_UP_WAIT {
                     tracing::warn!(subscription, partition, checkpoint, "events still hidden by in-flight transactions");
-                    return Ok((processed, checkpoint));
+                    return Ok((processed, checkpoint, false));
                 }
                 tokio::time::sleep(pause).await;
                 pause = Ord::min(pause * 2, Duration::from_millis(100));
@@ -187,7 +192,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
     /// One batch in one transaction; returns (events read, checkpoint after).
     async fn batch(&self, subscription: &str, partition: &str, source: Source<'_>, batch_size: u64) -> Result<(u64, u64)> {
         let txn = backend::begin_write(&self.store.executor()).await?;
-        let checkpoint = lock_checkpoint(&txn, subscription, partition).await?;
+        let checkpoint = backend::lock_checkpoint(&txn, subscription, partition).await?;
         let rows = read_after(&txn, partition, source, checkpoint, batch_size).await?;
         let Some(last) = rows.last() else {
             txn.commit().await?;
@@ -227,44 +232,6 @@ async fn last_global_position(store: &EventStore, partition: &str) -> Result<u64
         .one(&store.executor())
         .await?;
     Ok(last.flatten().unwrap_or(0) as u64)
-}
-
-/// Creates the checkpoint row if needed and locks it: concurrent runners of one subscription and
-/// partition queue here, and each sees the checkpoint the previous one committed.
-async fn lock_checkpoint(txn: &DatabaseTransaction, subscription: &str, partition: &str) -> Result<i64> {
-    let mut create = Query::insert();
-    create
-        .into_table(subscriptions::Entity)
-        .columns([
-            subscriptions::Column::SubscriptionId,
-            subscriptions::Column::Version,
-            subscriptions::Column::Partition,
-            subscriptions::Column::LastProcessedPosition,
-        ])
-        .values_panic([subscription.into(), 1.into(), partition.into(), 0i64.into()])
-        .on_conflict(
-            OnConflict::columns([
-                subscriptions::Column::SubscriptionId,
-                subscriptions::Column::Partition,
-                subscriptions::Column::Version,
-            ])
-            .do_nothing_on([subscriptions::Column::SubscriptionId])
-            .to_owned(),
-        );
-    txn.execute(&create).await?;
-    let row = txn
-        .query_one(
-            Query::select()
-                .column(subscriptions::Column::LastProcessedPosition)
-                .from(subscriptions::Entity)
-                .and_where(Expr::col(subscriptions::Column::SubscriptionId).eq(subscription))
-                .and_where(Expr::col(subscriptions::Column::Partition).eq(partition))
-                .and_where(Expr::col(subscriptions::Column::Version).eq(1))
-                .lock(LockType::Update),
-        )
-        .await?
-        .ok_or_else(|| sea_orm::DbErr::RecordNotFound(format!("subscription {subscription}")))?;
-    Ok(row.try_get("", "last_processed_position")?)
 }
 
 /// The next `limit` live events after the checkpoint.

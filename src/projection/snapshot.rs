@@ -198,8 +198,7 @@ where
         })
     }
 
-    /// Snapshot-table mode: makes sure every row's snapshot exists (so the lock has a row to
-    /// take on every backend), then locks them all in key order and loads them.
+    /// Snapshot-table mode: locks (creating them if needed) and loads the batch's snapshots.
     async fn lock_snapshots(
         &self,
         ctx: &ProjectionContext<'_>,
@@ -207,46 +206,7 @@ where
     ) -> Result<BTreeMap<String, (i64, serde_json::Value)>> {
         let mut stored = BTreeMap::new();
         for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-            let mut placeholders = Query::insert();
-            placeholders.into_table(snapshots::Entity).columns([
-                snapshots::Column::ReadmodelTableName,
-                snapshots::Column::StreamId,
-                snapshots::Column::LastStreamPosition,
-                snapshots::Column::LastGlobalPosition,
-                snapshots::Column::Snapshot,
-            ]);
-            for id in chunk {
-                placeholders.values_panic([
-                    self.table.as_str().into(),
-                    id.as_str().into(),
-                    0i64.into(),
-                    0i64.into(),
-                    serde_json::Value::Null.into(),
-                ]);
-            }
-            placeholders.on_conflict(
-                OnConflict::columns([snapshots::Column::ReadmodelTableName, snapshots::Column::StreamId])
-                    .do_nothing_on([snapshots::Column::StreamId])
-                    .to_owned(),
-            );
-            ctx.txn.execute(&placeholders).await?;
-            let locked = ctx
-                .txn
-                .query_all(
-                    Query::select()
-                        .columns([
-                            snapshots::Column::StreamId,
-                            snapshots::Column::LastGlobalPosition,
-                            snapshots::Column::Snapshot,
-                        ])
-                        .from(snapshots::Entity)
-                        .and_where(Expr::col(snapshots::Column::ReadmodelTableName).eq(self.table.as_str()))
-                        .and_where(Expr::col(snapshots::Column::StreamId).is_in(chunk.iter().map(String::as_str)))
-                        .order_by(snapshots::Column::StreamId, sea_orm::Order::Asc)
-                        .lock(LockType::Update),
-                )
-                .await?;
-            for row in locked {
+            for row in crate::backend::lock_snapshots(ctx.txn, &self.table, chunk).await? {
                 let id: String = row.try_get("", "stream_id")?;
                 stored.insert(id, (row.try_get("", "last_global_position")?, row.try_get("", "snapshot")?));
             }
