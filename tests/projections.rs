@@ -248,9 +248,15 @@ impl EventHandler<Ev> for Picky {
 async fn handler_failure_rolls_the_batch_back(db: TestDb) {
     let store = db.store();
     create_read_model(&db.db, "accounts", false).await;
-    let opts = AppendOptions::default().partition("t1");
-    store.append_to_stream("a", [Ev::Opened { owner: "a".into() }, Ev::Deposited { amount: 1 }], opts.clone()).await.unwrap();
-    store.append_to_stream("b", [Ev::Opened { owner: "b".into() }, Ev::Deposited { amount: 13 }], opts.clone()).await.unwrap();
+    // One transaction, so the runner sees all four events in one batch.
+    store
+        .with_session(|s| async move {
+            let opts = AppendOptions::default().partition("t1");
+            s.append_to_stream("a", [Ev::Opened { owner: "a".into() }, Ev::Deposited { amount: 1 }], opts.clone()).await?;
+            s.append_to_stream("b", [Ev::Opened { owner: "b".into() }, Ev::Deposited { amount: 13 }], opts).await
+        })
+        .await
+        .unwrap();
     let picky = Arc::new(AtomicBool::new(true));
     let registry = SnapshotProjectionRegistry::new().with(projection("accounts")).on(["Deposited"], Picky(picky.clone()));
     let runner = ProjectionRunner::new(store.clone(), registry);
