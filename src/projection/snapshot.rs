@@ -18,6 +18,7 @@ const ROWS_PER_STATEMENT: usize = 100;
 
 type KeysFn<E> = dyn Fn(&RecordedEvent<E>, &str) -> Keys + Send + Sync;
 type ColumnsFn<S> = dyn Fn(&S) -> Columns + Send + Sync;
+type EvolveFn<E, S> = dyn Fn(S, &E) -> S + Send + Sync;
 
 /// Where a snapshot projection keeps its state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +41,7 @@ pub struct SnapshotProjection<E, S> {
     table: String,
     pub(crate) event_types: Option<Vec<String>>,
     extract_keys: Box<KeysFn<E>>,
-    evolve: Box<dyn Fn(S, &E) -> S + Send + Sync>,
+    evolve: Box<EvolveFn<E, S>>,
     initial_state: Box<dyn Fn() -> S + Send + Sync>,
     map_to_columns: Option<Box<ColumnsFn<S>>>,
     storage: Storage,
