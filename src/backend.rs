@@ -452,14 +452,7 @@ pub(crate) async fn lock_snapshots(
     ids: &[String],
 ) -> Result<Vec<sea_orm::QueryResult>, DbErr> {
     let key = [snapshots::Column::ReadmodelTableName, snapshots::Column::StreamId];
-    let mut upsert = Query::insert();
-    upsert.into_table(snapshots::Entity).columns([
-        snapshots::Column::ReadmodelTableName,
-        snapshots::Column::StreamId,
-        snapshots::Column::LastStreamPosition,
-        snapshots::Column::LastGlobalPosition,
-        snapshots::Column::Snapshot,
-    ]);
+    let mut upsert = snapshots::insert_all_columns();
     for id in ids {
         upsert.values_panic([table.into(), id.as_str().into(), 0i64.into(), 0i64.into(), Value::Null.into()]);
     }

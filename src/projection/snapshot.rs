@@ -261,14 +261,7 @@ where
     }
 
     async fn upsert_snapshots(&self, ctx: &ProjectionContext<'_>, written: &[Written<'_, E>]) -> Result<()> {
-        let mut upsert = Query::insert();
-        upsert.into_table(snapshots::Entity).columns([
-            snapshots::Column::ReadmodelTableName,
-            snapshots::Column::StreamId,
-            snapshots::Column::LastStreamPosition,
-            snapshots::Column::LastGlobalPosition,
-            snapshots::Column::Snapshot,
-        ]);
+        let mut upsert = snapshots::insert_all_columns();
         for (id, _, snapshot, last, _) in written {
             upsert.values_panic([
                 self.table.as_str().into(),

@@ -26,3 +26,16 @@ pub struct Model {
 pub enum Relation {}
 
 impl ActiveModelBehavior for ActiveModel {}
+
+/// `INSERT INTO snapshots` naming every column in declaration order; add rows with `values_panic`.
+pub(crate) fn insert_all_columns() -> sea_orm::sea_query::InsertStatement {
+    let mut insert = sea_orm::sea_query::Query::insert();
+    insert.into_table(Entity).columns([
+        Column::ReadmodelTableName,
+        Column::StreamId,
+        Column::LastStreamPosition,
+        Column::LastGlobalPosition,
+        Column::Snapshot,
+    ]);
+    insert
+}
