@@ -60,7 +60,9 @@ struct CartState {
 fn evolve(state: CartState, event: &CartEvent) -> CartState {
     match event {
         CartEvent::CartCreated { .. } => CartState::default(),
-        CartEvent::ItemAdded { qty, price, .. } => CartState { items: state.items + qty, total: state.total + qty * price },
+        CartEvent::ItemAdded { qty, price, .. } => {
+            CartState { items: state.items + qty, total: state.total + qty * price }
+        }
     }
 }
 
@@ -194,7 +196,13 @@ async fn append_batch(store: &EventStore, partition: &str) -> Result<(), Box<dyn
 }
 
 /// Writes `streams` carts of `events` events each (untimed set-up), one append per cart.
-async fn seed(store: &EventStore, partition: &str, streams: u64, events: u64, concurrency: u64) -> emmett_seaorm::Result<()> {
+async fn seed(
+    store: &EventStore,
+    partition: &str,
+    streams: u64,
+    events: u64,
+    concurrency: u64,
+) -> emmett_seaorm::Result<()> {
     let next = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
@@ -206,7 +214,9 @@ async fn seed(store: &EventStore, partition: &str, streams: u64, events: u64, co
                         return Ok::<_, emmett_seaorm::Error>(());
                     }
                     let options = AppendOptions::default().partition(&partition).stream_type("cart");
-                    store.append_to_stream(&format!("cart-{s}"), (0..events).map(|e| cart_event(s, e)), options).await?;
+                    store
+                        .append_to_stream(&format!("cart-{s}"), (0..events).map(|e| cart_event(s, e)), options)
+                        .await?;
                 }
             })
         })
@@ -255,7 +265,9 @@ async fn project_partition(store: &EventStore, args: &Args, partition: &str) -> 
     }
     let runner = ProjectionRunner::new(store.clone(), carts_projection());
     let started = Instant::now();
-    let done = runner.project_partition("carts-partition", partition, RunOptions::default().batch_size(args.batch_size)).await?;
+    let done = runner
+        .project_partition("carts-partition", partition, RunOptions::default().batch_size(args.batch_size))
+        .await?;
     report("project-partition", done.processed, started);
     assert_eq!(done.processed, streams * 10);
     check_cart_0(store, partition, 10).await
@@ -269,8 +281,14 @@ async fn check_cart_0(store: &EventStore, partition: &str, events: u64) -> Resul
             sea_orm::sea_query::Query::select()
                 .columns([Alias::new("item_count"), Alias::new("total")])
                 .from(Alias::new("bench_carts"))
-                .and_where(sea_orm::sea_query::ExprTrait::eq(sea_orm::sea_query::Expr::col(Alias::new("cart_id")), "cart-0"))
-                .and_where(sea_orm::sea_query::ExprTrait::eq(sea_orm::sea_query::Expr::col(Alias::new("tenant_id")), partition)),
+                .and_where(sea_orm::sea_query::ExprTrait::eq(
+                    sea_orm::sea_query::Expr::col(Alias::new("cart_id")),
+                    "cart-0",
+                ))
+                .and_where(sea_orm::sea_query::ExprTrait::eq(
+                    sea_orm::sea_query::Expr::col(Alias::new("tenant_id")),
+                    partition,
+                )),
         )
         .await?
         .ok_or("cart-0 missing from the read model")?;

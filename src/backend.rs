@@ -9,15 +9,17 @@
 //!   counter table on SQLite (one writer at a time, so it never contends).
 //! - **Tenant partitions**: real `PARTITION OF` tables on PostgreSQL; nothing elsewhere.
 
-use sea_orm::sea_query::{Expr, ExprTrait, LockType, OnConflict, PostgresQueryBuilder, Query, QueryBuilder, SimpleExpr};
+use sea_orm::sea_query::{
+    Expr, ExprTrait, LockType, OnConflict, PostgresQueryBuilder, Query, QueryBuilder, SimpleExpr,
+};
 use sea_orm::{
     ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, ExecResult, SqlErr, Statement, TransactionOptions,
     TransactionTrait,
 };
 use serde_json::Value;
 
-use crate::schema::{messages, snapshots, streams, subscriptions};
 use crate::ExpectedVersion;
+use crate::schema::{messages, snapshots, streams, subscriptions};
 
 /// Tables of the store, in creation order.
 const TABLES: [&str; 4] = ["streams", "messages", "subscriptions", "snapshots"];
@@ -125,7 +127,9 @@ pub(crate) fn drop_schema(backend: DbBackend) -> Vec<String> {
 
 /// Begins a write transaction (a savepoint inside a session): `BEGIN IMMEDIATE` on SQLite so
 /// concurrent writers wait for the lock instead of failing when they upgrade to it.
-pub(crate) async fn begin_write<C: TransactionTrait<Transaction = DatabaseTransaction>>(conn: &C) -> Result<DatabaseTransaction, DbErr> {
+pub(crate) async fn begin_write<C: TransactionTrait<Transaction = DatabaseTransaction>>(
+    conn: &C,
+) -> Result<DatabaseTransaction, DbErr> {
     conn.begin_with_options(TransactionOptions {
         sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
         ..Default::default()
@@ -165,12 +169,8 @@ pub(crate) async fn append<C: ConnectionTrait + TransactionTrait<Transaction = D
 /// writer with the same expected version re-checks its `WHERE` after we commit and matches nothing.
 async fn append_in_one_statement<C: ConnectionTrait>(conn: &C, a: &Append<'_>) -> Result<Option<Appended>, DbErr> {
     let n = a.events.len() as i64;
-    let events = Value::Array(
-        a.events
-            .iter()
-            .map(|(t, d, id)| serde_json::json!({ "t": t, "d": d, "i": id }))
-            .collect(),
-    );
+    let events =
+        Value::Array(a.events.iter().map(|(t, d, id)| serde_json::json!({ "t": t, "d": d, "i": id })).collect());
     let mut values: Vec<sea_orm::Value> =
         vec![a.stream_id.into(), a.partition.into(), n.into(), events.into(), a.metadata.clone().into()];
     let insert_stream = "INSERT INTO streams (stream_id, stream_position, partition, stream_type, stream_metadata)
@@ -202,9 +202,7 @@ async fn append_in_one_statement<C: ConnectionTrait>(conn: &C, a: &Append<'_>) -
            RETURNING global_position)
          SELECT st.stream_position, (SELECT max(global_position) FROM ins) AS last_global_position FROM st"
     );
-    let row = conn
-        .query_one_raw(Statement::from_sql_and_values(DbBackend::Postgres, sql, values))
-        .await?;
+    let row = conn.query_one_raw(Statement::from_sql_and_values(DbBackend::Postgres, sql, values)).await?;
     row.map(|row| {
         Ok(Appended {
             next_expected_version: row.try_get::<i64>("", "stream_position")? as u64,
@@ -216,7 +214,10 @@ async fn append_in_one_statement<C: ConnectionTrait>(conn: &C, a: &Append<'_>) -
 
 /// SQLite and MySQL: the stream row first (its lock serialises writers of one stream), then the
 /// messages, in one transaction.
-async fn append_in_transaction<C: TransactionTrait<Transaction = DatabaseTransaction>>(conn: &C, a: &Append<'_>) -> Result<Option<Appended>, DbErr> {
+async fn append_in_transaction<C: TransactionTrait<Transaction = DatabaseTransaction>>(
+    conn: &C,
+    a: &Append<'_>,
+) -> Result<Option<Appended>, DbErr> {
     let txn = begin_write(conn).await?;
     let backend = txn.get_database_backend();
     let n = a.events.len() as i64;
@@ -355,7 +356,10 @@ async fn move_stream_row(txn: &DatabaseTransaction, a: &Append<'_>, n: i64) -> R
                 updated(txn.execute(&upsert).await?)
             } else {
                 let mut update = Query::update();
-                update.table(streams::Entity).value(streams::Column::StreamPosition, increment).cond_where(this_stream());
+                update
+                    .table(streams::Entity)
+                    .value(streams::Column::StreamPosition, increment)
+                    .cond_where(this_stream());
                 updated(txn.execute(&update).await?)
             };
             if !moved {
@@ -390,20 +394,19 @@ pub(crate) fn is_transient(err: &DbErr) -> bool {
 /// than every transaction still running. A global-position reader that skipped this could pass
 /// an event whose transaction commits late. SQLite has one writer; MySQL gets no filter yet.
 pub(crate) fn committed_before_running_transactions(backend: DbBackend) -> Option<SimpleExpr> {
-    (backend == DbBackend::Postgres)
-        .then(|| Expr::cust("transaction_id < pg_snapshot_xmin(pg_current_snapshot())"))
+    (backend == DbBackend::Postgres).then(|| Expr::cust("transaction_id < pg_snapshot_xmin(pg_current_snapshot())"))
 }
 
 /// Creates a subscription's checkpoint row if needed and locks it, returning its position:
 /// concurrent runners of one subscription and partition queue here, and each sees the
 /// checkpoint the previous one committed. One statement where `RETURNING` exists (a no-op
 /// upsert locks the row), two on MySQL.
-pub(crate) async fn lock_checkpoint(txn: &DatabaseTransaction, subscription: &str, partition: &str) -> Result<i64, DbErr> {
-    let key = [
-        subscriptions::Column::SubscriptionId,
-        subscriptions::Column::Partition,
-        subscriptions::Column::Version,
-    ];
+pub(crate) async fn lock_checkpoint(
+    txn: &DatabaseTransaction,
+    subscription: &str,
+    partition: &str,
+) -> Result<i64, DbErr> {
+    let key = [subscriptions::Column::SubscriptionId, subscriptions::Column::Partition, subscriptions::Column::Version];
     let mut create = Query::insert();
     create
         .into_table(subscriptions::Entity)
@@ -421,7 +424,9 @@ pub(crate) async fn lock_checkpoint(txn: &DatabaseTransaction, subscription: &st
     if txn.get_database_backend() != DbBackend::MySql {
         let current = Expr::col((subscriptions::Entity, subscriptions::Column::LastProcessedPosition));
         create
-            .on_conflict(OnConflict::columns(key).value(subscriptions::Column::LastProcessedPosition, current).to_owned())
+            .on_conflict(
+                OnConflict::columns(key).value(subscriptions::Column::LastProcessedPosition, current).to_owned(),
+            )
             .returning_col(subscriptions::Column::LastProcessedPosition);
         return position(txn.query_one(&create).await?);
     }
@@ -480,7 +485,10 @@ pub(crate) async fn lock_snapshots(
 
 /// Creates the PostgreSQL partitions of `partition` for the three partitioned tables, moving any
 /// of its rows out of the DEFAULT partitions. Idempotent; a no-op on SQLite and MySQL.
-pub(crate) async fn create_partition<C: TransactionTrait<Transaction = DatabaseTransaction>>(conn: &C, partition: &str) -> Result<(), DbErr> {
+pub(crate) async fn create_partition<C: TransactionTrait<Transaction = DatabaseTransaction>>(
+    conn: &C,
+    partition: &str,
+) -> Result<(), DbErr> {
     let txn = conn.begin().await?;
     if txn.get_database_backend() != DbBackend::Postgres {
         return Ok(());

@@ -35,7 +35,12 @@ fn balance(total: i64, e: &Ev) -> i64 {
     }
 }
 
-fn assert_conflict<T: std::fmt::Debug>(res: emmett_seaorm::Result<T>, stream: &str, expected: ExpectedVersion, actual: u64) {
+fn assert_conflict<T: std::fmt::Debug>(
+    res: emmett_seaorm::Result<T>,
+    stream: &str,
+    expected: ExpectedVersion,
+    actual: u64,
+) {
     match res {
         Err(Error::ExpectedVersionConflict { stream: s, partition, expected: e, actual: a }) => {
             assert_eq!((s.as_str(), e, a), (stream, expected, actual));
@@ -96,12 +101,22 @@ async fn every_expected_version_case(db: TestDb) {
     assert_conflict(store.append_to_stream("s", [deposit(1)], opts(Exact(2))).await, "s", Exact(2), 0);
     assert!(!store.stream_exists("s", emmett_seaorm::DEFAULT_PARTITION).await.unwrap());
 
-    assert_eq!(store.append_to_stream("s", [deposit(1)], opts(Exact(0))).await.unwrap().next_expected_stream_version, 1);
+    assert_eq!(
+        store.append_to_stream("s", [deposit(1)], opts(Exact(0))).await.unwrap().next_expected_stream_version,
+        1
+    );
     assert_conflict(store.append_to_stream("s", [deposit(1)], opts(NoStream)).await, "s", NoStream, 1);
     assert_conflict(store.append_to_stream("s", [deposit(1)], opts(Exact(0))).await, "s", Exact(0), 1);
-    assert_eq!(store.append_to_stream("s", [deposit(1)], opts(StreamExists)).await.unwrap().next_expected_stream_version, 2);
     assert_eq!(
-        store.append_to_stream("s", [deposit(1), deposit(1)], opts(Exact(2))).await.unwrap().next_expected_stream_version,
+        store.append_to_stream("s", [deposit(1)], opts(StreamExists)).await.unwrap().next_expected_stream_version,
+        2
+    );
+    assert_eq!(
+        store
+            .append_to_stream("s", [deposit(1), deposit(1)], opts(Exact(2)))
+            .await
+            .unwrap()
+            .next_expected_stream_version,
         4
     );
     assert_conflict(store.append_to_stream("s", [deposit(1)], opts(Exact(2))).await, "s", Exact(2), 4);
@@ -110,7 +125,10 @@ async fn every_expected_version_case(db: TestDb) {
 
     let created = store.append_to_stream("t", [deposit(1)], opts(Any)).await.unwrap();
     assert!(created.created_new_stream);
-    assert_eq!(store.append_to_stream("u", [deposit(1)], opts(NoStream)).await.unwrap().next_expected_stream_version, 1);
+    assert_eq!(
+        store.append_to_stream("u", [deposit(1)], opts(NoStream)).await.unwrap().next_expected_stream_version,
+        1
+    );
 
     // Failed appends wrote nothing.
     let read = store.read_stream::<Ev>("s", ReadOptions::default()).await.unwrap();
@@ -235,7 +253,12 @@ async fn partitions_isolate_tenants(db: TestDb) {
     assert!(!store.stream_exists("cart-1", emmett_seaorm::DEFAULT_PARTITION).await.unwrap());
     assert!(!store.read_stream::<Ev>("cart-1", ReadOptions::default()).await.unwrap().stream_exists);
     let wrong_tenant = AppendOptions::default().partition("tenant-a").expected(ExpectedVersion::Exact(3));
-    assert_conflict(store.append_to_stream("cart-1", [deposit(1)], wrong_tenant).await, "cart-1", ExpectedVersion::Exact(3), 2);
+    assert_conflict(
+        store.append_to_stream("cart-1", [deposit(1)], wrong_tenant).await,
+        "cart-1",
+        ExpectedVersion::Exact(3),
+        2,
+    );
 
     // After its first events (rows move out of DEFAULT), twice (idempotent), and for a hostile name.
     let hostile = "o'neil\"; DROP TABLE streams; --";
@@ -253,7 +276,14 @@ async fn partitions_isolate_tenants(db: TestDb) {
         use sea_orm::ConnectionTrait;
         let count = |sql: &'static str| {
             let db = db.db.clone();
-            async move { db.query_one_raw(sea_orm::Statement::from_string(db.get_database_backend(), sql)).await.unwrap().unwrap().try_get_by_index::<i64>(0).unwrap() }
+            async move {
+                db.query_one_raw(sea_orm::Statement::from_string(db.get_database_backend(), sql))
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .try_get_by_index::<i64>(0)
+                    .unwrap()
+            }
         };
         assert_eq!(count("SELECT count(*) FROM messages_default").await, 0, "tenant rows left the DEFAULT partition");
         assert_eq!(count("SELECT count(*) FROM streams_default").await, 0);
@@ -378,7 +408,10 @@ async fn aggregate_folds_a_long_stream_in_pages(db: TestDb) {
 async fn bad_input_gets_typed_errors_and_writes_nothing(db: TestDb) {
     let store = db.store();
     let empty = store.append_to_stream("e", Vec::<Ev>::new(), AppendOptions::default().partition("t1")).await;
-    assert!(matches!(&empty, Err(Error::EmptyAppend { stream, partition }) if stream == "e" && partition == "t1"), "{empty:?}");
+    assert!(
+        matches!(&empty, Err(Error::EmptyAppend { stream, partition }) if stream == "e" && partition == "t1"),
+        "{empty:?}"
+    );
     let untagged = store.append_to_stream("e", [json!({ "kind": "x" })], AppendOptions::default()).await;
     assert!(matches!(untagged, Err(Error::InvalidEvent { .. })), "{untagged:?}");
     assert!(!store.stream_exists("e", "t1").await.unwrap());
@@ -392,7 +425,10 @@ async fn bad_input_gets_typed_errors_and_writes_nothing(db: TestDb) {
     let read = store.read_stream::<Ev>("m", ReadOptions::default().partition("t1")).await;
     match read {
         Err(Error::UndecodableEvent { stream, partition, position, message_type, .. }) => {
-            assert_eq!((stream.as_str(), partition.as_str(), position, message_type.as_str()), ("m", "t1", 2, "Teleported"));
+            assert_eq!(
+                (stream.as_str(), partition.as_str(), position, message_type.as_str()),
+                ("m", "t1", 2, "Teleported")
+            );
         }
         other => panic!("{other:?}"),
     }

@@ -85,7 +85,9 @@ async fn read_model(db: &DatabaseConnection, table: &str, tenant: &str) -> Vec<(
         .await
         .unwrap()
         .into_iter()
-        .map(|r| (r.try_get("", "account_id").unwrap(), r.try_get("", "total").unwrap(), r.try_get("", "deposits").unwrap()))
+        .map(|r| {
+            (r.try_get("", "account_id").unwrap(), r.try_get("", "total").unwrap(), r.try_get("", "deposits").unwrap())
+        })
         .collect()
 }
 
@@ -105,7 +107,10 @@ async fn folded(store: &EventStore, tenant: &str, streams: usize) -> Vec<(String
     let mut rows = Vec::new();
     for i in 0..streams {
         let id = format!("acc-{i:02}");
-        let acc = store.aggregate_stream(&id, evolve, Account::default, ReadOptions::default().partition(tenant)).await.unwrap();
+        let acc = store
+            .aggregate_stream(&id, evolve, Account::default, ReadOptions::default().partition(tenant))
+            .await
+            .unwrap();
         if acc.stream_exists {
             rows.push((id, acc.state.total, acc.state.deposits as i64));
         }
@@ -137,7 +142,10 @@ async fn fold_equals_read_model_and_rerun_is_a_no_op(db: TestDb) {
     let id = construct_stream_id(&keys! { "tenant_id" => "t1", "account_id" => "acc-03" });
     assert_eq!(id, "account_id:acc-03|tenant_id:t1");
     let snap = snapshots::Entity::find_by_id(("accounts".to_owned(), id)).one(&db.db).await.unwrap().unwrap();
-    let expected = store.aggregate_stream("acc-03", evolve, Account::default, ReadOptions::default().partition("t1")).await.unwrap();
+    let expected = store
+        .aggregate_stream("acc-03", evolve, Account::default, ReadOptions::default().partition("t1"))
+        .await
+        .unwrap();
     assert_eq!(serde_json::from_value::<Account>(snap.snapshot).unwrap(), expected.state);
     assert_eq!(snap.last_stream_position as u64, expected.current_stream_version);
 
@@ -145,7 +153,14 @@ async fn fold_equals_read_model_and_rerun_is_a_no_op(db: TestDb) {
     assert_eq!((again.processed, again.last_processed_position), (0, first.last_processed_position));
 
     // New events are picked up from the checkpoint; the fold still matches.
-    store.append_to_stream("acc-01", [Ev::Deposited { amount: 1000 }, Ev::Closed], AppendOptions::default().partition("t1")).await.unwrap();
+    store
+        .append_to_stream(
+            "acc-01",
+            [Ev::Deposited { amount: 1000 }, Ev::Closed],
+            AppendOptions::default().partition("t1"),
+        )
+        .await
+        .unwrap();
     let more = runner.project_partition("accounts-rm", "t1", RunOptions::default()).await.unwrap();
     assert_eq!(more.processed, 2);
     assert_eq!(read_model(&db.db, "accounts", "t1").await, folded(&store, "t1", 6).await);
@@ -212,15 +227,23 @@ async fn concurrent_runners_give_one_sequential_fold(db: TestDb) {
     for r in runners {
         r.await.unwrap().unwrap();
     }
-    ProjectionRunner::new(store.clone(), registry()).project_partition("accounts-rm", "t1", RunOptions::default()).await.unwrap();
+    ProjectionRunner::new(store.clone(), registry())
+        .project_partition("accounts-rm", "t1", RunOptions::default())
+        .await
+        .unwrap();
     assert_eq!(read_model(&db.db, "accounts", "t1").await, folded(&store, "t1", 12).await);
 
     // The same with per-stream runners racing on one stream.
     create_read_model(&db.db, "accounts_by_stream", false).await;
     let runners: Vec<_> = (0..4)
         .map(|i| {
-            let runner = ProjectionRunner::new(if i % 2 == 0 { store.clone() } else { other.clone() }, SnapshotProjectionRegistry::new().with(projection("accounts_by_stream")));
-            tokio::spawn(async move { runner.project_events("s:acc-11", "acc-11", RunOptions::default().partition("t1").batch_size(3)).await })
+            let runner = ProjectionRunner::new(
+                if i % 2 == 0 { store.clone() } else { other.clone() },
+                SnapshotProjectionRegistry::new().with(projection("accounts_by_stream")),
+            );
+            tokio::spawn(async move {
+                runner.project_events("s:acc-11", "acc-11", RunOptions::default().partition("t1").batch_size(3)).await
+            })
         })
         .collect();
     let mut processed = 0;
@@ -237,7 +260,11 @@ struct Picky(Arc<AtomicBool>);
 
 #[async_trait::async_trait]
 impl EventHandler<Ev> for Picky {
-    async fn handle(&self, _: &ProjectionContext<'_>, e: &RecordedEvent<Ev>) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    async fn handle(
+        &self,
+        _: &ProjectionContext<'_>,
+        e: &RecordedEvent<Ev>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         match (&e.event, self.0.load(Ordering::SeqCst)) {
             (Ev::Deposited { amount: 13 }, true) => Err("unlucky deposit".into()),
             _ => Ok(()),
@@ -252,19 +279,24 @@ async fn handler_failure_rolls_the_batch_back(db: TestDb) {
     store
         .with_session(|s| async move {
             let opts = AppendOptions::default().partition("t1");
-            s.append_to_stream("a", [Ev::Opened { owner: "a".into() }, Ev::Deposited { amount: 1 }], opts.clone()).await?;
+            s.append_to_stream("a", [Ev::Opened { owner: "a".into() }, Ev::Deposited { amount: 1 }], opts.clone())
+                .await?;
             s.append_to_stream("b", [Ev::Opened { owner: "b".into() }, Ev::Deposited { amount: 13 }], opts).await
         })
         .await
         .unwrap();
     let picky = Arc::new(AtomicBool::new(true));
-    let registry = SnapshotProjectionRegistry::new().with(projection("accounts")).on(["Deposited"], Picky(picky.clone()));
+    let registry =
+        SnapshotProjectionRegistry::new().with(projection("accounts")).on(["Deposited"], Picky(picky.clone()));
     let runner = ProjectionRunner::new(store.clone(), registry);
 
     let failed = runner.project_partition("rm", "t1", RunOptions::default()).await;
     match failed {
         Err(Error::Handler { stream, partition, position, message_type, .. }) => {
-            assert_eq!((stream.as_str(), partition.as_str(), position, message_type.as_str()), ("b", "t1", 2, "Deposited"));
+            assert_eq!(
+                (stream.as_str(), partition.as_str(), position, message_type.as_str()),
+                ("b", "t1", 2, "Deposited")
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -280,7 +312,10 @@ async fn handler_failure_rolls_the_batch_back(db: TestDb) {
 async fn key_set_mismatch_is_a_typed_error(db: TestDb) {
     let store = db.store();
     create_read_model(&db.db, "accounts", false).await;
-    store.append_to_stream("a", [Ev::Opened { owner: "a".into() }, Ev::Closed], AppendOptions::default()).await.unwrap();
+    store
+        .append_to_stream("a", [Ev::Opened { owner: "a".into() }, Ev::Closed], AppendOptions::default())
+        .await
+        .unwrap();
     let shifty = SnapshotProjection::new(
         "accounts",
         |e: &RecordedEvent<Ev>, p: &str| match e.event {
@@ -308,7 +343,10 @@ async fn corrupt_snapshot_is_a_typed_error(db: TestDb) {
     store.append_to_stream("a", [Ev::Opened { owner: "a".into() }], AppendOptions::default()).await.unwrap();
     runner.project_partition("rm", emmett_seaorm::DEFAULT_PARTITION, RunOptions::default()).await.unwrap();
     db.db
-        .execute_raw(Statement::from_string(db.db.get_database_backend(), r#"UPDATE snapshots SET snapshot = '{"total": "lots"}'"#))
+        .execute_raw(Statement::from_string(
+            db.db.get_database_backend(),
+            r#"UPDATE snapshots SET snapshot = '{"total": "lots"}'"#,
+        ))
         .await
         .unwrap();
     store.append_to_stream("a", [Ev::Closed], AppendOptions::default()).await.unwrap();
@@ -331,7 +369,9 @@ async fn identifiers_are_quoted_never_executed(db: TestDb) {
         SnapshotProjectionRegistry::new().with(projection(hostile_table)),
         SnapshotProjectionRegistry::new().with(hostile_column),
     ] {
-        let res = ProjectionRunner::new(store.clone(), registry).project_partition("rm", emmett_seaorm::DEFAULT_PARTITION, RunOptions::default()).await;
+        let res = ProjectionRunner::new(store.clone(), registry)
+            .project_partition("rm", emmett_seaorm::DEFAULT_PARTITION, RunOptions::default())
+            .await;
         assert!(matches!(res, Err(Error::Database(_))), "{res:?}");
     }
     // Both tables are still there, and the store still works.
@@ -358,7 +398,10 @@ async fn in_table_mode_keeps_state_in_the_row(db: TestDb) {
         .unwrap()
         .unwrap();
     let state: serde_json::Value = row.try_get("", "snapshot").unwrap();
-    let expected = store.aggregate_stream("acc-02", evolve, Account::default, ReadOptions::default().partition("t1")).await.unwrap();
+    let expected = store
+        .aggregate_stream("acc-02", evolve, Account::default, ReadOptions::default().partition("t1"))
+        .await
+        .unwrap();
     assert_eq!(serde_json::from_value::<Account>(state).unwrap(), expected.state);
     assert_eq!(row.try_get::<String>("", "stream_id").unwrap(), "acc-02");
     assert_eq!(row.try_get::<i64>("", "last_stream_position").unwrap() as u64, expected.current_stream_version);
@@ -372,7 +415,13 @@ async fn map_to_columns_runs_once_per_written_state(db: TestDb) {
     let store = db.store();
     create_read_model(&db.db, "accounts", false).await;
     // 3 streams, 3 + 4 + 5 events, in one transaction so they are one batch under any load.
-    store.with_session(|s| async move { seed(&s, "t1", 3).await; Ok::<_, Error>(()) }).await.unwrap();
+    store
+        .with_session(|s| async move {
+            seed(&s, "t1", 3).await;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = {
         let calls = calls.clone();

@@ -15,8 +15,14 @@ use sea_orm::{ConnectionTrait, Database, EntityTrait, QueryOrder, Schema};
 
 /// Decides `command` against the cart's current state and appends the outcome, expecting the
 /// version it decided on.
-async fn handle(store: &EventStore, tenant: &str, cart_id: &str, command: CartCommand) -> Result<(), Box<dyn std::error::Error>> {
-    let current = store.aggregate_stream(cart_id, evolve, Cart::default, ReadOptions::default().partition(tenant)).await?;
+async fn handle(
+    store: &EventStore,
+    tenant: &str,
+    cart_id: &str,
+    command: CartCommand,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let current =
+        store.aggregate_stream(cart_id, evolve, Cart::default, ReadOptions::default().partition(tenant)).await?;
     let events = match decide(command.clone(), &current.state) {
         Ok(events) => events,
         Err(refused) => {
@@ -44,8 +50,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let store = EventStore::new(db.clone());
 
     // Each run adds a new cart per tenant, so re-running shows the runner resuming.
-    let run = store.read_stream::<serde_json::Value>("runs", ReadOptions::default().max_count(0)).await?.current_stream_version + 1;
-    store.append_to_stream("runs", [serde_json::json!({ "type": "DemoRun", "data": { "run": run } })], AppendOptions::default()).await?;
+    let run = store
+        .read_stream::<serde_json::Value>("runs", ReadOptions::default().max_count(0))
+        .await?
+        .current_stream_version
+        + 1;
+    store
+        .append_to_stream(
+            "runs",
+            [serde_json::json!({ "type": "DemoRun", "data": { "run": run } })],
+            AppendOptions::default(),
+        )
+        .await?;
     println!("run {run}: deciding commands");
     for (tenant, currency) in [("acme", "EUR"), ("globex", "USD")] {
         store.create_partition(tenant).await?;
@@ -74,7 +90,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         evolve,
         Cart::default,
     )
-    .handles(["CartCreated", "ItemAddedToCart", "ItemRemovedFromCart", "CartEmptied", "CartCheckedOut", "CartCancelled"])
+    .handles([
+        "CartCreated",
+        "ItemAddedToCart",
+        "ItemRemovedFromCart",
+        "CartEmptied",
+        "CartCheckedOut",
+        "CartCancelled",
+    ])
     .columns(|cart: &Cart| {
         columns! {
             "currency" => cart.currency.clone(),
@@ -89,7 +112,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("projecting, one runner per tenant");
     for tenant in ["acme", "globex"] {
         let done = runner.project_partition("carts-read-model", tenant, RunOptions::default()).await?;
-        println!("  {tenant}: {} new events, checkpoint at global position {}", done.processed, done.last_processed_position);
+        println!(
+            "  {tenant}: {} new events, checkpoint at global position {}",
+            done.processed, done.last_processed_position
+        );
     }
 
     println!("carts read model (plain SeaORM query):");

@@ -127,8 +127,7 @@ impl<E: Event + 'static> SnapshotProjectionRegistry<E> {
     /// Runs every step on the batch, in registration order.
     pub(crate) async fn apply(&self, ctx: &ProjectionContext<'_>, batch: &[RecordedEvent<E>]) -> Result<()> {
         for registered in &self.steps {
-            let events: Vec<&RecordedEvent<E>> =
-                batch.iter().filter(|e| registered.handles(&e.message_type)).collect();
+            let events: Vec<&RecordedEvent<E>> = batch.iter().filter(|e| registered.handles(&e.message_type)).collect();
             if events.is_empty() {
                 continue;
             }

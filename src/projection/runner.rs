@@ -117,7 +117,8 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         options: RunOptions,
     ) -> Result<ProjectEventsResult> {
         let partition = options.partition.clone().unwrap_or_else(|| DEFAULT_PARTITION.to_owned());
-        let (processed, checkpoint, caught_up) = self.run(subscription_id, &partition, Source::Stream(stream_id), &options).await?;
+        let (processed, checkpoint, caught_up) =
+            self.run(subscription_id, &partition, Source::Stream(stream_id), &options).await?;
         // Caught up, the checkpoint is the last position of the stream: no need to ask.
         let current_stream_version = match caught_up {
             true => checkpoint,
@@ -143,14 +144,21 @@ impl<E: Event + 'static> ProjectionRunner<E> {
     /// partition, until the checkpoint reaches the last event committed when the run started —
     /// waiting (at most [`CATCH_UP_WAIT`]) while older in-flight transactions hide newer events.
     /// Returns (events read, checkpoint, whether caught up).
-    async fn run(&self, subscription: &str, partition: &str, source: Source<'_>, options: &RunOptions) -> Result<(u64, u64, bool)> {
+    async fn run(
+        &self,
+        subscription: &str,
+        partition: &str,
+        source: Source<'_>,
+        options: &RunOptions,
+    ) -> Result<(u64, u64, bool)> {
         let target = match source {
             Source::Stream(_) => None,
             Source::Partition => Some(last_global_position(&self.store, partition).await?),
         };
         let (mut processed, started, mut pause) = (0, Instant::now(), Duration::from_millis(2));
         loop {
-            let (count, checkpoint) = self.batch_with_retries(subscription, partition, source, options.batch_size).await?;
+            let (count, checkpoint) =
+                self.batch_with_retries(subscription, partition, source, options.batch_size).await?;
             processed += count;
             let caught_up = match target {
                 None => count < options.batch_size,
@@ -161,7 +169,12 @@ impl<E: Event + 'static> ProjectionRunner<E> {
             }
             if count == 0 {
                 if started.elapsed() > CATCH_UP_WAIT {
-                    tracing::warn!(subscription, partition, checkpoint, "events still hidden by in-flight transactions");
+                    tracing::warn!(
+                        subscription,
+                        partition,
+                        checkpoint,
+                        "events still hidden by in-flight transactions"
+                    );
                     return Ok((processed, checkpoint, false));
                 }
                 tokio::time::sleep(pause).await;
@@ -190,7 +203,13 @@ impl<E: Event + 'static> ProjectionRunner<E> {
     }
 
     /// One batch in one transaction; returns (events read, checkpoint after).
-    async fn batch(&self, subscription: &str, partition: &str, source: Source<'_>, batch_size: u64) -> Result<(u64, u64)> {
+    async fn batch(
+        &self,
+        subscription: &str,
+        partition: &str,
+        source: Source<'_>,
+        batch_size: u64,
+    ) -> Result<(u64, u64)> {
         let txn = backend::begin_write(&self.store.executor()).await?;
         let checkpoint = backend::lock_checkpoint(&txn, subscription, partition).await?;
         let rows = read_after(&txn, partition, source, checkpoint, batch_size).await?;

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use sea_orm::sea_query::{Alias, Expr, ExprTrait, LockType, OnConflict, Query, SimpleExpr};
 use sea_orm::ConnectionTrait;
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, LockType, OnConflict, Query, SimpleExpr};
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::{Columns, Keys, ProjectionContext};
@@ -157,7 +157,10 @@ where
             let keys = (self.extract_keys)(event, ctx.partition);
             self.check_key_names(&keys)?;
             let id = construct_stream_id(&keys);
-            rows.entry(id).or_insert_with(|| Row { keys, events: Vec::new(), state: None, last: None }).events.push(event);
+            rows.entry(id)
+                .or_insert_with(|| Row { keys, events: Vec::new(), state: None, last: None })
+                .events
+                .push(event);
         }
         let ids: Vec<String> = rows.keys().cloned().collect();
         let stored = match self.storage {
@@ -292,7 +295,9 @@ where
             let mut names: Vec<String> = keys.keys().cloned().collect();
             let mut values: Vec<SimpleExpr> = keys.values().map(|v| v.as_str().into()).collect();
             if self.storage == Storage::InTable {
-                names.extend(["snapshot", "stream_id", "last_stream_position", "last_global_position"].map(String::from));
+                names.extend(
+                    ["snapshot", "stream_id", "last_stream_position", "last_global_position"].map(String::from),
+                );
                 values.extend([
                     snapshot.clone().into(),
                     last.stream_id.as_str().into(),

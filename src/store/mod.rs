@@ -6,15 +6,12 @@ use std::future::Future;
 use std::sync::Arc;
 
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseExecutor, DatabaseTransaction, DbBackend,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    sea_query::Expr,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseExecutor, DatabaseTransaction, DbBackend, EntityTrait,
+    QueryFilter, QueryOrder, QuerySelect, sea_query::Expr,
 };
 use serde_json::Value;
 
-pub use options::{
-    AggregateStreamResult, AppendOptions, AppendResult, ExpectedVersion, ReadOptions, ReadStreamResult,
-};
+pub use options::{AggregateStreamResult, AppendOptions, AppendResult, ExpectedVersion, ReadOptions, ReadStreamResult};
 
 use crate::backend::{self, Append};
 use crate::event::{Event, RecordedEvent, decode, encode};
@@ -178,9 +175,8 @@ impl EventStore {
     /// fails with [`Error::AlreadyArchived`].
     pub async fn archive_stream(&self, stream_id: &str, partition: &str) -> Result<bool> {
         let txn = backend::begin_write(&self.executor()).await?;
-        let archived = streams::Entity::find_by_id((stream_id.to_owned(), partition.to_owned(), true))
-            .one(&txn)
-            .await?;
+        let archived =
+            streams::Entity::find_by_id((stream_id.to_owned(), partition.to_owned(), true)).one(&txn).await?;
         if archived.is_some() {
             return Err(Error::AlreadyArchived { stream: stream_id.into(), partition: partition.into() });
         }
@@ -198,10 +194,8 @@ impl EventStore {
             .filter(messages::Column::IsArchived.eq(false))
             .exec(&txn)
             .await?;
-        let done = streams::Entity::find_by_id((stream_id.to_owned(), partition.to_owned(), true))
-            .one(&txn)
-            .await?
-            .is_some();
+        let done =
+            streams::Entity::find_by_id((stream_id.to_owned(), partition.to_owned(), true)).one(&txn).await?.is_some();
         txn.commit().await?;
         Ok(done)
     }
