@@ -41,12 +41,12 @@ async fn migrated(url: String) -> TestDb {
     TestDb { db, url }
 }
 
-fn unavailable(backend: &str, err: impl std::fmt::Display) -> Option<TestDb> {
+/// Skips the test loudly, or fails it under `CI=true`, when `what` is missing.
+pub fn unavailable(what: &str, why: impl std::fmt::Display) {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{backend} is required in CI but unreachable: {err}");
+        panic!("{what} is required in CI but unavailable: {why}");
     }
-    eprintln!("\n!!! SKIPPED on {backend}: server unreachable ({err}). Start it to run this test. !!!\n");
-    None
+    eprintln!("\n!!! SKIPPED: {what} unavailable ({why}). Provide it to run this test. !!!\n");
 }
 
 pub async fn sqlite() -> Option<TestDb> {
@@ -54,24 +54,33 @@ pub async fn sqlite() -> Option<TestDb> {
     Some(migrated(format!("sqlite://{}?mode=rwc", path.display())).await)
 }
 
-async fn server(backend: &str, var: &str, default: &str) -> Option<TestDb> {
+/// A fresh, empty database on a server; its URL.
+async fn empty_database(backend: &str, var: &str, default: &str) -> Option<String> {
     let server = std::env::var(var).unwrap_or_else(|_| default.to_owned());
     let admin = match connect(&format!("{server}/{}", if backend == "PostgreSQL" { "postgres" } else { "" })).await {
         Ok(admin) => admin,
-        Err(err) => return unavailable(backend, err),
+        Err(err) => {
+            unavailable(backend, err);
+            return None;
+        }
     };
     let name = unique_name();
     admin.execute_unprepared(&format!("CREATE DATABASE {name}")).await.expect("create test database");
     admin.close().await.ok();
-    Some(migrated(format!("{server}/{name}")).await)
+    Some(format!("{server}/{name}"))
+}
+
+/// A fresh, empty PostgreSQL database; its URL.
+pub async fn empty_postgres() -> Option<String> {
+    empty_database("PostgreSQL", "EMMETT_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432").await
 }
 
 pub async fn postgres() -> Option<TestDb> {
-    server("PostgreSQL", "EMMETT_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432").await
+    Some(migrated(empty_postgres().await?).await)
 }
 
 pub async fn mysql() -> Option<TestDb> {
-    server("MySQL", "EMMETT_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306").await
+    Some(migrated(empty_database("MySQL", "EMMETT_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306").await?).await)
 }
 
 /// Generates one `#[tokio::test]` per backend for each listed `async fn name(db: TestDb)`.

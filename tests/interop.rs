@@ -1,0 +1,230 @@
+//! Interop with the TypeScript package `@wataruoguchi/emmett-event-store-kysely` on one
+//! PostgreSQL database: a real Node.js service (`interop/ts-service.mjs`) and this crate take
+//! turns appending, reading, aggregating and projecting the same streams into the same read model.
+//!
+//! Needs `node` and `npm ci --prefix interop` (`.ci/run` does it); skipped loudly without them.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use emmett_seaorm::projection::{
+    ProjectionRunner, RunOptions, SnapshotProjection, SnapshotProjectionRegistry, construct_stream_id,
+};
+use emmett_seaorm::{AppendOptions, EventStore, ExpectedVersion, ReadOptions, RecordedEvent, columns, keys};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+const TENANT: &str = "tenant-1";
+
+/// The carts read model of the TypeScript peer benchmark.
+const CARTS_TABLE: &str = "CREATE TABLE IF NOT EXISTS carts (
+  tenant_id text NOT NULL, cart_id text NOT NULL, item_count integer, total bigint,
+  PRIMARY KEY (cart_id, tenant_id))";
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "type", content = "data")]
+enum CartEvent {
+    CartCreated {
+        #[serde(rename = "cartId")]
+        cart_id: String,
+    },
+    ItemAdded {
+        sku: String,
+        qty: i64,
+        price: i64,
+    },
+}
+
+/// The state the TypeScript service folds: `{ items, total }`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+struct Cart {
+    items: i64,
+    total: i64,
+}
+
+fn evolve(cart: Cart, event: &CartEvent) -> Cart {
+    match event {
+        CartEvent::CartCreated { .. } => Cart::default(),
+        CartEvent::ItemAdded { qty, price, .. } => Cart { items: cart.items + qty, total: cart.total + qty * price },
+    }
+}
+
+fn item(sku: &str, qty: i64, price: i64) -> CartEvent {
+    CartEvent::ItemAdded { sku: sku.into(), qty, price }
+}
+
+/// The same projection as the TypeScript service's, into `table`.
+fn carts_runner(store: &EventStore, table: &str) -> ProjectionRunner<CartEvent> {
+    let projection = SnapshotProjection::new(
+        table,
+        |e: &RecordedEvent<CartEvent>, partition: &str| keys! { "tenant_id" => partition, "cart_id" => &e.stream_id },
+        evolve,
+        Cart::default,
+    )
+    .handles(["CartCreated", "ItemAdded"])
+    .columns(|c: &Cart| columns! { "item_count" => c.items, "total" => c.total });
+    ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(projection))
+}
+
+/// Runs one step of the TypeScript service and returns what it printed, or `None` (test
+/// skipped) when Node.js or the package is missing.
+fn typescript(url: &str, step: &str) -> Option<Value> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop");
+    if !dir.join("node_modules/@wataruoguchi/emmett-event-store-kysely").exists() {
+        common::unavailable("the TypeScript package", "run `npm ci --prefix interop`");
+        return None;
+    }
+    let output = match Command::new("node")
+        .arg("ts-service.mjs")
+        .arg(step)
+        .current_dir(&dir)
+        .env("DATABASE_URL", url)
+        .env("TENANT", TENANT)
+        .output()
+    {
+        Ok(output) => output,
+        Err(err) => {
+            common::unavailable("node", err);
+            return None;
+        }
+    };
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "ts-service.mjs {step} failed: {stderr}");
+    Some(
+        serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("ts-service.mjs {step} printed no JSON ({e}): {stderr}")),
+    )
+}
+
+async fn aggregate(store: &EventStore, cart: &str) -> Cart {
+    let options = ReadOptions::default().partition(TENANT);
+    store.aggregate_stream(cart, evolve, Cart::default, options).await.unwrap().state
+}
+
+/// `(cart_id, item_count, total)` of every cart of the tenant in `table`.
+async fn rows(db: &DatabaseConnection, table: &str) -> Vec<(String, i64, i64)> {
+    let sql =
+        format!("SELECT cart_id, item_count::bigint, total FROM {table} WHERE tenant_id = '{TENANT}' ORDER BY cart_id");
+    let rows = db.query_all_raw(sea_orm::Statement::from_string(db.get_database_backend(), sql)).await.unwrap();
+    rows.iter()
+        .map(|r| (r.try_get_by_index(0).unwrap(), r.try_get_by_index(1).unwrap(), r.try_get_by_index(2).unwrap()))
+        .collect()
+}
+
+/// The whole round trip, on a database whose schema `setup` created.
+async fn round_trip(url: String, db: DatabaseConnection) {
+    db.execute_unprepared(CARTS_TABLE).await.unwrap();
+    db.execute_unprepared(&CARTS_TABLE.replace("carts", "cart_totals")).await.unwrap();
+    let store = EventStore::new(db.clone());
+    store.create_partition(TENANT).await.unwrap();
+    let on_tenant = || AppendOptions::default().partition(TENANT).stream_type("cart");
+
+    // 1. We write a cart; the TypeScript service reads, aggregates and projects it, appends to
+    //    it at the version we left, and starts a cart of its own.
+    let ours =
+        [CartEvent::CartCreated { cart_id: "cart-rs".into() }, item("a", 1, 100), item("b", 2, 150), item("c", 1, 75)];
+    store.append_to_stream("cart-rs", ours, on_tenant().expected(ExpectedVersion::NoStream)).await.unwrap();
+    let Some(first) = typescript(&url, "first") else {
+        return;
+    };
+
+    let recorded =
+        store.read_stream::<CartEvent>("cart-rs", ReadOptions::default().partition(TENANT)).await.unwrap().events;
+    let seen: Vec<Value> = recorded[..4]
+        .iter()
+        .map(|e| json!({ "type": e.message_type, "data": serde_json::to_value(&e.event).unwrap()["data"], "streamPosition": e.stream_position, "globalPosition": e.global_position }))
+        .collect();
+    assert_eq!(first["events"], json!(seen), "the TypeScript service reads our events as stored");
+    assert_eq!(first["currentStreamVersion"], 4);
+    assert_eq!(first["state"], json!(Cart { items: 4, total: 475 }), "its aggregate folds our events");
+    assert_eq!(first["processed"], 4);
+    assert_eq!((first["appendedVersion"].as_u64(), first["createdVersion"].as_u64()), (Some(5), Some(3)));
+    assert_eq!(
+        (recorded[4].stream_position, &recorded[4].event),
+        (5, &item("sku-ts", 1, 500)),
+        "we read what it appended"
+    );
+
+    // 2. We read what it appended, append to its stream at its version, and resume both
+    //    projections from the checkpoints and snapshots it left.
+    let theirs = store.read_stream::<CartEvent>("cart-ts", ReadOptions::default().partition(TENANT)).await.unwrap();
+    let events: Vec<CartEvent> = theirs.events.iter().map(|e| e.event.clone()).collect();
+    assert_eq!(
+        events,
+        [CartEvent::CartCreated { cart_id: "cart-ts".into() }, item("sku-1", 2, 100), item("sku-2", 1, 250)]
+    );
+    assert_eq!(theirs.events.iter().map(|e| e.stream_position).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(aggregate(&store, "cart-rs").await, Cart { items: 5, total: 975 });
+    store
+        .append_to_stream("cart-ts", [item("sku-3", 1, 50)], on_tenant().expected(ExpectedVersion::Exact(3)))
+        .await
+        .unwrap();
+
+    let runner = carts_runner(&store, "carts");
+    let options = || RunOptions::default().partition(TENANT);
+    let resumed = runner.project_events("carts:cart-rs", "cart-rs", options()).await.unwrap();
+    assert_eq!((resumed.processed, resumed.current_stream_version), (1, 5), "resumes after the TypeScript checkpoint");
+    let fresh = runner.project_events("carts:cart-ts", "cart-ts", options()).await.unwrap();
+    assert_eq!((fresh.processed, fresh.current_stream_version), (4, 4));
+    assert_eq!(rows(&db, "carts").await, [("cart-rs".into(), 5, 975), ("cart-ts".into(), 4, 500)]);
+
+    // Our partition runner sees the events both sides appended.
+    store
+        .append_to_stream("cart-rs", [item("d", 3, 10)], on_tenant().expected(ExpectedVersion::Exact(5)))
+        .await
+        .unwrap();
+    store
+        .append_to_stream("cart-ts", [item("sku-4", 2, 5)], on_tenant().expected(ExpectedVersion::Exact(4)))
+        .await
+        .unwrap();
+    let all = carts_runner(&store, "cart_totals")
+        .project_partition("cart-totals", TENANT, RunOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(all.processed, 11);
+    let expected = vec![("cart-rs".to_owned(), 8, 1005), ("cart-ts".to_owned(), 6, 510)];
+    assert_eq!(rows(&db, "cart_totals").await, expected);
+
+    // 3. The TypeScript service resumes both projections from our checkpoints and snapshots.
+    let Some(second) = typescript(&url, "second") else {
+        return;
+    };
+    assert_eq!(second["processed"], json!({ "cart-rs": 1, "cart-ts": 1 }), "resumes after our checkpoints");
+    assert_eq!(second["states"]["cart-rs"], json!(aggregate(&store, "cart-rs").await));
+    assert_eq!(second["states"]["cart-ts"], json!(aggregate(&store, "cart-ts").await));
+    assert_eq!(rows(&db, "carts").await, expected, "both runners built one read model");
+    let snapshot = |cart: &str, position: u64, state: Cart| json!({ "streamId": construct_stream_id(&keys! { "tenant_id" => TENANT, "cart_id" => cart }), "lastStreamPosition": position, "snapshot": state });
+    assert_eq!(
+        second["snapshots"],
+        json!([
+            snapshot("cart-rs", 6, Cart { items: 8, total: 1005 }),
+            snapshot("cart-ts", 5, Cart { items: 6, total: 510 })
+        ]),
+        "one snapshot per cart, under the TypeScript stream id"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typescript_service_on_our_schema() {
+    let Some(url) = common::empty_postgres().await else {
+        return;
+    };
+    let db = Database::connect(&url).await.unwrap();
+    emmett_seaorm::migrate(&db).await.unwrap();
+    round_trip(url, db).await;
+}
+
+/// The schema the TypeScript package's migration created, then ours run over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typescript_service_on_its_own_schema() {
+    let Some(url) = common::empty_postgres().await else {
+        return;
+    };
+    let db = Database::connect(&url).await.unwrap();
+    db.execute_unprepared(include_str!("../interop/kysely-schema.sql")).await.unwrap();
+    emmett_seaorm::migrate(&db).await.unwrap();
+    round_trip(url, db).await;
+}
