@@ -8,6 +8,10 @@
 //! - **Global positions**: a sequence on PostgreSQL, `AUTO_INCREMENT` on MySQL, a one-row
 //!   counter table on SQLite (one writer at a time, so it never contends).
 //! - **Tenant partitions**: real `PARTITION OF` tables on PostgreSQL; nothing elsewhere.
+//! - **Reading in global order** without passing a late commit ([`horizon`]): a transaction-id
+//!   horizon on PostgreSQL, a share-locked read on MySQL, nothing to wait for on SQLite.
+
+use std::time::{Duration, Instant};
 
 use sea_orm::sea_query::{
     Expr, ExprTrait, LockType, OnConflict, PostgresQueryBuilder, Query, QueryBuilder, SimpleExpr,
@@ -45,7 +49,7 @@ pub(crate) fn create_schema(backend: DbBackend) -> Result<Vec<&'static str>, DbE
                transaction_id xid8 NOT NULL DEFAULT pg_current_xact_id(),
                CONSTRAINT pk_messages PRIMARY KEY (stream_id, stream_position, partition, is_archived)
              ) PARTITION BY LIST (partition)",
-            // A schema created by the TypeScript package lacks it; consumers need it for gap-free reads.
+            // Emmett's column for gap-free reads, added to a schema the TypeScript package created.
             "ALTER TABLE messages ADD COLUMN IF NOT EXISTS transaction_id xid8 NOT NULL DEFAULT pg_current_xact_id()",
             "CREATE TABLE IF NOT EXISTS messages_default PARTITION OF messages DEFAULT",
             "CREATE INDEX IF NOT EXISTS idx_messages_partition_global_position ON messages (partition, global_position)",
@@ -390,11 +394,67 @@ pub(crate) fn is_transient(err: &DbErr) -> bool {
     matches!(db.code().as_deref(), Some("40001" | "40P01" | "5" | "6" | "261" | "262" | "517"))
 }
 
-/// Only events a transaction can no longer precede: on PostgreSQL, rows of transactions older
-/// than every transaction still running. A global-position reader that skipped this could pass
-/// an event whose transaction commits late. SQLite has one writer; MySQL gets no filter yet.
-pub(crate) fn committed_before_running_transactions(backend: DbBackend) -> Option<SimpleExpr> {
-    (backend == DbBackend::Postgres).then(|| Expr::cust("transaction_id < pg_snapshot_xmin(pg_current_snapshot())"))
+/// The highest global position a reader of `partition` in global order may reach without
+/// passing an event that a transaction still running will commit later (a sequence or
+/// `AUTO_INCREMENT` value is taken before commit), or `None` when such transactions did not end
+/// within `wait`.
+/// - SQLite: one writer at a time, so the partition's last committed position.
+/// - MySQL: the last position after `after`, read with a share lock, which waits for the
+///   transactions still inserting among those rows.
+/// - PostgreSQL: the sequence's value, once every transaction older than an id taken after it
+///   has ended: writers take their transaction id before their position (this crate's and the
+///   TypeScript package's appends write `streams` first), so each one that holds a position up
+///   to it is waited for. Any transaction of the cluster older than that id is waited for too.
+pub(crate) async fn horizon<C: ConnectionTrait>(
+    conn: &C,
+    partition: &str,
+    after: i64,
+    wait: Duration,
+) -> Result<Option<i64>, DbErr> {
+    let backend = conn.get_database_backend();
+    if backend != DbBackend::Postgres {
+        // `count` makes MySQL read (and so lock) every row: for `max` alone it reads just the last.
+        let last = conn
+            .query_one(
+                Query::select()
+                    .expr_as(Expr::col(messages::Column::GlobalPosition).max(), "last")
+                    .expr_as(Expr::col(messages::Column::GlobalPosition).count(), "rows")
+                    .from(messages::Entity)
+                    .and_where(Expr::col(messages::Column::Partition).eq(partition))
+                    .and_where(Expr::col(messages::Column::GlobalPosition).gt(after))
+                    .lock_shared(),
+            )
+            .await?;
+        return Ok(Some(
+            last.map(|row| row.try_get::<Option<i64>>("", "last")).transpose()?.flatten().unwrap_or(after),
+        ));
+    }
+    let scalar = |row: Option<sea_orm::QueryResult>| row.ok_or_else(|| DbErr::RecordNotFound("horizon".into()));
+    let sql = |sql: &str, values: Vec<sea_orm::Value>| Statement::from_sql_and_values(backend, sql, values);
+    // The position first, then a transaction id: every writer holding a position up to it has an
+    // older id, and has ended once no transaction older than that id is running.
+    let position: i64 = scalar(
+        conn.query_one_raw(sql(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM emt_global_message_position",
+            vec![],
+        ))
+        .await?,
+    )?
+    .try_get_by_index(0)?;
+    let id: String =
+        scalar(conn.query_one_raw(sql("SELECT pg_current_xact_id()::text", vec![])).await?)?.try_get_by_index(0)?;
+    let ended = sql("SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::xid8", vec![id.into()]);
+    let (started, mut pause) = (Instant::now(), Duration::from_millis(2));
+    loop {
+        if scalar(conn.query_one_raw(ended.clone()).await?)?.try_get_by_index::<bool>(0)? {
+            return Ok(Some(position));
+        }
+        if started.elapsed() > wait {
+            return Ok(None);
+        }
+        tokio::time::sleep(pause).await;
+        pause = Ord::min(pause * 2, Duration::from_millis(100));
+    }
 }
 
 /// Creates a subscription's checkpoint row if needed and locks it, returning its position:

@@ -4,6 +4,7 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use common::TestDb;
 use emmett_seaorm::projection::{
@@ -13,8 +14,9 @@ use emmett_seaorm::projection::{
 use emmett_seaorm::schema::{snapshots, subscriptions};
 use emmett_seaorm::{AppendOptions, Error, EventStore, ReadOptions, RecordedEvent, columns, keys};
 use sea_orm::sea_query::{Alias, ColumnDef, Index, Table};
-use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, Statement};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, Statement};
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(tag = "type", content = "data")]
@@ -438,6 +440,62 @@ async fn map_to_columns_runs_once_per_written_state(db: TestDb) {
     assert_eq!(read_model(&db.db, "accounts", "t1").await, folded(&store, "t1", 3).await);
 }
 
+/// A transaction that took its global position early but commits late must not be passed by a
+/// partition runner that meanwhile saw later positions. Built so that the late transaction also
+/// got its PostgreSQL transaction id *after* the early-committing one (which wrote elsewhere
+/// first), the case a `transaction_id < xmin` filter alone lets through.
+async fn late_commit_is_not_skipped(db: TestDb) {
+    if db.db.get_database_backend() == DbBackend::Sqlite {
+        return; // One writer at a time: no transaction can hold a position while another commits.
+    }
+    let store = db.store();
+    create_read_model(&db.db, "accounts", false).await;
+    seed(&store, "t1", 3).await;
+    let on_t1 = || AppendOptions::default().partition("t1");
+    let (early_started, early_started_rx) = oneshot::channel();
+    let (late_appended, late_appended_rx) = oneshot::channel();
+    let (commit_late, commit_late_rx) = oneshot::channel::<()>();
+
+    // Starts first (its id is older), appends last, commits first.
+    let early_store = store.clone();
+    let early = tokio::spawn(async move {
+        early_store
+            .with_session(move |s| async move {
+                s.append_to_stream("elsewhere", [Ev::Closed], AppendOptions::default().partition("t2")).await?;
+                early_started.send(()).unwrap();
+                late_appended_rx.await.unwrap();
+                s.append_to_stream("acc-02", [Ev::Deposited { amount: 300 }], on_t1()).await?;
+                Ok::<_, Error>(())
+            })
+            .await
+    });
+    // Starts second, takes its global position first, commits when told.
+    let late_store = store.clone();
+    let late = tokio::spawn(async move {
+        late_store
+            .with_session(move |s| async move {
+                early_started_rx.await.unwrap();
+                s.append_to_stream("acc-01", [Ev::Deposited { amount: 200 }], on_t1()).await?;
+                late_appended.send(()).unwrap();
+                commit_late_rx.await.unwrap();
+                Ok::<_, Error>(())
+            })
+            .await
+    });
+    early.await.unwrap().unwrap();
+
+    let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(projection("accounts")));
+    let run = tokio::spawn(async move { runner.project_partition("accounts-rm", "t1", RunOptions::default()).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    commit_late.send(()).unwrap();
+    late.await.unwrap().unwrap();
+    run.await.unwrap().unwrap();
+
+    let rerun = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(projection("accounts")));
+    rerun.project_partition("accounts-rm", "t1", RunOptions::default()).await.unwrap();
+    assert_eq!(read_model(&db.db, "accounts", "t1").await, folded(&store, "t1", 3).await);
+}
+
 conformance!(
     fold_equals_read_model_and_rerun_is_a_no_op,
     project_events_per_stream_resumes_from_its_checkpoint,
@@ -448,4 +506,5 @@ conformance!(
     identifiers_are_quoted_never_executed,
     in_table_mode_keeps_state_in_the_row,
     map_to_columns_runs_once_per_written_state,
+    late_commit_is_not_skipped,
 );

@@ -2,10 +2,10 @@
 //! from a checkpoint in `subscriptions`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 
 use super::{ProjectionContext, SnapshotProjectionRegistry};
 use crate::backend;
@@ -17,8 +17,8 @@ use crate::{Error, EventStore, Result};
 /// Attempts per batch when the database reports a deadlock or serialization failure.
 const ATTEMPTS: usize = 5;
 
-/// How long `project_partition` waits for events hidden by transactions still in flight
-/// (PostgreSQL) before it returns what it has done.
+/// How long `project_partition` waits on PostgreSQL for transactions still writing before it
+/// returns what it has done (MySQL waits on their row locks, up to `innodb_lock_wait_timeout`).
 const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
 
 /// Options of [`ProjectionRunner`] runs.
@@ -98,8 +98,8 @@ impl<E> Clone for ProjectionRunner<E> {
 enum Source<'a> {
     /// One stream, checkpoint = stream position (the TypeScript runner's semantics).
     Stream(&'a str),
-    /// Every stream of the partition, checkpoint = global position.
-    Partition,
+    /// Every stream of the partition up to a global position, checkpoint = global position.
+    Partition { until: i64 },
 }
 
 impl<E: Event + 'static> ProjectionRunner<E> {
@@ -129,21 +129,26 @@ impl<E: Event + 'static> ProjectionRunner<E> {
 
     /// Projects every stream of `partition` (a tenant) in global order past the checkpoint of
     /// `subscription_id`, until caught up or for one batch.
+    ///
+    /// Caught up means every event committed when the run started, and every event of a
+    /// transaction that was writing then: global positions are taken before commit, so the run
+    /// first waits (at most 10 s) for such transactions to end, and never moves its checkpoint
+    /// past an event that could still commit below it. On PostgreSQL it waits for every older
+    /// writing transaction of the cluster; keep write transactions short.
     pub async fn project_partition(
         &self,
         subscription_id: &str,
         partition: &str,
         options: RunOptions,
     ) -> Result<ProjectPartitionResult> {
+        let until = self.horizon(subscription_id, partition).await?;
         let (processed, last_processed_position, _) =
-            self.run(subscription_id, partition, Source::Partition, &options).await?;
+            self.run(subscription_id, partition, Source::Partition { until }, &options).await?;
         Ok(ProjectPartitionResult { processed, last_processed_position })
     }
 
-    /// Runs batches until caught up: for a stream, until a batch comes back short; for a
-    /// partition, until the checkpoint reaches the last event committed when the run started —
-    /// waiting (at most [`CATCH_UP_WAIT`]) while older in-flight transactions hide newer events.
-    /// Returns (events read, checkpoint, whether caught up).
+    /// Runs batches until one comes back short. Returns (events read, checkpoint, whether
+    /// caught up).
     async fn run(
         &self,
         subscription: &str,
@@ -151,34 +156,30 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         source: Source<'_>,
         options: &RunOptions,
     ) -> Result<(u64, u64, bool)> {
-        let target = match source {
-            Source::Stream(_) => None,
-            Source::Partition => Some(last_global_position(&self.store, partition).await?),
-        };
-        let (mut processed, started, mut pause) = (0, Instant::now(), Duration::from_millis(2));
+        let mut processed = 0;
         loop {
             let (count, checkpoint) =
                 self.batch_with_retries(subscription, partition, source, options.batch_size).await?;
             processed += count;
-            let caught_up = match target {
-                None => count < options.batch_size,
-                Some(target) => checkpoint >= target,
-            };
+            let caught_up = count < options.batch_size;
             if caught_up || options.single_batch {
                 return Ok((processed, checkpoint, caught_up));
             }
-            if count == 0 {
-                if started.elapsed() > CATCH_UP_WAIT {
-                    tracing::warn!(
-                        subscription,
-                        partition,
-                        checkpoint,
-                        "events still hidden by in-flight transactions"
-                    );
-                    return Ok((processed, checkpoint, false));
-                }
-                tokio::time::sleep(pause).await;
-                pause = Ord::min(pause * 2, Duration::from_millis(100));
+        }
+    }
+
+    /// How far a partition run may read: the [horizon](backend::horizon), waited for at most
+    /// [`CATCH_UP_WAIT`]; the checkpoint when transactions still running hide what follows it.
+    async fn horizon(&self, subscription: &str, partition: &str) -> Result<i64> {
+        let checkpoint = subscriptions::Entity::find_by_id((subscription.to_owned(), 1, partition.to_owned()))
+            .one(&self.store.executor())
+            .await?
+            .map_or(0, |s| s.last_processed_position);
+        match backend::horizon(&self.store.executor(), partition, checkpoint, CATCH_UP_WAIT).await? {
+            Some(horizon) => Ok(horizon),
+            None => {
+                tracing::warn!(subscription, partition, checkpoint, "events still hidden by in-flight transactions");
+                Ok(checkpoint)
             }
         }
     }
@@ -219,7 +220,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         };
         let next_checkpoint = match source {
             Source::Stream(_) => last.stream_position,
-            Source::Partition => last.global_position.unwrap_or_default(),
+            Source::Partition { .. } => last.global_position.unwrap_or_default(),
         };
         let count = rows.len() as u64;
         let batch: Vec<RecordedEvent<E>> = rows
@@ -240,19 +241,6 @@ impl<E: Event + 'static> ProjectionRunner<E> {
     }
 }
 
-/// The global position of the partition's last live event (0 when it has none).
-async fn last_global_position(store: &EventStore, partition: &str) -> Result<u64> {
-    let last: Option<Option<i64>> = messages::Entity::find()
-        .select_only()
-        .column_as(messages::Column::GlobalPosition.max(), "last")
-        .filter(messages::Column::Partition.eq(partition))
-        .filter(messages::Column::IsArchived.eq(false))
-        .into_tuple()
-        .one(&store.executor())
-        .await?;
-    Ok(last.flatten().unwrap_or(0) as u64)
-}
-
 /// The next `limit` live events after the checkpoint.
 async fn read_after(
     txn: &DatabaseTransaction,
@@ -269,14 +257,10 @@ async fn read_after(
             .filter(messages::Column::StreamId.eq(stream_id))
             .filter(messages::Column::StreamPosition.gt(checkpoint))
             .order_by_asc(messages::Column::StreamPosition),
-        Source::Partition => {
-            let query = query.filter(messages::Column::GlobalPosition.gt(checkpoint));
-            match backend::committed_before_running_transactions(txn.get_database_backend()) {
-                Some(committed) => query.filter(committed),
-                None => query,
-            }
-            .order_by_asc(messages::Column::GlobalPosition)
-        }
+        Source::Partition { until } => query
+            .filter(messages::Column::GlobalPosition.gt(checkpoint))
+            .filter(messages::Column::GlobalPosition.lte(until))
+            .order_by_asc(messages::Column::GlobalPosition),
     };
     Ok(query.limit(limit).all(txn).await?)
 }
