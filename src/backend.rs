@@ -172,9 +172,17 @@ pub(crate) async fn append<C: ConnectionTrait + TransactionTrait<Transaction = D
 /// PostgreSQL: one data-modifying CTE. The stream row update takes the row lock, so a racing
 /// writer with the same expected version re-checks its `WHERE` after we commit and matches nothing.
 async fn append_in_one_statement<C: ConnectionTrait>(conn: &C, a: &Append<'_>) -> Result<Option<Appended>, DbErr> {
+    /// One event of the jsonb array parameter.
+    #[derive(serde::Serialize)]
+    struct Row<'a> {
+        t: &'a str,
+        d: &'a Value,
+        i: &'a str,
+    }
     let n = a.events.len() as i64;
-    let events =
-        Value::Array(a.events.iter().map(|(t, d, id)| serde_json::json!({ "t": t, "d": d, "i": id })).collect());
+    // Serialized straight to text (no intermediate `Value`); the statement casts it to jsonb.
+    let rows: Vec<Row<'_>> = a.events.iter().map(|(t, d, i)| Row { t, d, i }).collect();
+    let events = serde_json::to_string(&rows).map_err(|err| DbErr::Custom(err.to_string()))?;
     let mut values: Vec<sea_orm::Value> =
         vec![a.stream_id.into(), a.partition.into(), n.into(), events.into(), a.metadata.clone().into()];
     let insert_stream = "INSERT INTO streams (stream_id, stream_position, partition, stream_type, stream_metadata)
