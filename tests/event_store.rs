@@ -5,20 +5,11 @@ mod common;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use common::TestDb;
+use common::{Ev, TestDb};
 use emmett_seaorm::{AppendOptions, Error, EventStore, ExpectedVersion, Migrator, ReadOptions};
 use sea_orm_migration::MigratorTrait;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::Barrier;
-
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-#[serde(tag = "type", content = "data")]
-enum Ev {
-    Opened { owner: String },
-    Deposited { amount: i64 },
-    Closed,
-}
 
 fn deposit(amount: i64) -> Ev {
     Ev::Deposited { amount }

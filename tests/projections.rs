@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::TestDb;
+use common::{Ev, TestDb};
 use emmett_seaorm::projection::{
     EventHandler, ProjectionContext, ProjectionRunner, RunOptions, SnapshotProjection, SnapshotProjectionRegistry,
     construct_stream_id,
@@ -17,14 +17,6 @@ use sea_orm::sea_query::{Alias, ColumnDef, Index, Table};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, Statement};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
-
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-#[serde(tag = "type", content = "data")]
-enum Ev {
-    Opened { owner: String },
-    Deposited { amount: i64 },
-    Closed,
-}
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
 struct Account {

@@ -127,7 +127,7 @@ impl EventStore {
     pub async fn read_stream<E: Event>(&self, stream_id: &str, options: ReadOptions) -> Result<ReadStreamResult<E>> {
         let partition = options.partition_or_default();
         let version = self.stream_version(stream_id, partition).await?;
-        self.check_expected(stream_id, partition, options.expected, version)?;
+        check_expected(stream_id, partition, options.expected, version)?;
         let from = options.from.unwrap_or(1).max(1);
         // Read up to the version we saw, so events and version agree under concurrent appends.
         let to = options.to.map_or(version, |to| to.min(version));
@@ -149,7 +149,7 @@ impl EventStore {
     ) -> Result<AggregateStreamResult<S>> {
         let partition = options.partition_or_default();
         let version = self.stream_version(stream_id, partition).await?;
-        self.check_expected(stream_id, partition, options.expected, version)?;
+        check_expected(stream_id, partition, options.expected, version)?;
         let to = options.to.map_or(version, |to| to.min(version));
         let mut state = initial_state();
         let mut next = options.from.unwrap_or(1).max(1);
@@ -255,24 +255,6 @@ impl EventStore {
         Ok(row.map_or(0, |s| s.stream_position as u64))
     }
 
-    fn check_expected(
-        &self,
-        stream_id: &str,
-        partition: &str,
-        expected: Option<ExpectedVersion>,
-        actual: u64,
-    ) -> Result<()> {
-        match expected {
-            Some(expected) if !expected.matches(actual) => Err(Error::ExpectedVersionConflict {
-                stream: stream_id.into(),
-                partition: partition.into(),
-                expected,
-                actual,
-            }),
-            _ => Ok(()),
-        }
-    }
-
     async fn conflict(&self, stream_id: &str, partition: &str, expected: ExpectedVersion) -> Error {
         match self.stream_version(stream_id, partition).await {
             Ok(actual) => Error::ExpectedVersionConflict {
@@ -327,4 +309,17 @@ pub(crate) fn recorded<E: Event>(row: messages::Model) -> Result<RecordedEvent<E
         created: row.created,
         metadata: row.message_metadata,
     })
+}
+
+/// `ExpectedVersionConflict` unless a stream at `actual` satisfies `expected` (when given).
+fn check_expected(stream_id: &str, partition: &str, expected: Option<ExpectedVersion>, actual: u64) -> Result<()> {
+    match expected {
+        Some(expected) if !expected.matches(actual) => Err(Error::ExpectedVersionConflict {
+            stream: stream_id.into(),
+            partition: partition.into(),
+            expected,
+            actual,
+        }),
+        _ => Ok(()),
+    }
 }

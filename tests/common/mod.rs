@@ -7,6 +7,16 @@
 
 use emmett_seaorm::EventStore;
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection};
+use serde::{Deserialize, Serialize};
+
+/// The events of the suites' bank-account domain.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "type", content = "data")]
+pub enum Ev {
+    Opened { owner: String },
+    Deposited { amount: i64 },
+    Closed,
+}
 
 /// A fresh, migrated database of one backend.
 pub struct TestDb {
