@@ -11,7 +11,7 @@ mod read_model;
 use domain::{Cart, CartCommand, Status, decide, evolve};
 use emmett_seaorm::projection::{ProjectionRunner, RunOptions, SnapshotProjection, SnapshotProjectionRegistry};
 use emmett_seaorm::{AppendOptions, EventStore, ExpectedVersion, ReadOptions, columns, keys};
-use sea_orm::{ConnectionTrait, Database, EntityTrait, QueryOrder, Schema};
+use sea_orm::{ConnectionTrait, Database, EntityName, EntityTrait, IdenStatic, QueryOrder, Schema};
 
 /// Decides `command` against the cart's current state and appends the outcome, expecting the
 /// version it decided on.
@@ -84,9 +84,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     // The read model: the same `evolve`, kept in the `snapshots` table; `carts` gets columns.
+    // Table and column names come from the entity, so a typo does not compile.
+    use read_model::Column;
     let carts = SnapshotProjection::new(
-        "carts",
-        |event, tenant| keys! { "tenant_id" => tenant, "cart_id" => &event.stream_id },
+        read_model::Entity.table_name(),
+        |event, tenant| keys! { Column::TenantId.as_str() => tenant, Column::CartId.as_str() => &event.stream_id },
         evolve,
         Cart::default,
     )
@@ -100,12 +102,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     ])
     .columns(|cart: &Cart| {
         columns! {
-            "currency" => cart.currency.clone(),
-            "total" => cart.total,
-            "order_id" => cart.order_id.clone(),
-            "items_json" => serde_json::to_string(&cart.items).expect("items serialize"),
-            "is_checked_out" => cart.status == Status::CheckedOut,
-            "is_cancelled" => cart.status == Status::Cancelled,
+            Column::Currency.as_str() => cart.currency.clone(),
+            Column::Total.as_str() => cart.total,
+            Column::OrderId.as_str() => cart.order_id.clone(),
+            Column::ItemsJson.as_str() => serde_json::to_string(&cart.items).expect("items serialize"),
+            Column::IsCheckedOut.as_str() => cart.status == Status::CheckedOut,
+            Column::IsCancelled.as_str() => cart.status == Status::Cancelled,
         }
     });
     let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(carts));
