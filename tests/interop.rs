@@ -114,7 +114,7 @@ async fn rows(db: &DatabaseConnection, table: &str) -> Vec<(String, i64, i64)> {
         .collect()
 }
 
-/// The whole round trip, on a database whose schema `setup` created.
+/// The whole round trip, on a database whose event-store schema is in place.
 async fn round_trip(url: String, db: DatabaseConnection) {
     db.execute_unprepared(CARTS_TABLE).await.unwrap();
     db.execute_unprepared(&CARTS_TABLE.replace("carts", "cart_totals")).await.unwrap();
