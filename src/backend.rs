@@ -437,24 +437,17 @@ pub(crate) async fn horizon<C: ConnectionTrait>(
             last.map(|row| row.try_get::<Option<i64>>("", "last")).transpose()?.flatten().unwrap_or(after),
         ));
     }
-    let scalar = |row: Option<sea_orm::QueryResult>| row.ok_or_else(|| DbErr::RecordNotFound("horizon".into()));
-    let sql = |sql: &str, values: Vec<sea_orm::Value>| Statement::from_sql_and_values(backend, sql, values);
     // The position first, then a transaction id: every writer holding a position up to it has an
     // older id, and has ended once no transaction older than that id is running.
-    let position: i64 = scalar(
-        conn.query_one_raw(sql(
-            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM emt_global_message_position",
-            vec![],
-        ))
-        .await?,
-    )?
-    .try_get_by_index(0)?;
-    let id: String =
-        scalar(conn.query_one_raw(sql("SELECT pg_current_xact_id()::text", vec![])).await?)?.try_get_by_index(0)?;
-    let ended = sql("SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::xid8", vec![id.into()]);
+    let position: i64 =
+        pg_scalar(conn, "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM emt_global_message_position", [])
+            .await?;
+    let id: String = pg_scalar(conn, "SELECT pg_current_xact_id()::text", []).await?;
     let (started, mut pause) = (Instant::now(), Duration::from_millis(2));
     loop {
-        if scalar(conn.query_one_raw(ended.clone()).await?)?.try_get_by_index::<bool>(0)? {
+        if pg_scalar::<bool>(conn, "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::xid8", [id.as_str().into()])
+            .await?
+        {
             return Ok(Some(position));
         }
         if started.elapsed() > wait {
@@ -463,6 +456,18 @@ pub(crate) async fn horizon<C: ConnectionTrait>(
         tokio::time::sleep(pause).await;
         pause = Ord::min(pause * 2, Duration::from_millis(100));
     }
+}
+
+/// The first column of the one row a PostgreSQL query returns.
+async fn pg_scalar<T: sea_orm::TryGetable>(
+    conn: &impl ConnectionTrait,
+    sql: &str,
+    values: impl IntoIterator<Item = sea_orm::Value>,
+) -> Result<T, DbErr> {
+    conn.query_one_raw(Statement::from_sql_and_values(DbBackend::Postgres, sql, values))
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound(sql.to_owned()))?
+        .try_get_by_index(0)
 }
 
 /// Creates a subscription's checkpoint row if needed and locks it, returning its position:
