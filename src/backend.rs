@@ -9,7 +9,8 @@
 //!   counter table on SQLite (one writer at a time, so it never contends).
 //! - **Tenant partitions**: real `PARTITION OF` tables on PostgreSQL; nothing elsewhere.
 //! - **Reading in global order** without passing a late commit ([`horizon`]): a transaction-id
-//!   horizon on PostgreSQL, a share-locked read on MySQL, nothing to wait for on SQLite.
+//!   horizon on PostgreSQL, a per-partition lock that appends share on MySQL, nothing to wait
+//!   for on SQLite.
 
 use std::time::{Duration, Instant};
 
@@ -129,6 +130,143 @@ pub(crate) fn drop_schema(backend: DbBackend) -> Vec<String> {
     ddl
 }
 
+/// The second migration: every identifier compared exactly, a NULL global position impossible,
+/// message ids unique per partition (what lets an append be retried safely), the table of
+/// skipped events, and on MySQL the partitions table whose row locks order appends against
+/// horizon readers ([`horizon`]).
+pub(crate) async fn harden_schema(conn: &impl ConnectionTrait) -> Result<(), DbErr> {
+    let backend = conn.get_database_backend();
+    let skipped = |text: &str, bigint: &str, timestamp: &str| {
+        format!(
+            "CREATE TABLE IF NOT EXISTS emt_skipped_events (
+               subscription_id {text} NOT NULL, {partition} {text} NOT NULL, stream_id {text} NOT NULL,
+               stream_position {bigint} NOT NULL, global_position {bigint}, message_type {text} NOT NULL,
+               reason TEXT NOT NULL, skipped_at {timestamp} NOT NULL,
+               PRIMARY KEY (subscription_id, {partition}, stream_id, stream_position))",
+            partition = if backend == DbBackend::MySql { "`partition`" } else { "partition" },
+        )
+    };
+    let ddl = match backend {
+        DbBackend::Postgres => vec![
+            "UPDATE messages SET global_position = nextval('emt_global_message_position') WHERE global_position IS NULL"
+                .to_owned(),
+            "ALTER TABLE messages ALTER COLUMN global_position SET NOT NULL".to_owned(),
+            "CREATE UNIQUE INDEX IF NOT EXISTS uq_messages_message_id ON messages (message_id, partition)".to_owned(),
+            skipped("text", "bigint", "timestamptz(3)"),
+        ],
+        DbBackend::Sqlite => {
+            // Rows another writer left without a position get the next ones, in insertion order.
+            let unnumbered =
+                conn.query_all_raw(Statement::from_string(backend, "SELECT rowid FROM messages WHERE global_position IS NULL ORDER BY rowid")).await?;
+            for row in unnumbered {
+                let rowid: i64 = row.try_get_by_index(0)?;
+                conn.execute_raw(Statement::from_sql_and_values(
+                    backend,
+                    "UPDATE messages SET global_position =
+                       (SELECT last_value FROM emt_global_message_position WHERE id = 1) + 1 WHERE rowid = ?",
+                    [rowid.into()],
+                ))
+                .await?;
+                conn.execute_unprepared("UPDATE emt_global_message_position SET last_value = last_value + 1 WHERE id = 1")
+                    .await?;
+            }
+            let mut ddl = vec![
+                "CREATE UNIQUE INDEX IF NOT EXISTS uq_messages_message_id ON messages (message_id, partition)".to_owned(),
+                skipped("TEXT", "INTEGER", "TEXT"),
+            ];
+            // SQLite can't add NOT NULL to a column; these triggers are that constraint.
+            for (event, name) in [("INSERT", "insert"), ("UPDATE OF global_position", "update")] {
+                ddl.push(format!(
+                    "CREATE TRIGGER IF NOT EXISTS messages_global_position_not_null_{name} BEFORE {event} ON messages
+                     WHEN NEW.global_position IS NULL
+                     BEGIN SELECT RAISE(ABORT, 'NOT NULL constraint failed: messages.global_position'); END"
+                ));
+            }
+            ddl
+        }
+        DbBackend::MySql => {
+            let collation = mysql_exact_collation(conn).await?;
+            let table = format!("DEFAULT CHARACTER SET utf8mb4 COLLATE {collation}");
+            let mut ddl = mysql_identifier_columns(&format!("CHARACTER SET utf8mb4 COLLATE {collation}"), &table);
+            let long = format!("VARCHAR(255) CHARACTER SET utf8mb4 COLLATE {collation}");
+            ddl.extend([
+                format!("CREATE TABLE IF NOT EXISTS emt_partitions (`partition` {long} NOT NULL PRIMARY KEY) {table}"),
+                "INSERT IGNORE INTO emt_partitions (`partition`) SELECT DISTINCT `partition` FROM streams".to_owned(),
+                "CREATE UNIQUE INDEX uq_messages_message_id ON messages (message_id, `partition`)".to_owned(),
+                format!("{} {table}", skipped(&long, "BIGINT", "DATETIME(3)")),
+            ]);
+            ddl
+        }
+        other => return Err(DbErr::BackendNotSupported { db: other.as_str(), ctx: "emmett-seaorm schema" }),
+    };
+    for statement in ddl {
+        conn.execute_unprepared(&statement).await?;
+    }
+    Ok(())
+}
+
+/// Undoes [`harden_schema`] (MySQL's identifiers go back to the server's default collation).
+pub(crate) async fn soften_schema(conn: &impl ConnectionTrait) -> Result<(), DbErr> {
+    let backend = conn.get_database_backend();
+    let mut ddl = vec!["DROP TABLE IF EXISTS emt_skipped_events".to_owned()];
+    match backend {
+        DbBackend::Postgres => ddl.extend([
+            "DROP INDEX IF EXISTS uq_messages_message_id".to_owned(),
+            "ALTER TABLE messages ALTER COLUMN global_position DROP NOT NULL".to_owned(),
+        ]),
+        DbBackend::Sqlite => ddl.extend([
+            "DROP INDEX IF EXISTS uq_messages_message_id".to_owned(),
+            "DROP TRIGGER IF EXISTS messages_global_position_not_null_insert".to_owned(),
+            "DROP TRIGGER IF EXISTS messages_global_position_not_null_update".to_owned(),
+        ]),
+        _ => {
+            ddl.extend([
+                "DROP TABLE IF EXISTS emt_partitions".to_owned(),
+                "DROP INDEX uq_messages_message_id ON messages".to_owned(),
+            ]);
+            ddl.extend(mysql_identifier_columns("CHARACTER SET utf8mb4", "DEFAULT CHARACTER SET utf8mb4"));
+        }
+    }
+    for statement in ddl {
+        conn.execute_unprepared(&statement).await?;
+    }
+    Ok(())
+}
+
+/// `ALTER TABLE`s giving every identifier column of the store the character set and collation
+/// `charset` (and each table the default `table`).
+fn mysql_identifier_columns(charset: &str, table: &str) -> Vec<String> {
+    let id = |len: u32| format!("VARCHAR({len}) {charset} NOT NULL");
+    let (short, long, snapshot) = (id(64), id(255), id(512));
+    vec![
+        format!("ALTER TABLE streams MODIFY stream_id {long}, MODIFY `partition` {long}, MODIFY stream_type {long}, {table}"),
+        format!(
+            "ALTER TABLE messages MODIFY stream_id {long}, MODIFY `partition` {long}, MODIFY message_type {long},
+             MODIFY message_id {short}, MODIFY message_schema_version {short},
+             MODIFY message_kind CHAR(1) {charset} NOT NULL DEFAULT 'E', {table}"
+        ),
+        format!("ALTER TABLE subscriptions MODIFY subscription_id {long}, MODIFY `partition` {long}, {table}"),
+        format!("ALTER TABLE snapshots MODIFY readmodel_table_name {long}, MODIFY stream_id {snapshot}, {table}"),
+    ]
+}
+
+/// A binary collation without trailing-space padding: `utf8mb4_0900_bin` on MySQL 8,
+/// `utf8mb4_nopad_bin` on MariaDB. The servers' defaults compare ids case-, accent- and
+/// trailing-space-insensitively, which would make `Acme`, `acme` and `acme ` one tenant.
+async fn mysql_exact_collation(conn: &impl ConnectionTrait) -> Result<String, DbErr> {
+    let found = conn
+        .query_one_raw(Statement::from_string(
+            DbBackend::MySql,
+            "SELECT COLLATION_NAME FROM information_schema.COLLATIONS
+             WHERE COLLATION_NAME IN ('utf8mb4_0900_bin', 'utf8mb4_nopad_bin') ORDER BY COLLATION_NAME LIMIT 1",
+        ))
+        .await?;
+    match found {
+        Some(row) => row.try_get_by_index(0),
+        None => Err(DbErr::Migration("the server has neither utf8mb4_0900_bin nor utf8mb4_nopad_bin".into())),
+    }
+}
+
 /// Begins a write transaction (a savepoint inside a session): `BEGIN IMMEDIATE` on SQLite so
 /// concurrent writers wait for the lock instead of failing when they upgrade to it.
 pub(crate) async fn begin_write<C: TransactionTrait<Transaction = DatabaseTransaction>>(
@@ -232,6 +370,9 @@ async fn append_in_transaction<C: TransactionTrait<Transaction = DatabaseTransac
 ) -> Result<Option<Appended>, DbErr> {
     let txn = begin_write(conn).await?;
     let backend = txn.get_database_backend();
+    if backend == DbBackend::MySql {
+        enter_partition(&txn, a.partition).await?;
+    }
     let n = a.events.len() as i64;
     let Some(version) = move_stream_row(&txn, a, n).await? else {
         return Ok(None); // dropping the transaction rolls it back
@@ -304,6 +445,22 @@ async fn append_in_transaction<C: TransactionTrait<Transaction = DatabaseTransac
     };
     txn.commit().await?;
     Ok(Some(Appended { next_expected_version: version as u64, last_global_position: last_global_position as u64 }))
+}
+
+/// MySQL: share-locks the partition's row of `emt_partitions` (creating it the first time)
+/// until the append ends, before the append takes any global position. Appends share it;
+/// [`horizon`] takes it exclusively, so it waits for every append of the partition in flight.
+async fn enter_partition(txn: &DatabaseTransaction, partition: &str) -> Result<(), DbErr> {
+    let sql = |sql: &str| Statement::from_sql_and_values(DbBackend::MySql, sql, [partition.into()]);
+    let locked = txn
+        .query_one_raw(sql("SELECT 1 FROM emt_partitions WHERE `partition` = ? LOCK IN SHARE MODE"))
+        .await?
+        .is_some();
+    if !locked {
+        // Inserts and locks the row, or (when another append inserted it) share-locks it.
+        txn.execute_raw(sql("INSERT IGNORE INTO emt_partitions (`partition`) VALUES (?)")).await?;
+    }
+    Ok(())
 }
 
 /// Moves the stream row by `n` if the expected version holds; returns the new version.
@@ -391,15 +548,59 @@ async fn move_stream_row(txn: &DatabaseTransaction, a: &Append<'_>, n: i64) -> R
     }
 }
 
-/// Whether `err` is a deadlock, serialization failure or busy database: the transaction lost a
-/// race and may simply be run again.
-pub(crate) fn is_transient(err: &DbErr) -> bool {
-    let (DbErr::Exec(sea_orm::RuntimeErr::SqlxError(e)) | DbErr::Query(sea_orm::RuntimeErr::SqlxError(e))) = err else {
-        return false;
+/// What kind of failure a database error is, for the typed errors and the retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// A deadlock or serialization failure: the transaction lost a race; run it again.
+    Retry,
+    /// A lock wait or busy timeout ran out: the database already waited; give up for now.
+    Busy,
+    /// The connection broke or could not be had; `maybe_written` unless it never reached the server.
+    Connection { maybe_written: bool },
+    /// Anything else.
+    Other,
+}
+
+/// Sorts a database error by what a caller can do about it.
+///
+/// Codes: PostgreSQL 40001/40P01 (serialization failure, deadlock), 55P03 (lock timeout),
+/// 57P01–57P03 and class 08 (connection); MySQL 1213 (deadlock, SQLSTATE 40001), 1205 (lock
+/// wait timeout), 1927 (connection killed); SQLite 5/6 and extended BUSY/LOCKED codes
+/// (`database is locked` after the busy timeout), 517 (BUSY_SNAPSHOT: retry at once).
+pub(crate) fn classify(err: &DbErr) -> Failure {
+    use sea_orm::sqlx::Error as Sqlx;
+    let sqlx = match err {
+        DbErr::ConnectionAcquire(_) => return Failure::Connection { maybe_written: false },
+        DbErr::Conn(sea_orm::RuntimeErr::SqlxError(e))
+        | DbErr::Exec(sea_orm::RuntimeErr::SqlxError(e))
+        | DbErr::Query(sea_orm::RuntimeErr::SqlxError(e)) => e.as_ref(),
+        DbErr::Conn(_) => return Failure::Connection { maybe_written: true },
+        _ => return Failure::Other,
     };
-    let sea_orm::sqlx::Error::Database(db) = e.as_ref() else { return false };
-    // PostgreSQL and MySQL: serialization failure / deadlock; SQLite: BUSY, LOCKED and their extended codes.
-    matches!(db.code().as_deref(), Some("40001" | "40P01" | "5" | "6" | "261" | "262" | "517"))
+    let db = match sqlx {
+        Sqlx::PoolTimedOut | Sqlx::PoolClosed => return Failure::Connection { maybe_written: false },
+        Sqlx::Io(_) | Sqlx::Tls(_) | Sqlx::Protocol(_) | Sqlx::WorkerCrashed => {
+            return Failure::Connection { maybe_written: true };
+        }
+        Sqlx::Database(db) => db,
+        _ => return Failure::Other,
+    };
+    #[cfg(feature = "mysql")]
+    if let Some(mysql) = db.try_downcast_ref::<sea_orm::sqlx::mysql::MySqlDatabaseError>() {
+        return match mysql.number() {
+            1213 => Failure::Retry,
+            1205 => Failure::Busy,
+            1053 | 1927 => Failure::Connection { maybe_written: true },
+            _ => Failure::Other,
+        };
+    }
+    match db.code().as_deref() {
+        Some("40001" | "40P01" | "517") => Failure::Retry,
+        Some("55P03" | "5" | "6" | "261" | "262" | "773") => Failure::Busy,
+        Some("57P01" | "57P02" | "57P03") => Failure::Connection { maybe_written: true },
+        Some(code) if code.starts_with("08") => Failure::Connection { maybe_written: true },
+        _ => Failure::Other,
+    }
 }
 
 /// The highest global position a reader of `partition` in global order may reach without
@@ -407,13 +608,16 @@ pub(crate) fn is_transient(err: &DbErr) -> bool {
 /// `AUTO_INCREMENT` value is taken before commit), or `None` when such transactions did not end
 /// within `wait`.
 /// - SQLite: one writer at a time, so the partition's last committed position.
-/// - MySQL: the last position after `after`, read with a share lock, which waits for the
-///   transactions still inserting among those rows.
+/// - MySQL: `AUTO_INCREMENT` hands out a position when an `INSERT` starts, before its row can
+///   be seen or locked (it may still wait, e.g. on a gap lock). Appends share-lock their
+///   partition's row of `emt_partitions` before taking positions; this takes it exclusively,
+///   which waits for every append of the partition in flight and holds new ones back while it
+///   reads the last committed position.
 /// - PostgreSQL: the sequence's value, once every transaction older than an id taken after it
 ///   has ended: writers take their transaction id before their position (this crate's and the
 ///   TypeScript package's appends write `streams` first), so each one that holds a position up
 ///   to it is waited for. Any transaction of the cluster older than that id is waited for too.
-pub(crate) async fn horizon<C: ConnectionTrait>(
+pub(crate) async fn horizon<C: ConnectionTrait + TransactionTrait<Transaction = DatabaseTransaction>>(
     conn: &C,
     partition: &str,
     after: i64,
@@ -421,18 +625,33 @@ pub(crate) async fn horizon<C: ConnectionTrait>(
 ) -> Result<Option<i64>, DbErr> {
     let backend = conn.get_database_backend();
     if backend != DbBackend::Postgres {
-        // `count` makes MySQL read (and so lock) every row: for `max` alone it reads just the last.
-        let last = conn
+        let txn = conn.begin().await?;
+        if backend == DbBackend::MySql {
+            txn.execute_unprepared(&format!("SET SESSION innodb_lock_wait_timeout = {}", Ord::max(wait.as_secs(), 1)))
+                .await?;
+            let gate = txn
+                .query_one_raw(Statement::from_sql_and_values(
+                    backend,
+                    "SELECT 1 FROM emt_partitions WHERE `partition` = ? FOR UPDATE",
+                    [partition.into()],
+                ))
+                .await;
+            txn.execute_unprepared("SET SESSION innodb_lock_wait_timeout = DEFAULT").await?;
+            match gate {
+                Err(err) if classify(&err) == Failure::Busy => return Ok(None),
+                other => other?,
+            };
+        }
+        let last = txn
             .query_one(
                 Query::select()
                     .expr_as(Expr::col(messages::Column::GlobalPosition).max(), "last")
-                    .expr_as(Expr::col(messages::Column::GlobalPosition).count(), "rows")
                     .from(messages::Entity)
                     .and_where(Expr::col(messages::Column::Partition).eq(partition))
-                    .and_where(Expr::col(messages::Column::GlobalPosition).gt(after))
-                    .lock_shared(),
+                    .and_where(Expr::col(messages::Column::GlobalPosition).gt(after)),
             )
             .await?;
+        txn.commit().await?;
         return Ok(Some(
             last.map(|row| row.try_get::<Option<i64>>("", "last")).transpose()?.flatten().unwrap_or(after),
         ));

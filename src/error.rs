@@ -1,6 +1,7 @@
 //! The one error type of the crate.
 
 use crate::ExpectedVersion;
+use crate::backend::Failure;
 
 /// Everything that can go wrong in emmett-seaorm.
 ///
@@ -64,6 +65,20 @@ pub enum Error {
         source: serde_json::Error,
     },
 
+    /// An append carried a message id (from its idempotency key) that the partition already
+    /// holds for other events: the key was used before for a different append.
+    #[error("message '{message_id}' already exists in partition '{partition}' (stream '{existing_stream}'); the append to stream '{stream}' reused its idempotency key")]
+    DuplicateMessage {
+        /// The stream appended to.
+        stream: String,
+        /// The partition (tenant).
+        partition: String,
+        /// The message id found.
+        message_id: String,
+        /// The stream that holds it.
+        existing_stream: String,
+    },
+
     /// `archive_stream` found an archived generation of the stream already; the schema keeps
     /// one archived generation per stream.
     #[error("stream '{stream}' in partition '{partition}' already has an archived generation")]
@@ -98,6 +113,31 @@ pub enum Error {
         source: serde_json::Error,
     },
 
+    /// A per-stream run (`project_events`) reached a read-model row that another stream wrote
+    /// last, with events at or below the row's last global position: which of them are
+    /// already folded can't be told from the row. Project such rows (fed by several streams,
+    /// e.g. a per-tenant total) with `project_partition`, which folds in global order.
+    #[error("read model '{table}' row '{row}' is fed by several streams ({streams:?}); project it with project_partition")]
+    SharedRow {
+        /// The read-model table.
+        table: String,
+        /// The row's snapshot id (its encoded keys).
+        row: String,
+        /// The stream that wrote the row last, and the stream being projected.
+        streams: Vec<String>,
+    },
+
+    /// Reading or writing a read-model table failed: most often the table, a key column or a
+    /// mapped column does not exist, or the keys are not a unique key of the table.
+    #[error("read model '{table}': {source}")]
+    ReadModel {
+        /// The read-model table.
+        table: String,
+        /// What the database said.
+        #[source]
+        source: sea_orm::DbErr,
+    },
+
     /// A custom projection handler failed; the batch was rolled back and the checkpoint stays
     /// before this event.
     #[error(
@@ -122,13 +162,121 @@ pub enum Error {
     #[error("the session store was still in use when the session ended; the transaction was rolled back")]
     SessionStillInUse,
 
+    /// A stream id, partition or other identifier cannot be stored: empty, too long for the
+    /// schema, or containing a NUL character. Checked before anything reaches the database.
+    #[error("invalid {what} '{value}': {reason}")]
+    InvalidIdentifier {
+        /// What the identifier is (`"stream id"`, `"partition"`, `"subscription id"`, …).
+        what: &'static str,
+        /// The identifier (its first 100 characters).
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A number given to the store is outside what it can mean, e.g. a version past the
+    /// largest position the schema stores (`i64::MAX`). Nothing was written.
+    #[error("{what} {value} is out of range for stream '{stream}' in partition '{partition}'")]
+    OutOfRange {
+        /// What the number is.
+        what: &'static str,
+        /// The number.
+        value: u64,
+        /// The stream id.
+        stream: String,
+        /// The partition (tenant).
+        partition: String,
+    },
+
+    /// A stored row breaks the schema's rules: an event without a global position, or with
+    /// data or metadata that is not JSON. Named so it can be repaired or skipped.
+    #[error(
+        "malformed stored event '{message_type}' at position {position} of stream '{stream}' in partition '{partition}': {reason}"
+    )]
+    MalformedEvent {
+        /// The stream id.
+        stream: String,
+        /// The partition (tenant).
+        partition: String,
+        /// The event's stream position.
+        position: u64,
+        /// The stored `message_type`.
+        message_type: String,
+        /// What is wrong with the row.
+        reason: String,
+    },
+
+    /// The database could not serve the operation in time: a lock wait or busy timeout (e.g.
+    /// SQLite's "database is locked" behind a long write transaction), or a deadlock that
+    /// persisted through the retries. The transaction was rolled back: nothing was written,
+    /// and running the operation again later is safe.
+    #[error("database busy, nothing was written: {source}")]
+    Busy {
+        /// What the database said.
+        #[source]
+        source: sea_orm::DbErr,
+    },
+
+    /// The connection to the database failed. When `maybe_written` is `false` nothing reached
+    /// the database; when `true` the connection broke while a write may have been committing.
+    /// [`append_to_stream`](crate::EventStore::append_to_stream) resolves that itself by asking
+    /// the database again; see [`AppendOptions::idempotency_key`](crate::AppendOptions::idempotency_key)
+    /// to retry an append safely when even that failed.
+    #[error("connection to the database failed (maybe written: {maybe_written}): {source}")]
+    ConnectionLost {
+        /// Whether the operation may have been committed.
+        maybe_written: bool,
+        /// What the driver said.
+        #[source]
+        source: sea_orm::DbErr,
+    },
+
     /// Serialising a value to JSON failed.
     #[error("JSON error: {0}")]
     Json(#[from] serde_json::Error),
 
     /// The database reported an error.
     #[error("database error: {0}")]
-    Database(#[from] sea_orm::DbErr),
+    Database(sea_orm::DbErr),
+}
+
+impl From<sea_orm::DbErr> for Error {
+    /// Sorts database errors into the typed ones a caller can act on: busy, connection lost,
+    /// or any other database error.
+    fn from(source: sea_orm::DbErr) -> Self {
+        match crate::backend::classify(&source) {
+            Failure::Busy | Failure::Retry => Error::Busy { source },
+            Failure::Connection { maybe_written } => Error::ConnectionLost { maybe_written, source },
+            Failure::Other => Error::Database(source),
+        }
+    }
+}
+
+impl Error {
+    /// Whether running the same operation again later may succeed: a busy database or a lost
+    /// connection.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Busy { .. } | Error::ConnectionLost { .. })
+    }
+
+    /// Whether the store retries this error at once by itself: a deadlock or serialization
+    /// failure (a lost race), or a lost connection. Timeouts already waited; they are not retried.
+    pub(crate) fn is_retried(&self) -> bool {
+        match self {
+            Error::Busy { source } => crate::backend::classify(source) == Failure::Retry,
+            Error::ConnectionLost { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// The backoff of the store's own retries: 5 attempts, 10 ms doubling to 320 ms, with jitter.
+pub(crate) fn retry_policy() -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(std::time::Duration::from_millis(10))
+        .with_max_delay(std::time::Duration::from_millis(320))
+        .with_max_times(4)
+        .with_jitter()
 }
 
 /// `Result` with this crate's [`Error`].

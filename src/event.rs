@@ -56,6 +56,84 @@ pub(crate) struct EncodedEvent {
     pub data: Value,
 }
 
+/// A `messages` row as the store reads it: like [`messages::Model`](crate::schema::messages::Model),
+/// but a row breaking the schema's rules (data or metadata that is not JSON — SQLite stores any
+/// text — or no global position) still loads, so the error can name it.
+pub(crate) struct StoredMessage {
+    pub stream_id: String,
+    pub stream_position: i64,
+    pub partition: String,
+    pub message_type: String,
+    pub message_id: String,
+    pub global_position: Option<i64>,
+    pub created: DateTime<Utc>,
+    /// `message_data`, or why it is not JSON.
+    pub data: Result<Value, String>,
+    /// `message_metadata`, or why it is not JSON.
+    pub metadata: Result<Value, String>,
+}
+
+impl sea_orm::FromQueryResult for StoredMessage {
+    fn from_query_result(row: &sea_orm::QueryResult, pre: &str) -> Result<Self, sea_orm::DbErr> {
+        let json = |column: &str| -> Result<Result<Value, String>, sea_orm::DbErr> {
+            match row.try_get::<Value>(pre, column) {
+            Ok(value) => Ok(Ok(value)),
+            Err(_) => {
+                let text: String = row.try_get(pre, column)?;
+                Ok(serde_json::from_str(&text).map_err(|err| format!("{column} is not JSON: {err}")))
+            }
+            }
+        };
+        Ok(Self {
+            stream_id: row.try_get(pre, "stream_id")?,
+            stream_position: row.try_get(pre, "stream_position")?,
+            partition: row.try_get(pre, "partition")?,
+            message_type: row.try_get(pre, "message_type")?,
+            message_id: row.try_get(pre, "message_id")?,
+            global_position: row.try_get(pre, "global_position")?,
+            created: row.try_get(pre, "created")?,
+            data: json("message_data")?,
+            metadata: json("message_metadata")?,
+        })
+    }
+}
+
+impl StoredMessage {
+    /// Decodes the row into a [`RecordedEvent`], naming it precisely when it can't:
+    /// [`Error::MalformedEvent`] for a row breaking the schema's rules,
+    /// [`Error::UndecodableEvent`] for data that does not match `E`.
+    pub(crate) fn decode<E: Event>(self) -> Result<RecordedEvent<E>> {
+        let malformed = |reason: String| Error::MalformedEvent {
+            stream: self.stream_id.clone(),
+            partition: self.partition.clone(),
+            position: self.stream_position as u64,
+            message_type: self.message_type.clone(),
+            reason,
+        };
+        let global_position = self.global_position.ok_or_else(|| malformed("no global position".into()))?;
+        let data = self.data.clone().map_err(malformed)?;
+        let metadata = self.metadata.clone().map_err(malformed)?;
+        let event = decode(&self.message_type, data).map_err(|source| Error::UndecodableEvent {
+            stream: self.stream_id.clone(),
+            partition: self.partition.clone(),
+            position: self.stream_position as u64,
+            message_type: self.message_type.clone(),
+            source,
+        })?;
+        Ok(RecordedEvent {
+            event,
+            message_type: self.message_type,
+            stream_id: self.stream_id,
+            stream_position: self.stream_position as u64,
+            global_position: global_position as u64,
+            message_id: self.message_id,
+            partition: self.partition,
+            created: self.created,
+            metadata,
+        })
+    }
+}
+
 /// Splits a typed event into `message_type` and `message_data`.
 pub(crate) fn encode<E: Event>(event: &E, stream: &str) -> Result<EncodedEvent> {
     let invalid = |reason: &str| Error::InvalidEvent { stream: stream.to_owned(), reason: reason.to_owned() };

@@ -4,6 +4,7 @@
 mod backend;
 mod error;
 mod event;
+mod limits;
 pub mod migrations;
 pub mod projection;
 pub mod schema;
@@ -11,6 +12,7 @@ mod store;
 
 pub use error::{Error, Result};
 pub use event::{Event, RecordedEvent};
+pub use limits::{MAX_IDENTIFIER_CHARS, MAX_SNAPSHOT_ID_CHARS};
 pub use migrations::{Migrator, migrate};
 pub use schema::DEFAULT_PARTITION;
 pub use store::{

@@ -36,13 +36,35 @@ impl MigrationTrait for M20250101000001CreateEventStore {
     }
 }
 
+/// Makes the schema exact and strict: identifiers compared byte for byte on MySQL, no NULL
+/// global positions, unique message ids per partition, the skipped-events table, and MySQL's
+/// partitions table.
+pub struct M20261128000001HardenEventStore;
+
+impl MigrationName for M20261128000001HardenEventStore {
+    fn name(&self) -> &str {
+        "m20261128_000001_harden_event_store"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M20261128000001HardenEventStore {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        backend::harden_schema(manager.get_connection()).await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        backend::soften_schema(manager.get_connection()).await
+    }
+}
+
 /// The migrator of emmett-seaorm's schema.
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(M20250101000001CreateEventStore)]
+        vec![Box::new(M20250101000001CreateEventStore), Box::new(M20261128000001HardenEventStore)]
     }
 }
 

@@ -12,6 +12,8 @@ use crate::{Error, Result};
 pub struct ProjectionContext<'a> {
     pub(crate) txn: &'a DatabaseTransaction,
     pub(crate) partition: &'a str,
+    /// The stream of a per-stream run (`project_events`); `None` for a partition run.
+    pub(crate) stream: Option<&'a str>,
 }
 
 impl ProjectionContext<'_> {
@@ -135,12 +137,20 @@ impl<E: Event + 'static> SnapshotProjectionRegistry<E> {
                 Step::Snapshot(projection) => projection.fold(ctx, &events).await?,
                 Step::Custom(handler) => {
                     for event in events {
-                        handler.handle(ctx, event).await.map_err(|source| Error::Handler {
-                            stream: event.stream_id.clone(),
-                            partition: event.partition.clone(),
-                            position: event.stream_position,
-                            message_type: event.message_type.clone(),
-                            source,
+                        handler.handle(ctx, event).await.map_err(|source| {
+                            // A busy database or a lost connection stays that, so the run retries it.
+                            if let Some(err) = source.downcast_ref::<sea_orm::DbErr>().map(|db| Error::from(db.clone()))
+                                && err.is_transient()
+                            {
+                                return err;
+                            }
+                            Error::Handler {
+                                stream: event.stream_id.clone(),
+                                partition: event.partition.clone(),
+                                position: event.stream_position,
+                                message_type: event.message_type.clone(),
+                                source,
+                            }
                         })?;
                     }
                 }

@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::Retryable;
+
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 
@@ -11,11 +13,11 @@ use super::{ProjectionContext, SnapshotProjectionRegistry};
 use crate::backend;
 use crate::event::{Event, RecordedEvent};
 use crate::schema::{DEFAULT_PARTITION, messages, subscriptions};
-use crate::store::recorded;
+use crate::error::retry_policy;
+use crate::event::StoredMessage;
+use crate::limits::{self, MAX_IDENTIFIER_CHARS};
+use crate::schema::skipped_events as skipped;
 use crate::{Error, EventStore, Result};
-
-/// Attempts per batch when the database reports a deadlock or serialization failure.
-const ATTEMPTS: usize = 5;
 
 /// How long `project_partition` waits on PostgreSQL for transactions still writing before it
 /// returns what it has done (MySQL waits on their row locks, up to `innodb_lock_wait_timeout`).
@@ -32,11 +34,12 @@ pub struct RunOptions {
     partition: Option<String>,
     batch_size: u64,
     single_batch: bool,
+    skip_undecodable: bool,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { partition: None, batch_size: 500, single_batch: false }
+        Self { partition: None, batch_size: 500, single_batch: false, skip_undecodable: false }
     }
 }
 
@@ -54,6 +57,15 @@ impl RunOptions {
     /// Process at most one batch instead of running until caught up.
     pub fn single_batch(mut self) -> Self {
         self.single_batch = true;
+        self
+    }
+    /// Go past events the projections can't read — [`Error::UndecodableEvent`] (data not
+    /// matching the event type) and [`Error::MalformedEvent`] (a row breaking the schema) —
+    /// instead of failing the run on them again and again. Each skipped event is recorded in
+    /// [`skipped_events`](crate::schema::skipped_events) (subscription, where, why, when), in
+    /// the batch's transaction, so it can be found, repaired and replayed.
+    pub fn skip_undecodable_events(mut self) -> Self {
+        self.skip_undecodable = true;
         self
     }
 }
@@ -117,6 +129,8 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         options: RunOptions,
     ) -> Result<ProjectEventsResult> {
         let partition = options.partition.clone().unwrap_or_else(|| DEFAULT_PARTITION.to_owned());
+        check_run(subscription_id, &partition)?;
+        limits::check_identifier("stream id", stream_id, MAX_IDENTIFIER_CHARS)?;
         let (processed, checkpoint, caught_up) =
             self.run(subscription_id, &partition, Source::Stream(stream_id), &options).await?;
         // Caught up, the checkpoint is the last position of the stream: no need to ask.
@@ -141,7 +155,8 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         partition: &str,
         options: RunOptions,
     ) -> Result<ProjectPartitionResult> {
-        let until = self.horizon(subscription_id, partition).await?;
+        check_run(subscription_id, partition)?;
+        let until = (|| self.horizon(subscription_id, partition)).retry(retry_policy()).when(Error::is_retried).await?;
         let (processed, last_processed_position, _) =
             self.run(subscription_id, partition, Source::Partition { until }, &options).await?;
         Ok(ProjectPartitionResult { processed, last_processed_position })
@@ -158,8 +173,11 @@ impl<E: Event + 'static> ProjectionRunner<E> {
     ) -> Result<(u64, u64, bool)> {
         let mut processed = 0;
         loop {
-            let (count, checkpoint) =
-                self.batch_with_retries(subscription, partition, source, options.batch_size).await?;
+            let (count, checkpoint) = (|| self.batch(subscription, partition, source, options))
+                .retry(retry_policy())
+                .when(Error::is_retried)
+                .notify(|err, _| tracing::debug!(subscription, partition, %err, "projection batch failed; retrying"))
+                .await?;
             processed += count;
             let caught_up = count < options.batch_size;
             if caught_up || options.single_batch {
@@ -184,51 +202,43 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         }
     }
 
-    async fn batch_with_retries(
-        &self,
-        subscription: &str,
-        partition: &str,
-        source: Source<'_>,
-        batch_size: u64,
-    ) -> Result<(u64, u64)> {
-        let mut attempt = 1;
-        loop {
-            match self.batch(subscription, partition, source, batch_size).await {
-                Err(Error::Database(err)) if attempt < ATTEMPTS && backend::is_transient(&err) => {
-                    tracing::debug!(subscription, partition, attempt, %err, "projection batch lost a race; retrying");
-                    attempt += 1;
-                }
-                other => return other,
-            }
-        }
-    }
-
     /// One batch in one transaction; returns (events read, checkpoint after).
     async fn batch(
         &self,
         subscription: &str,
         partition: &str,
         source: Source<'_>,
-        batch_size: u64,
+        options: &RunOptions,
     ) -> Result<(u64, u64)> {
         let txn = backend::begin_write(&self.store.executor()).await?;
         let checkpoint = backend::lock_checkpoint(&txn, subscription, partition).await?;
-        let rows = read_after(&txn, partition, source, checkpoint, batch_size).await?;
+        let rows = read_after(&txn, partition, source, checkpoint, options.batch_size).await?;
         let Some(last) = rows.last() else {
             txn.commit().await?;
             return Ok((0, checkpoint as u64));
         };
         let next_checkpoint = match source {
             Source::Stream(_) => last.stream_position,
-            Source::Partition { .. } => last.global_position.unwrap_or_default(),
+            // Rows without a global position are not read in global order.
+            Source::Partition { .. } => last.global_position.unwrap_or(checkpoint),
         };
         let count = rows.len() as u64;
-        let batch: Vec<RecordedEvent<E>> = rows
-            .into_iter()
-            .filter(|row| self.registry.handles(&row.message_type))
-            .map(recorded)
-            .collect::<Result<_>>()?;
-        self.registry.apply(&ProjectionContext { txn: &txn, partition }, &batch).await?;
+        let mut batch: Vec<RecordedEvent<E>> = Vec::with_capacity(rows.len());
+        for row in rows.into_iter().filter(|row| self.registry.handles(&row.message_type)) {
+            let global_position = row.global_position;
+            match row.decode() {
+                Ok(event) => batch.push(event),
+                Err(err) if options.skip_undecodable => {
+                    skipped::record(&txn, subscription, global_position, &err).await?;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        let stream = match source {
+            Source::Stream(stream) => Some(stream),
+            Source::Partition { .. } => None,
+        };
+        self.registry.apply(&ProjectionContext { txn: &txn, partition, stream }, &batch).await?;
         subscriptions::Entity::update_many()
             .col_expr(subscriptions::Column::LastProcessedPosition, Expr::value(next_checkpoint))
             .filter(subscriptions::Column::SubscriptionId.eq(subscription))
@@ -241,6 +251,12 @@ impl<E: Event + 'static> ProjectionRunner<E> {
     }
 }
 
+/// [`Error::InvalidIdentifier`] unless the subscription id and partition can be stored.
+fn check_run(subscription: &str, partition: &str) -> Result<()> {
+    limits::check_identifier("subscription id", subscription, MAX_IDENTIFIER_CHARS)?;
+    limits::check_identifier("partition", partition, MAX_IDENTIFIER_CHARS)
+}
+
 /// The next `limit` live events after the checkpoint.
 async fn read_after(
     txn: &DatabaseTransaction,
@@ -248,7 +264,7 @@ async fn read_after(
     source: Source<'_>,
     checkpoint: i64,
     limit: u64,
-) -> Result<Vec<messages::Model>> {
+) -> Result<Vec<StoredMessage>> {
     let query = messages::Entity::find()
         .filter(messages::Column::Partition.eq(partition))
         .filter(messages::Column::IsArchived.eq(false));
@@ -262,5 +278,5 @@ async fn read_after(
             .filter(messages::Column::GlobalPosition.lte(until))
             .order_by_asc(messages::Column::GlobalPosition),
     };
-    Ok(query.limit(limit).all(txn).await?)
+    Ok(query.limit(limit).into_model::<StoredMessage>().all(txn).await?)
 }

@@ -3,13 +3,14 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use sea_orm::ConnectionTrait;
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect};
 use sea_orm::sea_query::{Alias, Expr, ExprTrait, LockType, OnConflict, Query, SimpleExpr};
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::{Columns, Keys, ProjectionContext};
 use crate::event::RecordedEvent;
-use crate::schema::snapshots;
+use crate::limits::{self, MAX_SNAPSHOT_ID_CHARS};
+use crate::schema::{messages, snapshots};
 use crate::{Error, Result};
 
 /// Rows per multi-row statement. Measured on PostgreSQL 15: statements of 200 rows took 10x
@@ -105,14 +106,19 @@ impl<E, S> SnapshotProjection<E, S> {
 }
 
 /// The keys of one read-model row, encoded exactly like the TypeScript `constructStreamId`:
-/// sorted by name, `encodeURIComponent(name):encodeURIComponent(value)`, joined by `|`.
+/// sorted by name as JavaScript compares strings (by UTF-16 code units, which differs from
+/// Rust's byte order when names mix characters above U+FFFF with ones in U+E000–U+FFFF),
+/// `encodeURIComponent(name):encodeURIComponent(value)`, joined by `|`.
 ///
 /// ```
 /// let keys = emmett_seaorm::keys! { "tenant_id" => "t|1", "cart_id" => "cart-1" };
 /// assert_eq!(emmett_seaorm::projection::construct_stream_id(&keys), "cart_id:cart-1|tenant_id:t%7C1");
 /// ```
 pub fn construct_stream_id(keys: &Keys) -> String {
-    keys.iter()
+    let mut sorted: Vec<(&String, &String)> = keys.iter().collect();
+    sorted.sort_by(|(a, _), (b, _)| a.encode_utf16().cmp(b.encode_utf16()));
+    sorted
+        .into_iter()
         .map(|(k, v)| format!("{}:{}", encode_uri_component(k), encode_uri_component(v)))
         .collect::<Vec<_>>()
         .join("|")
@@ -157,6 +163,7 @@ where
             let keys = (self.extract_keys)(event, ctx.partition);
             self.check_key_names(&keys)?;
             let id = construct_stream_id(&keys);
+            limits::check_identifier("snapshot id", &id, MAX_SNAPSHOT_ID_CHARS)?;
             rows.entry(id)
                 .or_insert_with(|| Row { keys, events: Vec::new(), state: None, last: None })
                 .events
@@ -172,6 +179,9 @@ where
                 Some((position, json)) => (*position, self.decode(id, json.clone())?),
                 None => (0, (self.initial_state)()),
             };
+            if let Some(stream) = ctx.stream {
+                self.check_fed_by_one_stream(ctx, id, last_global, &row.events, stream).await?;
+            }
             for &event in &row.events {
                 if event.global_position as i64 > last_global {
                     state = (self.evolve)(state, &event.event);
@@ -191,6 +201,48 @@ where
     E: Send + Sync,
     S: Serialize + DeserializeOwned + Send + Sync,
 {
+    /// A per-stream run skips events at or below the row's last global position as already
+    /// folded. That holds when the row is fed by this stream alone; when another stream wrote
+    /// it last, the order of the two streams' runs decides, and skipping could lose events:
+    /// fail with [`Error::SharedRow`] instead.
+    async fn check_fed_by_one_stream(
+        &self,
+        ctx: &ProjectionContext<'_>,
+        id: &str,
+        last_global: i64,
+        events: &[&RecordedEvent<E>],
+        stream: &str,
+    ) -> Result<()> {
+        if last_global == 0 || events.iter().all(|e| e.global_position as i64 > last_global) {
+            return Ok(());
+        }
+        let last_stream: Option<String> = messages::Entity::find()
+            .select_only()
+            .column(messages::Column::StreamId)
+            .filter(messages::Column::Partition.eq(ctx.partition))
+            .filter(messages::Column::GlobalPosition.eq(last_global))
+            .into_tuple()
+            .one(ctx.txn)
+            .await?;
+        match last_stream {
+            Some(other) if other != stream => Err(Error::SharedRow {
+                table: self.table.clone(),
+                row: id.to_owned(),
+                streams: vec![other, stream.to_owned()],
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// A database error from the read-model table, named with the table unless it is one the
+    /// run retries (busy, connection lost).
+    fn read_model_error(&self, err: sea_orm::DbErr) -> Error {
+        match Error::from(err) {
+            Error::Database(source) => Error::ReadModel { table: self.table.clone(), source },
+            other => other,
+        }
+    }
+
     fn decode(&self, id: &str, json: serde_json::Value) -> Result<S> {
         if serde_json::Value::is_null(&json) {
             return Ok((self.initial_state)());
@@ -235,7 +287,7 @@ where
             for (name, value) in &row.keys {
                 select.and_where(Expr::col(Alias::new(name)).eq(value.as_str()));
             }
-            if let Some(found) = ctx.txn.query_one(&select).await? {
+            if let Some(found) = ctx.txn.query_one(&select).await.map_err(|err| self.read_model_error(err))? {
                 let snapshot: Option<serde_json::Value> = found.try_get("", "snapshot")?;
                 let position: Option<i64> = found.try_get("", "last_global_position")?;
                 stored.insert(id.clone(), (position.unwrap_or(0), snapshot.unwrap_or_default()));
@@ -326,7 +378,7 @@ where
                 OnConflict::columns(key_columns).update_columns(updated).to_owned()
             };
             upsert.on_conflict(on_conflict);
-            ctx.txn.execute(&upsert).await?;
+            ctx.txn.execute(&upsert).await.map_err(|err| self.read_model_error(err))?;
         }
         Ok(())
     }
@@ -343,5 +395,13 @@ mod tests {
     fn stream_ids_match_encode_uri_component() {
         let keys = crate::keys! { "tenant_id" => "t|1", "cart_id" => "c 1/ä", "a" => "x-_.!~*'()" };
         assert_eq!(construct_stream_id(&keys), "a:x-_.!~*'()|cart_id:c%201%2F%C3%A4|tenant_id:t%7C1");
+    }
+
+    #[test]
+    fn keys_sort_by_utf16_code_units_like_javascript() {
+        // U+FF21 (fullwidth A) is one code unit 0xFF21; U+1F600 is the surrogate pair 0xD83D 0xDE00.
+        // Bytes put U+FF21 first (EF BC A1 < F0 9F 98 80); JavaScript puts the emoji first.
+        let keys = crate::keys! { "\u{FF21}" => "1", "\u{1F600}" => "2" };
+        assert_eq!(construct_stream_id(&keys), "%F0%9F%98%80:2|%EF%BC%A1:1");
     }
 }

@@ -32,8 +32,8 @@ pub struct Model {
     /// Archived messages are invisible to reads.
     #[sea_orm(primary_key, auto_increment = false)]
     pub is_archived: bool,
-    /// Position in the whole store.
-    pub global_position: Option<i64>,
+    /// Position in the whole store (unique, never NULL).
+    pub global_position: i64,
     /// When the event was stored.
     pub created: DateTimeUtc,
 }

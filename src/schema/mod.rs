@@ -15,6 +15,7 @@
 //! ```
 
 pub mod messages;
+pub mod skipped_events;
 pub mod snapshots;
 pub mod streams;
 pub mod subscriptions;

@@ -4,17 +4,21 @@ mod options;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use backon::Retryable;
 
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseExecutor, DatabaseTransaction, DbBackend, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect, sea_query::Expr,
+    QueryFilter, QueryOrder, QuerySelect, SqlErr, sea_query::Expr,
 };
 use serde_json::Value;
 
 pub use options::{AggregateStreamResult, AppendOptions, AppendResult, ExpectedVersion, ReadOptions, ReadStreamResult};
 
 use crate::backend::{self, Append};
-use crate::event::{Event, RecordedEvent, decode, encode};
+use crate::limits::{self, MAX_IDENTIFIER_CHARS};
+use crate::event::{Event, RecordedEvent, StoredMessage, encode};
 use crate::schema::{DEFAULT_PARTITION, messages, streams};
 use crate::{Error, Result};
 
@@ -84,7 +88,12 @@ impl EventStore {
     /// Appends `events` to a stream, creating it if needed, in one transaction.
     ///
     /// Fails with [`Error::ExpectedVersionConflict`] when `options.expected` does not hold,
-    /// [`Error::EmptyAppend`] for no events; nothing is written then.
+    /// [`Error::EmptyAppend`] for no events, [`Error::InvalidIdentifier`] for a stream id,
+    /// partition or event type the schema can't store; nothing is written then.
+    ///
+    /// Outside a session, a lost race (deadlock) or a lost connection is retried here. A retry
+    /// after a connection broke during commit finds the events it already wrote by their
+    /// message ids and returns their result, so an append is never written twice.
     pub async fn append_to_stream<E: Event>(
         &self,
         stream_id: &str,
@@ -92,27 +101,74 @@ impl EventStore {
         options: AppendOptions,
     ) -> Result<AppendResult> {
         let partition = options.partition.as_deref().unwrap_or(DEFAULT_PARTITION);
+        check_stream(stream_id, partition)?;
+        let stream_type = options.stream_type.as_deref().unwrap_or("unknown");
+        limits::check_identifier("stream type", stream_type, MAX_IDENTIFIER_CHARS)?;
         let events = events
             .into_iter()
-            .map(|event| {
+            .enumerate()
+            .map(|(index, event)| {
                 let encoded = encode(&event, stream_id)?;
-                Ok((encoded.message_type, encoded.data, uuid::Uuid::now_v7().to_string()))
+                limits::check_identifier("event type", &encoded.message_type, MAX_IDENTIFIER_CHARS)?;
+                Ok((encoded.message_type, encoded.data, options.message_id(index)))
             })
             .collect::<Result<Vec<_>>>()?;
         if events.is_empty() {
             return Err(Error::EmptyAppend { stream: stream_id.into(), partition: partition.into() });
         }
         let count = events.len() as u64;
-        let metadata = options.metadata.unwrap_or_else(|| Value::Object(Default::default()));
+        // The new version must fit the schema's BIGINT; `Exact` beyond it can't match any stream.
+        let out_of_range = |value| Error::OutOfRange {
+            what: "expected version",
+            value,
+            stream: stream_id.into(),
+            partition: partition.into(),
+        };
+        if let ExpectedVersion::Exact(v) = options.expected {
+            if v > i64::MAX as u64 {
+                return Err(self.conflict(stream_id, partition, options.expected).await);
+            }
+            if v.checked_add(count).is_none_or(|end| end > i64::MAX as u64) {
+                return Err(out_of_range(v));
+            }
+        }
+        let metadata = options.metadata.clone().unwrap_or_else(|| Value::Object(Default::default()));
         let append = Append {
             stream_id,
             partition,
-            stream_type: options.stream_type.as_deref().unwrap_or("unknown"),
+            stream_type,
             expected: options.expected,
             metadata: &metadata,
             events,
         };
-        match backend::append(&self.executor(), &append).await? {
+        // An earlier attempt of this call (or a caller's earlier call with the same idempotency
+        // key) may have committed: then its events are found by their message ids.
+        let may_exist = AtomicBool::new(options.idempotency_key.is_some());
+        let attempt = || async {
+            let failure = match backend::append(&self.executor(), &append).await {
+                Ok(Some(done)) => return Ok(Some(done)),
+                Ok(None) => None,
+                Err(err) if matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => Some(err.into()),
+                Err(err) => {
+                    let err = Error::from(err);
+                    if matches!(err, Error::ConnectionLost { .. }) {
+                        may_exist.store(true, Ordering::Relaxed);
+                    }
+                    return Err(err);
+                }
+            };
+            if may_exist.load(Ordering::Relaxed) || failure.is_some() {
+                if let Some(done) = self.find_appended(&append).await? {
+                    return Ok(Some(done));
+                }
+            }
+            failure.map_or(Ok(None), Err)
+        };
+        let appended = match self.conn {
+            Conn::Pool(_) => attempt.retry(crate::error::retry_policy()).when(Error::is_retried).await?,
+            Conn::Session(_) => attempt().await?,
+        };
+        match appended {
             Some(done) => Ok(AppendResult {
                 next_expected_stream_version: done.next_expected_version,
                 last_event_global_position: done.last_global_position,
@@ -122,10 +178,45 @@ impl EventStore {
         }
     }
 
+    /// The result of `append` if its events are already stored (found by message id);
+    /// [`Error::DuplicateMessage`] when their ids belong to other events.
+    async fn find_appended(&self, append: &Append<'_>) -> Result<Option<backend::Appended>> {
+        let ids = append.events.iter().map(|(_, _, id)| id.as_str());
+        let rows = messages::Entity::find()
+            .select_only()
+            .columns([
+                messages::Column::MessageId,
+                messages::Column::StreamId,
+                messages::Column::StreamPosition,
+                messages::Column::GlobalPosition,
+            ])
+            .filter(messages::Column::Partition.eq(append.partition))
+            .filter(messages::Column::MessageId.is_in(ids))
+            .into_tuple::<(String, String, i64, i64)>()
+            .all(&self.executor())
+            .await?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        // All of them, in this stream: that append. Anything else: the ids mean other events.
+        let foreign = rows.iter().find(|row| row.1 != append.stream_id).or((rows.len() != append.events.len()).then(|| &rows[0]));
+        if let Some((id, other, _, _)) = foreign {
+            return Err(Error::DuplicateMessage {
+                stream: append.stream_id.into(),
+                partition: append.partition.into(),
+                message_id: id.clone(),
+                existing_stream: other.clone(),
+            });
+        }
+        let last = rows.iter().max_by_key(|row| row.2).expect("not empty");
+        Ok(Some(backend::Appended { next_expected_version: last.2 as u64, last_global_position: last.3 as u64 }))
+    }
+
     /// Reads a stream's events in order. A missing stream is not an error: it reads as empty,
     /// with `stream_exists == false`.
     pub async fn read_stream<E: Event>(&self, stream_id: &str, options: ReadOptions) -> Result<ReadStreamResult<E>> {
         let partition = options.partition_or_default();
+        check_stream(stream_id, partition)?;
         let version = self.stream_version(stream_id, partition).await?;
         check_expected(stream_id, partition, options.expected, version)?;
         let from = options.from.unwrap_or(1).max(1);
@@ -148,6 +239,7 @@ impl EventStore {
         options: ReadOptions,
     ) -> Result<AggregateStreamResult<S>> {
         let partition = options.partition_or_default();
+        check_stream(stream_id, partition)?;
         let version = self.stream_version(stream_id, partition).await?;
         check_expected(stream_id, partition, options.expected, version)?;
         let to = options.to.map_or(version, |to| to.min(version));
@@ -165,6 +257,7 @@ impl EventStore {
 
     /// Whether the stream exists (and is not archived) in `partition`.
     pub async fn stream_exists(&self, stream_id: &str, partition: &str) -> Result<bool> {
+        check_stream(stream_id, partition)?;
         Ok(self.stream_version(stream_id, partition).await? > 0)
     }
 
@@ -174,6 +267,7 @@ impl EventStore {
     /// The schema keeps one archived generation per stream: archiving a second generation
     /// fails with [`Error::AlreadyArchived`].
     pub async fn archive_stream(&self, stream_id: &str, partition: &str) -> Result<bool> {
+        check_stream(stream_id, partition)?;
         let txn = backend::begin_write(&self.executor()).await?;
         let archived =
             streams::Entity::find_by_id((stream_id.to_owned(), partition.to_owned(), true)).one(&txn).await?;
@@ -244,6 +338,7 @@ impl EventStore {
     /// valid tenant: the table names are derived, never interpolated. Idempotent; does nothing
     /// on SQLite and MySQL.
     pub async fn create_partition(&self, partition: &str) -> Result<()> {
+        limits::check_identifier("partition", partition, MAX_IDENTIFIER_CHARS)?;
         Ok(backend::create_partition(&self.executor(), partition).await?)
     }
 
@@ -280,35 +375,20 @@ impl EventStore {
             .filter(messages::Column::StreamId.eq(stream_id))
             .filter(messages::Column::Partition.eq(partition))
             .filter(messages::Column::IsArchived.eq(false))
-            .filter(messages::Column::StreamPosition.between(from as i64, to as i64))
+            .filter(messages::Column::StreamPosition.between(limits::clamp(from), limits::clamp(to)))
             .order_by_asc(messages::Column::StreamPosition)
-            .limit(limit)
+            .limit(limit.map(|n| limits::clamp(n) as u64))
+            .into_model::<StoredMessage>()
             .all(&self.executor())
             .await?;
-        rows.into_iter().map(recorded).collect()
+        rows.into_iter().map(StoredMessage::decode).collect()
     }
 }
 
-/// Decodes a stored message into a [`RecordedEvent`], naming it precisely when it can't.
-pub(crate) fn recorded<E: Event>(row: messages::Model) -> Result<RecordedEvent<E>> {
-    let event = decode(&row.message_type, row.message_data).map_err(|source| Error::UndecodableEvent {
-        stream: row.stream_id.clone(),
-        partition: row.partition.clone(),
-        position: row.stream_position as u64,
-        message_type: row.message_type.clone(),
-        source,
-    })?;
-    Ok(RecordedEvent {
-        event,
-        message_type: row.message_type,
-        stream_id: row.stream_id,
-        stream_position: row.stream_position as u64,
-        global_position: row.global_position.unwrap_or_default() as u64,
-        message_id: row.message_id,
-        partition: row.partition,
-        created: row.created,
-        metadata: row.message_metadata,
-    })
+/// [`Error::InvalidIdentifier`] unless the stream id and partition can be stored.
+fn check_stream(stream_id: &str, partition: &str) -> Result<()> {
+    limits::check_identifier("stream id", stream_id, MAX_IDENTIFIER_CHARS)?;
+    limits::check_identifier("partition", partition, MAX_IDENTIFIER_CHARS)
 }
 
 /// `ExpectedVersionConflict` unless a stream at `actual` satisfies `expected` (when given).

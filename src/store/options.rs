@@ -59,6 +59,7 @@ pub struct AppendOptions {
     pub(crate) stream_type: Option<String>,
     pub(crate) expected: ExpectedVersion,
     pub(crate) metadata: Option<Value>,
+    pub(crate) idempotency_key: Option<String>,
 }
 
 impl AppendOptions {
@@ -82,7 +83,35 @@ impl AppendOptions {
         self.metadata = Some(metadata);
         self
     }
+    /// Makes the append safe to retry: the events' message ids derive from `key` (UUID v5 of
+    /// the key and the event's index), and an append whose ids are already stored in the
+    /// partition returns the stored result instead of writing them again.
+    ///
+    /// Use a key that names the command, e.g. its request id, and retry with the same events
+    /// after [`Error::ConnectionLost`](crate::Error::ConnectionLost) with `maybe_written`.
+    /// Without a key, each append gets fresh UUID v7 ids (the store still resolves its own
+    /// retries after a lost connection).
+    ///
+    /// ```
+    /// use emmett_seaorm::AppendOptions;
+    /// let options = AppendOptions::default().idempotency_key("checkout-request-7f3a");
+    /// ```
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// The message id of event `index` of this append.
+    pub(crate) fn message_id(&self, index: usize) -> String {
+        match &self.idempotency_key {
+            Some(key) => uuid::Uuid::new_v5(&MESSAGE_ID_NAMESPACE, format!("{key}/{index}").as_bytes()).to_string(),
+            None => uuid::Uuid::now_v7().to_string(),
+        }
+    }
 }
+
+/// Namespace of message ids derived from idempotency keys.
+const MESSAGE_ID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6a1c_51e2_9b1f_4d8e_a3c2_5e0f_7d41_b9a6);
 
 /// Options of reads: [`EventStore::read_stream`](crate::EventStore::read_stream) and
 /// [`EventStore::aggregate_stream`](crate::EventStore::aggregate_stream).
