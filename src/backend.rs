@@ -156,8 +156,12 @@ pub(crate) async fn harden_schema(conn: &impl ConnectionTrait) -> Result<(), DbE
         ],
         DbBackend::Sqlite => {
             // Rows another writer left without a position get the next ones, in insertion order.
-            let unnumbered =
-                conn.query_all_raw(Statement::from_string(backend, "SELECT rowid FROM messages WHERE global_position IS NULL ORDER BY rowid")).await?;
+            let unnumbered = conn
+                .query_all_raw(Statement::from_string(
+                    backend,
+                    "SELECT rowid FROM messages WHERE global_position IS NULL ORDER BY rowid",
+                ))
+                .await?;
             for row in unnumbered {
                 let rowid: i64 = row.try_get_by_index(0)?;
                 conn.execute_raw(Statement::from_sql_and_values(
@@ -167,11 +171,14 @@ pub(crate) async fn harden_schema(conn: &impl ConnectionTrait) -> Result<(), DbE
                     [rowid.into()],
                 ))
                 .await?;
-                conn.execute_unprepared("UPDATE emt_global_message_position SET last_value = last_value + 1 WHERE id = 1")
-                    .await?;
+                conn.execute_unprepared(
+                    "UPDATE emt_global_message_position SET last_value = last_value + 1 WHERE id = 1",
+                )
+                .await?;
             }
             let mut ddl = vec![
-                "CREATE UNIQUE INDEX IF NOT EXISTS uq_messages_message_id ON messages (message_id, partition)".to_owned(),
+                "CREATE UNIQUE INDEX IF NOT EXISTS uq_messages_message_id ON messages (message_id, partition)"
+                    .to_owned(),
                 skipped("TEXT", "INTEGER", "TEXT"),
             ];
             // SQLite can't add NOT NULL to a column; these triggers are that constraint.
@@ -239,7 +246,9 @@ fn mysql_identifier_columns(charset: &str, table: &str) -> Vec<String> {
     let id = |len: u32| format!("VARCHAR({len}) {charset} NOT NULL");
     let (short, long, snapshot) = (id(64), id(255), id(512));
     vec![
-        format!("ALTER TABLE streams MODIFY stream_id {long}, MODIFY `partition` {long}, MODIFY stream_type {long}, {table}"),
+        format!(
+            "ALTER TABLE streams MODIFY stream_id {long}, MODIFY `partition` {long}, MODIFY stream_type {long}, {table}"
+        ),
         format!(
             "ALTER TABLE messages MODIFY stream_id {long}, MODIFY `partition` {long}, MODIFY message_type {long},
              MODIFY message_id {short}, MODIFY message_schema_version {short},

@@ -67,7 +67,9 @@ pub enum Error {
 
     /// An append carried a message id (from its idempotency key) that the partition already
     /// holds for other events: the key was used before for a different append.
-    #[error("message '{message_id}' already exists in partition '{partition}' (stream '{existing_stream}'); the append to stream '{stream}' reused its idempotency key")]
+    #[error(
+        "message '{message_id}' already exists in partition '{partition}' (stream '{existing_stream}'); the append to stream '{stream}' reused its idempotency key"
+    )]
     DuplicateMessage {
         /// The stream appended to.
         stream: String,
@@ -117,7 +119,9 @@ pub enum Error {
     /// last, with events at or below the row's last global position: which of them are
     /// already folded can't be told from the row. Project such rows (fed by several streams,
     /// e.g. a per-tenant total) with `project_partition`, which folds in global order.
-    #[error("read model '{table}' row '{row}' is fed by several streams ({streams:?}); project it with project_partition")]
+    #[error(
+        "read model '{table}' row '{row}' is fed by several streams ({streams:?}); project it with project_partition"
+    )]
     SharedRow {
         /// The read-model table.
         table: String,

@@ -77,11 +77,11 @@ impl sea_orm::FromQueryResult for StoredMessage {
     fn from_query_result(row: &sea_orm::QueryResult, pre: &str) -> Result<Self, sea_orm::DbErr> {
         let json = |column: &str| -> Result<Result<Value, String>, sea_orm::DbErr> {
             match row.try_get::<Value>(pre, column) {
-            Ok(value) => Ok(Ok(value)),
-            Err(_) => {
-                let text: String = row.try_get(pre, column)?;
-                Ok(serde_json::from_str(&text).map_err(|err| format!("{column} is not JSON: {err}")))
-            }
+                Ok(value) => Ok(Ok(value)),
+                Err(_) => {
+                    let text: String = row.try_get(pre, column)?;
+                    Ok(serde_json::from_str(&text).map_err(|err| format!("{column} is not JSON: {err}")))
+                }
             }
         };
         Ok(Self {

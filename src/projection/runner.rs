@@ -11,12 +11,12 @@ use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryO
 
 use super::{ProjectionContext, SnapshotProjectionRegistry};
 use crate::backend;
-use crate::event::{Event, RecordedEvent};
-use crate::schema::{DEFAULT_PARTITION, messages, subscriptions};
 use crate::error::retry_policy;
 use crate::event::StoredMessage;
+use crate::event::{Event, RecordedEvent};
 use crate::limits::{self, MAX_IDENTIFIER_CHARS};
 use crate::schema::skipped_events as skipped;
+use crate::schema::{DEFAULT_PARTITION, messages, subscriptions};
 use crate::{Error, EventStore, Result};
 
 /// How long `project_partition` waits on PostgreSQL for transactions still writing before it

@@ -17,8 +17,8 @@ use serde_json::Value;
 pub use options::{AggregateStreamResult, AppendOptions, AppendResult, ExpectedVersion, ReadOptions, ReadStreamResult};
 
 use crate::backend::{self, Append};
-use crate::limits::{self, MAX_IDENTIFIER_CHARS};
 use crate::event::{Event, RecordedEvent, StoredMessage, encode};
+use crate::limits::{self, MAX_IDENTIFIER_CHARS};
 use crate::schema::{DEFAULT_PARTITION, messages, streams};
 use crate::{Error, Result};
 
@@ -133,14 +133,8 @@ impl EventStore {
             }
         }
         let metadata = options.metadata.clone().unwrap_or_else(|| Value::Object(Default::default()));
-        let append = Append {
-            stream_id,
-            partition,
-            stream_type,
-            expected: options.expected,
-            metadata: &metadata,
-            events,
-        };
+        let append =
+            Append { stream_id, partition, stream_type, expected: options.expected, metadata: &metadata, events };
         // An earlier attempt of this call (or a caller's earlier call with the same idempotency
         // key) may have committed: then its events are found by their message ids.
         let may_exist = AtomicBool::new(options.idempotency_key.is_some());
@@ -157,10 +151,10 @@ impl EventStore {
                     return Err(err);
                 }
             };
-            if may_exist.load(Ordering::Relaxed) || failure.is_some() {
-                if let Some(done) = self.find_appended(&append).await? {
-                    return Ok(Some(done));
-                }
+            if (may_exist.load(Ordering::Relaxed) || failure.is_some())
+                && let Some(done) = self.find_appended(&append).await?
+            {
+                return Ok(Some(done));
             }
             failure.map_or(Ok(None), Err)
         };
@@ -199,7 +193,8 @@ impl EventStore {
             return Ok(None);
         }
         // All of them, in this stream: that append. Anything else: the ids mean other events.
-        let foreign = rows.iter().find(|row| row.1 != append.stream_id).or((rows.len() != append.events.len()).then(|| &rows[0]));
+        let foreign =
+            rows.iter().find(|row| row.1 != append.stream_id).or((rows.len() != append.events.len()).then(|| &rows[0]));
         if let Some((id, other, _, _)) = foreign {
             return Err(Error::DuplicateMessage {
                 stream: append.stream_id.into(),
