@@ -262,7 +262,7 @@ fn mysql_identifier_columns(charset: &str, table: &str) -> Vec<String> {
 /// A binary collation without trailing-space padding: `utf8mb4_0900_bin` on MySQL 8,
 /// `utf8mb4_nopad_bin` on MariaDB. The servers' defaults compare ids case-, accent- and
 /// trailing-space-insensitively, which would make `Acme`, `acme` and `acme ` one tenant.
-async fn mysql_exact_collation(conn: &impl ConnectionTrait) -> Result<String, DbErr> {
+pub(crate) async fn mysql_exact_collation(conn: &impl ConnectionTrait) -> Result<String, DbErr> {
     let found = conn
         .query_one_raw(Statement::from_string(
             DbBackend::MySql,

@@ -477,7 +477,7 @@ async fn append_waiting_after_taking_its_position_is_not_passed(db: TestDb) {
     assert_eq!(totals_of(&db.db, "gap_totals", "stream").await, fold_per_stream(&store, "t", &streams).await);
 }
 
-/// Items 0 and 2: writers and runners (two pools) race for a while: no call fails, not even
+/// Items 0 and 2: 4 writers and 8 runners (two pools) race for a while: no call fails, not even
 /// with a raw deadlock, and the read model equals the fold.
 async fn writers_and_runners_race_without_errors_or_losses(db: TestDb) {
     let store = db.store();
@@ -501,7 +501,7 @@ async fn writers_and_runners_race_without_errors_or_losses(db: TestDb) {
         }));
     }
     let mut runners = Vec::new();
-    for r in 0..4 {
+    for r in 0..8 {
         let runner = ProjectionRunner::new(
             if r % 2 == 0 { store.clone() } else { other.clone() },
             SnapshotProjectionRegistry::new().with(totals("race_totals", by_stream)),

@@ -47,6 +47,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     emmett_seaorm::migrate(&db).await?;
     let backend = db.get_database_backend();
     db.execute(Schema::new(backend).create_table_from_entity(read_model::Entity).if_not_exists()).await?;
+    // MySQL compares text case-, accent- and trailing-space-insensitively by default: the keys
+    // of a read model need the exact collation the store's own id columns have.
+    if let Some(collation) = emmett_seaorm::schema::exact_collation(&db).await? {
+        let exact = |column: read_model::Column| {
+            format!("MODIFY {} VARCHAR(255) COLLATE {collation} NOT NULL", column.as_str())
+        };
+        let (tenant, cart) = (exact(read_model::Column::TenantId), exact(read_model::Column::CartId));
+        db.execute_unprepared(&format!("ALTER TABLE {} {tenant}, {cart}", read_model::Entity.table_name())).await?;
+    }
     let store = EventStore::new(db.clone());
 
     // Each run adds a new cart per tenant, so re-running shows the runner resuming.
