@@ -118,25 +118,22 @@ impl EventStore {
         }
         let count = events.len() as u64;
         // The new version must fit the schema's BIGINT; `Exact` beyond it can't match any stream.
-        let out_of_range = |value| Error::OutOfRange {
-            what: "expected version",
-            value,
-            stream: stream_id.into(),
-            partition: partition.into(),
-        };
         if let ExpectedVersion::Exact(v) = options.expected {
             if v > i64::MAX as u64 {
                 return Err(self.conflict(stream_id, partition, options.expected).await);
             }
             if v.checked_add(count).is_none_or(|end| end > i64::MAX as u64) {
-                return Err(out_of_range(v));
+                let (stream, partition) = (stream_id.into(), partition.into());
+                return Err(Error::OutOfRange { what: "expected version", value: v, stream, partition });
             }
         }
         let metadata = options.metadata.clone().unwrap_or_else(|| Value::Object(Default::default()));
         let append =
             Append { stream_id, partition, stream_type, expected: options.expected, metadata: &metadata, events };
         // An earlier attempt of this call (or a caller's earlier call with the same idempotency
-        // key) may have committed: then its events are found by their message ids.
+        // key) may have committed: then its events are found by their message ids. Not inside a
+        // session: a failed statement there may have aborted the caller's transaction.
+        let pooled = matches!(self.conn, Conn::Pool(_));
         let may_exist = AtomicBool::new(options.idempotency_key.is_some());
         let attempt = || async {
             let failure = match backend::append(&self.executor(), &append).await {
@@ -151,16 +148,17 @@ impl EventStore {
                     return Err(err);
                 }
             };
-            if (may_exist.load(Ordering::Relaxed) || failure.is_some())
+            if pooled
+                && (may_exist.load(Ordering::Relaxed) || failure.is_some())
                 && let Some(done) = self.find_appended(&append).await?
             {
                 return Ok(Some(done));
             }
             failure.map_or(Ok(None), Err)
         };
-        let appended = match self.conn {
-            Conn::Pool(_) => attempt.retry(crate::error::retry_policy()).when(Error::is_retried).await?,
-            Conn::Session(_) => attempt().await?,
+        let appended = match pooled {
+            true => attempt.retry(crate::error::retry_policy()).when(Error::is_retried).await?,
+            false => attempt().await?,
         };
         match appended {
             Some(done) => Ok(AppendResult {

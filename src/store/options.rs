@@ -90,7 +90,8 @@ impl AppendOptions {
     /// Use a key that names the command, e.g. its request id, and retry with the same events
     /// after [`Error::ConnectionLost`](crate::Error::ConnectionLost) with `maybe_written`.
     /// Without a key, each append gets fresh UUID v7 ids (the store still resolves its own
-    /// retries after a lost connection).
+    /// retries after a lost connection). Inside a session the caller retries the whole
+    /// session: a reused key there fails the append instead of returning the stored result.
     ///
     /// ```
     /// use emmett_seaorm::AppendOptions;
