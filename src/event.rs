@@ -76,13 +76,8 @@ pub(crate) struct StoredMessage {
 impl sea_orm::FromQueryResult for StoredMessage {
     fn from_query_result(row: &sea_orm::QueryResult, pre: &str) -> Result<Self, sea_orm::DbErr> {
         let json = |column: &str| -> Result<Result<Value, String>, sea_orm::DbErr> {
-            match row.try_get::<Value>(pre, column) {
-                Ok(value) => Ok(Ok(value)),
-                Err(_) => {
-                    let text: String = row.try_get(pre, column)?;
-                    Ok(serde_json::from_str(&text).map_err(|err| format!("{column} is not JSON: {err}")))
-                }
-            }
+            let value = json_column(row, pre, column)?.unwrap_or(Ok(Value::Null));
+            Ok(value.map_err(|err| format!("{column} is not JSON: {err}")))
         };
         Ok(Self {
             stream_id: row.try_get(pre, "stream_id")?,
@@ -95,6 +90,20 @@ impl sea_orm::FromQueryResult for StoredMessage {
             data: json("message_data")?,
             metadata: json("message_metadata")?,
         })
+    }
+}
+
+/// A JSON column, `None` when NULL. Read as JSON where the database has a JSON type, parsed
+/// from text where it stores text (SQLite), so a malformed value is an error of its own —
+/// serde's, for the caller to name — rather than the driver's for the whole query.
+pub(crate) fn json_column(
+    row: &sea_orm::QueryResult,
+    pre: &str,
+    column: &str,
+) -> Result<Option<serde_json::Result<Value>>, sea_orm::DbErr> {
+    match row.try_get::<Option<Value>>(pre, column) {
+        Ok(value) => Ok(value.map(Ok)),
+        Err(_) => Ok(row.try_get::<Option<String>>(pre, column)?.map(|text| serde_json::from_str(&text))),
     }
 }
 

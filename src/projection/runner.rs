@@ -51,7 +51,7 @@ impl RunOptions {
     }
     /// Events per batch, i.e. per transaction (default 500).
     pub fn batch_size(mut self, batch_size: u64) -> Self {
-        self.batch_size = Ord::max(batch_size, 1);
+        self.batch_size = batch_size.clamp(1, i64::MAX as u64);
         self
     }
     /// Process at most one batch instead of running until caught up.

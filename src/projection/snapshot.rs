@@ -8,7 +8,7 @@ use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelec
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::{Columns, Keys, ProjectionContext};
-use crate::event::RecordedEvent;
+use crate::event::{RecordedEvent, json_column};
 use crate::limits::{self, MAX_SNAPSHOT_ID_CHARS};
 use crate::schema::{messages, snapshots};
 use crate::{Error, Result};
@@ -137,6 +137,9 @@ fn encode_uri_component(s: &str) -> String {
     out
 }
 
+/// A locked row's last global position and its snapshot (`None`: NULL; `Err`: not JSON).
+type Stored = (i64, Option<serde_json::Result<serde_json::Value>>);
+
 /// One read-model row of a batch: its keys, its events, and what folding them gave.
 struct Row<'a, E, S> {
     keys: Keys,
@@ -170,13 +173,13 @@ where
                 .push(event);
         }
         let ids: Vec<String> = rows.keys().cloned().collect();
-        let stored = match self.storage {
+        let mut stored = match self.storage {
             Storage::SnapshotTable => self.lock_snapshots(ctx, &ids).await?,
             Storage::InTable => self.lock_rows(ctx, &rows).await?,
         };
         for (id, row) in rows.iter_mut() {
-            let (mut last_global, mut state) = match stored.get(id) {
-                Some((position, json)) => (*position, self.decode(id, json.clone())?),
+            let (mut last_global, mut state) = match stored.remove(id) {
+                Some((position, json)) => (position, self.decode(id, json)?),
                 None => (0, (self.initial_state)()),
             };
             if let Some(stream) = ctx.stream {
@@ -243,28 +246,22 @@ where
         }
     }
 
-    fn decode(&self, id: &str, json: serde_json::Value) -> Result<S> {
-        if serde_json::Value::is_null(&json) {
-            return Ok((self.initial_state)());
+    /// The stored state; the initial state for a new (NULL or JSON `null`) snapshot.
+    fn decode(&self, id: &str, json: Option<serde_json::Result<serde_json::Value>>) -> Result<S> {
+        let corrupt = |source| Error::CorruptSnapshot { table: self.table.clone(), stream_id: id.to_owned(), source };
+        match json.transpose().map_err(corrupt)? {
+            None | Some(serde_json::Value::Null) => Ok((self.initial_state)()),
+            Some(json) => serde_json::from_value(json).map_err(corrupt),
         }
-        serde_json::from_value(json).map_err(|source| Error::CorruptSnapshot {
-            table: self.table.clone(),
-            stream_id: id.to_owned(),
-            source,
-        })
     }
 
     /// Snapshot-table mode: locks (creating them if needed) and loads the batch's snapshots.
-    async fn lock_snapshots(
-        &self,
-        ctx: &ProjectionContext<'_>,
-        ids: &[String],
-    ) -> Result<BTreeMap<String, (i64, serde_json::Value)>> {
+    async fn lock_snapshots(&self, ctx: &ProjectionContext<'_>, ids: &[String]) -> Result<BTreeMap<String, Stored>> {
         let mut stored = BTreeMap::new();
         for chunk in ids.chunks(ROWS_PER_STATEMENT) {
             for row in crate::backend::lock_snapshots(ctx.txn, &self.table, chunk).await? {
                 let id: String = row.try_get("", "stream_id")?;
-                stored.insert(id, (row.try_get("", "last_global_position")?, row.try_get("", "snapshot")?));
+                stored.insert(id, (row.try_get("", "last_global_position")?, json_column(&row, "", "snapshot")?));
             }
         }
         Ok(stored)
@@ -275,7 +272,7 @@ where
         &self,
         ctx: &ProjectionContext<'_>,
         rows: &BTreeMap<String, Row<'_, E, S>>,
-    ) -> Result<BTreeMap<String, (i64, serde_json::Value)>> {
+    ) -> Result<BTreeMap<String, Stored>> {
         let mut stored = BTreeMap::new();
         for (id, row) in rows {
             let mut select = Query::select();
@@ -288,9 +285,8 @@ where
                 select.and_where(Expr::col(Alias::new(name)).eq(value.as_str()));
             }
             if let Some(found) = ctx.txn.query_one(&select).await.map_err(|err| self.read_model_error(err))? {
-                let snapshot: Option<serde_json::Value> = found.try_get("", "snapshot")?;
                 let position: Option<i64> = found.try_get("", "last_global_position")?;
-                stored.insert(id.clone(), (position.unwrap_or(0), snapshot.unwrap_or_default()));
+                stored.insert(id.clone(), (position.unwrap_or(0), json_column(&found, "", "snapshot")?));
             }
         }
         Ok(stored)
