@@ -611,12 +611,29 @@ async fn killed_connections_never_duplicate_appends(db: TestDb) {
             lost
         }));
     }
+    create_totals(&db.db, "kill_totals", "stream").await;
+    let registry = || SnapshotProjectionRegistry::new().with(totals("kill_totals", by_stream));
+    let runner = {
+        let (runner, stop) = (ProjectionRunner::new(store.clone(), registry()), stop.clone());
+        tokio::spawn(async move {
+            let mut runs = 0;
+            while !stop.load(Ordering::Relaxed) {
+                // The run retries lost connections itself; one that keeps losing says so, typed.
+                match runner.project_partition("kill", "t", RunOptions::default().batch_size(10)).await {
+                    Ok(_) | Err(Error::ConnectionLost { .. }) => runs += 1,
+                    Err(other) => panic!("run: {other:?}"),
+                }
+            }
+            runs
+        })
+    };
     let mut lost = Vec::new();
     for writer in writers {
         lost.extend(writer.await.unwrap());
     }
     stop.store(true, Ordering::Relaxed);
     let kills = killer.await.unwrap();
+    assert!(runner.await.unwrap() > 0);
     assert!(kills > 0, "the killer killed no connection");
     for (key, i) in &lost {
         let events = [Ev::Deposited { amount: 1 }, Ev::Deposited { amount: 2 }];
@@ -636,6 +653,12 @@ async fn killed_connections_never_duplicate_appends(db: TestDb) {
     };
     eprintln!("{kills} connections killed; {} appends reported a lost connection and were retried", lost.len());
     assert_eq!(total, 6 * 60 * 2, "every append exactly once ({} reported lost and retried)", lost.len());
+    ProjectionRunner::new(store.clone(), registry())
+        .project_partition("kill", "t", RunOptions::default())
+        .await
+        .unwrap();
+    let streams: Vec<String> = (0..3).map(|k| format!("k{k}")).collect();
+    assert_eq!(totals_of(&db.db, "kill_totals", "stream").await, fold_per_stream(&store, "t", &streams).await);
 }
 
 /// Item 7: snapshot ids order keys like JavaScript, so a TypeScript writer finds our snapshots.
