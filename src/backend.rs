@@ -153,6 +153,8 @@ pub(crate) async fn harden_schema(conn: &impl ConnectionTrait) -> Result<(), DbE
             "ALTER TABLE messages ALTER COLUMN global_position SET NOT NULL".to_owned(),
             "CREATE UNIQUE INDEX IF NOT EXISTS uq_messages_message_id ON messages (message_id, partition)".to_owned(),
             skipped("text", "bigint", "timestamptz(3)"),
+            // Dropping `messages` (e.g. `sea-orm-cli migrate fresh`) drops the sequence with it.
+            "ALTER SEQUENCE emt_global_message_position OWNED BY messages.global_position".to_owned(),
         ],
         DbBackend::Sqlite => {
             // Rows another writer left without a position get the next ones, in insertion order.
@@ -199,9 +201,20 @@ pub(crate) async fn harden_schema(conn: &impl ConnectionTrait) -> Result<(), DbE
             ddl.extend([
                 format!("CREATE TABLE IF NOT EXISTS emt_partitions (`partition` {long} NOT NULL PRIMARY KEY) {table}"),
                 "INSERT IGNORE INTO emt_partitions (`partition`) SELECT DISTINCT `partition` FROM streams".to_owned(),
-                "CREATE UNIQUE INDEX uq_messages_message_id ON messages (message_id, `partition`)".to_owned(),
                 format!("{} {table}", skipped(&long, "BIGINT", "DATETIME(3)")),
             ]);
+            // MySQL has no `CREATE INDEX IF NOT EXISTS`; the migration may run twice (see `migrate`).
+            let indexed = conn
+                .query_one_raw(Statement::from_string(
+                    backend,
+                    "SELECT 1 FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE()
+                     AND TABLE_NAME = 'messages' AND INDEX_NAME = 'uq_messages_message_id'",
+                ))
+                .await?
+                .is_some();
+            if !indexed {
+                ddl.push("CREATE UNIQUE INDEX uq_messages_message_id ON messages (message_id, `partition`)".to_owned());
+            }
             ddl
         }
         other => return Err(DbErr::BackendNotSupported { db: other.as_str(), ctx: "emmett-seaorm schema" }),
@@ -218,6 +231,7 @@ pub(crate) async fn soften_schema(conn: &impl ConnectionTrait) -> Result<(), DbE
     let mut ddl = vec!["DROP TABLE IF EXISTS emt_skipped_events".to_owned()];
     match backend {
         DbBackend::Postgres => ddl.extend([
+            "ALTER SEQUENCE emt_global_message_position OWNED BY NONE".to_owned(),
             "DROP INDEX IF EXISTS uq_messages_message_id".to_owned(),
             "ALTER TABLE messages ALTER COLUMN global_position DROP NOT NULL".to_owned(),
         ]),

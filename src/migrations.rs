@@ -58,13 +58,36 @@ impl MigrationTrait for M20261128000001HardenEventStore {
     }
 }
 
-/// The migrator of emmett-seaorm's schema.
+/// The migrator of emmett-seaorm's schema, keeping its records in its own table,
+/// `emt_migrations`, so it coexists with your app's migrator (`seaql_migrations`).
+///
+/// Two ways to run it, which can be mixed (every migration is idempotent):
+/// - [`migrate`] (this migrator) at startup;
+/// - its migrations inside your own migrator, recorded in yours:
+///
+/// ```
+/// use sea_orm_migration::prelude::*;
+///
+/// pub struct AppMigrator;
+///
+/// impl MigratorTrait for AppMigrator {
+///     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+///         let mut migrations = emmett_seaorm::Migrator::migrations();
+///         // migrations.push(Box::new(m20260101_000001_create_carts::Migration));
+///         migrations
+///     }
+/// }
+/// ```
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         vec![Box::new(M20250101000001CreateEventStore), Box::new(M20261128000001HardenEventStore)]
+    }
+
+    fn migration_table_name() -> DynIden {
+        Alias::new("emt_migrations").into_iden()
     }
 }
 

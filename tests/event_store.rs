@@ -437,7 +437,61 @@ async fn migrations_go_down_and_up_again(db: TestDb) {
     assert_eq!((again.next_expected_stream_version, again.last_event_global_position), (1, 1));
 }
 
+/// An app's own migration: a read-model table.
+struct CreateCarts;
+
+impl sea_orm_migration::MigrationName for CreateCarts {
+    fn name(&self) -> &str {
+        "m20260101_000001_create_carts"
+    }
+}
+
+#[async_trait::async_trait]
+impl sea_orm_migration::MigrationTrait for CreateCarts {
+    async fn up(&self, manager: &sea_orm_migration::SchemaManager) -> Result<(), sea_orm::DbErr> {
+        use sea_orm_migration::prelude::*;
+        manager
+            .create_table(
+                Table::create()
+                    .table(Alias::new("carts"))
+                    .if_not_exists()
+                    .col(ColumnDef::new(Alias::new("cart_id")).string().not_null().primary_key())
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// The app's migrator, with or without the store's migrations in it.
+struct AppMigrator<const WITH_STORE: bool>;
+
+impl<const WITH_STORE: bool> MigratorTrait for AppMigrator<WITH_STORE> {
+    fn migrations() -> Vec<Box<dyn sea_orm_migration::MigrationTrait>> {
+        let mut migrations = if WITH_STORE { Migrator::migrations() } else { Vec::new() };
+        migrations.push(Box::new(CreateCarts));
+        migrations
+    }
+}
+
+/// `migrate(&db)` and an app's own migrator coexist in any order, with or without the store's
+/// migrations inside the app's; `fresh` starts global positions over.
+async fn migrate_coexists_with_the_apps_migrator(db: TestDb) {
+    // The test database was set up with `migrate(&db)`; the app adds its migrator later.
+    AppMigrator::<false>::up(&db.db, None).await.unwrap();
+    emmett_seaorm::migrate(&db.db).await.unwrap();
+    AppMigrator::<true>::up(&db.db, None).await.unwrap();
+    emmett_seaorm::migrate(&db.db).await.unwrap();
+    assert_eq!(AppMigrator::<true>::get_pending_migrations(&db.db).await.unwrap().len(), 0);
+
+    let store = db.store();
+    store.append_to_stream("x", [deposit(1), deposit(2)], AppendOptions::default()).await.unwrap();
+    AppMigrator::<true>::fresh(&db.db).await.unwrap();
+    let first = store.append_to_stream("x", [deposit(1)], AppendOptions::default()).await.unwrap();
+    assert_eq!(first.last_event_global_position, 1, "fresh starts global positions over");
+}
+
 conformance!(
+    migrate_coexists_with_the_apps_migrator,
     append_then_read_round_trips,
     every_expected_version_case,
     racing_appenders_on_one_stream,
