@@ -266,7 +266,7 @@ async fn project_partition(store: &EventStore, args: &Args, partition: &str) -> 
     let runner = ProjectionRunner::new(store.clone(), carts_projection());
     let started = Instant::now();
     let done = runner
-        .project_partition("carts-partition", partition, RunOptions::default().batch_size(args.batch_size))
+        .project_partition("carts-partition", RunOptions::default().partition(partition).batch_size(args.batch_size))
         .await?;
     report("project-partition", done.processed, started);
     assert_eq!(done.processed, streams * 10);

@@ -176,6 +176,13 @@ pub(crate) fn decode<E: Event>(message_type: &str, data: Value) -> serde_json::R
     })
 }
 
+/// Whether decoding failed because the event type (the serde tag) is not one of the enum's,
+/// as opposed to data that does not match a type the enum has. serde's derive reports the
+/// former as "unknown variant …".
+pub(crate) fn is_unknown_type(err: &serde_json::Error) -> bool {
+    err.to_string().starts_with("unknown variant")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,5 +209,13 @@ mod tests {
         assert!(matches!(encode(&42, "s"), Err(Error::InvalidEvent { .. })));
         assert!(matches!(encode(&serde_json::json!({"kind": "x"}), "s"), Err(Error::InvalidEvent { .. })));
         assert!(decode::<Ev>("Unknown", Value::Null).is_err());
+    }
+
+    #[test]
+    fn unknown_types_are_told_from_bad_data() {
+        assert!(is_unknown_type(&decode::<Ev>("Unknown", serde_json::json!({ "id": 1 })).unwrap_err()));
+        assert!(is_unknown_type(&decode::<Ev>("Unknown", Value::Null).unwrap_err()));
+        assert!(!is_unknown_type(&decode::<Ev>("Created", serde_json::json!({ "id": "x" })).unwrap_err()));
+        assert!(!is_unknown_type(&decode::<Ev>("Created", Value::Null).unwrap_err()));
     }
 }

@@ -1,5 +1,11 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+#[cfg(not(any(feature = "sqlite", feature = "postgres", feature = "mysql")))]
+compile_error!(
+    "emmett-seaorm needs a database backend: enable at least one of the features `sqlite`, `postgres`, `mysql`"
+);
 
 mod backend;
 mod error;
@@ -9,6 +15,9 @@ pub mod migrations;
 pub mod projection;
 pub mod schema;
 mod store;
+
+/// The SeaORM this crate is built on, for the macros and for apps that want the same version.
+pub use sea_orm;
 
 pub use error::{Error, Result};
 pub use event::{Event, RecordedEvent};

@@ -181,7 +181,7 @@ async fn round_trip(url: String, db: DatabaseConnection) {
         .await
         .unwrap();
     let all = carts_runner(&store, "cart_totals")
-        .project_partition("cart-totals", TENANT, RunOptions::default())
+        .project_partition("cart-totals", RunOptions::default().partition(TENANT))
         .await
         .unwrap();
     assert_eq!(all.processed, 11);

@@ -127,7 +127,8 @@ async fn fold_equals_read_model_and_rerun_is_a_no_op(db: TestDb) {
     seed(&store, "t2", 2).await;
     let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(projection("accounts")));
 
-    let first = runner.project_partition("accounts-rm", "t1", RunOptions::default().batch_size(7)).await.unwrap();
+    let first =
+        runner.project_partition("accounts-rm", RunOptions::default().partition("t1").batch_size(7)).await.unwrap();
     assert_eq!(first.processed, (0..6).map(|i| i + 3).sum::<u64>());
     assert_eq!(read_model(&db.db, "accounts", "t1").await, folded(&store, "t1", 6).await);
     assert!(read_model(&db.db, "accounts", "t2").await.is_empty(), "another tenant's events stay out");
@@ -143,7 +144,7 @@ async fn fold_equals_read_model_and_rerun_is_a_no_op(db: TestDb) {
     assert_eq!(serde_json::from_value::<Account>(snap.snapshot).unwrap(), expected.state);
     assert_eq!(snap.last_stream_position as u64, expected.current_stream_version);
 
-    let again = runner.project_partition("accounts-rm", "t1", RunOptions::default()).await.unwrap();
+    let again = runner.project_partition("accounts-rm", RunOptions::default().partition("t1")).await.unwrap();
     assert_eq!((again.processed, again.last_processed_position), (0, first.last_processed_position));
 
     // New events are picked up from the checkpoint; the fold still matches.
@@ -155,13 +156,13 @@ async fn fold_equals_read_model_and_rerun_is_a_no_op(db: TestDb) {
         )
         .await
         .unwrap();
-    let more = runner.project_partition("accounts-rm", "t1", RunOptions::default()).await.unwrap();
+    let more = runner.project_partition("accounts-rm", RunOptions::default().partition("t1")).await.unwrap();
     assert_eq!(more.processed, 2);
     assert_eq!(read_model(&db.db, "accounts", "t1").await, folded(&store, "t1", 6).await);
     assert_eq!(checkpoint(&db.db, "accounts-rm", "t1").await, Some(more.last_processed_position as i64));
 
     // A second subscription over the same snapshots (e.g. a rebuild) adds nothing twice.
-    let rebuild = runner.project_partition("accounts-rm-2", "t1", RunOptions::default()).await.unwrap();
+    let rebuild = runner.project_partition("accounts-rm-2", RunOptions::default().partition("t1")).await.unwrap();
     assert_eq!(rebuild.processed, first.processed + 2);
     assert_eq!(read_model(&db.db, "accounts", "t1").await, folded(&store, "t1", 6).await);
 }
@@ -202,7 +203,9 @@ async fn concurrent_runners_give_one_sequential_fold(db: TestDb) {
             let runner = ProjectionRunner::new(if i % 2 == 0 { store.clone() } else { other.clone() }, registry());
             tokio::spawn(async move {
                 for _ in 0..3 {
-                    runner.project_partition("accounts-rm", "t1", RunOptions::default().batch_size(5)).await?;
+                    runner
+                        .project_partition("accounts-rm", RunOptions::default().partition("t1").batch_size(5))
+                        .await?;
                 }
                 Ok::<_, Error>(())
             })
@@ -222,7 +225,7 @@ async fn concurrent_runners_give_one_sequential_fold(db: TestDb) {
         r.await.unwrap().unwrap();
     }
     ProjectionRunner::new(store.clone(), registry())
-        .project_partition("accounts-rm", "t1", RunOptions::default())
+        .project_partition("accounts-rm", RunOptions::default().partition("t1"))
         .await
         .unwrap();
     assert_eq!(read_model(&db.db, "accounts", "t1").await, folded(&store, "t1", 12).await);
@@ -284,7 +287,7 @@ async fn handler_failure_rolls_the_batch_back(db: TestDb) {
         SnapshotProjectionRegistry::new().with(projection("accounts")).on(["Deposited"], Picky(picky.clone()));
     let runner = ProjectionRunner::new(store.clone(), registry);
 
-    let failed = runner.project_partition("rm", "t1", RunOptions::default()).await;
+    let failed = runner.project_partition("rm", RunOptions::default().partition("t1")).await;
     match failed {
         Err(Error::Handler { stream, partition, position, message_type, .. }) => {
             assert_eq!(
@@ -299,7 +302,7 @@ async fn handler_failure_rolls_the_batch_back(db: TestDb) {
     assert_eq!(checkpoint(&db.db, "rm", "t1").await.unwrap_or(0), 0, "the checkpoint did not move");
 
     picky.store(false, Ordering::SeqCst);
-    assert_eq!(runner.project_partition("rm", "t1", RunOptions::default()).await.unwrap().processed, 4);
+    assert_eq!(runner.project_partition("rm", RunOptions::default().partition("t1")).await.unwrap().processed, 4);
     assert_eq!(read_model(&db.db, "accounts", "t1").await, vec![("a".into(), 1, 1), ("b".into(), 13, 1)]);
 }
 
@@ -320,7 +323,7 @@ async fn key_set_mismatch_is_a_typed_error(db: TestDb) {
         Account::default,
     );
     let runner = ProjectionRunner::new(store, SnapshotProjectionRegistry::new().with(shifty));
-    match runner.project_partition("rm", emmett_seaorm::DEFAULT_PARTITION, RunOptions::default()).await {
+    match runner.project_partition("rm", RunOptions::default().partition(emmett_seaorm::DEFAULT_PARTITION)).await {
         Err(Error::KeySetMismatch { projection, expected, found }) => {
             assert_eq!(projection, "accounts");
             assert_eq!(expected, ["account_id", "tenant_id"]);
@@ -335,7 +338,7 @@ async fn corrupt_snapshot_is_a_typed_error(db: TestDb) {
     create_read_model(&db.db, "accounts", false).await;
     let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(projection("accounts")));
     store.append_to_stream("a", [Ev::Opened { owner: "a".into() }], AppendOptions::default()).await.unwrap();
-    runner.project_partition("rm", emmett_seaorm::DEFAULT_PARTITION, RunOptions::default()).await.unwrap();
+    runner.project_partition("rm", RunOptions::default().partition(emmett_seaorm::DEFAULT_PARTITION)).await.unwrap();
     // The wrong shape everywhere; text that is not JSON where the column can hold it (SQLite).
     let mut corruptions = vec![r#"{"total": "lots"}"#];
     if db.db.get_database_backend() == DbBackend::Sqlite {
@@ -345,7 +348,7 @@ async fn corrupt_snapshot_is_a_typed_error(db: TestDb) {
         let update = format!("UPDATE snapshots SET snapshot = '{corruption}'");
         db.db.execute_raw(Statement::from_string(db.db.get_database_backend(), update)).await.unwrap();
         store.append_to_stream("a", [Ev::Closed], AppendOptions::default()).await.unwrap();
-        match runner.project_partition("rm", emmett_seaorm::DEFAULT_PARTITION, RunOptions::default()).await {
+        match runner.project_partition("rm", RunOptions::default().partition(emmett_seaorm::DEFAULT_PARTITION)).await {
             Err(Error::CorruptSnapshot { table, stream_id, .. }) => {
                 assert_eq!(
                     (table.as_str(), stream_id.as_str()),
@@ -369,7 +372,7 @@ async fn identifiers_are_quoted_never_executed(db: TestDb) {
         (SnapshotProjectionRegistry::new().with(hostile_column), "accounts"),
     ] {
         let res = ProjectionRunner::new(store.clone(), registry)
-            .project_partition("rm", emmett_seaorm::DEFAULT_PARTITION, RunOptions::default())
+            .project_partition("rm", RunOptions::default().partition(emmett_seaorm::DEFAULT_PARTITION))
             .await;
         // The error names the read model; the database's own message says what is missing.
         assert!(matches!(&res, Err(Error::ReadModel { table: t, .. }) if t == table), "{res:?}");
@@ -385,7 +388,7 @@ async fn in_table_mode_keeps_state_in_the_row(db: TestDb) {
     seed(&store, "t1", 3).await;
     let legacy = projection("legacy_accounts").in_table();
     let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(legacy));
-    runner.project_partition("legacy", "t1", RunOptions::default().batch_size(4)).await.unwrap();
+    runner.project_partition("legacy", RunOptions::default().partition("t1").batch_size(4)).await.unwrap();
     assert_eq!(read_model(&db.db, "legacy_accounts", "t1").await, folded(&store, "t1", 3).await);
     assert!(snapshots::Entity::find().all(&db.db).await.unwrap().is_empty(), "nothing in the central table");
     let row = db
@@ -407,7 +410,7 @@ async fn in_table_mode_keeps_state_in_the_row(db: TestDb) {
     assert_eq!(row.try_get::<i64>("", "last_stream_position").unwrap() as u64, expected.current_stream_version);
 
     // Re-projecting from scratch under another subscription is a no-op on the rows.
-    runner.project_partition("legacy-2", "t1", RunOptions::default()).await.unwrap();
+    runner.project_partition("legacy-2", RunOptions::default().partition("t1")).await.unwrap();
     assert_eq!(read_model(&db.db, "legacy_accounts", "t1").await, folded(&store, "t1", 3).await);
 }
 
@@ -431,9 +434,9 @@ async fn map_to_columns_runs_once_per_written_state(db: TestDb) {
         })
     };
     let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(counted));
-    runner.project_partition("rm", "t1", RunOptions::default()).await.unwrap();
+    runner.project_partition("rm", RunOptions::default().partition("t1")).await.unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 3, "one write per row per batch");
-    runner.project_partition("rm", "t1", RunOptions::default()).await.unwrap();
+    runner.project_partition("rm", RunOptions::default().partition("t1")).await.unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 3, "a re-run writes nothing");
     assert_eq!(read_model(&db.db, "accounts", "t1").await, folded(&store, "t1", 3).await);
 }
@@ -491,18 +494,70 @@ async fn late_commit_is_not_skipped(db: TestDb) {
     }
 
     let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(projection("accounts")));
-    let run = tokio::spawn(async move { runner.project_partition("accounts-rm", "t1", RunOptions::default()).await });
+    let run =
+        tokio::spawn(
+            async move { runner.project_partition("accounts-rm", RunOptions::default().partition("t1")).await },
+        );
     tokio::time::sleep(Duration::from_millis(300)).await;
     commit_late.send(()).unwrap();
     late.await.unwrap().unwrap();
     run.await.unwrap().unwrap();
 
     let rerun = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(projection("accounts")));
-    rerun.project_partition("accounts-rm", "t1", RunOptions::default()).await.unwrap();
+    rerun.project_partition("accounts-rm", RunOptions::default().partition("t1")).await.unwrap();
     assert_eq!(read_model(&db.db, "accounts", "t1").await, folded(&store, "t1", 3).await);
 }
 
+/// Counts the events it sees.
+struct Counting(Arc<AtomicUsize>);
+
+#[async_trait::async_trait]
+impl EventHandler<Ev> for Counting {
+    async fn handle(
+        &self,
+        _: &ProjectionContext<'_>,
+        _: &RecordedEvent<Ev>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// A tenant holds several aggregates' events: types the event enum doesn't know are not the
+/// projections' business, unless one of them names the type; a known type with bad data is
+/// always an error.
+async fn other_aggregates_events_are_not_the_projections_business(db: TestDb) {
+    let store = db.store();
+    create_read_model(&db.db, "accounts", false).await;
+    seed(&store, "t1", 2).await;
+    let on_t1 = || AppendOptions::default().partition("t1");
+    let cart = serde_json::json!({ "type": "CartCreated", "data": { "currency": "EUR" } });
+    store.append_to_stream("cart-1", [cart], on_t1()).await.unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let registry = SnapshotProjectionRegistry::new().with(projection("accounts")).on([], Counting(seen.clone()));
+    let runner = ProjectionRunner::new(store.clone(), registry);
+    let done = runner.project_partition("rm", RunOptions::default().partition("t1")).await.unwrap();
+    assert_eq!(done.processed, 3 + 4 + 1);
+    assert_eq!(read_model(&db.db, "accounts", "t1").await, folded(&store, "t1", 2).await);
+    assert_eq!(seen.load(Ordering::SeqCst), 7, "`on([])` sees every event of the enum's types");
+
+    let named = SnapshotProjectionRegistry::new().with(projection("accounts").handles(["Deposited", "CartCreated"]));
+    let res = ProjectionRunner::new(store.clone(), named)
+        .project_partition("rm-2", RunOptions::default().partition("t1"))
+        .await;
+    assert!(
+        matches!(&res, Err(Error::UndecodableEvent { message_type, .. }) if message_type == "CartCreated"),
+        "{res:?}"
+    );
+
+    let bad = serde_json::json!({ "type": "Deposited", "data": { "amount": "lots" } });
+    store.append_to_stream("acc-00", [bad], on_t1()).await.unwrap();
+    let res = runner.project_partition("rm", RunOptions::default().partition("t1")).await;
+    assert!(matches!(&res, Err(Error::UndecodableEvent { stream, position: 4, .. }) if stream == "acc-00"), "{res:?}");
+}
+
 conformance!(
+    other_aggregates_events_are_not_the_projections_business,
     fold_equals_read_model_and_rerun_is_a_no_op,
     project_events_per_stream_resumes_from_its_checkpoint,
     concurrent_runners_give_one_sequential_fold,

@@ -144,7 +144,7 @@ async fn identifiers_compare_exactly(db: TestDb) {
         SnapshotProjectionRegistry::new().with(totals("tenant_totals", by_tenant)),
     );
     for tenant in tenants {
-        runner.project_partition("totals", tenant, RunOptions::default()).await.unwrap();
+        runner.project_partition("totals", RunOptions::default().partition(tenant)).await.unwrap();
     }
     let expected: BTreeMap<String, (i64, i64)> =
         tenants.iter().enumerate().map(|(i, t)| (t.to_string(), (i as i64 + 1, 10 * (i as i64 + 1)))).collect();
@@ -169,6 +169,10 @@ async fn numbers_at_the_edges_never_wrap_or_panic(db: TestDb) {
     assert!(read(ReadOptions::default().from(1u64 << 63)).await.unwrap().events.is_empty());
     assert_eq!(read(ReadOptions::default().max_count(u64::MAX)).await.unwrap().events.len(), 2);
     assert_eq!(read(ReadOptions::default().to(u64::MAX)).await.unwrap().events.len(), 2);
+    let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::<Ev>::new());
+    let huge = RunOptions::default().partition("t").batch_size(u64::MAX);
+    assert_eq!(runner.project_events("n", "n", huge.clone()).await.unwrap().processed, 2);
+    assert_eq!(runner.project_partition("n-partition", huge).await.unwrap().processed, 2);
     let folded =
         store.aggregate_stream("n", |n, e| n + amount(e), || 0, ReadOptions::default().partition("t").from(u64::MAX));
     assert_eq!(folded.await.unwrap().state, 0, "reading from past the end folds nothing");
@@ -213,7 +217,7 @@ async fn per_stream_runs_refuse_rows_fed_by_several_streams(db: TestDb) {
     create_totals(&db.db, "per_tenant_2", "tenant").await;
     let runner =
         ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(totals("per_tenant_2", by_tenant)));
-    runner.project_partition("per-tenant-2", "t", RunOptions::default().batch_size(1)).await.unwrap();
+    runner.project_partition("per-tenant-2", RunOptions::default().partition("t").batch_size(1)).await.unwrap();
     assert_eq!(totals_of(&db.db, "per_tenant_2", "tenant").await["t"], (4, 1111));
 
     // Rows fed by one stream each still re-run as no-ops under a second subscription.
@@ -304,10 +308,11 @@ async fn poison_events_are_named_skippable_and_recorded(db: TestDb) {
     let runner =
         ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(totals("p_totals", by_stream)));
     for _ in 0..2 {
-        let stuck = runner.project_partition("p", "t", RunOptions::default()).await;
+        let stuck = runner.project_partition("p", RunOptions::default().partition("t")).await;
         assert!(matches!(stuck, Err(Error::UndecodableEvent { position: 2, .. })), "{stuck:?}");
     }
-    let done = runner.project_partition("p", "t", RunOptions::default().skip_undecodable_events()).await.unwrap();
+    let done =
+        runner.project_partition("p", RunOptions::default().partition("t").skip_undecodable_events()).await.unwrap();
     assert_eq!(done.processed, if sqlite { 5 } else { 3 });
     let expected = if sqlite { (3, 7) } else { (2, 3) };
     assert_eq!(totals_of(&db.db, "p_totals", "stream").await["p"], expected);
@@ -375,7 +380,7 @@ async fn bad_identifiers_are_refused_by_name(db: TestDb) {
     assert_eq!(read.events[0].stream_id, at_limit);
     let runner =
         ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(totals("none", by_stream)));
-    let res = runner.project_partition("sub\0", "t", RunOptions::default()).await;
+    let res = runner.project_partition("sub\0", RunOptions::default().partition("t")).await;
     assert!(matches!(res, Err(Error::InvalidIdentifier { what: "subscription id", .. })), "{res:?}");
     assert_eq!(messages::Entity::find().count(&db.db).await.unwrap(), 1, "only the valid append wrote");
 }
@@ -434,7 +439,7 @@ async fn append_waiting_after_taking_its_position_is_not_passed(db: TestDb) {
     create_totals(&db.db, "gap_totals", "stream").await;
     let registry = || SnapshotProjectionRegistry::new().with(totals("gap_totals", by_stream));
     ProjectionRunner::new(store.clone(), registry())
-        .project_partition("gap", "t", RunOptions::default())
+        .project_partition("gap", RunOptions::default().partition("t"))
         .await
         .unwrap();
 
@@ -463,14 +468,14 @@ async fn append_waiting_after_taking_its_position_is_not_passed(db: TestDb) {
     }
     let run = {
         let runner = ProjectionRunner::new(store.clone(), registry());
-        tokio::spawn(async move { runner.project_partition("gap", "t", RunOptions::default()).await })
+        tokio::spawn(async move { runner.project_partition("gap", RunOptions::default().partition("t")).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     locker.rollback().await.unwrap();
     late.await.unwrap().unwrap();
     run.await.unwrap().unwrap();
     ProjectionRunner::new(store.clone(), registry())
-        .project_partition("gap", "t", RunOptions::default())
+        .project_partition("gap", RunOptions::default().partition("t"))
         .await
         .unwrap();
     let streams = ["b".to_owned(), "d".to_owned()];
@@ -509,7 +514,7 @@ async fn writers_and_runners_race_without_errors_or_losses(db: TestDb) {
         let stop = stop.clone();
         runners.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                runner.project_partition("race", "t", RunOptions::default().batch_size(7)).await?;
+                runner.project_partition("race", RunOptions::default().partition("t").batch_size(7)).await?;
             }
             Ok::<_, Error>(())
         }));
@@ -520,7 +525,7 @@ async fn writers_and_runners_race_without_errors_or_losses(db: TestDb) {
         task.await.unwrap().unwrap();
     }
     ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(totals("race_totals", by_stream)))
-        .project_partition("race", "t", RunOptions::default())
+        .project_partition("race", RunOptions::default().partition("t"))
         .await
         .unwrap();
     assert_eq!(totals_of(&db.db, "race_totals", "stream").await, fold_per_stream(&store, "t", &streams).await);
@@ -619,7 +624,7 @@ async fn killed_connections_never_duplicate_appends(db: TestDb) {
             let mut runs = 0;
             while !stop.load(Ordering::Relaxed) {
                 // The run retries lost connections itself; one that keeps losing says so, typed.
-                match runner.project_partition("kill", "t", RunOptions::default().batch_size(10)).await {
+                match runner.project_partition("kill", RunOptions::default().partition("t").batch_size(10)).await {
                     Ok(_) | Err(Error::ConnectionLost { .. }) => runs += 1,
                     Err(other) => panic!("run: {other:?}"),
                 }
@@ -654,7 +659,7 @@ async fn killed_connections_never_duplicate_appends(db: TestDb) {
     eprintln!("{kills} connections killed; {} appends reported a lost connection and were retried", lost.len());
     assert_eq!(total, 6 * 60 * 2, "every append exactly once ({} reported lost and retried)", lost.len());
     ProjectionRunner::new(store.clone(), registry())
-        .project_partition("kill", "t", RunOptions::default())
+        .project_partition("kill", RunOptions::default().partition("t"))
         .await
         .unwrap();
     let streams: Vec<String> = (0..3).map(|k| format!("k{k}")).collect();

@@ -122,7 +122,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(carts));
     println!("projecting, one runner per tenant");
     for tenant in ["acme", "globex"] {
-        let done = runner.project_partition("carts-read-model", tenant, RunOptions::default()).await?;
+        let done = runner.project_partition("carts-read-model", RunOptions::default().partition(tenant)).await?;
         println!(
             "  {tenant}: {} new events, checkpoint at global position {}",
             done.processed, done.last_processed_position

@@ -19,7 +19,7 @@
 //! )
 //! .columns(|cart| columns! { "total" => cart.total });
 //! let runner = ProjectionRunner::new(store, SnapshotProjectionRegistry::new().with(carts));
-//! runner.project_partition("carts-read-model", "tenant-a", RunOptions::default()).await?;
+//! runner.project_partition("carts-read-model", RunOptions::default().partition("tenant-a")).await?;
 //! # Ok(()) }
 //! ```
 
@@ -54,7 +54,7 @@ macro_rules! keys {
 macro_rules! columns {
     ($($name:expr => $value:expr),* $(,)?) => {{
         let mut columns = $crate::projection::Columns::new();
-        $( columns.insert(::std::string::String::from($name), ::sea_orm::Value::from($value)); )*
+        $( columns.insert(::std::string::String::from($name), $crate::sea_orm::Value::from($value)); )*
         columns
     }};
 }

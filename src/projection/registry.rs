@@ -109,13 +109,13 @@ impl<E: Event + 'static> SnapshotProjectionRegistry<E> {
         self
     }
 
-    /// Adds a custom handler for the given event types (an empty list: every event).
-    pub fn on<I, T>(mut self, event_types: I, handler: impl EventHandler<E> + 'static) -> Self
-    where
-        I: IntoIterator<Item = T>,
-        T: Into<String>,
-    {
-        let types: Vec<String> = event_types.into_iter().map(Into::into).collect();
+    /// Adds a custom handler for the given event types (an empty list, `[]`: every event).
+    pub fn on<'a>(
+        mut self,
+        event_types: impl IntoIterator<Item = &'a str>,
+        handler: impl EventHandler<E> + 'static,
+    ) -> Self {
+        let types: Vec<String> = event_types.into_iter().map(str::to_owned).collect();
         let event_types = (!types.is_empty()).then_some(types);
         self.steps.push(Registered { event_types, step: Step::Custom(Arc::new(handler)) });
         self
@@ -124,6 +124,11 @@ impl<E: Event + 'static> SnapshotProjectionRegistry<E> {
     /// Whether any step handles events of `message_type` (others are skipped undecoded).
     pub(crate) fn handles(&self, message_type: &str) -> bool {
         self.steps.iter().any(|s| s.handles(message_type))
+    }
+
+    /// Whether a step lists `message_type` among the event types it handles.
+    pub(crate) fn names(&self, message_type: &str) -> bool {
+        self.steps.iter().any(|s| s.event_types.as_ref().is_some_and(|types| types.iter().any(|t| t == message_type)))
     }
 
     /// Runs every step on the batch, in registration order.

@@ -12,8 +12,8 @@ use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryO
 use super::{ProjectionContext, SnapshotProjectionRegistry};
 use crate::backend;
 use crate::error::retry_policy;
-use crate::event::StoredMessage;
 use crate::event::{Event, RecordedEvent};
+use crate::event::{StoredMessage, is_unknown_type};
 use crate::limits::{self, MAX_IDENTIFIER_CHARS};
 use crate::schema::skipped_events as skipped;
 use crate::schema::{DEFAULT_PARTITION, messages, subscriptions};
@@ -44,7 +44,10 @@ impl Default for RunOptions {
 }
 
 impl RunOptions {
-    /// The partition of the stream ([`ProjectionRunner::project_events`] only).
+    /// The partition (tenant) to project: the stream's for
+    /// [`project_events`](ProjectionRunner::project_events), the one whose streams
+    /// [`project_partition`](ProjectionRunner::project_partition) follows; `default_partition`
+    /// when not set.
     pub fn partition(mut self, partition: impl Into<String>) -> Self {
         self.partition = Some(partition.into());
         self
@@ -141,8 +144,9 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         Ok(ProjectEventsResult { processed, current_stream_version })
     }
 
-    /// Projects every stream of `partition` (a tenant) in global order past the checkpoint of
-    /// `subscription_id`, until caught up or for one batch.
+    /// Projects every stream of a partition (a tenant: `options.partition`, `default_partition`
+    /// when not set) in global order past the checkpoint of `subscription_id`, until caught up
+    /// or for one batch.
     ///
     /// Caught up means every event committed when the run started, and every event of a
     /// transaction that was writing then: global positions are taken before commit, so the run
@@ -152,9 +156,9 @@ impl<E: Event + 'static> ProjectionRunner<E> {
     pub async fn project_partition(
         &self,
         subscription_id: &str,
-        partition: &str,
         options: RunOptions,
     ) -> Result<ProjectPartitionResult> {
+        let partition = options.partition.as_deref().unwrap_or(DEFAULT_PARTITION);
         check_run(subscription_id, partition)?;
         let until = (|| self.horizon(subscription_id, partition)).retry(retry_policy()).when(Error::is_retried).await?;
         let (processed, last_processed_position, _) =
@@ -228,6 +232,10 @@ impl<E: Event + 'static> ProjectionRunner<E> {
             let global_position = row.global_position;
             match row.decode() {
                 Ok(event) => batch.push(event),
+                // Another aggregate's event in the tenant: not for these projections, unless one
+                // of them names its type.
+                Err(Error::UndecodableEvent { message_type, source, .. })
+                    if is_unknown_type(&source) && !self.registry.names(&message_type) => {}
                 Err(err) if options.skip_undecodable => {
                     skipped::record(&txn, subscription, global_position, &err).await?;
                 }

@@ -71,8 +71,8 @@ impl<E, S> SnapshotProjection<E, S> {
     }
 
     /// Only these event types feed the projection (default: every event of the stream or partition).
-    pub fn handles<I: IntoIterator<Item = T>, T: Into<String>>(mut self, event_types: I) -> Self {
-        self.event_types = Some(event_types.into_iter().map(Into::into).collect());
+    pub fn handles<'a>(mut self, event_types: impl IntoIterator<Item = &'a str>) -> Self {
+        self.event_types = Some(event_types.into_iter().map(str::to_owned).collect());
         self
     }
 
