@@ -12,6 +12,7 @@
 //!   horizon on PostgreSQL, a per-partition lock that appends share on MySQL, nothing to wait
 //!   for on SQLite.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use sea_orm::sea_query::{
@@ -803,6 +804,56 @@ pub(crate) async fn lock_snapshots(
             .lock(LockType::Update),
     )
     .await
+}
+
+/// What a read-model table looks like: its columns (with their collation where the backend
+/// has one per column) and the column sets of its primary and unique keys.
+pub(crate) struct TableShape {
+    pub columns: BTreeMap<String, Option<String>>,
+    pub unique_keys: Vec<BTreeSet<String>>,
+}
+
+/// The shape of `table` from the catalog, `None` when it does not exist. Partial and expression
+/// indexes are left out: an upsert can't use them as its conflict target.
+pub(crate) async fn table_shape(conn: &impl ConnectionTrait, table: &str) -> Result<Option<TableShape>, DbErr> {
+    let backend = conn.get_database_backend();
+    let (columns_sql, keys_sql) = match backend {
+        DbBackend::Postgres => (
+            "SELECT a.attname::text, NULL::text FROM pg_attribute a
+             WHERE a.attrelid = to_regclass(quote_ident($1)) AND a.attnum > 0 AND NOT a.attisdropped",
+            "SELECT i.indexrelid::text, a.attname::text FROM pg_index i
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+             WHERE i.indrelid = to_regclass(quote_ident($1)) AND i.indisunique
+               AND i.indpred IS NULL AND i.indexprs IS NULL",
+        ),
+        DbBackend::MySql => (
+            "SELECT COLUMN_NAME, COLLATION_NAME FROM information_schema.COLUMNS
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+            "SELECT INDEX_NAME, COLUMN_NAME FROM information_schema.STATISTICS
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND NON_UNIQUE = 0 AND COLUMN_NAME IS NOT NULL",
+        ),
+        _ => (
+            "SELECT name, NULL FROM pragma_table_info(?)",
+            // The primary key (a rowid alias has no index), then the unique indexes.
+            "SELECT '' AS key_name, name FROM pragma_table_info(?1) WHERE pk > 0
+             UNION ALL SELECT il.name, ii.name FROM pragma_index_list(?1) il, pragma_index_info(il.name) ii
+             WHERE il.\"unique\" = 1 AND il.partial = 0 AND il.origin <> 'pk'",
+        ),
+    };
+    let query = |sql: &str| conn.query_all_raw(Statement::from_sql_and_values(backend, sql, [table.into()]));
+    let columns: BTreeMap<String, Option<String>> = query(columns_sql)
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get_by_index(0)?, row.try_get_by_index(1)?)))
+        .collect::<Result<_, DbErr>>()?;
+    if columns.is_empty() {
+        return Ok(None);
+    }
+    let mut keys: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for row in query(keys_sql).await? {
+        keys.entry(row.try_get_by_index(0)?).or_default().insert(row.try_get_by_index(1)?);
+    }
+    Ok(Some(TableShape { columns, unique_keys: keys.into_values().collect() }))
 }
 
 /// Creates the PostgreSQL partitions of `partition` for the three partitioned tables, moving any

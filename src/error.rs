@@ -131,6 +131,17 @@ pub enum Error {
         streams: Vec<String>,
     },
 
+    /// A read-model table can't take the projection's rows: it does not exist, lacks a column,
+    /// or has no primary or unique key over exactly the key columns. `reason` says what to create.
+    /// Checked on a projection's first batch, before anything is written.
+    #[error("read model '{table}': {reason}")]
+    InvalidReadModel {
+        /// The read-model table.
+        table: String,
+        /// What is wrong and what to create.
+        reason: String,
+    },
+
     /// Reading or writing a read-model table failed: most often the table, a key column or a
     /// mapped column does not exist, or the keys are not a unique key of the table.
     #[error("read model '{table}': {source}")]

@@ -374,8 +374,8 @@ async fn identifiers_are_quoted_never_executed(db: TestDb) {
         let res = ProjectionRunner::new(store.clone(), registry)
             .project_partition("rm", RunOptions::default().partition(emmett_seaorm::DEFAULT_PARTITION))
             .await;
-        // The error names the read model; the database's own message says what is missing.
-        assert!(matches!(&res, Err(Error::ReadModel { table: t, .. }) if t == table), "{res:?}");
+        // The error names the read model and what it lacks.
+        assert!(matches!(&res, Err(Error::InvalidReadModel { table: t, .. }) if t == table), "{res:?}");
     }
     // Both tables are still there, and the store still works.
     assert_eq!(snapshots::Entity::find().all(&db.db).await.unwrap().len(), 0);
@@ -556,7 +556,78 @@ async fn other_aggregates_events_are_not_the_projections_business(db: TestDb) {
     assert!(matches!(&res, Err(Error::UndecodableEvent { stream, position: 4, .. }) if stream == "acc-00"), "{res:?}");
 }
 
+/// The read-model table is checked on the first batch, with an error that says what to create;
+/// keys are typed, so integer and UUID key columns work.
+async fn read_model_tables_are_checked_and_keys_are_typed(db: TestDb) {
+    use sea_orm::sea_query::{ColumnDef, Index, Table};
+    let store = db.store();
+    seed(&store, "t1", 3).await;
+    let typed_keys = |e: &RecordedEvent<Ev>, _: &str| {
+        let number: i64 = e.stream_id.trim_start_matches("acc-").parse().unwrap();
+        keys! { "account_no" => number, "account_uuid" => uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, e.stream_id.as_bytes()) }
+    };
+    let projection = || {
+        SnapshotProjection::new("typed", typed_keys, evolve, Account::default)
+            .columns(|a: &Account| columns! { "total" => a.total })
+    };
+    let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(projection()));
+    let run = || runner.project_partition("typed", RunOptions::default().partition("t1"));
+    let table = |key: bool, total: bool| {
+        let mut create = Table::create();
+        create
+            .table(Alias::new("typed"))
+            .col(ColumnDef::new(Alias::new("account_no")).big_integer().not_null())
+            .col(ColumnDef::new(Alias::new("account_uuid")).uuid().not_null());
+        if total {
+            create.col(ColumnDef::new(Alias::new("total")).big_integer());
+        }
+        if key {
+            create.primary_key(Index::create().col(Alias::new("account_uuid")).col(Alias::new("account_no")));
+        }
+        create.to_owned()
+    };
+    let expect = |res: emmett_seaorm::Result<_>, says: &str| match res {
+        Err(Error::InvalidReadModel { table, reason }) => {
+            assert_eq!(table, "typed");
+            assert!(reason.contains(says), "{reason}");
+        }
+        other => panic!("expected InvalidReadModel ({says}), got {other:?}"),
+    };
+    expect(run().await, "does not exist; create it with the columns (account_no, account_uuid) and a primary key");
+    for (key, total, says) in
+        [(false, true, "no primary or unique key over exactly (account_no, account_uuid)"), (true, false, "'total'")]
+    {
+        db.db.execute(&table(key, total)).await.unwrap();
+        expect(run().await, says);
+        db.db.execute(Table::drop().table(Alias::new("typed"))).await.unwrap();
+    }
+    assert_eq!(checkpoint(&db.db, "typed", "t1").await.unwrap_or(0), 0, "nothing was written");
+    assert_eq!(snapshots::Entity::find().all(&db.db).await.unwrap().len(), 0);
+
+    db.db.execute(&table(true, true)).await.unwrap();
+    assert_eq!(run().await.unwrap().processed, 3 + 4 + 5);
+    let rows = db
+        .db
+        .query_all(
+            sea_orm::sea_query::Query::select()
+                .columns([Alias::new("account_no"), Alias::new("total")])
+                .from(Alias::new("typed"))
+                .order_by(Alias::new("account_no"), sea_orm::Order::Asc),
+        )
+        .await
+        .unwrap();
+    let totals: Vec<(i64, i64)> =
+        rows.iter().map(|r| (r.try_get("", "account_no").unwrap(), r.try_get("", "total").unwrap())).collect();
+    let folded: Vec<(i64, i64)> =
+        folded(&store, "t1", 3).await.iter().enumerate().map(|(i, r)| (i as i64, r.1)).collect();
+    assert_eq!(totals, folded);
+    // Typed keys are encoded in snapshot ids as JavaScript's String(value) would.
+    let id = construct_stream_id(&keys! { "account_no" => 7i64, "flag" => true });
+    assert_eq!(id, "account_no:7|flag:true");
+}
+
 conformance!(
+    read_model_tables_are_checked_and_keys_are_typed,
     other_aggregates_events_are_not_the_projections_business,
     fold_equals_read_model_and_rerun_is_a_no_op,
     project_events_per_stream_resumes_from_its_checkpoint,

@@ -34,17 +34,19 @@ pub use runner::{ProjectEventsResult, ProjectPartitionResult, ProjectionRunner, 
 pub use snapshot::{SnapshotProjection, construct_stream_id};
 
 /// The key columns of a read-model row and their values, as returned by `extract_keys`.
-pub type Keys = BTreeMap<String, String>;
+/// Values are typed: text, integer, UUID… key columns take the value as it is.
+pub type Keys = BTreeMap<String, sea_orm::Value>;
 
 /// Denormalised read-model columns and their values, as returned by `map_to_columns`.
 pub type Columns = BTreeMap<String, sea_orm::Value>;
 
 /// Builds [`Keys`]: `keys! { "tenant_id" => partition, "cart_id" => &event.stream_id }`.
+/// Any value SeaORM binds works (`&str`, `String`, `i64`, `Uuid`, …).
 #[macro_export]
 macro_rules! keys {
     ($($name:expr => $value:expr),* $(,)?) => {{
         let mut keys = $crate::projection::Keys::new();
-        $( keys.insert(::std::string::String::from($name), ::std::string::ToString::to_string(&$value)); )*
+        $( keys.insert(::std::string::String::from($name), $crate::sea_orm::Value::from($value)); )*
         keys
     }};
 }

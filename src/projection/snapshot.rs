@@ -1,8 +1,9 @@
 //! Snapshot projections: a read model kept by folding events with the domain's `evolve`.
 
-use std::collections::BTreeMap;
-use std::sync::OnceLock;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use sea_orm::sea_query::QueryBuilder;
 use sea_orm::sea_query::{Alias, Expr, ExprTrait, LockType, OnConflict, Query, SimpleExpr};
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect};
 use serde::{Serialize, de::DeserializeOwned};
@@ -47,6 +48,8 @@ pub struct SnapshotProjection<E, S> {
     map_to_columns: Option<Box<ColumnsFn<S>>>,
     storage: Storage,
     key_names: OnceLock<Vec<String>>,
+    /// The read-model table's columns, once it was checked (see `check_table`).
+    table_columns: Mutex<Option<Arc<BTreeSet<String>>>>,
 }
 
 impl<E, S> SnapshotProjection<E, S> {
@@ -67,6 +70,7 @@ impl<E, S> SnapshotProjection<E, S> {
             map_to_columns: None,
             storage: Storage::SnapshotTable,
             key_names: OnceLock::new(),
+            table_columns: Mutex::default(),
         }
     }
 
@@ -94,6 +98,46 @@ impl<E, S> SnapshotProjection<E, S> {
         &self.table
     }
 
+    /// Checks the read-model table on the first batch (again after a failed check): it exists,
+    /// has the key columns (and the snapshot columns in legacy mode), and a primary or unique
+    /// key over exactly the key columns — the upsert's conflict target. Returns its columns.
+    async fn check_table(&self, ctx: &ProjectionContext<'_>, keys: &Keys) -> Result<Arc<BTreeSet<String>>> {
+        if let Some(columns) = self.table_columns.lock().expect("not poisoned").clone() {
+            return Ok(columns);
+        }
+        let invalid = |reason: String| Error::InvalidReadModel { table: self.table.clone(), reason };
+        let key_names: BTreeSet<String> = keys.keys().cloned().collect();
+        let mut required = key_names.clone();
+        if self.storage == Storage::InTable {
+            required.extend(IN_TABLE_COLUMNS.map(String::from));
+        }
+        let Some(shape) = crate::backend::table_shape(ctx.txn, &self.table).await? else {
+            return Err(invalid(format!(
+                "the table does not exist; create it with the columns ({}) and a primary key over ({})",
+                list(&required),
+                list(&key_names)
+            )));
+        };
+        let missing: BTreeSet<String> = required.into_iter().filter(|c| !shape.columns.contains_key(c)).collect();
+        if !missing.is_empty() {
+            return Err(invalid(format!("the columns ({}) do not exist", list(&missing))));
+        }
+        if !shape.unique_keys.contains(&key_names) {
+            return Err(invalid(format!(
+                "no primary or unique key over exactly ({}); rows are upserted by these keys, so create one",
+                list(&key_names)
+            )));
+        }
+        for (column, collation) in &shape.columns {
+            if let Some(collation) = collation.as_deref().filter(|c| key_names.contains(column) && !is_exact(c)) {
+                tracing::warn!(table = %self.table, column, collation, "a key column compares text inexactly: keys differing in case or trailing spaces share a row (see schema::exact_collation)");
+            }
+        }
+        let columns = Arc::new(shape.columns.into_keys().collect::<BTreeSet<_>>());
+        *self.table_columns.lock().expect("not poisoned") = Some(Arc::clone(&columns));
+        Ok(columns)
+    }
+
     /// Every event must yield the same key names: a projection's rows have one primary key.
     fn check_key_names(&self, keys: &Keys) -> Result<()> {
         let found: Vec<String> = keys.keys().cloned().collect();
@@ -103,6 +147,19 @@ impl<E, S> SnapshotProjection<E, S> {
         }
         Ok(())
     }
+}
+
+/// The columns that hold the state in legacy (in-table) mode.
+const IN_TABLE_COLUMNS: [&str; 4] = ["snapshot", "stream_id", "last_stream_position", "last_global_position"];
+
+/// `a, b, c`.
+fn list(names: &BTreeSet<String>) -> String {
+    names.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
+}
+
+/// Whether a MySQL collation compares text byte for byte, trailing spaces included.
+fn is_exact(collation: &str) -> bool {
+    matches!(collation, "binary" | "utf8mb4_0900_bin" | "utf8mb4_nopad_bin")
 }
 
 /// The keys of one read-model row, encoded exactly like the TypeScript `constructStreamId`:
@@ -115,13 +172,37 @@ impl<E, S> SnapshotProjection<E, S> {
 /// assert_eq!(emmett_seaorm::projection::construct_stream_id(&keys), "cart_id:cart-1|tenant_id:t%7C1");
 /// ```
 pub fn construct_stream_id(keys: &Keys) -> String {
-    let mut sorted: Vec<(&String, &String)> = keys.iter().collect();
+    let mut sorted: Vec<(&String, &sea_orm::Value)> = keys.iter().collect();
     sorted.sort_by(|(a, _), (b, _)| a.encode_utf16().cmp(b.encode_utf16()));
     sorted
         .into_iter()
-        .map(|(k, v)| format!("{}:{}", encode_uri_component(k), encode_uri_component(v)))
+        .map(|(k, v)| format!("{}:{}", encode_uri_component(k), encode_uri_component(&key_text(v))))
         .collect::<Vec<_>>()
         .join("|")
+}
+
+/// A key value as text, as JavaScript's `String(value)` gives it for the usual key types
+/// (strings, integers, booleans, UUIDs); `null` for NULL.
+fn key_text(value: &sea_orm::Value) -> String {
+    use sea_orm::Value as V;
+    let text = match value {
+        V::String(s) => s.clone(),
+        V::Char(c) => c.map(String::from),
+        V::Bool(b) => b.map(|b| b.to_string()),
+        V::TinyInt(n) => n.map(|n| n.to_string()),
+        V::SmallInt(n) => n.map(|n| n.to_string()),
+        V::Int(n) => n.map(|n| n.to_string()),
+        V::BigInt(n) => n.map(|n| n.to_string()),
+        V::TinyUnsigned(n) => n.map(|n| n.to_string()),
+        V::SmallUnsigned(n) => n.map(|n| n.to_string()),
+        V::Unsigned(n) => n.map(|n| n.to_string()),
+        V::BigUnsigned(n) => n.map(|n| n.to_string()),
+        V::Float(n) => n.map(|n| n.to_string()),
+        V::Double(n) => n.map(|n| n.to_string()),
+        V::Uuid(u) => u.map(|u| u.to_string()),
+        other => Some(sea_orm::sea_query::PostgresQueryBuilder.value_to_string(other).trim_matches('\'').to_owned()),
+    };
+    text.unwrap_or_else(|| "null".to_owned())
 }
 
 /// JavaScript's `encodeURIComponent`.
@@ -172,6 +253,8 @@ where
                 .events
                 .push(event);
         }
+        let Some(first) = rows.values().next() else { return Ok(()) };
+        let table_columns = self.check_table(ctx, &first.keys).await?;
         let ids: Vec<String> = rows.keys().cloned().collect();
         let mut stored = match self.storage {
             Storage::SnapshotTable => self.lock_snapshots(ctx, &ids).await?,
@@ -195,7 +278,7 @@ where
             row.state = row.last.is_some().then_some(state);
         }
         rows.retain(|_, row| row.last.is_some());
-        self.write(ctx, &rows).await
+        self.write(ctx, &rows, &table_columns).await
     }
 }
 
@@ -282,7 +365,7 @@ where
                 .from(Alias::new(&self.table))
                 .lock(LockType::Update);
             for (name, value) in &row.keys {
-                select.and_where(Expr::col(Alias::new(name)).eq(value.as_str()));
+                select.and_where(Expr::col(Alias::new(name)).eq(Expr::val(value.clone())));
             }
             if let Some(found) = ctx.txn.query_one(&select).await.map_err(|err| self.read_model_error(err))? {
                 let position: Option<i64> = found.try_get("", "last_global_position")?;
@@ -293,7 +376,12 @@ where
     }
 
     /// Writes every folded row: the snapshot (central table or in the row) and the read-model row.
-    async fn write(&self, ctx: &ProjectionContext<'_>, rows: &BTreeMap<String, Row<'_, E, S>>) -> Result<()> {
+    async fn write(
+        &self,
+        ctx: &ProjectionContext<'_>,
+        rows: &BTreeMap<String, Row<'_, E, S>>,
+        table_columns: &BTreeSet<String>,
+    ) -> Result<()> {
         let rows: Vec<(&String, &Row<'_, E, S>)> = rows.iter().collect();
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             let mut written = Vec::with_capacity(chunk.len());
@@ -301,6 +389,11 @@ where
                 let (state, last) = (row.state.as_ref().expect("folded"), row.last.expect("folded"));
                 let snapshot = serde_json::to_value(state)?;
                 let columns = self.map_to_columns.as_ref().map(|map| map(state)).unwrap_or_default();
+                if let Some(missing) = columns.keys().find(|c| !table_columns.contains(*c)) {
+                    *self.table_columns.lock().expect("not poisoned") = None; // look again next time
+                    let reason = format!("the column '{missing}' (from map_to_columns) does not exist");
+                    return Err(Error::InvalidReadModel { table: self.table.clone(), reason });
+                }
                 written.push((id.as_str(), &row.keys, snapshot, last, columns));
             }
             if self.storage == Storage::SnapshotTable {
@@ -341,11 +434,9 @@ where
         let mut by_shape: BTreeMap<Vec<String>, Vec<(Vec<SimpleExpr>, &Keys)>> = BTreeMap::new();
         for (_, keys, snapshot, last, columns) in written {
             let mut names: Vec<String> = keys.keys().cloned().collect();
-            let mut values: Vec<SimpleExpr> = keys.values().map(|v| v.as_str().into()).collect();
+            let mut values: Vec<SimpleExpr> = keys.values().map(|v| Expr::val(v.clone())).collect();
             if self.storage == Storage::InTable {
-                names.extend(
-                    ["snapshot", "stream_id", "last_stream_position", "last_global_position"].map(String::from),
-                );
+                names.extend(IN_TABLE_COLUMNS.map(String::from));
                 values.extend([
                     snapshot.clone().into(),
                     last.stream_id.as_str().into(),
