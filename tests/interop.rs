@@ -2,7 +2,10 @@
 //! PostgreSQL database: a real Node.js service (`interop/ts-service.mjs`) and this crate take
 //! turns appending, reading, aggregating and projecting the same streams into the same read model.
 //!
-//! Needs `node` and `npm ci --prefix interop` (`.ci/run` does it); skipped loudly without them.
+//! Needs `node` and `npm ci --prefix interop` (`.ci/run` does it); fails saying so without them.
+//! Compiled with the `postgres` feature only.
+
+#![cfg(feature = "postgres")]
 
 mod common;
 
@@ -69,13 +72,12 @@ fn carts_runner(store: &EventStore, table: &str) -> ProjectionRunner<CartEvent> 
     ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(projection))
 }
 
-/// Runs one step of the TypeScript service and returns what it printed, or `None` (test
-/// skipped) when Node.js or the package is missing.
-fn typescript(url: &str, step: &str) -> Option<Value> {
+/// Runs one step of the TypeScript service and returns what it printed; fails the test, saying
+/// what to install, when Node.js or the package is missing.
+fn typescript(url: &str, step: &str) -> Value {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop");
     if !dir.join("node_modules/@wataruoguchi/emmett-event-store-kysely").exists() {
-        common::unavailable("the TypeScript package", "run `npm ci --prefix interop`");
-        return None;
+        common::unavailable("the TypeScript package", "interop/node_modules is missing", "Run `npm ci --prefix interop`.");
     }
     let output = match Command::new("node")
         .arg("ts-service.mjs")
@@ -86,17 +88,12 @@ fn typescript(url: &str, step: &str) -> Option<Value> {
         .output()
     {
         Ok(output) => output,
-        Err(err) => {
-            common::unavailable("node", err);
-            return None;
-        }
+        Err(err) => common::unavailable("node", err, "Install Node.js, then `npm ci --prefix interop`."),
     };
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "ts-service.mjs {step} failed: {stderr}");
-    Some(
-        serde_json::from_slice(&output.stdout)
-            .unwrap_or_else(|e| panic!("ts-service.mjs {step} printed no JSON ({e}): {stderr}")),
-    )
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("ts-service.mjs {step} printed no JSON ({e}): {stderr}"))
 }
 
 async fn aggregate(store: &EventStore, cart: &str) -> Cart {
@@ -127,9 +124,7 @@ async fn round_trip(url: String, db: DatabaseConnection) {
     let ours =
         [CartEvent::CartCreated { cart_id: "cart-rs".into() }, item("a", 1, 100), item("b", 2, 150), item("c", 1, 75)];
     store.append_to_stream("cart-rs", ours, on_tenant().expected(ExpectedVersion::NoStream)).await.unwrap();
-    let Some(first) = typescript(&url, "first") else {
-        return;
-    };
+    let first = typescript(&url, "first");
 
     let recorded =
         store.read_stream::<CartEvent>("cart-rs", ReadOptions::default().partition(TENANT)).await.unwrap().events;
@@ -189,9 +184,7 @@ async fn round_trip(url: String, db: DatabaseConnection) {
     assert_eq!(rows(&db, "cart_totals").await, expected);
 
     // 3. The TypeScript service resumes both projections from our checkpoints and snapshots.
-    let Some(second) = typescript(&url, "second") else {
-        return;
-    };
+    let second = typescript(&url, "second");
     assert_eq!(second["processed"], json!({ "cart-rs": 1, "cart-ts": 1 }), "resumes after our checkpoints");
     assert_eq!(second["states"]["cart-rs"], json!(aggregate(&store, "cart-rs").await));
     assert_eq!(second["states"]["cart-ts"], json!(aggregate(&store, "cart-ts").await));
@@ -209,22 +202,20 @@ async fn round_trip(url: String, db: DatabaseConnection) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typescript_service_on_our_schema() {
-    let Some(url) = common::empty_postgres().await else {
-        return;
-    };
+    let url = common::empty_postgres().await;
     let db = Database::connect(&url).await.unwrap();
     emmett_seaorm::migrate(&db).await.unwrap();
-    round_trip(url, db).await;
+    round_trip(url.clone(), db).await;
+    common::drop_database(&url).await;
 }
 
 /// The schema the TypeScript package's migration created, then ours run over it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typescript_service_on_its_own_schema() {
-    let Some(url) = common::empty_postgres().await else {
-        return;
-    };
+    let url = common::empty_postgres().await;
     let db = Database::connect(&url).await.unwrap();
     db.execute_unprepared(include_str!("../interop/kysely-schema.sql")).await.unwrap();
     emmett_seaorm::migrate(&db).await.unwrap();
-    round_trip(url, db).await;
+    round_trip(url.clone(), db).await;
+    common::drop_database(&url).await;
 }
