@@ -258,10 +258,10 @@ async fn project_partition(store: &EventStore, args: &Args, partition: &str) -> 
     let streams = args.partition_events / 10;
     store.create_partition(partition).await?; // what a PostgreSQL tenant gets in production
     seed(store, partition, streams, 10, args.concurrency).await?;
-    if store.backend() == sea_orm::DbBackend::Postgres {
+    if store.get_database_backend() == sea_orm::DbBackend::Postgres {
         // Autovacuum's job after a bulk load; without statistics the planner may read the
         // whole tenant per batch instead of an index range.
-        store.executor().execute_unprepared("ANALYZE messages").await?;
+        store.execute_unprepared("ANALYZE messages").await?;
     }
     let runner = ProjectionRunner::new(store.clone(), carts_projection());
     let started = Instant::now();
@@ -276,7 +276,6 @@ async fn project_partition(store: &EventStore, args: &Args, partition: &str) -> 
 /// The read model of `cart-0` must be the fold of its events.
 async fn check_cart_0(store: &EventStore, partition: &str, events: u64) -> Result<(), Box<dyn std::error::Error>> {
     let row = store
-        .executor()
         .query_one(
             sea_orm::sea_query::Query::select()
                 .columns([Alias::new("item_count"), Alias::new("total")])

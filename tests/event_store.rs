@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use common::{Ev, TestDb};
 use emmett_seaorm::{AppendOptions, Error, EventStore, ExpectedVersion, Migrator, ReadOptions};
+use sea_orm::ConnectionTrait;
 use sea_orm_migration::MigratorTrait;
 use serde_json::json;
 use tokio::sync::Barrier;
@@ -263,7 +264,7 @@ async fn partitions_isolate_tenants(db: TestDb) {
     }
     let hostile_read = store.read_stream::<Ev>("cart-9", ReadOptions::default().partition(hostile)).await.unwrap();
     assert_eq!(hostile_read.events.len(), 1);
-    if store.backend() == sea_orm::DbBackend::Postgres {
+    if store.get_database_backend() == sea_orm::DbBackend::Postgres {
         use sea_orm::ConnectionTrait;
         let count = |sql: &'static str| {
             let db = db.db.clone();

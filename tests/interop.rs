@@ -77,7 +77,11 @@ fn carts_runner(store: &EventStore, table: &str) -> ProjectionRunner<CartEvent> 
 fn typescript(url: &str, step: &str) -> Value {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop");
     if !dir.join("node_modules/@wataruoguchi/emmett-event-store-kysely").exists() {
-        common::unavailable("the TypeScript package", "interop/node_modules is missing", "Run `npm ci --prefix interop`.");
+        common::unavailable(
+            "the TypeScript package",
+            "interop/node_modules is missing",
+            "Run `npm ci --prefix interop`.",
+        );
     }
     let output = match Command::new("node")
         .arg("ts-service.mjs")

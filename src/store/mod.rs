@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use backon::Retryable;
 
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseExecutor, DatabaseTransaction, DbBackend, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect, SqlErr, sea_query::Expr,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseExecutor, DatabaseTransaction, DbBackend, DbErr,
+    EntityTrait, ExecResult, QueryFilter, QueryOrder, QueryResult, QuerySelect, SqlErr, Statement, sea_query::Expr,
 };
 use serde_json::Value;
 
@@ -71,18 +71,12 @@ impl EventStore {
         Self { conn: Conn::Pool(db) }
     }
 
-    /// The connection (or the session's transaction) this store works on, for your own queries
-    /// in the same transaction.
-    pub fn executor(&self) -> DatabaseExecutor<'_> {
+    /// The connection (or the session's transaction) this store works on.
+    pub(crate) fn executor(&self) -> DatabaseExecutor<'_> {
         match &self.conn {
             Conn::Pool(db) => db.into(),
             Conn::Session(txn) => txn.as_ref().into(),
         }
-    }
-
-    /// The database backend.
-    pub fn backend(&self) -> DbBackend {
-        self.executor().get_database_backend()
     }
 
     /// Appends `events` to a stream, creating it if needed, in one transaction.
@@ -375,6 +369,35 @@ impl EventStore {
             .all(&self.executor())
             .await?;
         rows.into_iter().map(StoredMessage::decode).collect()
+    }
+}
+
+/// The store is a SeaORM connection: query your read models with it — inside
+/// [`with_session`](EventStore::with_session), in the session's transaction.
+///
+/// ```no_run
+/// # async fn f(store: emmett_seaorm::EventStore) -> Result<(), sea_orm::DbErr> {
+/// use emmett_seaorm::schema::streams;
+/// use sea_orm::EntityTrait;
+/// let all_streams = streams::Entity::find().all(&store).await?;
+/// # Ok(()) }
+/// ```
+#[async_trait::async_trait]
+impl ConnectionTrait for EventStore {
+    fn get_database_backend(&self) -> DbBackend {
+        self.executor().get_database_backend()
+    }
+    async fn execute_raw(&self, stmt: Statement) -> Result<ExecResult, DbErr> {
+        self.executor().execute_raw(stmt).await
+    }
+    async fn execute_unprepared(&self, sql: &str) -> Result<ExecResult, DbErr> {
+        self.executor().execute_unprepared(sql).await
+    }
+    async fn query_one_raw(&self, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {
+        self.executor().query_one_raw(stmt).await
+    }
+    async fn query_all_raw(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
+        self.executor().query_all_raw(stmt).await
     }
 }
 
