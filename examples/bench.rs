@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use clap::Parser;
-use emmett_seaorm::projection::{ProjectionRunner, RunOptions, SnapshotProjection, SnapshotProjectionRegistry};
+use emmett_seaorm::projection::{ProjectionRegistry, ProjectionRunner, RunOptions, SnapshotProjection};
 use emmett_seaorm::{AppendOptions, EventStore, ExpectedVersion, ReadOptions, columns, keys};
 use sea_orm::sea_query::{Alias, ColumnDef, Index, Table};
 use sea_orm::{ConnectOptions, ConnectionTrait, Database};
@@ -66,7 +66,7 @@ fn evolve(state: CartState, event: &CartEvent) -> CartState {
     }
 }
 
-fn carts_projection() -> SnapshotProjectionRegistry<CartEvent> {
+fn carts_projection() -> ProjectionRegistry<CartEvent> {
     let carts = SnapshotProjection::new(
         "bench_carts",
         |e, tenant| keys! { "tenant_id" => tenant, "cart_id" => &e.stream_id },
@@ -75,7 +75,7 @@ fn carts_projection() -> SnapshotProjectionRegistry<CartEvent> {
     )
     .handles(["CartCreated", "ItemAdded"])
     .columns(|s: &CartState| columns! { "item_count" => s.items, "total" => s.total });
-    SnapshotProjectionRegistry::new().with(carts)
+    ProjectionRegistry::new().with(carts)
 }
 
 fn cart_event(s: u64, e: u64) -> CartEvent {

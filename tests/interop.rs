@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 
 use emmett_seaorm::projection::{
-    ProjectionRunner, RunOptions, SnapshotProjection, SnapshotProjectionRegistry, construct_stream_id,
+    ProjectionRegistry, ProjectionRunner, RunOptions, SnapshotProjection, construct_stream_id,
 };
 use emmett_seaorm::{AppendOptions, EventStore, ExpectedVersion, ReadOptions, RecordedEvent, columns, keys};
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
@@ -69,7 +69,7 @@ fn carts_runner(store: &EventStore, table: &str) -> ProjectionRunner<CartEvent> 
     )
     .handles(["CartCreated", "ItemAdded"])
     .columns(|c: &Cart| columns! { "item_count" => c.items, "total" => c.total });
-    ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(projection))
+    ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(projection))
 }
 
 /// Runs one step of the TypeScript service and returns what it printed; fails the test, saying

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{Ev, TestDb};
 use emmett_seaorm::projection::{
-    EventHandler, ProjectionContext, ProjectionRunner, RunOptions, SnapshotProjection, SnapshotProjectionRegistry,
+    EventHandler, ProjectionContext, ProjectionRegistry, ProjectionRunner, RunOptions, SnapshotProjection,
     construct_stream_id,
 };
 use emmett_seaorm::schema::{snapshots, subscriptions};
@@ -125,7 +125,7 @@ async fn fold_equals_read_model_and_rerun_is_a_no_op(db: TestDb) {
     create_read_model(&db.db, "accounts", false).await;
     seed(&store, "t1", 6).await;
     seed(&store, "t2", 2).await;
-    let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(projection("accounts")));
+    let runner = ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(projection("accounts")));
 
     let first =
         runner.project_partition("accounts-rm", RunOptions::default().partition("t1").batch_size(7)).await.unwrap();
@@ -171,7 +171,7 @@ async fn project_events_per_stream_resumes_from_its_checkpoint(db: TestDb) {
     let store = db.store();
     create_read_model(&db.db, "accounts", false).await;
     seed(&store, "t1", 3).await;
-    let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(projection("accounts")));
+    let runner = ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(projection("accounts")));
     let opts = RunOptions::default().partition("t1");
 
     let one = runner.project_events("acc:acc-02", "acc-02", opts.clone().batch_size(2).single_batch()).await.unwrap();
@@ -197,7 +197,7 @@ async fn concurrent_runners_give_one_sequential_fold(db: TestDb) {
     let other = EventStore::new(db.second_pool().await);
     create_read_model(&db.db, "accounts", false).await;
     seed(&store, "t1", 12).await;
-    let registry = || SnapshotProjectionRegistry::new().with(projection("accounts"));
+    let registry = || ProjectionRegistry::new().with(projection("accounts"));
     let runners: Vec<_> = (0..4)
         .map(|i| {
             let runner = ProjectionRunner::new(if i % 2 == 0 { store.clone() } else { other.clone() }, registry());
@@ -236,7 +236,7 @@ async fn concurrent_runners_give_one_sequential_fold(db: TestDb) {
         .map(|i| {
             let runner = ProjectionRunner::new(
                 if i % 2 == 0 { store.clone() } else { other.clone() },
-                SnapshotProjectionRegistry::new().with(projection("accounts_by_stream")),
+                ProjectionRegistry::new().with(projection("accounts_by_stream")),
             );
             tokio::spawn(async move {
                 runner.project_events("s:acc-11", "acc-11", RunOptions::default().partition("t1").batch_size(3)).await
@@ -283,8 +283,7 @@ async fn handler_failure_rolls_the_batch_back(db: TestDb) {
         .await
         .unwrap();
     let picky = Arc::new(AtomicBool::new(true));
-    let registry =
-        SnapshotProjectionRegistry::new().with(projection("accounts")).on(["Deposited"], Picky(picky.clone()));
+    let registry = ProjectionRegistry::new().with(projection("accounts")).on(["Deposited"], Picky(picky.clone()));
     let runner = ProjectionRunner::new(store.clone(), registry);
 
     let failed = runner.project_partition("rm", RunOptions::default().partition("t1")).await;
@@ -322,7 +321,7 @@ async fn key_set_mismatch_is_a_typed_error(db: TestDb) {
         evolve,
         Account::default,
     );
-    let runner = ProjectionRunner::new(store, SnapshotProjectionRegistry::new().with(shifty));
+    let runner = ProjectionRunner::new(store, ProjectionRegistry::new().with(shifty));
     match runner.project_partition("rm", RunOptions::default().partition(emmett_seaorm::DEFAULT_PARTITION)).await {
         Err(Error::KeySetMismatch { projection, expected, found }) => {
             assert_eq!(projection, "accounts");
@@ -336,7 +335,7 @@ async fn key_set_mismatch_is_a_typed_error(db: TestDb) {
 async fn corrupt_snapshot_is_a_typed_error(db: TestDb) {
     let store = db.store();
     create_read_model(&db.db, "accounts", false).await;
-    let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(projection("accounts")));
+    let runner = ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(projection("accounts")));
     store.append_to_stream("a", [Ev::Opened { owner: "a".into() }], AppendOptions::default()).await.unwrap();
     runner.project_partition("rm", RunOptions::default().partition(emmett_seaorm::DEFAULT_PARTITION)).await.unwrap();
     // The wrong shape everywhere; text that is not JSON where the column can hold it (SQLite).
@@ -368,8 +367,8 @@ async fn identifiers_are_quoted_never_executed(db: TestDb) {
     let hostile_column = SnapshotProjection::new("accounts", account_keys, evolve, Account::default)
         .columns(|a: &Account| columns! { "total = 0; DROP TABLE messages; --" => a.total });
     for (registry, table) in [
-        (SnapshotProjectionRegistry::new().with(projection(hostile_table)), hostile_table),
-        (SnapshotProjectionRegistry::new().with(hostile_column), "accounts"),
+        (ProjectionRegistry::new().with(projection(hostile_table)), hostile_table),
+        (ProjectionRegistry::new().with(hostile_column), "accounts"),
     ] {
         let res = ProjectionRunner::new(store.clone(), registry)
             .project_partition("rm", RunOptions::default().partition(emmett_seaorm::DEFAULT_PARTITION))
@@ -387,7 +386,7 @@ async fn in_table_mode_keeps_state_in_the_row(db: TestDb) {
     create_read_model(&db.db, "legacy_accounts", true).await;
     seed(&store, "t1", 3).await;
     let legacy = projection("legacy_accounts").in_table();
-    let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(legacy));
+    let runner = ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(legacy));
     runner.project_partition("legacy", RunOptions::default().partition("t1").batch_size(4)).await.unwrap();
     assert_eq!(read_model(&db.db, "legacy_accounts", "t1").await, folded(&store, "t1", 3).await);
     assert!(snapshots::Entity::find().all(&db.db).await.unwrap().is_empty(), "nothing in the central table");
@@ -433,7 +432,7 @@ async fn map_to_columns_runs_once_per_written_state(db: TestDb) {
             columns! { "total" => a.total, "deposits" => a.deposits as i64 }
         })
     };
-    let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(counted));
+    let runner = ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(counted));
     runner.project_partition("rm", RunOptions::default().partition("t1")).await.unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 3, "one write per row per batch");
     runner.project_partition("rm", RunOptions::default().partition("t1")).await.unwrap();
@@ -493,7 +492,7 @@ async fn late_commit_is_not_skipped(db: TestDb) {
         None => late_appended_rx.take().unwrap().await.unwrap(),
     }
 
-    let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(projection("accounts")));
+    let runner = ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(projection("accounts")));
     let run =
         tokio::spawn(
             async move { runner.project_partition("accounts-rm", RunOptions::default().partition("t1")).await },
@@ -503,7 +502,7 @@ async fn late_commit_is_not_skipped(db: TestDb) {
     late.await.unwrap().unwrap();
     run.await.unwrap().unwrap();
 
-    let rerun = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(projection("accounts")));
+    let rerun = ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(projection("accounts")));
     rerun.project_partition("accounts-rm", RunOptions::default().partition("t1")).await.unwrap();
     assert_eq!(read_model(&db.db, "accounts", "t1").await, folded(&store, "t1", 3).await);
 }
@@ -534,14 +533,14 @@ async fn other_aggregates_events_are_not_the_projections_business(db: TestDb) {
     let cart = serde_json::json!({ "type": "CartCreated", "data": { "currency": "EUR" } });
     store.append_to_stream("cart-1", [cart], on_t1()).await.unwrap();
     let seen = Arc::new(AtomicUsize::new(0));
-    let registry = SnapshotProjectionRegistry::new().with(projection("accounts")).on([], Counting(seen.clone()));
+    let registry = ProjectionRegistry::new().with(projection("accounts")).on([], Counting(seen.clone()));
     let runner = ProjectionRunner::new(store.clone(), registry);
     let done = runner.project_partition("rm", RunOptions::default().partition("t1")).await.unwrap();
     assert_eq!(done.processed, 3 + 4 + 1);
     assert_eq!(read_model(&db.db, "accounts", "t1").await, folded(&store, "t1", 2).await);
     assert_eq!(seen.load(Ordering::SeqCst), 7, "`on([])` sees every event of the enum's types");
 
-    let named = SnapshotProjectionRegistry::new().with(projection("accounts").handles(["Deposited", "CartCreated"]));
+    let named = ProjectionRegistry::new().with(projection("accounts").handles(["Deposited", "CartCreated"]));
     let res = ProjectionRunner::new(store.clone(), named)
         .project_partition("rm-2", RunOptions::default().partition("t1"))
         .await;
@@ -570,7 +569,7 @@ async fn read_model_tables_are_checked_and_keys_are_typed(db: TestDb) {
         SnapshotProjection::new("typed", typed_keys, evolve, Account::default)
             .columns(|a: &Account| columns! { "total" => a.total })
     };
-    let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(projection()));
+    let runner = ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(projection()));
     let run = || runner.project_partition("typed", RunOptions::default().partition("t1"));
     let table = |key: bool, total: bool| {
         let mut create = Table::create();

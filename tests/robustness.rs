@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{Ev, TestDb};
 use emmett_seaorm::projection::{
-    ProjectionRunner, RunOptions, SnapshotProjection, SnapshotProjectionRegistry, construct_stream_id,
+    ProjectionRegistry, ProjectionRunner, RunOptions, SnapshotProjection, construct_stream_id,
 };
 use emmett_seaorm::schema::{messages, skipped_events, snapshots, subscriptions};
 use emmett_seaorm::{AppendOptions, Error, EventStore, ExpectedVersion, ReadOptions, RecordedEvent, columns, keys};
@@ -139,10 +139,8 @@ async fn identifiers_compare_exactly(db: TestDb) {
     }
 
     create_totals(&db.db, "tenant_totals", "tenant").await;
-    let runner = ProjectionRunner::new(
-        store.clone(),
-        SnapshotProjectionRegistry::new().with(totals("tenant_totals", by_tenant)),
-    );
+    let runner =
+        ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(totals("tenant_totals", by_tenant)));
     for tenant in tenants {
         runner.project_partition("totals", RunOptions::default().partition(tenant)).await.unwrap();
     }
@@ -169,7 +167,7 @@ async fn numbers_at_the_edges_never_wrap_or_panic(db: TestDb) {
     assert!(read(ReadOptions::default().from(1u64 << 63)).await.unwrap().events.is_empty());
     assert_eq!(read(ReadOptions::default().max_count(u64::MAX)).await.unwrap().events.len(), 2);
     assert_eq!(read(ReadOptions::default().to(u64::MAX)).await.unwrap().events.len(), 2);
-    let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::<Ev>::new());
+    let runner = ProjectionRunner::new(store.clone(), ProjectionRegistry::<Ev>::new());
     let huge = RunOptions::default().partition("t").batch_size(u64::MAX);
     assert_eq!(runner.project_events("n", "n", huge.clone()).await.unwrap().processed, 2);
     assert_eq!(runner.project_partition("n-partition", huge).await.unwrap().processed, 2);
@@ -199,8 +197,7 @@ async fn per_stream_runs_refuse_rows_fed_by_several_streams(db: TestDb) {
     for (stream, amount) in [("a", 1), ("b", 10), ("a", 100), ("b", 1000)] {
         store.append_to_stream(stream, [Ev::Deposited { amount }], on("t")).await.unwrap();
     }
-    let runner =
-        ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(totals("per_tenant", by_tenant)));
+    let runner = ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(totals("per_tenant", by_tenant)));
     let options = RunOptions::default().partition("t");
     runner.project_events("per-tenant:a", "a", options.clone()).await.unwrap();
     let res = runner.project_events("per-tenant:b", "b", options.clone()).await;
@@ -216,14 +213,13 @@ async fn per_stream_runs_refuse_rows_fed_by_several_streams(db: TestDb) {
     // The partition runner folds such rows in global order.
     create_totals(&db.db, "per_tenant_2", "tenant").await;
     let runner =
-        ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(totals("per_tenant_2", by_tenant)));
+        ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(totals("per_tenant_2", by_tenant)));
     runner.project_partition("per-tenant-2", RunOptions::default().partition("t").batch_size(1)).await.unwrap();
     assert_eq!(totals_of(&db.db, "per_tenant_2", "tenant").await["t"], (4, 1111));
 
     // Rows fed by one stream each still re-run as no-ops under a second subscription.
     create_totals(&db.db, "per_stream", "stream").await;
-    let runner =
-        ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(totals("per_stream", by_stream)));
+    let runner = ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(totals("per_stream", by_stream)));
     for round in ["one", "two"] {
         for stream in ["b", "a"] {
             runner.project_events(&format!("{round}:{stream}"), stream, options.clone()).await.unwrap();
@@ -305,8 +301,7 @@ async fn poison_events_are_named_skippable_and_recorded(db: TestDb) {
     assert!(matches!(read, Err(Error::UndecodableEvent { position: 2, .. })), "{read:?}");
 
     create_totals(&db.db, "p_totals", "stream").await;
-    let runner =
-        ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(totals("p_totals", by_stream)));
+    let runner = ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(totals("p_totals", by_stream)));
     for _ in 0..2 {
         let stuck = runner.project_partition("p", RunOptions::default().partition("t")).await;
         assert!(matches!(stuck, Err(Error::UndecodableEvent { position: 2, .. })), "{stuck:?}");
@@ -378,8 +373,7 @@ async fn bad_identifiers_are_refused_by_name(db: TestDb) {
     store.append_to_stream(&at_limit, [Ev::Closed], on(&at_limit)).await.unwrap();
     let read = store.read_stream::<Ev>(&at_limit, ReadOptions::default().partition(&at_limit)).await.unwrap();
     assert_eq!(read.events[0].stream_id, at_limit);
-    let runner =
-        ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(totals("none", by_stream)));
+    let runner = ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(totals("none", by_stream)));
     let res = runner.project_partition("sub\0", RunOptions::default().partition("t")).await;
     assert!(matches!(res, Err(Error::InvalidIdentifier { what: "subscription id", .. })), "{res:?}");
     assert_eq!(messages::Entity::find().count(&db.db).await.unwrap(), 1, "only the valid append wrote");
@@ -437,7 +431,7 @@ async fn append_waiting_after_taking_its_position_is_not_passed(db: TestDb) {
         store.append_to_stream(stream, [Ev::Deposited { amount: 1 }], on("t")).await.unwrap();
     }
     create_totals(&db.db, "gap_totals", "stream").await;
-    let registry = || SnapshotProjectionRegistry::new().with(totals("gap_totals", by_stream));
+    let registry = || ProjectionRegistry::new().with(totals("gap_totals", by_stream));
     ProjectionRunner::new(store.clone(), registry())
         .project_partition("gap", RunOptions::default().partition("t"))
         .await
@@ -509,7 +503,7 @@ async fn writers_and_runners_race_without_errors_or_losses(db: TestDb) {
     for r in 0..8 {
         let runner = ProjectionRunner::new(
             if r % 2 == 0 { store.clone() } else { other.clone() },
-            SnapshotProjectionRegistry::new().with(totals("race_totals", by_stream)),
+            ProjectionRegistry::new().with(totals("race_totals", by_stream)),
         );
         let stop = stop.clone();
         runners.push(tokio::spawn(async move {
@@ -524,7 +518,7 @@ async fn writers_and_runners_race_without_errors_or_losses(db: TestDb) {
     for task in writers.into_iter().chain(runners) {
         task.await.unwrap().unwrap();
     }
-    ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(totals("race_totals", by_stream)))
+    ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(totals("race_totals", by_stream)))
         .project_partition("race", RunOptions::default().partition("t"))
         .await
         .unwrap();
@@ -617,7 +611,7 @@ async fn killed_connections_never_duplicate_appends(db: TestDb) {
         }));
     }
     create_totals(&db.db, "kill_totals", "stream").await;
-    let registry = || SnapshotProjectionRegistry::new().with(totals("kill_totals", by_stream));
+    let registry = || ProjectionRegistry::new().with(totals("kill_totals", by_stream));
     let runner = {
         let (runner, stop) = (ProjectionRunner::new(store.clone(), registry()), stop.clone());
         tokio::spawn(async move {

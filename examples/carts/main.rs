@@ -9,7 +9,7 @@ mod domain;
 mod read_model;
 
 use domain::{Cart, CartCommand, Status, decide, evolve};
-use emmett_seaorm::projection::{ProjectionRunner, RunOptions, SnapshotProjection, SnapshotProjectionRegistry};
+use emmett_seaorm::projection::{ProjectionRegistry, ProjectionRunner, RunOptions, SnapshotProjection};
 use emmett_seaorm::{AppendOptions, EventStore, ExpectedVersion, ReadOptions, columns, keys};
 use sea_orm::{ConnectionTrait, Database, EntityName, EntityTrait, IdenStatic, QueryOrder, Schema};
 
@@ -119,7 +119,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Column::IsCancelled.as_str() => cart.status == Status::Cancelled,
         }
     });
-    let runner = ProjectionRunner::new(store.clone(), SnapshotProjectionRegistry::new().with(carts));
+    let runner = ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(carts));
     println!("projecting, one runner per tenant");
     for tenant in ["acme", "globex"] {
         let done = runner.project_partition("carts-read-model", RunOptions::default().partition(tenant)).await?;

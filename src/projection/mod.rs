@@ -8,7 +8,7 @@
 //! # #[derive(Serialize, Deserialize, Default)] struct Cart { total: i64 }
 //! # fn evolve(cart: Cart, e: &CartEvent) -> Cart { match e { CartEvent::ItemAdded { price } => Cart { total: cart.total + price } } }
 //! # async fn f(store: emmett_seaorm::EventStore) -> emmett_seaorm::Result<()> {
-//! use emmett_seaorm::projection::{ProjectionRunner, RunOptions, SnapshotProjection, SnapshotProjectionRegistry};
+//! use emmett_seaorm::projection::{ProjectionRunner, RunOptions, SnapshotProjection, ProjectionRegistry};
 //! use emmett_seaorm::{columns, keys};
 //!
 //! let carts = SnapshotProjection::new(
@@ -18,7 +18,7 @@
 //!     Cart::default,
 //! )
 //! .columns(|cart| columns! { "total" => cart.total });
-//! let runner = ProjectionRunner::new(store, SnapshotProjectionRegistry::new().with(carts));
+//! let runner = ProjectionRunner::new(store, ProjectionRegistry::new().with(carts));
 //! runner.project_partition("carts-read-model", RunOptions::default().partition("tenant-a")).await?;
 //! # Ok(()) }
 //! ```
@@ -29,7 +29,7 @@ mod snapshot;
 
 use std::collections::BTreeMap;
 
-pub use registry::{EventHandler, ProjectionContext, SnapshotProjectionRegistry};
+pub use registry::{EventHandler, ProjectionContext, ProjectionRegistry};
 pub use runner::{ProjectEventsResult, ProjectPartitionResult, ProjectionRunner, RunOptions};
 pub use snapshot::{SnapshotProjection, construct_stream_id};
 

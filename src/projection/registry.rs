@@ -83,17 +83,17 @@ impl<E> Registered<E> {
 /// The projections and handlers a [`ProjectionRunner`](super::ProjectionRunner) feeds.
 ///
 /// Handlers run in registration order, all inside the batch's transaction.
-pub struct SnapshotProjectionRegistry<E> {
+pub struct ProjectionRegistry<E> {
     steps: Vec<Registered<E>>,
 }
 
-impl<E> Default for SnapshotProjectionRegistry<E> {
+impl<E> Default for ProjectionRegistry<E> {
     fn default() -> Self {
         Self { steps: Vec::new() }
     }
 }
 
-impl<E: Event + 'static> SnapshotProjectionRegistry<E> {
+impl<E: Event + 'static> ProjectionRegistry<E> {
     /// An empty registry.
     pub fn new() -> Self {
         Self::default()

@@ -9,7 +9,7 @@ use backon::Retryable;
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 
-use super::{ProjectionContext, SnapshotProjectionRegistry};
+use super::{ProjectionContext, ProjectionRegistry};
 use crate::backend;
 use crate::error::retry_policy;
 use crate::event::{Event, RecordedEvent};
@@ -91,7 +91,7 @@ pub struct ProjectPartitionResult {
     pub last_processed_position: u64,
 }
 
-/// Feeds a [`SnapshotProjectionRegistry`] from the store.
+/// Feeds a [`ProjectionRegistry`] from the store.
 ///
 /// Each batch is one transaction: the subscription's checkpoint row is locked, the events after
 /// it are read, every handler runs, and the checkpoint moves — all or nothing. Runners sharing a
@@ -99,7 +99,7 @@ pub struct ProjectPartitionResult {
 /// runner gives the read model of one sequential fold.
 pub struct ProjectionRunner<E> {
     store: EventStore,
-    registry: Arc<SnapshotProjectionRegistry<E>>,
+    registry: Arc<ProjectionRegistry<E>>,
 }
 
 impl<E> Clone for ProjectionRunner<E> {
@@ -119,7 +119,7 @@ enum Source<'a> {
 
 impl<E: Event + 'static> ProjectionRunner<E> {
     /// A runner feeding `registry` from `store`.
-    pub fn new(store: EventStore, registry: SnapshotProjectionRegistry<E>) -> Self {
+    pub fn new(store: EventStore, registry: ProjectionRegistry<E>) -> Self {
         Self { store, registry: Arc::new(registry) }
     }
 
