@@ -1,19 +1,4 @@
 //! Events as the application sees them, and their stored form.
-//!
-//! Any serde type whose JSON is `{"type": "...", "data": ...}` is an event: the usual way is an
-//! enum with `#[serde(tag = "type", content = "data")]`. `type` becomes `message_type`, `data`
-//! becomes `message_data`, exactly the shape the TypeScript packages store.
-//!
-//! ```
-//! use serde::{Deserialize, Serialize};
-//!
-//! #[derive(Serialize, Deserialize)]
-//! #[serde(tag = "type", content = "data")]
-//! enum CartEvent {
-//!     CartCreated { currency: String },
-//!     ItemAdded { sku: String, qty: u32 },
-//! }
-//! ```
 
 use chrono::{DateTime, Utc};
 use serde::{Serialize, de::DeserializeOwned};
@@ -23,7 +8,21 @@ use crate::{Error, Result};
 
 /// A domain event: anything serde can turn into `{"type": string, "data": any}` and back.
 ///
+/// The usual way is an enum with `#[serde(tag = "type", content = "data")]`: `type` is stored
+/// as `message_type`, `data` as `message_data`, exactly the shape the TypeScript packages store.
 /// Implemented for every such type; `serde_json::Value` works too, for untyped access.
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize)]
+/// #[serde(tag = "type", content = "data")]
+/// enum CartEvent {
+///     CartCreated { currency: String },
+///     ItemAdded { sku: String, qty: u32 },
+///     CartEmptied, // a unit variant: stored with data `{}`
+/// }
+/// ```
 pub trait Event: Serialize + DeserializeOwned + Send + Sync {}
 impl<T: Serialize + DeserializeOwned + Send + Sync> Event for T {}
 

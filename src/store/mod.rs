@@ -281,8 +281,8 @@ impl EventStore {
         Ok(done)
     }
 
-    /// Runs `work` in one transaction: every append (and any query on
-    /// [`executor`](Self::executor)) commits together when it returns `Ok`, or not at all.
+    /// Runs `work` in one transaction: every append, and any query run on the session store
+    /// (it is a SeaORM connection), commits together when `work` returns `Ok`, or not at all.
     /// Inside a session, another `with_session` nests as a savepoint.
     ///
     /// ```no_run
