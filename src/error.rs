@@ -1,7 +1,6 @@
 //! The one error type of the crate.
 
-use crate::ExpectedVersion;
-use crate::backend::Failure;
+use crate::expected_version::ExpectedVersion;
 
 /// Everything that can go wrong in emmett-seaorm.
 ///
@@ -255,43 +254,12 @@ pub enum Error {
     Database(sea_orm::DbErr),
 }
 
-impl From<sea_orm::DbErr> for Error {
-    /// Sorts database errors into the typed ones a caller can act on: busy, connection lost,
-    /// or any other database error.
-    fn from(source: sea_orm::DbErr) -> Self {
-        match crate::backend::classify(&source) {
-            Failure::Busy | Failure::Retry => Error::Busy { source },
-            Failure::Connection { maybe_written } => Error::ConnectionLost { maybe_written, source },
-            Failure::Other => Error::Database(source),
-        }
-    }
-}
-
 impl Error {
     /// Whether running the same operation again later may succeed: a busy database or a lost
     /// connection.
     pub fn is_transient(&self) -> bool {
         matches!(self, Error::Busy { .. } | Error::ConnectionLost { .. })
     }
-
-    /// Whether the store retries this error at once by itself: a deadlock or serialization
-    /// failure (a lost race), or a lost connection. Timeouts already waited; they are not retried.
-    pub(crate) fn is_retried(&self) -> bool {
-        match self {
-            Error::Busy { source } => crate::backend::classify(source) == Failure::Retry,
-            Error::ConnectionLost { .. } => true,
-            _ => false,
-        }
-    }
-}
-
-/// The backoff of the store's own retries: 5 attempts, 10 ms doubling to 320 ms, with jitter.
-pub(crate) fn retry_policy() -> backon::ExponentialBuilder {
-    backon::ExponentialBuilder::default()
-        .with_min_delay(std::time::Duration::from_millis(10))
-        .with_max_delay(std::time::Duration::from_millis(320))
-        .with_max_times(4)
-        .with_jitter()
 }
 
 /// `Result` with this crate's [`Error`].

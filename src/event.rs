@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::{Map, Value};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// A domain event: anything serde can turn into `{"type": string, "data": any}` and back.
 ///

@@ -9,6 +9,7 @@ compile_error!(
 mod backend;
 mod error;
 mod event;
+mod expected_version;
 mod limits;
 pub mod migrations;
 pub mod projection;
@@ -20,9 +21,8 @@ pub use sea_orm;
 
 pub use error::{Error, Result};
 pub use event::{Event, RecordedEvent};
+pub use expected_version::ExpectedVersion;
 pub use limits::{MAX_IDENTIFIER_CHARS, MAX_SNAPSHOT_ID_CHARS};
 pub use migrations::{Migrator, migrate};
 pub use schema::DEFAULT_PARTITION;
-pub use store::{
-    AggregateStreamResult, AppendOptions, AppendResult, EventStore, ExpectedVersion, ReadOptions, ReadStreamResult,
-};
+pub use store::{AggregateStreamResult, AppendOptions, AppendResult, EventStore, ReadOptions, ReadStreamResult};

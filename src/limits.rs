@@ -7,7 +7,7 @@
 //! - Positions and versions are `u64` in the API and `BIGINT` in the schema: the largest one
 //!   stored is `i64::MAX`.
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Longest stream id, partition, subscription id or event type, in characters.
 pub const MAX_IDENTIFIER_CHARS: usize = 255;

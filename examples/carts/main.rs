@@ -49,7 +49,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     db.execute(Schema::new(backend).create_table_from_entity(read_model::Entity).if_not_exists()).await?;
     // MySQL compares text case-, accent- and trailing-space-insensitively by default: the keys
     // of a read model need the exact collation the store's own id columns have.
-    if let Some(collation) = emmett_seaorm::schema::exact_collation(&db).await? {
+    if let Some(collation) = emmett_seaorm::migrations::exact_collation(&db).await? {
         let exact = |column: read_model::Column| {
             format!("MODIFY {} VARCHAR(255) COLLATE {collation} NOT NULL", column.as_str())
         };

@@ -5,7 +5,7 @@ use sea_orm::entity::prelude::*;
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "carts")]
 pub struct Model {
-    /// Key columns: on MySQL they get the exact collation (`schema::exact_collation`), see main.rs.
+    /// Key columns: on MySQL they get the exact collation (`migrations::exact_collation`), see main.rs.
     #[sea_orm(primary_key, auto_increment = false)]
     pub tenant_id: String,
     #[sea_orm(primary_key, auto_increment = false)]

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use sea_orm::{DatabaseTransaction, DbBackend};
 
 use super::snapshot::Fold;
+use crate::error::{Error, Result};
 use crate::event::{Event, RecordedEvent};
-use crate::{Error, Result};
 
 /// What a handler gets besides the event: the batch's transaction and the partition.
 pub struct ProjectionContext<'a> {

@@ -11,13 +11,14 @@ use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryO
 
 use super::{ProjectionContext, ProjectionRegistry};
 use crate::backend;
-use crate::error::retry_policy;
+use crate::backend::{is_retried, retry_policy};
+use crate::error::{Error, Result};
 use crate::event::{Event, RecordedEvent};
 use crate::event::{StoredMessage, is_unknown_type};
 use crate::limits::{self, MAX_IDENTIFIER_CHARS};
 use crate::schema::skipped_events as skipped;
 use crate::schema::{DEFAULT_PARTITION, messages, subscriptions};
-use crate::{Error, EventStore, Result};
+use crate::store::EventStore;
 
 /// How long `project_partition` waits on PostgreSQL for transactions still writing before it
 /// returns what it has done (MySQL waits on their row locks, up to `innodb_lock_wait_timeout`).
@@ -160,7 +161,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
     ) -> Result<ProjectPartitionResult> {
         let partition = options.partition.as_deref().unwrap_or(DEFAULT_PARTITION);
         check_run(subscription_id, partition)?;
-        let until = (|| self.horizon(subscription_id, partition)).retry(retry_policy()).when(Error::is_retried).await?;
+        let until = (|| self.horizon(subscription_id, partition)).retry(retry_policy()).when(is_retried).await?;
         let (processed, last_processed_position, _) =
             self.run(subscription_id, partition, Source::Partition { until }, &options).await?;
         Ok(ProjectPartitionResult { processed, last_processed_position })
@@ -179,7 +180,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         loop {
             let (count, checkpoint) = (|| self.batch(subscription, partition, source, options))
                 .retry(retry_policy())
-                .when(Error::is_retried)
+                .when(is_retried)
                 .notify(|err, _| tracing::debug!(subscription, partition, %err, "projection batch failed; retrying"))
                 .await?;
             processed += count;

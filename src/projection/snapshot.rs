@@ -9,10 +9,10 @@ use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelec
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::{Columns, Keys, ProjectionContext};
+use crate::error::{Error, Result};
 use crate::event::{RecordedEvent, json_column};
 use crate::limits::{self, MAX_SNAPSHOT_ID_CHARS};
 use crate::schema::{messages, snapshots};
-use crate::{Error, Result};
 
 /// Rows per multi-row statement. Measured on PostgreSQL 15: statements of 200 rows took 10x
 /// longer per row than statements of 100, so batches write in chunks of 100.
@@ -130,7 +130,7 @@ impl<E, S> SnapshotProjection<E, S> {
         }
         for (column, collation) in &shape.columns {
             if let Some(collation) = collation.as_deref().filter(|c| key_names.contains(column) && !is_exact(c)) {
-                tracing::warn!(table = %self.table, column, collation, "a key column compares text inexactly: keys differing in case or trailing spaces share a row (see schema::exact_collation)");
+                tracing::warn!(table = %self.table, column, collation, "a key column compares text inexactly: keys differing in case or trailing spaces share a row (see migrations::exact_collation)");
             }
         }
         let columns = Arc::new(shape.columns.into_keys().collect::<BTreeSet<_>>());

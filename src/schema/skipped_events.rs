@@ -18,7 +18,7 @@ use sea_orm::entity::prelude::*;
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{ActiveValue::Set, DatabaseTransaction};
 
-use crate::Error;
+use crate::error::Error;
 
 /// One skipped event: which subscription skipped it, where it is, why, and when.
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
@@ -59,7 +59,7 @@ pub(crate) async fn record(
     subscription: &str,
     global_position: Option<i64>,
     err: &Error,
-) -> crate::Result<()> {
+) -> crate::error::Result<()> {
     let (Error::UndecodableEvent { stream, partition, position, message_type, .. }
     | Error::MalformedEvent { stream, partition, position, message_type, .. }) = err
     else {

@@ -14,13 +14,14 @@ use sea_orm::{
 };
 use serde_json::Value;
 
-pub use options::{AggregateStreamResult, AppendOptions, AppendResult, ExpectedVersion, ReadOptions, ReadStreamResult};
+pub use options::{AggregateStreamResult, AppendOptions, AppendResult, ReadOptions, ReadStreamResult};
 
 use crate::backend::{self, Append};
+use crate::error::{Error, Result};
 use crate::event::{Event, RecordedEvent, StoredMessage, encode};
+use crate::expected_version::ExpectedVersion;
 use crate::limits::{self, MAX_IDENTIFIER_CHARS};
 use crate::schema::{DEFAULT_PARTITION, messages, streams};
-use crate::{Error, Result};
 
 /// Events per page when [`EventStore::aggregate_stream`] folds a stream.
 const AGGREGATE_PAGE: u64 = 1_000;
@@ -151,7 +152,7 @@ impl EventStore {
             failure.map_or(Ok(None), Err)
         };
         let appended = match pooled {
-            true => attempt.retry(crate::error::retry_policy()).when(Error::is_retried).await?,
+            true => attempt.retry(backend::retry_policy()).when(backend::is_retried).await?,
             false => attempt().await?,
         };
         match appended {

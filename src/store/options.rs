@@ -1,47 +1,9 @@
 //! Options and results of the event store's operations.
 
-use std::fmt;
-
 use serde_json::Value;
 
+use crate::expected_version::ExpectedVersion;
 use crate::schema::DEFAULT_PARTITION;
-
-/// What the caller believes about the stream's version before appending.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ExpectedVersion {
-    /// No check.
-    #[default]
-    Any,
-    /// The stream must not exist (same as `Exact(0)`).
-    NoStream,
-    /// The stream must exist, at any version.
-    StreamExists,
-    /// The stream must be at exactly this version (0 = does not exist).
-    Exact(u64),
-}
-
-impl ExpectedVersion {
-    /// Whether a stream at `actual` (0 = missing) satisfies this expectation.
-    pub fn matches(self, actual: u64) -> bool {
-        match self {
-            Self::Any => true,
-            Self::NoStream => actual == 0,
-            Self::StreamExists => actual > 0,
-            Self::Exact(v) => v == actual,
-        }
-    }
-}
-
-impl fmt::Display for ExpectedVersion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Any => f.write_str("any version"),
-            Self::NoStream => f.write_str("no stream"),
-            Self::StreamExists => f.write_str("an existing stream"),
-            Self::Exact(v) => write!(f, "version {v}"),
-        }
-    }
-}
 
 /// Options of [`EventStore::append_to_stream`](crate::EventStore::append_to_stream).
 ///
@@ -178,7 +140,7 @@ pub struct AppendResult {
 #[derive(Debug, Clone)]
 pub struct ReadStreamResult<E> {
     /// The events, in stream order.
-    pub events: Vec<crate::RecordedEvent<E>>,
+    pub events: Vec<crate::event::RecordedEvent<E>>,
     /// The stream's version (0 when it does not exist).
     pub current_stream_version: u64,
     /// Whether the stream exists (and is not archived).

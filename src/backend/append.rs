@@ -1,0 +1,280 @@
+//! Appends: one statement on PostgreSQL, one transaction on SQLite and MySQL.
+
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query, SimpleExpr};
+use sea_orm::{
+    ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, ExecResult, SqlErr, Statement, TransactionTrait,
+};
+use serde_json::Value;
+
+use super::begin_write;
+use crate::expected_version::ExpectedVersion;
+use crate::schema::{messages, streams};
+
+/// One append, as the backends receive it.
+pub(crate) struct Append<'a> {
+    pub stream_id: &'a str,
+    pub partition: &'a str,
+    pub stream_type: &'a str,
+    pub expected: ExpectedVersion,
+    pub metadata: &'a Value,
+    /// `(message_type, message_data, message_id)` per event.
+    pub events: Vec<(String, Value, String)>,
+}
+
+/// What a successful append wrote.
+pub(crate) struct Appended {
+    pub next_expected_version: u64,
+    pub last_global_position: u64,
+}
+
+/// Appends, or returns `None` when the expected version does not hold (nothing written).
+pub(crate) async fn append<C: ConnectionTrait + TransactionTrait<Transaction = DatabaseTransaction>>(
+    conn: &C,
+    append: &Append<'_>,
+) -> Result<Option<Appended>, DbErr> {
+    match conn.get_database_backend() {
+        DbBackend::Postgres => append_in_one_statement(conn, append).await,
+        _ => append_in_transaction(conn, append).await,
+    }
+}
+
+/// PostgreSQL: one data-modifying CTE. The stream row update takes the row lock, so a racing
+/// writer with the same expected version re-checks its `WHERE` after we commit and matches nothing.
+async fn append_in_one_statement<C: ConnectionTrait>(conn: &C, a: &Append<'_>) -> Result<Option<Appended>, DbErr> {
+    /// One event of the jsonb array parameter.
+    #[derive(serde::Serialize)]
+    struct Row<'a> {
+        t: &'a str,
+        d: &'a Value,
+        i: &'a str,
+    }
+    let n = a.events.len() as i64;
+    // Serialized straight to text (no intermediate `Value`); the statement casts it to jsonb.
+    let rows: Vec<Row<'_>> = a.events.iter().map(|(t, d, i)| Row { t, d, i }).collect();
+    let events = serde_json::to_string(&rows).map_err(|err| DbErr::Custom(err.to_string()))?;
+    let mut values: Vec<sea_orm::Value> =
+        vec![a.stream_id.into(), a.partition.into(), n.into(), events.into(), a.metadata.clone().into()];
+    let insert_stream = "INSERT INTO streams (stream_id, stream_position, partition, stream_type, stream_metadata)
+                         VALUES ($1, $3, $2, $6, '{}') ON CONFLICT (stream_id, partition, is_archived)";
+    let update_stream = "UPDATE streams SET stream_position = stream_position + $3
+                         WHERE stream_id = $1 AND partition = $2 AND is_archived = false";
+    let stream_write = match a.expected {
+        ExpectedVersion::Any => {
+            values.push(a.stream_type.into());
+            format!("{insert_stream} DO UPDATE SET stream_position = streams.stream_position + $3")
+        }
+        ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => {
+            values.push(a.stream_type.into());
+            format!("{insert_stream} DO NOTHING")
+        }
+        ExpectedVersion::StreamExists => update_stream.to_owned(),
+        ExpectedVersion::Exact(v) => {
+            values.push((v as i64).into());
+            format!("{update_stream} AND stream_position = $6")
+        }
+    };
+    let sql = format!(
+        "WITH st AS ({stream_write} RETURNING stream_position),
+         ins AS (
+           INSERT INTO messages (stream_id, stream_position, partition, message_data, message_metadata,
+                                 message_schema_version, message_type, message_id)
+           SELECT $1, st.stream_position - $3 + e.ord, $2, e.m->'d', $5::jsonb, '1', e.m->>'t', e.m->>'i'
+           FROM st, jsonb_array_elements($4::jsonb) WITH ORDINALITY AS e(m, ord)
+           RETURNING global_position)
+         SELECT st.stream_position, (SELECT max(global_position) FROM ins) AS last_global_position FROM st"
+    );
+    let row = conn.query_one_raw(Statement::from_sql_and_values(DbBackend::Postgres, sql, values)).await?;
+    row.map(|row| {
+        Ok(Appended {
+            next_expected_version: row.try_get::<i64>("", "stream_position")? as u64,
+            last_global_position: row.try_get::<i64>("", "last_global_position")? as u64,
+        })
+    })
+    .transpose()
+}
+
+/// SQLite and MySQL: the stream row first (its lock serialises writers of one stream), then the
+/// messages, in one transaction.
+async fn append_in_transaction<C: TransactionTrait<Transaction = DatabaseTransaction>>(
+    conn: &C,
+    a: &Append<'_>,
+) -> Result<Option<Appended>, DbErr> {
+    let txn = begin_write(conn).await?;
+    let backend = txn.get_database_backend();
+    if backend == DbBackend::MySql {
+        enter_partition(&txn, a.partition).await?;
+    }
+    let n = a.events.len() as i64;
+    let Some(version) = move_stream_row(&txn, a, n).await? else {
+        return Ok(None); // dropping the transaction rolls it back
+    };
+    let first = version - n + 1;
+
+    // SQLite numbers messages itself; MySQL's AUTO_INCREMENT does it there.
+    let first_global = if backend == DbBackend::Sqlite {
+        let row = txn
+            .query_one_raw(Statement::from_sql_and_values(
+                backend,
+                "UPDATE emt_global_message_position SET last_value = last_value + ? WHERE id = 1 RETURNING last_value",
+                [n.into()],
+            ))
+            .await?
+            .ok_or_else(|| DbErr::RecordNotFound("emt_global_message_position".into()))?;
+        Some(row.try_get::<i64>("", "last_value")? - n + 1)
+    } else {
+        None
+    };
+
+    let mut columns = vec![
+        messages::Column::StreamId,
+        messages::Column::StreamPosition,
+        messages::Column::Partition,
+        messages::Column::MessageData,
+        messages::Column::MessageMetadata,
+        messages::Column::MessageSchemaVersion,
+        messages::Column::MessageType,
+        messages::Column::MessageId,
+    ];
+    columns.extend(first_global.map(|_| messages::Column::GlobalPosition));
+    let mut insert = Query::insert();
+    insert.into_table(messages::Entity).columns(columns);
+    for (i, (message_type, data, id)) in a.events.iter().enumerate() {
+        let mut row: Vec<SimpleExpr> = vec![
+            a.stream_id.into(),
+            (first + i as i64).into(),
+            a.partition.into(),
+            data.clone().into(),
+            a.metadata.clone().into(),
+            "1".into(),
+            message_type.as_str().into(),
+            id.as_str().into(),
+        ];
+        if let Some(g) = first_global {
+            row.push((g + i as i64).into());
+        }
+        insert.values_panic(row);
+    }
+    txn.execute(&insert).await?;
+
+    let last_global_position = match first_global {
+        Some(g) => g + n - 1,
+        None => {
+            let row = txn
+                .query_one(
+                    Query::select()
+                        .column(messages::Column::GlobalPosition)
+                        .from(messages::Entity)
+                        .and_where(Expr::col(messages::Column::StreamId).eq(a.stream_id))
+                        .and_where(Expr::col(messages::Column::Partition).eq(a.partition))
+                        .and_where(Expr::col(messages::Column::IsArchived).eq(false))
+                        .and_where(Expr::col(messages::Column::StreamPosition).eq(version)),
+                )
+                .await?
+                .ok_or_else(|| DbErr::RecordNotFound("appended message".into()))?;
+            row.try_get::<i64>("", "global_position")?
+        }
+    };
+    txn.commit().await?;
+    Ok(Some(Appended { next_expected_version: version as u64, last_global_position: last_global_position as u64 }))
+}
+
+/// MySQL: share-locks the partition's row of `emt_partitions` (creating it the first time)
+/// until the append ends, before the append takes any global position. Appends share it;
+/// [`horizon`] takes it exclusively, so it waits for every append of the partition in flight.
+async fn enter_partition(txn: &DatabaseTransaction, partition: &str) -> Result<(), DbErr> {
+    let sql = |sql: &str| Statement::from_sql_and_values(DbBackend::MySql, sql, [partition.into()]);
+    let locked = txn
+        .query_one_raw(sql("SELECT 1 FROM emt_partitions WHERE `partition` = ? LOCK IN SHARE MODE"))
+        .await?
+        .is_some();
+    if !locked {
+        // Inserts and locks the row, or (when another append inserted it) share-locks it.
+        txn.execute_raw(sql("INSERT IGNORE INTO emt_partitions (`partition`) VALUES (?)")).await?;
+    }
+    Ok(())
+}
+
+/// Moves the stream row by `n` if the expected version holds; returns the new version.
+async fn move_stream_row(txn: &DatabaseTransaction, a: &Append<'_>, n: i64) -> Result<Option<i64>, DbErr> {
+    let this_stream = || {
+        Expr::col(streams::Column::StreamId)
+            .eq(a.stream_id)
+            .and(Expr::col(streams::Column::Partition).eq(a.partition))
+            .and(Expr::col(streams::Column::IsArchived).eq(false))
+    };
+    let new_stream = || {
+        let mut insert = Query::insert();
+        insert
+            .into_table(streams::Entity)
+            .columns([
+                streams::Column::StreamId,
+                streams::Column::StreamPosition,
+                streams::Column::Partition,
+                streams::Column::StreamType,
+                streams::Column::StreamMetadata,
+            ])
+            .values_panic([
+                a.stream_id.into(),
+                n.into(),
+                a.partition.into(),
+                a.stream_type.into(),
+                serde_json::json!({}).into(),
+            ]);
+        insert
+    };
+    let increment = Expr::col(streams::Column::StreamPosition).add(n);
+    let updated = |res: ExecResult| res.rows_affected() > 0;
+    match a.expected {
+        ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => match txn.execute(&new_stream()).await {
+            Ok(_) => Ok(Some(n)),
+            Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => Ok(None),
+            Err(e) => Err(e),
+        },
+        ExpectedVersion::Exact(v) => {
+            let res = txn
+                .execute(
+                    Query::update()
+                        .table(streams::Entity)
+                        .value(streams::Column::StreamPosition, v as i64 + n)
+                        .cond_where(this_stream().and(Expr::col(streams::Column::StreamPosition).eq(v as i64))),
+                )
+                .await?;
+            Ok(updated(res).then_some(v as i64 + n))
+        }
+        ExpectedVersion::StreamExists | ExpectedVersion::Any => {
+            let moved = if a.expected == ExpectedVersion::Any {
+                let mut upsert = new_stream();
+                upsert.on_conflict(
+                    OnConflict::columns([
+                        streams::Column::StreamId,
+                        streams::Column::Partition,
+                        streams::Column::IsArchived,
+                    ])
+                    .value(streams::Column::StreamPosition, increment)
+                    .to_owned(),
+                );
+                updated(txn.execute(&upsert).await?)
+            } else {
+                let mut update = Query::update();
+                update
+                    .table(streams::Entity)
+                    .value(streams::Column::StreamPosition, increment)
+                    .cond_where(this_stream());
+                updated(txn.execute(&update).await?)
+            };
+            if !moved {
+                return Ok(None);
+            }
+            let row = txn
+                .query_one(
+                    Query::select()
+                        .column(streams::Column::StreamPosition)
+                        .from(streams::Entity)
+                        .cond_where(this_stream()),
+                )
+                .await?
+                .ok_or_else(|| DbErr::RecordNotFound(format!("stream {}", a.stream_id)))?;
+            Ok(Some(row.try_get::<i64>("", "stream_position")?))
+        }
+    }
+}

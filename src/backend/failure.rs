@@ -1,0 +1,98 @@
+//! What a database error means for the caller: retry, busy, connection lost — by backend codes.
+
+use sea_orm::DbErr;
+
+use crate::error::Error;
+
+/// What kind of failure a database error is, for the typed errors and the retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// A deadlock or serialization failure: the transaction lost a race; run it again.
+    Retry,
+    /// A lock wait or busy timeout ran out: the database already waited; give up for now.
+    Busy,
+    /// The connection broke or could not be had; `maybe_written` unless it never reached the server.
+    Connection { maybe_written: bool },
+    /// Anything else.
+    Other,
+}
+
+/// Sorts a database error by what a caller can do about it.
+///
+/// Codes: PostgreSQL 40001/40P01 (serialization failure, deadlock), 55P03 (lock timeout),
+/// 57P01–57P03 and class 08 (connection); MySQL 1213 (deadlock, SQLSTATE 40001), 1205 (lock
+/// wait timeout), 1927 (connection killed); SQLite 5/6 and extended BUSY/LOCKED codes
+/// (`database is locked` after the busy timeout), 517 (BUSY_SNAPSHOT: retry at once).
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+pub(crate) fn classify(err: &DbErr) -> Failure {
+    use sea_orm::sqlx::Error as Sqlx;
+    let sqlx = match err {
+        DbErr::ConnectionAcquire(_) => return Failure::Connection { maybe_written: false },
+        DbErr::Conn(sea_orm::RuntimeErr::SqlxError(e))
+        | DbErr::Exec(sea_orm::RuntimeErr::SqlxError(e))
+        | DbErr::Query(sea_orm::RuntimeErr::SqlxError(e)) => e.as_ref(),
+        DbErr::Conn(_) => return Failure::Connection { maybe_written: true },
+        _ => return Failure::Other,
+    };
+    let db = match sqlx {
+        Sqlx::PoolTimedOut | Sqlx::PoolClosed => return Failure::Connection { maybe_written: false },
+        Sqlx::Io(_) | Sqlx::Tls(_) | Sqlx::Protocol(_) | Sqlx::WorkerCrashed => {
+            return Failure::Connection { maybe_written: true };
+        }
+        Sqlx::Database(db) => db,
+        _ => return Failure::Other,
+    };
+    #[cfg(feature = "mysql")]
+    if let Some(mysql) = db.try_downcast_ref::<sea_orm::sqlx::mysql::MySqlDatabaseError>() {
+        return match mysql.number() {
+            1213 => Failure::Retry,
+            1205 => Failure::Busy,
+            1053 | 1927 => Failure::Connection { maybe_written: true },
+            _ => Failure::Other,
+        };
+    }
+    match db.code().as_deref() {
+        Some("40001" | "40P01" | "517") => Failure::Retry,
+        Some("55P03" | "5" | "6" | "261" | "262" | "773") => Failure::Busy,
+        Some("57P01" | "57P02" | "57P03") => Failure::Connection { maybe_written: true },
+        Some(code) if code.starts_with("08") => Failure::Connection { maybe_written: true },
+        _ => Failure::Other,
+    }
+}
+
+/// Without a backend there is no driver error to sort (and `lib.rs` stops the build).
+#[cfg(not(any(feature = "sqlite", feature = "postgres", feature = "mysql")))]
+pub(crate) fn classify(_: &DbErr) -> Failure {
+    Failure::Other
+}
+
+impl From<sea_orm::DbErr> for Error {
+    /// Sorts database errors into the typed ones a caller can act on: busy, connection lost,
+    /// or any other database error.
+    fn from(source: sea_orm::DbErr) -> Self {
+        match classify(&source) {
+            Failure::Busy | Failure::Retry => Error::Busy { source },
+            Failure::Connection { maybe_written } => Error::ConnectionLost { maybe_written, source },
+            Failure::Other => Error::Database(source),
+        }
+    }
+}
+
+/// Whether the store retries `err` at once by itself: a deadlock or serialization failure (a
+/// lost race), or a lost connection. Timeouts already waited; they are not retried.
+pub(crate) fn is_retried(err: &Error) -> bool {
+    match err {
+        Error::Busy { source } => classify(source) == Failure::Retry,
+        Error::ConnectionLost { .. } => true,
+        _ => false,
+    }
+}
+
+/// The backoff of the store's own retries: 5 attempts, 10 ms doubling to 320 ms, with jitter.
+pub(crate) fn retry_policy() -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(std::time::Duration::from_millis(10))
+        .with_max_delay(std::time::Duration::from_millis(320))
+        .with_max_times(4)
+        .with_jitter()
+}

@@ -1,0 +1,93 @@
+//! The row locks of a projection batch: the checkpoint, then the snapshots.
+
+use sea_orm::sea_query::{Expr, ExprTrait, LockType, OnConflict, Query};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr};
+use serde_json::Value;
+
+use crate::schema::{snapshots, subscriptions};
+
+/// Creates a subscription's checkpoint row if needed and locks it, returning its position:
+/// concurrent runners of one subscription and partition queue here, and each sees the
+/// checkpoint the previous one committed. One statement where `RETURNING` exists (a no-op
+/// upsert locks the row), two on MySQL.
+pub(crate) async fn lock_checkpoint(
+    txn: &DatabaseTransaction,
+    subscription: &str,
+    partition: &str,
+) -> Result<i64, DbErr> {
+    let key = [subscriptions::Column::SubscriptionId, subscriptions::Column::Partition, subscriptions::Column::Version];
+    let mut create = Query::insert();
+    create
+        .into_table(subscriptions::Entity)
+        .columns([
+            subscriptions::Column::SubscriptionId,
+            subscriptions::Column::Version,
+            subscriptions::Column::Partition,
+            subscriptions::Column::LastProcessedPosition,
+        ])
+        .values_panic([subscription.into(), 1.into(), partition.into(), 0i64.into()]);
+    let position = |row: Option<sea_orm::QueryResult>| -> Result<i64, DbErr> {
+        row.ok_or_else(|| DbErr::RecordNotFound(format!("subscription {subscription}")))?
+            .try_get("", "last_processed_position")
+    };
+    if txn.get_database_backend() != DbBackend::MySql {
+        let current = Expr::col((subscriptions::Entity, subscriptions::Column::LastProcessedPosition));
+        create
+            .on_conflict(
+                OnConflict::columns(key).value(subscriptions::Column::LastProcessedPosition, current).to_owned(),
+            )
+            .returning_col(subscriptions::Column::LastProcessedPosition);
+        return position(txn.query_one(&create).await?);
+    }
+    create.on_conflict(OnConflict::columns(key).do_nothing_on([subscriptions::Column::SubscriptionId]).to_owned());
+    txn.execute(&create).await?;
+    let locked = txn
+        .query_one(
+            Query::select()
+                .column(subscriptions::Column::LastProcessedPosition)
+                .from(subscriptions::Entity)
+                .and_where(Expr::col(subscriptions::Column::SubscriptionId).eq(subscription))
+                .and_where(Expr::col(subscriptions::Column::Partition).eq(partition))
+                .and_where(Expr::col(subscriptions::Column::Version).eq(1))
+                .lock(LockType::Update),
+        )
+        .await?;
+    position(locked)
+}
+
+/// Locks the snapshots `ids` of read model `table`, creating missing ones first (a lock on a
+/// row that does not exist locks nothing), and returns `stream_id`, `last_global_position` and
+/// `snapshot` of each (`null` for new ones). Rows are taken in `ids` order (callers sort it), so
+/// concurrent batches cannot deadlock. Where `RETURNING` exists, a no-op upsert creates, locks
+/// and returns them in one statement; MySQL inserts, then selects `FOR UPDATE`.
+pub(crate) async fn lock_snapshots(
+    txn: &DatabaseTransaction,
+    table: &str,
+    ids: &[String],
+) -> Result<Vec<sea_orm::QueryResult>, DbErr> {
+    let key = [snapshots::Column::ReadmodelTableName, snapshots::Column::StreamId];
+    let mut upsert = snapshots::insert_all_columns();
+    for id in ids {
+        upsert.values_panic([table.into(), id.as_str().into(), 0i64.into(), 0i64.into(), Value::Null.into()]);
+    }
+    let returned = [snapshots::Column::StreamId, snapshots::Column::LastGlobalPosition, snapshots::Column::Snapshot];
+    if txn.get_database_backend() != DbBackend::MySql {
+        let unchanged = Expr::col((snapshots::Entity, snapshots::Column::StreamId));
+        upsert
+            .on_conflict(OnConflict::columns(key).value(snapshots::Column::StreamId, unchanged).to_owned())
+            .returning(Query::returning().columns(returned));
+        return txn.query_all(&upsert).await;
+    }
+    upsert.on_conflict(OnConflict::columns(key).do_nothing_on([snapshots::Column::StreamId]).to_owned());
+    txn.execute(&upsert).await?;
+    txn.query_all(
+        Query::select()
+            .columns(returned)
+            .from(snapshots::Entity)
+            .and_where(Expr::col(snapshots::Column::ReadmodelTableName).eq(table))
+            .and_where(Expr::col(snapshots::Column::StreamId).is_in(ids.iter().map(String::as_str)))
+            .order_by(snapshots::Column::StreamId, sea_orm::Order::Asc)
+            .lock(LockType::Update),
+    )
+    .await
+}

@@ -1,0 +1,44 @@
+//! The only module that knows how PostgreSQL, SQLite and MySQL differ.
+//!
+//! - **Schema**: native DDL per backend (PostgreSQL: LIST partitions, a sequence, `xid8`).
+//! - **Append**: PostgreSQL appends in *one statement* (a data-modifying CTE that moves the stream
+//!   row and inserts the messages; one round trip, atomic without an explicit transaction).
+//!   SQLite and MySQL run the same steps as separate statements in one transaction
+//!   (`BEGIN IMMEDIATE` on SQLite, so writers queue instead of failing on lock upgrade).
+//! - **Global positions**: a sequence on PostgreSQL, `AUTO_INCREMENT` on MySQL, a one-row
+//!   counter table on SQLite (one writer at a time, so it never contends).
+//! - **Tenant partitions**: real `PARTITION OF` tables on PostgreSQL; nothing elsewhere.
+//! - **Reading in global order** without passing a late commit ([`horizon()`]): a transaction-id
+//!   horizon on PostgreSQL, a per-partition lock that appends share on MySQL, nothing to wait
+//!   for on SQLite.
+//!
+//! One file per concern: [`schema`] (DDL, migrations, partitions, the catalog), [`append`],
+//! [`horizon`], [`locks`] (projection batches) and [`failure`] (what an error code means).
+
+mod append;
+mod failure;
+mod horizon;
+mod locks;
+mod schema;
+
+use sea_orm::{DatabaseTransaction, DbErr, TransactionOptions, TransactionTrait};
+
+pub(crate) use append::{Append, Appended, append};
+pub(crate) use failure::{is_retried, retry_policy};
+pub(crate) use horizon::horizon;
+pub(crate) use locks::{lock_checkpoint, lock_snapshots};
+pub(crate) use schema::{
+    create_partition, create_schema, drop_schema, harden_schema, mysql_exact_collation, soften_schema, table_shape,
+};
+
+/// Begins a write transaction (a savepoint inside a session): `BEGIN IMMEDIATE` on SQLite so
+/// concurrent writers wait for the lock instead of failing when they upgrade to it.
+pub(crate) async fn begin_write<C: TransactionTrait<Transaction = DatabaseTransaction>>(
+    conn: &C,
+) -> Result<DatabaseTransaction, DbErr> {
+    conn.begin_with_options(TransactionOptions {
+        sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+        ..Default::default()
+    })
+    .await
+}
