@@ -111,7 +111,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let mut options = ConnectOptions::new(&args.database_url);
     options.max_connections(args.concurrency as u32).min_connections(args.concurrency as u32).sqlx_logging(false);
-    let db = Database::connect(options).await?;
+    let db = Database::connect(emmett_seaorm::configure(options)).await?;
     emmett_seaorm::migrate(&db).await?;
     db.execute(
         Table::create()

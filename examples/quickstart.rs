@@ -1,6 +1,6 @@
 use emmett_seaorm::projection::{ProjectionRegistry, ProjectionRunner, RunOptions, SnapshotProjection};
 use emmett_seaorm::{AppendOptions, EventStore, ExpectedVersion, ReadOptions, columns, keys};
-use sea_orm::{ConnectionTrait, Database, EntityName, EntityTrait, IdenStatic, Schema};
+use sea_orm::{ConnectionTrait, EntityName, EntityTrait, IdenStatic, Schema};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize)]
@@ -53,7 +53,7 @@ mod carts {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let db = Database::connect("sqlite://quickstart.db?mode=rwc").await?;
+    let db = emmett_seaorm::connect("sqlite://quickstart.db?mode=rwc").await?;
     emmett_seaorm::migrate(&db).await?; // the store's tables
     // The read model's table, from its entity (in an app: one of your migrations).
     let schema = Schema::new(db.get_database_backend());

@@ -7,6 +7,7 @@ compile_error!(
 );
 
 mod backend;
+mod connect;
 mod error;
 mod event;
 mod expected_version;
@@ -19,6 +20,7 @@ mod store;
 /// The SeaORM this crate is built on, for the macros and for apps that want the same version.
 pub use sea_orm;
 
+pub use connect::{configure, connect};
 pub use error::{Error, Result};
 pub use event::{Event, RecordedEvent};
 pub use expected_version::ExpectedVersion;

@@ -95,7 +95,7 @@ impl MigratorTrait for Migrator {
 ///
 /// ```no_run
 /// # async fn f() -> Result<(), sea_orm::DbErr> {
-/// let db = sea_orm::Database::connect("sqlite://app.db?mode=rwc").await?;
+/// let db = emmett_seaorm::connect("sqlite://app.db?mode=rwc").await?;
 /// emmett_seaorm::migrate(&db).await?;
 /// # Ok(()) }
 /// ```

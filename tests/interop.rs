@@ -16,7 +16,7 @@ use emmett_seaorm::projection::{
     ProjectionRegistry, ProjectionRunner, RunOptions, SnapshotProjection, construct_stream_id,
 };
 use emmett_seaorm::{AppendOptions, EventStore, ExpectedVersion, ReadOptions, RecordedEvent, columns, keys};
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
+use sea_orm::{ConnectionTrait, DatabaseConnection};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -207,7 +207,7 @@ async fn round_trip(url: String, db: DatabaseConnection) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typescript_service_on_our_schema() {
     let url = common::empty_postgres().await;
-    let db = Database::connect(&url).await.unwrap();
+    let db = emmett_seaorm::connect(&url).await.unwrap();
     emmett_seaorm::migrate(&db).await.unwrap();
     round_trip(url.clone(), db).await;
     common::drop_database(&url).await;
@@ -217,7 +217,7 @@ async fn typescript_service_on_our_schema() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typescript_service_on_its_own_schema() {
     let url = common::empty_postgres().await;
-    let db = Database::connect(&url).await.unwrap();
+    let db = emmett_seaorm::connect(&url).await.unwrap();
     db.execute_unprepared(include_str!("../interop/kysely-schema.sql")).await.unwrap();
     emmett_seaorm::migrate(&db).await.unwrap();
     round_trip(url.clone(), db).await;

@@ -11,7 +11,7 @@ mod read_model;
 use domain::{Cart, CartCommand, Status, decide, evolve};
 use emmett_seaorm::projection::{ProjectionRegistry, ProjectionRunner, RunOptions, SnapshotProjection};
 use emmett_seaorm::{AppendOptions, EventStore, ExpectedVersion, ReadOptions, columns, keys};
-use sea_orm::{ConnectionTrait, Database, EntityName, EntityTrait, IdenStatic, QueryOrder, Schema};
+use sea_orm::{ConnectionTrait, EntityName, EntityTrait, IdenStatic, QueryOrder, Schema};
 
 /// Decides `command` against the cart's current state and appends the outcome, expecting the
 /// version it decided on.
@@ -43,7 +43,7 @@ async fn handle(
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://carts.db?mode=rwc".into());
     println!("database: {url}");
-    let db = Database::connect(&url).await?;
+    let db = emmett_seaorm::connect(&url).await?;
     emmett_seaorm::migrate(&db).await?;
     let backend = db.get_database_backend();
     db.execute(Schema::new(backend).create_table_from_entity(read_model::Entity).if_not_exists()).await?;

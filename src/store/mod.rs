@@ -40,7 +40,7 @@ const AGGREGATE_PAGE: u64 = 1_000;
 /// #[serde(tag = "type", content = "data")]
 /// enum Counter { Incremented { by: i64 } }
 ///
-/// let db = sea_orm::Database::connect("sqlite://counter.db?mode=rwc").await?;
+/// let db = emmett_seaorm::connect("sqlite://counter.db?mode=rwc").await?;
 /// emmett_seaorm::migrate(&db).await?;
 /// let store = EventStore::new(db);
 /// store

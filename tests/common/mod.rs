@@ -49,7 +49,7 @@ async fn connect(url: &str) -> Result<DatabaseConnection, sea_orm::DbErr> {
     // Fail fast on a server that isn't there, instead of waiting out sqlx's 30 s per test.
     options.max_connections(24).connect_timeout(Duration::from_secs(3)).acquire_timeout(Duration::from_secs(10));
     options.sqlx_logging(false);
-    Database::connect(options).await
+    Database::connect(emmett_seaorm::configure(options)).await
 }
 
 async fn migrated(url: String) -> TestDb {

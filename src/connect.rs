@@ -1,0 +1,146 @@
+//! Connecting the way the store needs: no Nagle stalls over TCP, SQLite as a real embedded
+//! database.
+//!
+//! - **PostgreSQL and MySQL over TCP**: `TCP_NODELAY` on every pooled connection, including the
+//!   ones the pool opens later. sqlx 0.9.0 (the newest release, which SeaORM 2.0 uses) opens its
+//!   sockets without it (sqlx issue #4335, fixed upstream but unreleased), and Nagle's algorithm
+//!   meeting delayed ACKs stalled mid-size appends (150–400 events) for ~40 ms each. sqlx does not
+//!   hand out its socket, so a per-connection hook asks the server for the connection's client
+//!   port and sets the option on the process's socket with that local port (`getsockname`,
+//!   `setsockopt`). Remove [`nodelay`] once sqlx ships the fix.
+//! - **SQLite**: WAL (readers never block the writer, nor it them), `synchronous = NORMAL`
+//!   (durable at checkpoints, no fsync per commit) and a 5 s busy timeout.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), sea_orm::DbErr> {
+//! let db = emmett_seaorm::connect("postgres://postgres@127.0.0.1/app").await?;
+//!
+//! // Or your own pool settings, with the store's applied on top:
+//! let mut options = sea_orm::ConnectOptions::new("sqlite://app.db?mode=rwc");
+//! options.max_connections(8);
+//! let db = sea_orm::Database::connect(emmett_seaorm::configure(options)).await?;
+//! # Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr};
+
+/// Connects to `url` with [`configure`]'s settings.
+pub async fn connect(url: impl Into<String>) -> Result<DatabaseConnection, DbErr> {
+    Database::connect(configure(ConnectOptions::new(url))).await
+}
+
+/// Applies the store's connection settings to options you built: `TCP_NODELAY` on PostgreSQL
+/// and MySQL connections, WAL, `synchronous = NORMAL` and a 5 s busy timeout on SQLite.
+///
+/// It sets the per-connection hook of the PostgreSQL and MySQL pools (sqlx's `after_connect`),
+/// replacing one set before through `map_sqlx_postgres_pool_opts` / `map_sqlx_mysql_pool_opts`
+/// (and SeaORM's `set_schema_search_path`), and SQLite's options through `map_sqlx_sqlite_opts`.
+pub fn configure(mut options: ConnectOptions) -> ConnectOptions {
+    #[cfg(feature = "postgres")]
+    options.map_sqlx_postgres_pool_opts(|pool| {
+        pool.after_connect(|conn, _| {
+            Box::pin(async move {
+                let port: Option<i32> =
+                    sea_orm::sqlx::query_scalar("SELECT inet_client_port()").fetch_one(&mut *conn).await?;
+                nodelay::set(port.and_then(|p| u16::try_from(p).ok()));
+                Ok(())
+            })
+        })
+    });
+    #[cfg(feature = "mysql")]
+    options.map_sqlx_mysql_pool_opts(|pool| {
+        pool.after_connect(|conn, _| {
+            Box::pin(async move {
+                // `HOST` is `address:port` over TCP, `localhost` over a Unix socket.
+                let host: String = sea_orm::sqlx::query_scalar(
+                    "SELECT HOST FROM information_schema.PROCESSLIST WHERE ID = CONNECTION_ID()",
+                )
+                .fetch_one(&mut *conn)
+                .await?;
+                nodelay::set(host.rsplit_once(':').and_then(|(_, port)| port.parse().ok()));
+                Ok(())
+            })
+        })
+    });
+    #[cfg(feature = "sqlite")]
+    options.map_sqlx_sqlite_opts(|sqlite| {
+        use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+        sqlite
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5))
+    });
+    options
+}
+
+/// `TCP_NODELAY` on the process's TCP socket bound to a local port — until sqlx sets it itself.
+pub(crate) mod nodelay {
+    /// Sets `TCP_NODELAY` on the process's TCP sockets bound to local `port` — the connection the
+    /// server reported (a no-op for `None`: a Unix-socket connection has no Nagle to turn off).
+    /// Behind NAT or a proxy the server sees another port and nothing is found; that is logged.
+    pub fn set(port: Option<u16>) {
+        #[cfg(unix)]
+        if let Some(port) = port {
+            let sockets = find(port);
+            if sockets.is_empty() {
+                tracing::debug!(port, "no socket with this local port: TCP_NODELAY not set");
+            }
+            for fd in sockets {
+                let on: libc::c_int = 1;
+                // SAFETY: a plain setsockopt on a descriptor number; if it was closed meanwhile
+                // the call fails with EBADF and changes nothing.
+                let done = unsafe {
+                    libc::setsockopt(
+                        fd,
+                        libc::IPPROTO_TCP,
+                        libc::TCP_NODELAY,
+                        (&on as *const libc::c_int).cast(),
+                        size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                if done != 0 {
+                    tracing::debug!(fd, "could not set TCP_NODELAY: {}", std::io::Error::last_os_error());
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = port;
+    }
+
+    /// The descriptors of the process's TCP sockets bound to local `port`.
+    #[cfg(unix)]
+    fn find(port: u16) -> Vec<libc::c_int> {
+        descriptors().filter(|&fd| local_port(fd) == Some(port)).collect()
+    }
+
+    /// The process's open descriptors: `/proc/self/fd` where it exists, else the first 4,096.
+    #[cfg(unix)]
+    fn descriptors() -> impl Iterator<Item = libc::c_int> {
+        let listed: Option<Vec<libc::c_int>> = std::fs::read_dir("/proc/self/fd")
+            .ok()
+            .map(|dir| dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect());
+        listed.unwrap_or_else(|| (0..4096).collect()).into_iter()
+    }
+
+    /// The local port of `fd` if it is an IPv4 or IPv6 socket.
+    #[cfg(unix)]
+    fn local_port(fd: libc::c_int) -> Option<u16> {
+        // SAFETY: sockaddr_storage is plain data, large enough for any address getsockname writes.
+        let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: getsockname writes at most `len` bytes into `addr`.
+        if unsafe { libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_storage).cast(), &mut len) } != 0 {
+            return None;
+        }
+        // SAFETY: the family says which sockaddr the storage holds.
+        unsafe {
+            match addr.ss_family as libc::c_int {
+                libc::AF_INET => Some(u16::from_be((*(&addr as *const _ as *const libc::sockaddr_in)).sin_port)),
+                libc::AF_INET6 => Some(u16::from_be((*(&addr as *const _ as *const libc::sockaddr_in6)).sin6_port)),
+                _ => None,
+            }
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! `emmett_seaorm::connect` sets `TCP_NODELAY` on every pooled PostgreSQL and MySQL connection,
+//! checked from outside with `getsockopt` on the process's sockets; SQLite runs in WAL mode.
+
+mod common;
+
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement, TransactionTrait};
+
+/// The client port the server sees for the connection `conn` runs on (`None` over a Unix socket).
+async fn client_port(conn: &impl ConnectionTrait) -> Option<u16> {
+    let sql = match conn.get_database_backend() {
+        DbBackend::Postgres => "SELECT inet_client_port()::text",
+        _ => "SELECT SUBSTRING_INDEX(HOST, ':', -1) FROM information_schema.PROCESSLIST WHERE ID = CONNECTION_ID()",
+    };
+    let row = conn.query_one_raw(Statement::from_string(conn.get_database_backend(), sql)).await.unwrap().unwrap();
+    row.try_get_by_index::<Option<String>>(0).unwrap()?.parse().ok()
+}
+
+/// Whether the process's TCP socket with local port `port` has `TCP_NODELAY` on.
+fn nodelay(port: u16) -> bool {
+    let mut found = None;
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap() {
+        let Ok(fd) = entry.unwrap().file_name().to_str().unwrap().parse::<libc::c_int>() else { continue };
+        // SAFETY: plain getsockname/getsockopt calls writing into local buffers of the given size.
+        unsafe {
+            let mut addr: libc::sockaddr_in = std::mem::zeroed();
+            let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            let named = libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_in).cast(), &mut len) == 0;
+            if !named || addr.sin_family as libc::c_int != libc::AF_INET || u16::from_be(addr.sin_port) != port {
+                continue;
+            }
+            let (mut on, mut len): (libc::c_int, libc::socklen_t) = (0, size_of::<libc::c_int>() as libc::socklen_t);
+            libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, (&mut on as *mut libc::c_int).cast(), &mut len);
+            found = Some(on != 0);
+        }
+    }
+    found.unwrap_or_else(|| panic!("no socket with local port {port}"))
+}
+
+/// Holds `n` connections of `db` at once (so the pool opens new ones) and returns their ports.
+async fn ports_of_open_connections(db: &DatabaseConnection, n: usize) -> Vec<u16> {
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    for _ in 0..n {
+        let txn = db.begin().await.unwrap();
+        ports.push(client_port(&txn).await.expect("a TCP connection"));
+        held.push(txn);
+    }
+    ports
+}
+
+async fn every_pooled_tcp_connection_has_nodelay(url: String) {
+    let plain = Database::connect(&url).await.unwrap();
+    let port = client_port(&plain).await.unwrap();
+    // sqlx 0.9.0 leaves it off (sqlx #4335); when this fails, sqlx sets it: remove connect::nodelay.
+    assert!(!nodelay(port), "sqlx now sets TCP_NODELAY itself");
+
+    let db = emmett_seaorm::connect(&url).await.unwrap();
+    let ports = ports_of_open_connections(&db, 6).await;
+    assert!(ports.iter().all(|&p| nodelay(p)), "every connection the pool opened has TCP_NODELAY: {ports:?}");
+    common::drop_database(&url).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_have_nodelay() {
+    every_pooled_tcp_connection_has_nodelay(common::postgres().await).await;
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_connections_have_nodelay() {
+    every_pooled_tcp_connection_has_nodelay(common::mysql().await).await;
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn sqlite_runs_in_wal_mode() {
+    let url = common::sqlite().await;
+    let db = emmett_seaorm::connect(&url).await.unwrap();
+    let pragma = |sql: &'static str| {
+        let db = db.clone();
+        async move {
+            let row = db.query_one_raw(Statement::from_string(DbBackend::Sqlite, sql)).await.unwrap().unwrap();
+            row.try_get_by_index::<String>(0)
+                .or_else(|_| row.try_get_by_index::<i64>(0).map(|n| n.to_string()))
+                .unwrap()
+        }
+    };
+    assert_eq!(pragma("PRAGMA journal_mode").await, "wal");
+    assert_eq!(pragma("PRAGMA synchronous").await, "1", "NORMAL");
+    assert_eq!(pragma("PRAGMA busy_timeout").await, "5000");
+    common::drop_database(&url).await;
+}
