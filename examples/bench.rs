@@ -10,7 +10,10 @@
 //! - `append-batch`: 100 appends of 100 events;
 //! - `project`: `project_events` per stream over the `append-1` streams, `--concurrency` in
 //!   parallel, into a carts read model (snapshot-table mode), like the Kysely peer;
-//! - `project-partition`: `project_partition` over one tenant of `--partition-events` events.
+//! - `project-partition`: `project_partition` over one tenant of `--partition-events` events;
+//! - `append-n`: one append of N events, N = 1, 10, 100, 150, 200, 400, 1000, 50 times each by one
+//!   writer; each line `append-n<N>` gives the median append (rate = N / median) and
+//!   `median_ms=<x>` after it.
 //!
 //! Each run writes to partitions of its own, so runs can repeat on one database.
 
@@ -46,7 +49,7 @@ struct Args {
     #[arg(long, default_value_t = 500)]
     batch_size: u64,
     /// Workloads to run (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "append-1,append-batch,project,project-partition")]
+    #[arg(long, value_delimiter = ',', default_value = "append-1,append-batch,project,project-partition,append-n")]
     workloads: Vec<String>,
 }
 
@@ -142,8 +145,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 project(&store, &args, &partition).await?;
             }
             "project-partition" => project_partition(&store, &args, &format!("{partition}-pp")).await?,
+            "append-n" => append_n(&store, &format!("{partition}-n")).await?,
             other => return Err(format!("unknown workload {other}").into()),
         }
+    }
+    Ok(())
+}
+
+async fn append_n(store: &EventStore, partition: &str) -> Result<(), Box<dyn std::error::Error>> {
+    const APPENDS: usize = 50;
+    for n in [1u64, 10, 100, 150, 200, 400, 1000] {
+        let mut took = Vec::with_capacity(APPENDS);
+        for a in 0..APPENDS {
+            let events: Vec<CartEvent> = (0..n).map(|e| cart_event(a as u64, e)).collect();
+            let options = AppendOptions::default().partition(partition).expected(ExpectedVersion::NoStream);
+            let started = Instant::now();
+            store.append_to_stream(&format!("n{n}-{a}"), events, options).await?;
+            took.push(started.elapsed().as_secs_f64());
+        }
+        took.sort_by(f64::total_cmp);
+        let median = took[APPENDS / 2];
+        println!(
+            "append-n{n}\t{n}\tevents\t{median:.6}\ts\t{}\tevents/s\tmedian_ms={:.2}",
+            (n as f64 / median).round(),
+            median * 1000.0
+        );
     }
     Ok(())
 }
