@@ -91,3 +91,92 @@ async fn sqlite_runs_in_wal_mode() {
     assert_eq!(pragma("PRAGMA busy_timeout").await, "5000");
     common::drop_database(&url).await;
 }
+
+/// The child's side of `two_processes_share_one_sqlite_file`: set by the parent.
+const CHILD_DB: &str = "EMMETT_TEST_SQLITE_CHILD_DB";
+
+/// Appends `count` single-event appends (`Any`) round-robin to four streams of tenant `t`.
+async fn append_many(store: &emmett_seaorm::EventStore, writer: &str, count: usize) {
+    for i in 0..count {
+        let event = serde_json::json!({ "type": "Deposited", "data": { "amount": 1, "writer": writer, "i": i } });
+        let options = emmett_seaorm::AppendOptions::default().partition("t");
+        store.append_to_stream(&format!("s{}", i % 4), [event], options).await.unwrap();
+    }
+}
+
+/// Two OS processes append to one SQLite file at once, a projection runner running in one of
+/// them: no error reaches either caller, and every event is stored once.
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_one_sqlite_file() {
+    use emmett_seaorm::projection::{ProjectionRegistry, ProjectionRunner, RunOptions};
+    const EACH: usize = 400;
+    if let Ok(url) = std::env::var(CHILD_DB) {
+        let store = emmett_seaorm::EventStore::new(emmett_seaorm::connect(&url).await.unwrap());
+        append_many(&store, "child", EACH).await;
+        return;
+    }
+    let url = common::sqlite().await;
+    let db = emmett_seaorm::connect(&url).await.unwrap();
+    emmett_seaorm::migrate(&db).await.unwrap();
+    let store = emmett_seaorm::EventStore::new(db.clone());
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "two_processes_share_one_sqlite_file", "--nocapture"])
+        .env(CHILD_DB, &url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let counted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let runner = {
+        struct Count(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+        #[async_trait::async_trait]
+        impl emmett_seaorm::projection::EventHandler<serde_json::Value> for Count {
+            async fn handle(
+                &self,
+                _: &emmett_seaorm::projection::ProjectionContext<'_>,
+                _: &emmett_seaorm::RecordedEvent<serde_json::Value>,
+            ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            }
+        }
+        let runner = ProjectionRunner::new(store.clone(), ProjectionRegistry::new().on([], Count(counted.clone())));
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                runner.project_partition("count", RunOptions::default().partition("t")).await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            runner
+        })
+    };
+    append_many(&store, "parent", EACH).await;
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    assert!(output.status.success(), "the child process failed: {}", String::from_utf8_lossy(&output.stdout));
+    let runner = runner.await.unwrap();
+    runner.project_partition("count", RunOptions::default().partition("t")).await.unwrap();
+
+    let mut events = Vec::new();
+    for s in 0..4 {
+        let read = store
+            .read_stream::<serde_json::Value>(&format!("s{s}"), emmett_seaorm::ReadOptions::default().partition("t"))
+            .await
+            .unwrap();
+        assert!(read.events.iter().enumerate().all(|(i, e)| e.stream_position == i as u64 + 1), "contiguous");
+        events.extend(read.events);
+    }
+    assert_eq!(events.len(), 2 * EACH, "every append stored");
+    let mut appends: Vec<(String, u64)> = events
+        .iter()
+        .map(|e| (e.event["data"]["writer"].as_str().unwrap().to_owned(), e.event["data"]["i"].as_u64().unwrap()))
+        .collect();
+    appends.sort();
+    appends.dedup();
+    assert_eq!(appends.len(), 2 * EACH, "each once");
+    let mut globals: Vec<u64> = events.iter().map(|e| e.global_position).collect();
+    globals.sort();
+    globals.dedup();
+    assert_eq!(globals.len(), 2 * EACH, "global positions unique");
+    assert_eq!(counted.load(std::sync::atomic::Ordering::SeqCst), 2 * EACH, "the runner saw each event once");
+    common::drop_database(&url).await;
+}
