@@ -10,7 +10,9 @@
 //! - `append-batch`: 100 appends of 100 events;
 //! - `project`: `project_events` per stream over the `append-1` streams, `--concurrency` in
 //!   parallel, into a carts read model (snapshot-table mode), like the Kysely peer;
-//! - `project-partition`: `project_partition` over one tenant of `--partition-events` events;
+//! - `project-partition`: `project_partition` over one tenant of `--partition-events` events
+//!   (analyzed after the load, as autovacuum would); `project-partition-cold` the same with no
+//!   statistics for the tenant's partition (autovacuum off, no `ANALYZE`);
 //! - `append-n`: one append of N events, N = 1, 10, 100, 150, 200, 400, 1000, 50 times each by one
 //!   writer; each line `append-n<N>` gives the median append (rate = N / median) and
 //!   `median_ms=<x>` after it.
@@ -49,7 +51,11 @@ struct Args {
     #[arg(long, default_value_t = 500)]
     batch_size: u64,
     /// Workloads to run (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "append-1,append-batch,project,project-partition,append-n")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "append-1,append-batch,project,project-partition,project-partition-cold,append-n"
+    )]
     workloads: Vec<String>,
 }
 
@@ -144,7 +150,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
                 project(&store, &args, &partition).await?;
             }
-            "project-partition" => project_partition(&store, &args, &format!("{partition}-pp")).await?,
+            "project-partition" => project_partition(&store, &args, &format!("{partition}-pp"), false).await?,
+            "project-partition-cold" => project_partition(&store, &args, &format!("{partition}-ppc"), true).await?,
             "append-n" => append_n(&store, &format!("{partition}-n")).await?,
             other => return Err(format!("unknown workload {other}").into()),
         }
@@ -280,13 +287,32 @@ async fn project(store: &EventStore, args: &Args, partition: &str) -> Result<(),
     check_cart_0(store, partition, args.events_per_stream).await
 }
 
-async fn project_partition(store: &EventStore, args: &Args, partition: &str) -> Result<(), Box<dyn std::error::Error>> {
+async fn project_partition(
+    store: &EventStore,
+    args: &Args,
+    partition: &str,
+    cold: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
     let streams = args.partition_events / 10;
     store.create_partition(partition).await?; // what a PostgreSQL tenant gets in production
+    let postgres = store.get_database_backend() == sea_orm::DbBackend::Postgres;
+    if postgres && cold {
+        // No statistics at all for the tenant's fresh partition: autovacuum off, no ANALYZE.
+        let table: String = store
+            .query_one_raw(sea_orm::Statement::from_sql_and_values(
+                sea_orm::DbBackend::Postgres,
+                "SELECT c.oid::regclass::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                 WHERE i.inhparent = 'messages'::regclass AND pg_get_expr(c.relpartbound, c.oid) LIKE '%' || $1 || '%'",
+                [partition.into()],
+            ))
+            .await?
+            .ok_or("the tenant's partition")?
+            .try_get_by_index(0)?;
+        store.execute_unprepared(&format!("ALTER TABLE {table} SET (autovacuum_enabled = false)")).await?;
+    }
     seed(store, partition, streams, 10, args.concurrency).await?;
-    if store.get_database_backend() == sea_orm::DbBackend::Postgres {
-        // Autovacuum's job after a bulk load; without statistics the planner may read the
-        // whole tenant per batch instead of an index range.
+    if postgres && !cold {
+        // Autovacuum's job after a bulk load.
         store.execute_unprepared("ANALYZE messages").await?;
     }
     let runner = ProjectionRunner::new(store.clone(), carts_projection());
@@ -294,7 +320,7 @@ async fn project_partition(store: &EventStore, args: &Args, partition: &str) -> 
     let done = runner
         .project_partition("carts-partition", RunOptions::default().partition(partition).batch_size(args.batch_size))
         .await?;
-    report("project-partition", done.processed, started);
+    report(if cold { "project-partition-cold" } else { "project-partition" }, done.processed, started);
     assert_eq!(done.processed, streams * 10);
     check_cart_0(store, partition, 10).await
 }

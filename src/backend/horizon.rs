@@ -82,6 +82,19 @@ pub(crate) async fn horizon<C: ConnectionTrait + TransactionTrait<Transaction = 
     }
 }
 
+/// PostgreSQL: while `on`, plan the transaction's queries without sorts, so a partition read in
+/// global order walks the `(partition, global_position)` index and stops after its batch.
+/// Without statistics (a tenant's fresh partition before autovacuum analyzed it) the planner
+/// estimates one row and prefers a bitmap scan of the whole range plus a sort: 70 ms instead of
+/// 0.4 ms per batch of 500 on a 100,000-event tenant. A no-op elsewhere.
+pub(crate) async fn index_order_only(txn: &DatabaseTransaction, on: bool) -> Result<(), DbErr> {
+    if txn.get_database_backend() == DbBackend::Postgres {
+        txn.execute_unprepared(if on { "SET LOCAL enable_sort = off" } else { "SET LOCAL enable_sort = DEFAULT" })
+            .await?;
+    }
+    Ok(())
+}
+
 /// The first column of the one row a PostgreSQL query returns.
 async fn pg_scalar<T: sea_orm::TryGetable>(
     conn: &impl ConnectionTrait,

@@ -25,7 +25,7 @@ use sea_orm::{DatabaseTransaction, DbErr, TransactionOptions, TransactionTrait};
 
 pub(crate) use append::{Append, Appended, append};
 pub(crate) use failure::{is_retried, retry_policy};
-pub(crate) use horizon::horizon;
+pub(crate) use horizon::{horizon, index_order_only};
 pub(crate) use locks::{lock_checkpoint, lock_snapshots};
 pub(crate) use schema::{
     create_partition, create_schema, drop_schema, harden_schema, mysql_exact_collation, soften_schema, table_shape,

@@ -217,7 +217,14 @@ impl<E: Event + 'static> ProjectionRunner<E> {
     ) -> Result<(u64, u64)> {
         let txn = backend::begin_write(&self.store.executor()).await?;
         let checkpoint = backend::lock_checkpoint(&txn, subscription, partition).await?;
+        let in_global_order = matches!(source, Source::Partition { .. });
+        if in_global_order {
+            backend::index_order_only(&txn, true).await?;
+        }
         let rows = read_after(&txn, partition, source, checkpoint, options.batch_size).await?;
+        if in_global_order {
+            backend::index_order_only(&txn, false).await?;
+        }
         let Some(last) = rows.last() else {
             txn.commit().await?;
             return Ok((0, checkpoint as u64));
