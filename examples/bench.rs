@@ -10,6 +10,8 @@
 //! - `append-batch`: 100 appends of 100 events;
 //! - `project`: `project_events` per stream over the `append-1` streams, `--concurrency` in
 //!   parallel, into a carts read model (snapshot-table mode), like the Kysely peer;
+//! - `project-interleaved`: `project_partition` over the `append-1` tenant, whose streams'
+//!   events interleave, so a batch writes up to `--batch-size` rows;
 //! - `project-partition`: `project_partition` over one tenant of `--partition-events` events
 //!   (analyzed after the load, as autovacuum would); `project-partition-cold` the same with no
 //!   statistics for the tenant's partition (autovacuum off, no `ANALYZE`);
@@ -75,9 +77,9 @@ fn evolve(state: CartState, event: &CartEvent) -> CartState {
     }
 }
 
-fn carts_projection() -> ProjectionRegistry<CartEvent> {
+fn carts_projection(table: &str) -> ProjectionRegistry<CartEvent> {
     let carts = SnapshotProjection::new(
-        "bench_carts",
+        table,
         |e, tenant| keys! { "tenant_id" => tenant, "cart_id" => &e.stream_id },
         evolve,
         CartState::default,
@@ -122,17 +124,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     options.max_connections(args.concurrency as u32).min_connections(args.concurrency as u32).sqlx_logging(false);
     let db = Database::connect(emmett_seaorm::configure(options)).await?;
     emmett_seaorm::migrate(&db).await?;
-    db.execute(
-        Table::create()
-            .table(Alias::new("bench_carts"))
-            .if_not_exists()
-            .col(ColumnDef::new(Alias::new("tenant_id")).string().not_null())
-            .col(ColumnDef::new(Alias::new("cart_id")).string().not_null())
-            .col(ColumnDef::new(Alias::new("item_count")).big_integer())
-            .col(ColumnDef::new(Alias::new("total")).big_integer())
-            .primary_key(Index::create().col(Alias::new("cart_id")).col(Alias::new("tenant_id"))),
-    )
-    .await?;
+    for table in ["bench_carts", "bench_carts_interleaved"] {
+        db.execute(
+            Table::create()
+                .table(Alias::new(table))
+                .if_not_exists()
+                .col(ColumnDef::new(Alias::new("tenant_id")).string().not_null())
+                .col(ColumnDef::new(Alias::new("cart_id")).string().not_null())
+                .col(ColumnDef::new(Alias::new("item_count")).big_integer())
+                .col(ColumnDef::new(Alias::new("total")).big_integer())
+                .primary_key(Index::create().col(Alias::new("cart_id")).col(Alias::new("tenant_id"))),
+        )
+        .await?;
+    }
     let store = EventStore::new(db);
     let partition = format!("bench-{}", uuid::Uuid::now_v7().simple());
     let mut appended = false;
@@ -149,6 +153,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     seed(&store, &partition, args.streams, args.events_per_stream, args.concurrency).await?;
                 }
                 project(&store, &args, &partition).await?;
+            }
+            "project-interleaved" => {
+                if !appended {
+                    seed(&store, &partition, args.streams, args.events_per_stream, args.concurrency).await?;
+                }
+                let runner = ProjectionRunner::new(store.clone(), carts_projection("bench_carts_interleaved"));
+                let started = Instant::now();
+                let options = RunOptions::default().partition(&partition).batch_size(args.batch_size);
+                let done = runner.project_partition("carts-interleaved", options).await?;
+                report("project-interleaved", done.processed, started);
             }
             "project-partition" => project_partition(&store, &args, &format!("{partition}-pp"), false).await?,
             "project-partition-cold" => project_partition(&store, &args, &format!("{partition}-ppc"), true).await?,
@@ -261,7 +275,7 @@ async fn seed(
 }
 
 async fn project(store: &EventStore, args: &Args, partition: &str) -> Result<(), Box<dyn std::error::Error>> {
-    let runner = ProjectionRunner::new(store.clone(), carts_projection());
+    let runner = ProjectionRunner::new(store.clone(), carts_projection("bench_carts"));
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let workers: Vec<_> = (0..args.concurrency)
@@ -315,7 +329,7 @@ async fn project_partition(
         // Autovacuum's job after a bulk load.
         store.execute_unprepared("ANALYZE messages").await?;
     }
-    let runner = ProjectionRunner::new(store.clone(), carts_projection());
+    let runner = ProjectionRunner::new(store.clone(), carts_projection("bench_carts"));
     let started = Instant::now();
     let done = runner
         .project_partition("carts-partition", RunOptions::default().partition(partition).batch_size(args.batch_size))
