@@ -125,13 +125,27 @@ impl EventStore {
         let metadata = options.metadata.clone().unwrap_or_else(|| Value::Object(Default::default()));
         let append =
             Append { stream_id, partition, stream_type, expected: options.expected, metadata: &metadata, events };
-        // An earlier attempt of this call (or a caller's earlier call with the same idempotency
-        // key) may have committed: then its events are found by their message ids. Not inside a
-        // session: a failed statement there may have aborted the caller's transaction.
+        let appended = self.write(&append, options.idempotency_key.is_some()).await?;
+        match appended {
+            Some(done) => Ok(AppendResult {
+                next_expected_stream_version: done.next_expected_version,
+                last_event_global_position: done.last_global_position,
+                created_new_stream: done.next_expected_version == count,
+            }),
+            None => Err(self.conflict(stream_id, partition, options.expected).await),
+        }
+    }
+
+    /// Writes `append`: `None` when its expected version does not hold. Outside a session, lost
+    /// races and lost connections are retried; an earlier attempt of this call (or, when
+    /// `keyed`, a caller's earlier call with the same idempotency key) may have committed, and
+    /// is then found by its message ids. Inside a session nothing is retried or looked up: a
+    /// failed statement may have aborted the caller's transaction.
+    async fn write(&self, append: &Append<'_>, keyed: bool) -> Result<Option<backend::Appended>> {
         let pooled = matches!(self.conn, Conn::Pool(_));
-        let may_exist = AtomicBool::new(options.idempotency_key.is_some());
+        let may_exist = AtomicBool::new(keyed);
         let attempt = || async {
-            let failure = match backend::append(&self.executor(), &append).await {
+            let failure = match backend::append(&self.executor(), append).await {
                 Ok(Some(done)) => return Ok(Some(done)),
                 Ok(None) => None,
                 Err(err) if matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => Some(err.into()),
@@ -145,23 +159,15 @@ impl EventStore {
             };
             if pooled
                 && (may_exist.load(Ordering::Relaxed) || failure.is_some())
-                && let Some(done) = self.find_appended(&append).await?
+                && let Some(done) = self.find_appended(append).await?
             {
                 return Ok(Some(done));
             }
             failure.map_or(Ok(None), Err)
         };
-        let appended = match pooled {
-            true => attempt.retry(backend::retry_policy()).when(backend::is_retried).await?,
-            false => attempt().await?,
-        };
-        match appended {
-            Some(done) => Ok(AppendResult {
-                next_expected_stream_version: done.next_expected_version,
-                last_event_global_position: done.last_global_position,
-                created_new_stream: done.next_expected_version == count,
-            }),
-            None => Err(self.conflict(stream_id, partition, options.expected).await),
+        match pooled {
+            true => attempt.retry(backend::retry_policy()).when(backend::is_retried).await,
+            false => attempt().await,
         }
     }
 
