@@ -217,14 +217,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
     ) -> Result<(u64, u64)> {
         let txn = backend::begin_write(&self.store.executor()).await?;
         let checkpoint = backend::lock_checkpoint(&txn, subscription, partition).await?;
-        let in_global_order = matches!(source, Source::Partition { .. });
-        if in_global_order {
-            backend::index_order_only(&txn, true).await?;
-        }
         let rows = read_after(&txn, partition, source, checkpoint, options.batch_size).await?;
-        if in_global_order {
-            backend::index_order_only(&txn, false).await?;
-        }
         let Some(last) = rows.last() else {
             txn.commit().await?;
             return Ok((0, checkpoint as u64));
@@ -273,7 +266,7 @@ fn check_run(subscription: &str, partition: &str) -> Result<()> {
     limits::check_identifier("partition", partition, MAX_IDENTIFIER_CHARS)
 }
 
-/// The next `limit` live events after the checkpoint.
+/// The next `limit` live events after the checkpoint (in global order: planned by index order).
 async fn read_after(
     txn: &DatabaseTransaction,
     partition: &str,
@@ -294,5 +287,13 @@ async fn read_after(
             .filter(messages::Column::GlobalPosition.lte(until))
             .order_by_asc(messages::Column::GlobalPosition),
     };
-    Ok(query.limit(limit).into_model::<StoredMessage>().all(txn).await?)
+    let in_global_order = matches!(source, Source::Partition { .. });
+    if in_global_order {
+        backend::index_order_only(txn, true).await?;
+    }
+    let rows = query.limit(limit).into_model::<StoredMessage>().all(txn).await?;
+    if in_global_order {
+        backend::index_order_only(txn, false).await?;
+    }
+    Ok(rows)
 }
