@@ -81,6 +81,7 @@ pub fn configure(mut options: ConnectOptions) -> ConnectOptions {
 }
 
 /// `TCP_NODELAY` on the process's TCP socket bound to a local port — until sqlx sets it itself.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 pub(crate) mod nodelay {
     /// Sets `TCP_NODELAY` on the process's TCP sockets bound to local `port` — the connection the
     /// server reported (a no-op for `None`: a Unix-socket connection has no Nagle to turn off).

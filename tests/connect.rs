@@ -1,6 +1,9 @@
 //! `emmett_seaorm::connect` sets `TCP_NODELAY` on every pooled PostgreSQL and MySQL connection,
 //! checked from outside with `getsockopt` on the process's sockets; SQLite runs in WAL mode.
 
+// The TCP helpers serve the PostgreSQL and MySQL tests only.
+#![cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
+
 mod common;
 
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement, TransactionTrait};
