@@ -22,8 +22,6 @@
 //! # Ok(()) }
 //! ```
 
-use std::time::Duration;
-
 use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr};
 
 /// Connects to `url` with [`configure`]'s settings.
@@ -32,17 +30,17 @@ pub async fn connect(url: impl Into<String>) -> Result<DatabaseConnection, DbErr
 }
 
 /// Applies the store's connection settings to options you built: `TCP_NODELAY` on PostgreSQL
-/// and MySQL connections, WAL, `synchronous = NORMAL` and a 5 s busy timeout on SQLite, and a
-/// liveness ping only for connections idle 10 s or more (instead of one per checkout).
+/// and MySQL connections, WAL, `synchronous = NORMAL` and a 5 s busy timeout on SQLite.
+///
+/// sqlx's liveness ping on every checkout stays: it costs a round trip per operation (PostgreSQL
+/// `append-n1`: 1.05 ms with it, 0.64 ms with `test_before_acquire_if_idle_for(10 s)`), but a
+/// pool with connections the server killed or lost in a restart recovers without any query
+/// failing. Opt out with `options.test_before_acquire_if_idle_for(…)` where that is worth more.
 ///
 /// It sets the per-connection hook of the PostgreSQL and MySQL pools (sqlx's `after_connect`),
 /// replacing one set before through `map_sqlx_postgres_pool_opts` / `map_sqlx_mysql_pool_opts`
 /// (and SeaORM's `set_schema_search_path`), and SQLite's options through `map_sqlx_sqlite_opts`.
 pub fn configure(mut options: ConnectOptions) -> ConnectOptions {
-    // sqlx pings a connection on every checkout by default: one more round trip per append.
-    // Ping only those idle long enough to have been dropped; a hot one that broke fails its
-    // statement, which the store's own operations retry.
-    options.test_before_acquire_if_idle_for(Duration::from_secs(10));
     #[cfg(feature = "postgres")]
     options.map_sqlx_postgres_pool_opts(|pool| {
         pool.after_connect(|conn, _| {
@@ -75,7 +73,7 @@ pub fn configure(mut options: ConnectOptions) -> ConnectOptions {
         sqlite
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(5))
+            .busy_timeout(std::time::Duration::from_secs(5))
     });
     options
 }

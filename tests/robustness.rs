@@ -556,6 +556,7 @@ async fn killed_connections_never_duplicate_appends(db: TestDb) {
         return; // an embedded database has no connection to lose
     }
     let store = db.store();
+    create_totals(&db.db, "kill_totals", "stream").await; // before the killer: the test's own DDL isn't retried
     let stop = Arc::new(AtomicBool::new(false));
     let killer = {
         let admin = db.second_pool().await;
@@ -610,7 +611,6 @@ async fn killed_connections_never_duplicate_appends(db: TestDb) {
             lost
         }));
     }
-    create_totals(&db.db, "kill_totals", "stream").await;
     let registry = || ProjectionRegistry::new().with(totals("kill_totals", by_stream));
     let runner = {
         let (runner, stop) = (ProjectionRunner::new(store.clone(), registry()), stop.clone());
