@@ -229,6 +229,44 @@ async fn per_stream_runs_refuse_rows_fed_by_several_streams(db: TestDb) {
     assert_eq!(totals_of(&db.db, "per_stream", "stream").await, expected);
 }
 
+/// `INSERT INTO messages` of one row of tenant `t`, as another writer would write it; with
+/// `global_position` only when given.
+fn raw_message(
+    stream: &str,
+    position: i64,
+    message_type: &str,
+    data: sea_orm::Value,
+    global: Option<sea_orm::sea_query::SimpleExpr>,
+) -> sea_orm::sea_query::InsertStatement {
+    let mut columns = vec![
+        messages::Column::StreamId,
+        messages::Column::StreamPosition,
+        messages::Column::Partition,
+        messages::Column::MessageData,
+        messages::Column::MessageMetadata,
+        messages::Column::MessageSchemaVersion,
+        messages::Column::MessageType,
+        messages::Column::MessageId,
+    ];
+    let mut values: Vec<sea_orm::sea_query::SimpleExpr> = vec![
+        stream.into(),
+        position.into(),
+        "t".into(),
+        Expr::val(data),
+        json!({}).into(),
+        "1".into(),
+        message_type.into(),
+        uuid::Uuid::now_v7().to_string().into(),
+    ];
+    if let Some(global) = global {
+        columns.push(messages::Column::GlobalPosition);
+        values.push(global);
+    }
+    let mut insert = Query::insert();
+    insert.into_table(messages::Entity).columns(columns).values_panic(values);
+    insert
+}
+
 /// Inserts a `messages` row by hand, as another writer would.
 async fn insert_raw(db: &DatabaseConnection, stream: &str, position: i64, message_type: &str, data: sea_orm::Value) {
     let backend = db.get_database_backend();
@@ -246,31 +284,7 @@ async fn insert_raw(db: &DatabaseConnection, stream: &str, position: i64, messag
         }
         _ => None,
     };
-    let mut columns = vec![
-        messages::Column::StreamId,
-        messages::Column::StreamPosition,
-        messages::Column::Partition,
-        messages::Column::MessageData,
-        messages::Column::MessageMetadata,
-        messages::Column::MessageSchemaVersion,
-        messages::Column::MessageType,
-        messages::Column::MessageId,
-    ];
-    columns.extend(global.map(|_| messages::Column::GlobalPosition));
-    let mut insert = Query::insert();
-    insert.into_table(messages::Entity).columns(columns);
-    let mut values: Vec<sea_orm::sea_query::SimpleExpr> = vec![
-        stream.into(),
-        position.into(),
-        "t".into(),
-        Expr::val(data),
-        json!({}).into(),
-        "1".into(),
-        message_type.into(),
-        uuid::Uuid::now_v7().to_string().into(),
-    ];
-    values.extend(global.map(Into::into));
-    insert.values_panic(values);
+    let insert = raw_message(stream, position, message_type, data, global.map(Into::into));
     db.execute(&insert).await.unwrap();
     let mut bump = Query::update();
     bump.table(emmett_seaorm::schema::streams::Entity)
@@ -321,31 +335,7 @@ async fn poison_events_are_named_skippable_and_recorded(db: TestDb) {
     assert!(first.reason.contains("position 2") && first.global_position.is_some(), "{first:?}");
 
     // No row can be stored without a global position.
-    let mut insert = Query::insert();
-    insert
-        .into_table(messages::Entity)
-        .columns([
-            messages::Column::StreamId,
-            messages::Column::StreamPosition,
-            messages::Column::Partition,
-            messages::Column::MessageData,
-            messages::Column::MessageMetadata,
-            messages::Column::MessageSchemaVersion,
-            messages::Column::MessageType,
-            messages::Column::MessageId,
-            messages::Column::GlobalPosition,
-        ])
-        .values_panic([
-            "q".into(),
-            1.into(),
-            "t".into(),
-            json!({}).into(),
-            json!({}).into(),
-            "1".into(),
-            "Closed".into(),
-            "id-q".into(),
-            Expr::val(Option::<i64>::None),
-        ]);
+    let insert = raw_message("q", 1, "Closed", json!({}).into(), Some(Expr::val(Option::<i64>::None)));
     // Refused (PostgreSQL, SQLite) or numbered by AUTO_INCREMENT (MySQL): never stored as NULL.
     let refused = db.db.execute(&insert).await.is_err();
     let nulls =
