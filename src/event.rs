@@ -111,32 +111,45 @@ impl StoredMessage {
     /// [`Error::MalformedEvent`] for a row breaking the schema's rules,
     /// [`Error::UndecodableEvent`] for data that does not match `E`.
     pub(crate) fn decode<E: Event>(self) -> Result<RecordedEvent<E>> {
+        let StoredMessage {
+            stream_id,
+            stream_position,
+            partition,
+            message_type,
+            message_id,
+            global_position,
+            created,
+            data,
+            metadata,
+        } = self;
+        let position = stream_position as u64;
         let malformed = |reason: String| Error::MalformedEvent {
-            stream: self.stream_id.clone(),
-            partition: self.partition.clone(),
-            position: self.stream_position as u64,
-            message_type: self.message_type.clone(),
+            stream: stream_id.clone(),
+            partition: partition.clone(),
+            position,
+            message_type: message_type.clone(),
             reason,
         };
-        let global_position = self.global_position.ok_or_else(|| malformed("no global position".into()))?;
-        let data = self.data.clone().map_err(malformed)?;
-        let metadata = self.metadata.clone().map_err(malformed)?;
-        let event = decode(&self.message_type, data).map_err(|source| Error::UndecodableEvent {
-            stream: self.stream_id.clone(),
-            partition: self.partition.clone(),
-            position: self.stream_position as u64,
-            message_type: self.message_type.clone(),
-            source,
-        })?;
+        let (global_position, data, metadata) = match (global_position, data, metadata) {
+            (Some(global_position), Ok(data), Ok(metadata)) => (global_position, data, metadata),
+            (None, _, _) => return Err(malformed("no global position".into())),
+            (_, Err(reason), _) | (_, _, Err(reason)) => return Err(malformed(reason)),
+        };
+        let event = match decode(&message_type, data) {
+            Ok(event) => event,
+            Err(source) => {
+                return Err(Error::UndecodableEvent { stream: stream_id, partition, position, message_type, source });
+            }
+        };
         Ok(RecordedEvent {
             event,
-            message_type: self.message_type,
-            stream_id: self.stream_id,
-            stream_position: self.stream_position as u64,
+            message_type,
+            stream_id,
+            stream_position: position,
             global_position: global_position as u64,
-            message_id: self.message_id,
-            partition: self.partition,
-            created: self.created,
+            message_id,
+            partition,
+            created,
             metadata,
         })
     }
