@@ -75,6 +75,9 @@ pub fn configure(mut options: ConnectOptions) -> ConnectOptions {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(std::time::Duration::from_secs(5))
     });
+    // A file has no server to lose the connection: no liveness ping on checkout.
+    #[cfg(feature = "sqlite")]
+    options.map_sqlx_sqlite_pool_opts(|pool| pool.test_before_acquire(false));
     options
 }
 
