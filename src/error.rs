@@ -245,6 +245,25 @@ pub enum Error {
         source: sea_orm::DbErr,
     },
 
+    /// A projection daemon's batch found that its instance no longer holds the lease of this
+    /// subscription and tenant (another instance took it over): nothing was committed.
+    #[error("lease of subscription '{subscription}' for partition '{partition}' is held by another instance now")]
+    LeaseLost {
+        /// The subscription id.
+        subscription: String,
+        /// The partition (tenant).
+        partition: String,
+    },
+
+    /// A projection daemon's task ended abnormally (it panicked or was aborted).
+    #[error("projection daemon '{owner}' ended abnormally: {reason}")]
+    DaemonFailed {
+        /// The instance's name.
+        owner: String,
+        /// What the runtime said.
+        reason: String,
+    },
+
     /// Serialising a value to JSON failed.
     #[error("JSON error: {0}")]
     Json(#[from] serde_json::Error),

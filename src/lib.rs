@@ -8,6 +8,7 @@ compile_error!(
 
 mod backend;
 mod connect;
+pub mod daemon;
 mod error;
 mod event;
 mod expected_version;

@@ -58,6 +58,28 @@ impl MigrationTrait for M20261128000001HardenEventStore {
     }
 }
 
+/// Creates the projection daemon's coordination tables: `emt_leases` (who projects which
+/// subscription for which tenant, with an epoch as fencing token) and `emt_daemons` (the running
+/// instances).
+pub struct M20261128000002CreateDaemonLeases;
+
+impl MigrationName for M20261128000002CreateDaemonLeases {
+    fn name(&self) -> &str {
+        "m20261128_000002_create_daemon_leases"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M20261128000002CreateDaemonLeases {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        backend::create_lease_tables(manager.get_connection()).await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        backend::drop_lease_tables(manager.get_connection()).await
+    }
+}
+
 /// The migrator of emmett-seaorm's schema, keeping its records in its own table,
 /// `emt_migrations`, so it coexists with your app's migrator (`seaql_migrations`).
 ///
@@ -83,7 +105,11 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(M20250101000001CreateEventStore), Box::new(M20261128000001HardenEventStore)]
+        vec![
+            Box::new(M20250101000001CreateEventStore),
+            Box::new(M20261128000001HardenEventStore),
+            Box::new(M20261128000002CreateDaemonLeases),
+        ]
     }
 
     fn migration_table_name() -> DynIden {

@@ -4,5 +4,7 @@
 //! creates the event store's tables. In your own project, put
 //! `emmett_seaorm::Migrator::migrations()` first in your migrator (see the README, "Migrations").
 
-pub use emmett_seaorm::migrations::{M20250101000001CreateEventStore, M20261128000001HardenEventStore, Migrator};
+pub use emmett_seaorm::migrations::{
+    M20250101000001CreateEventStore, M20261128000002CreateDaemonLeases, M20261128000001HardenEventStore, Migrator,
+};
 pub use sea_orm_migration::prelude::*;

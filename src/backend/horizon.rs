@@ -18,10 +18,8 @@ use crate::schema::messages;
 ///   partition's row of `emt_partitions` before taking positions; this takes it exclusively,
 ///   which waits for every append of the partition in flight and holds new ones back while it
 ///   reads the last committed position.
-/// - PostgreSQL: the sequence's value, once every transaction older than an id taken after it
-///   has ended: writers take their transaction id before their position (this crate's and the
-///   TypeScript package's appends write `streams` first), so each one that holds a position up
-///   to it is waited for. Any transaction of the cluster older than that id is waited for too.
+/// - PostgreSQL: the sequence's value, once the writers that may hold a position up to it have
+///   ended ([`pg_horizon`]).
 pub(crate) async fn horizon<C: ConnectionTrait + TransactionTrait<Transaction = DatabaseTransaction>>(
     conn: &C,
     partition: &str,
@@ -61,25 +59,91 @@ pub(crate) async fn horizon<C: ConnectionTrait + TransactionTrait<Transaction = 
             last.map(|row| row.try_get::<Option<i64>>("", "last")).transpose()?.flatten().unwrap_or(after),
         ));
     }
-    // The position first, then a transaction id: every writer holding a position up to it has an
-    // older id, and has ended once no transaction older than that id is running.
+    pg_horizon(conn, wait).await
+}
+
+/// PostgreSQL: the sequence's value S, once every transaction that held a row-exclusive lock on
+/// `messages` or `streams` when S was read has ended. A writer locks both tables before it takes
+/// a position (an `INSERT` locks its table when it is planned, before `nextval` runs), so every
+/// position up to S belongs to a transaction that had ended or held such a lock. Nothing else is
+/// waited for: transactions writing other tables, or other databases, don't hold projections
+/// back, and the reader takes no transaction id (reading `pg_locks` and the sequence writes
+/// nothing).
+async fn pg_horizon(conn: &impl ConnectionTrait, wait: Duration) -> Result<Option<i64>, DbErr> {
     let position: i64 =
         pg_scalar(conn, "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM emt_global_message_position", [])
             .await?;
-    let id: String = pg_scalar(conn, "SELECT pg_current_xact_id()::text", []).await?;
-    let (started, mut pause) = (Instant::now(), Duration::from_millis(2));
+    // Virtual transaction ids (`backend/local`), comma-separated.
+    let writers: Option<String> = pg_scalar(
+        conn,
+        "SELECT string_agg(DISTINCT virtualtransaction, ',') FROM pg_locks
+         WHERE locktype = 'relation' AND mode = 'RowExclusiveLock' AND pid <> pg_backend_pid()
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND relation IN ('messages'::regclass, 'streams'::regclass)",
+        [],
+    )
+    .await?;
+    let Some(writers) = writers else {
+        return Ok(Some(position));
+    };
+    let (started, mut pause) = (Instant::now(), Duration::from_millis(1));
     loop {
-        if pg_scalar::<bool>(conn, "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::xid8", [id.as_str().into()])
-            .await?
-        {
+        let running: bool = pg_scalar(
+            conn,
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'virtualxid' AND virtualxid = ANY(string_to_array($1, ',')))",
+            [writers.as_str().into()],
+        )
+        .await?;
+        if !running {
             return Ok(Some(position));
         }
         if started.elapsed() > wait {
             return Ok(None);
         }
         tokio::time::sleep(pause).await;
-        pause = Ord::min(pause * 2, Duration::from_millis(100));
+        pause = Ord::min(pause * 2, Duration::from_millis(50));
     }
+}
+
+/// The last global position handed out (committed or not): a cheap "did anything happen" probe.
+/// PostgreSQL reads the sequence, SQLite its counter row, MySQL the last committed position.
+pub(crate) async fn head(conn: &impl ConnectionTrait) -> Result<i64, DbErr> {
+    let backend = conn.get_database_backend();
+    let sql = match backend {
+        DbBackend::Postgres => "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM emt_global_message_position",
+        DbBackend::Sqlite => "SELECT last_value FROM emt_global_message_position WHERE id = 1",
+        _ => "SELECT coalesce(max(global_position), 0) FROM messages",
+    };
+    let row = conn.query_one_raw(Statement::from_string(backend, sql)).await?;
+    Ok(row.map(|row| row.try_get_by_index::<i64>(0)).transpose()?.unwrap_or(0))
+}
+
+/// A position up to which every event of every partition is committed or will never be (see
+/// [`horizon`]), or `None` when writers did not finish within `wait`. MySQL has no such global
+/// position without stopping every writer; there it is `None` and callers look at each
+/// partition.
+pub(crate) async fn global_horizon(conn: &impl ConnectionTrait, wait: Duration) -> Result<Option<i64>, DbErr> {
+    match conn.get_database_backend() {
+        DbBackend::Postgres => pg_horizon(conn, wait).await,
+        DbBackend::Sqlite => head(conn).await.map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// Every partition holding events, with its last global position: a skip scan of the
+/// `(partition, global_position)` index, one probe per partition, however many events there are.
+pub(crate) async fn partition_heads(conn: &impl ConnectionTrait) -> Result<Vec<(String, i64)>, DbErr> {
+    let backend = conn.get_database_backend();
+    let p = if backend == DbBackend::MySql { "`partition`" } else { "partition" };
+    let sql = format!(
+        "WITH RECURSIVE t(p) AS (
+           SELECT min({p}) FROM messages
+           UNION ALL
+           SELECT (SELECT min({p}) FROM messages WHERE {p} > t.p) FROM t WHERE t.p IS NOT NULL)
+         SELECT p, (SELECT max(global_position) FROM messages WHERE {p} = t.p) FROM t WHERE p IS NOT NULL"
+    );
+    let rows = conn.query_all_raw(Statement::from_string(backend, sql)).await?;
+    rows.into_iter().map(|row| Ok((row.try_get_by_index(0)?, row.try_get_by_index::<Option<i64>>(1)?.unwrap_or(0)))).collect()
 }
 
 /// PostgreSQL: while `on`, plan the transaction's queries without sorts, so a partition read in
@@ -105,4 +169,40 @@ async fn pg_scalar<T: sea_orm::TryGetable>(
         .await?
         .ok_or_else(|| DbErr::RecordNotFound(sql.to_owned()))?
         .try_get_by_index(0)
+}
+
+/// The events of `partition` after `after`: how many, and the age in seconds of the oldest
+/// (by its `created` time on the database's clock).
+pub(crate) async fn pending(conn: &impl ConnectionTrait, partition: &str, after: i64) -> Result<(i64, f64), DbErr> {
+    let backend = conn.get_database_backend();
+    let (sql, age) = match backend {
+        DbBackend::Postgres => ("$1 AND global_position > $2", "extract(epoch from now() - min(created))::float8"),
+        DbBackend::MySql => ("? AND global_position > ?", "TIMESTAMPDIFF(MICROSECOND, min(created), NOW(3)) / 1e6"),
+        _ => ("? AND global_position > ?", "(julianday('now') - julianday(min(created))) * 86400.0"),
+    };
+    let p = if backend == DbBackend::MySql { "`partition`" } else { "partition" };
+    let sql = format!("SELECT count(*), {age} FROM messages WHERE {p} = {sql}");
+    let row = conn.query_one_raw(Statement::from_sql_and_values(backend, sql, [partition.into(), after.into()])).await?;
+    Ok(match row {
+        Some(row) => (row.try_get_by_index(0)?, row.try_get_by_index::<Option<f64>>(1)?.unwrap_or(0.0)),
+        None => (0, 0.0),
+    })
+}
+
+/// The last global position of `partition` at or below `upto`.
+pub(crate) async fn last_position_upto(
+    conn: &impl ConnectionTrait,
+    partition: &str,
+    upto: i64,
+) -> Result<Option<i64>, DbErr> {
+    let row = conn
+        .query_one(
+            Query::select()
+                .expr_as(Expr::col(messages::Column::GlobalPosition).max(), "last")
+                .from(messages::Entity)
+                .and_where(Expr::col(messages::Column::Partition).eq(partition))
+                .and_where(Expr::col(messages::Column::GlobalPosition).lte(upto)),
+        )
+        .await?;
+    Ok(row.map(|row| row.try_get::<Option<i64>>("", "last")).transpose()?.flatten())
 }

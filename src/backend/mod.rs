@@ -13,11 +13,13 @@
 //!   for on SQLite.
 //!
 //! One file per concern: [`schema`] (DDL, migrations, partitions, the catalog), [`append`],
-//! [`horizon`], [`locks`] (projection batches) and [`failure`] (what an error code means).
+//! [`horizon`], [`locks`] (projection batches), [`leases`] (the daemon's coordination) and
+//! [`failure`] (what an error code means).
 
 mod append;
 mod failure;
 mod horizon;
+mod leases;
 mod locks;
 mod schema;
 
@@ -25,7 +27,13 @@ use sea_orm::{DatabaseTransaction, DbErr, TransactionOptions, TransactionTrait};
 
 pub(crate) use append::{Append, Appended, append};
 pub(crate) use failure::{is_retried, retry_policy};
-pub(crate) use horizon::{horizon, index_order_only};
+pub(crate) use horizon::{
+    global_horizon, head, horizon, index_order_only, last_position_upto, partition_heads, pending,
+};
+pub(crate) use leases::{
+    LeaseRow, PRESENCE_PREFIX, claim, create_lease_tables, drop_lease_tables, ensure_leases, heartbeat, holds_lease,
+    leases, leave, park, release, unpark,
+};
 pub(crate) use locks::{lock_checkpoint, lock_snapshots};
 pub(crate) use schema::{
     create_partition, create_schema, drop_schema, harden_schema, mysql_exact_collation, soften_schema, table_shape,

@@ -36,11 +36,13 @@ pub struct RunOptions {
     batch_size: u64,
     single_batch: bool,
     skip_undecodable: bool,
+    /// The daemon's lease `(owner, epoch)`: every batch commits only while it is held.
+    pub(crate) lease: Option<(String, i64)>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { partition: None, batch_size: 500, single_batch: false, skip_undecodable: false }
+        Self { partition: None, batch_size: 500, single_batch: false, skip_undecodable: false, lease: None }
     }
 }
 
@@ -217,6 +219,11 @@ impl<E: Event + 'static> ProjectionRunner<E> {
     ) -> Result<(u64, u64)> {
         let txn = backend::begin_write(&self.store.executor()).await?;
         let checkpoint = backend::lock_checkpoint(&txn, subscription, partition).await?;
+        if let Some((owner, epoch)) = &options.lease
+            && !backend::holds_lease(&txn, subscription, partition, owner, *epoch).await?
+        {
+            return Err(Error::LeaseLost { subscription: subscription.into(), partition: partition.into() });
+        }
         let rows = read_after(&txn, partition, source, checkpoint, options.batch_size).await?;
         let Some(last) = rows.last() else {
             txn.commit().await?;

@@ -58,6 +58,9 @@ const AGGREGATE_PAGE: u64 = 1_000;
 #[derive(Clone, Debug)]
 pub struct EventStore {
     conn: Conn,
+    /// Counts this store's (and its clones') committed appends: wakes projection daemons
+    /// running in the same process without a database round trip.
+    appends: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 #[derive(Clone, Debug)]
@@ -69,7 +72,25 @@ enum Conn {
 impl EventStore {
     /// An event store over `db`. Run [`migrate`](crate::migrate) (or the migration crate) first.
     pub fn new(db: DatabaseConnection) -> Self {
-        Self { conn: Conn::Pool(db) }
+        Self { conn: Conn::Pool(db), appends: Arc::new(tokio::sync::watch::Sender::new(0)) }
+    }
+
+    /// A receiver that changes whenever an append through this store (or a clone) commits.
+    pub(crate) fn appends(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.appends.subscribe()
+    }
+
+    /// The pool this store works on (`None` inside a session).
+    pub(crate) fn pool(&self) -> Option<&DatabaseConnection> {
+        match &self.conn {
+            Conn::Pool(db) => Some(db),
+            Conn::Session(_) => None,
+        }
+    }
+
+    /// Tells in-process listeners that an append committed.
+    fn committed(&self) {
+        self.appends.send_modify(|n| *n += 1);
     }
 
     /// The connection (or the session's transaction) this store works on.
@@ -126,6 +147,9 @@ impl EventStore {
         let append =
             Append { stream_id, partition, stream_type, expected: options.expected, metadata: &metadata, events };
         let appended = self.write(&append, options.idempotency_key.is_some()).await?;
+        if appended.is_some() && matches!(self.conn, Conn::Pool(_)) {
+            self.committed();
+        }
         match appended {
             Some(done) => Ok(AppendResult {
                 next_expected_stream_version: done.next_expected_version,
@@ -312,12 +336,13 @@ impl EventStore {
         E: From<Error>,
     {
         let txn = Arc::new(backend::begin_write(&self.executor()).await.map_err(Error::from)?);
-        let outcome = work(EventStore { conn: Conn::Session(Arc::clone(&txn)) }).await;
+        let outcome = work(EventStore { conn: Conn::Session(Arc::clone(&txn)), appends: Arc::clone(&self.appends) }).await;
         // A clone kept alive by `work` holds the transaction; it rolls back when dropped.
         let txn = Arc::into_inner(txn).ok_or(Error::SessionStillInUse)?;
         match outcome {
             Ok(value) => {
                 txn.commit().await.map_err(Error::from)?;
+                self.committed();
                 Ok(value)
             }
             Err(err) => {

@@ -1,0 +1,328 @@
+//! The daemon's coordination tables and their SQL: lease rows per (subscription, tenant) with an
+//! owner, an epoch (the fencing token) and an expiry, and one row per running instance.
+//!
+//! Times are milliseconds since the Unix epoch on the *database's* clock, so instances on
+//! machines whose clocks disagree still agree on who holds what.
+//!
+//! On PostgreSQL an instance is also alive while its *presence connection* is open: that
+//! connection (which also listens for appends) carries the instance's name as its
+//! `application_name`, so a lease of a live instance never needs renewing — an idle daemon
+//! writes nothing and burns no transaction ids — while a killed instance's connection closes
+//! with its process and its leases are free at once. Where there is no presence connection
+//! (MySQL, SQLite, or while it reconnects) the instance renews by writing expiries.
+
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Statement, Value};
+
+/// The `application_name` prefix of a daemon's presence connection on PostgreSQL.
+pub(crate) const PRESENCE_PREFIX: &str = "emt-daemon:";
+
+/// DDL of the coordination tables (the third migration).
+pub(crate) async fn create_lease_tables(conn: &impl ConnectionTrait) -> Result<(), DbErr> {
+    let backend = conn.get_database_backend();
+    let (text, long, bigint, table) = match backend {
+        DbBackend::MySql => {
+            let collation = super::mysql_exact_collation(conn).await?;
+            ("VARCHAR(255)", "TEXT", "BIGINT", format!("DEFAULT CHARACTER SET utf8mb4 COLLATE {collation}"))
+        }
+        DbBackend::Postgres => ("text", "text", "bigint", String::new()),
+        _ => ("TEXT", "TEXT", "INTEGER", String::new()),
+    };
+    let p = partition_column(backend);
+    for ddl in [
+        format!(
+            "CREATE TABLE IF NOT EXISTS emt_leases (
+               subscription_id {text} NOT NULL, {p} {text} NOT NULL, owner {text},
+               epoch {bigint} NOT NULL DEFAULT 0, expires_at {bigint} NOT NULL DEFAULT 0,
+               failures {bigint} NOT NULL DEFAULT 0, retry_at {bigint} NOT NULL DEFAULT 0,
+               last_error {long}, error_position {bigint},
+               PRIMARY KEY (subscription_id, {p})) {table}"
+        ),
+        format!("CREATE TABLE IF NOT EXISTS emt_daemons (owner {text} NOT NULL PRIMARY KEY, expires_at {bigint} NOT NULL) {table}"),
+    ] {
+        conn.execute_unprepared(&ddl).await?;
+    }
+    Ok(())
+}
+
+/// Drops the coordination tables.
+pub(crate) async fn drop_lease_tables(conn: &impl ConnectionTrait) -> Result<(), DbErr> {
+    conn.execute_unprepared("DROP TABLE IF EXISTS emt_leases").await?;
+    conn.execute_unprepared("DROP TABLE IF EXISTS emt_daemons").await?;
+    Ok(())
+}
+
+/// A lease row as the coordinator sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct LeaseRow {
+    pub subscription: String,
+    pub partition: String,
+    pub owner: Option<String>,
+    pub epoch: i64,
+    /// Whether another instance may take it now: no owner, or an owner that is gone (expired
+    /// and, on PostgreSQL, without a presence connection).
+    pub free: bool,
+    /// Failed runs in a row (0 = healthy).
+    pub failures: i64,
+    /// Milliseconds until a parked lease may run again (0 = now).
+    pub retry_in_ms: i64,
+    /// The last failure, and the checkpoint it happened after.
+    pub last_error: Option<String>,
+    pub error_position: Option<i64>,
+}
+
+/// The lease rows of `subscriptions` and the number of live instances.
+pub(crate) async fn leases(conn: &impl ConnectionTrait, subscriptions: &[String]) -> Result<(Vec<LeaseRow>, u64), DbErr> {
+    let backend = conn.get_database_backend();
+    if subscriptions.is_empty() {
+        return Ok((Vec::new(), 0));
+    }
+    let marks = (1..=subscriptions.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+    let sql = format!(
+        "SELECT subscription_id, {p}, owner, epoch, CASE WHEN {free} THEN 1 ELSE 0 END AS free,
+                failures, CASE WHEN retry_at > {now} THEN retry_at - {now} ELSE 0 END, last_error, error_position
+         FROM emt_leases WHERE subscription_id IN ({marks})",
+        p = partition_column(backend),
+        free = free_condition(backend),
+        now = now_ms(backend),
+    );
+    let values = subscriptions.iter().map(|s| Value::from(s.as_str()));
+    let rows = conn.query_all_raw(statement(backend, &sql, values)).await?;
+    let leases = rows
+        .into_iter()
+        .map(|row| {
+            Ok(LeaseRow {
+                subscription: row.try_get_by_index(0)?,
+                partition: row.try_get_by_index(1)?,
+                owner: row.try_get_by_index(2)?,
+                epoch: row.try_get_by_index(3)?,
+                free: row.try_get_by_index::<i32>(4)? == 1,
+                failures: row.try_get_by_index(5)?,
+                retry_in_ms: row.try_get_by_index(6)?,
+                last_error: row.try_get_by_index(7)?,
+                error_position: row.try_get_by_index(8)?,
+            })
+        })
+        .collect::<Result<Vec<_>, DbErr>>()?;
+    let live = format!(
+        "SELECT count(*) FROM emt_daemons d WHERE d.expires_at >= {now} OR {alive}",
+        now = now_ms(backend),
+        alive = alive(backend, "d.owner"),
+    );
+    let count: i64 = conn
+        .query_one_raw(Statement::from_string(backend, live))
+        .await?
+        .map(|row| row.try_get_by_index(0))
+        .transpose()?
+        .unwrap_or(0);
+    Ok((leases, count as u64))
+}
+
+/// Creates the lease rows of (subscription, partition) pairs that have none (unowned).
+pub(crate) async fn ensure_leases(conn: &impl ConnectionTrait, pairs: &[(String, String)]) -> Result<(), DbErr> {
+    let backend = conn.get_database_backend();
+    for chunk in pairs.chunks(100) {
+        let rows = (0..chunk.len()).map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2)).collect::<Vec<_>>().join(", ");
+        let p = partition_column(backend);
+        let sql = match backend {
+            DbBackend::MySql => format!("INSERT IGNORE INTO emt_leases (subscription_id, {p}) VALUES {rows}"),
+            _ => format!("INSERT INTO emt_leases (subscription_id, {p}) VALUES {rows} ON CONFLICT DO NOTHING"),
+        };
+        let values = chunk.iter().flat_map(|(s, t)| [Value::from(s.as_str()), Value::from(t.as_str())]);
+        conn.execute_raw(statement(backend, &sql, values)).await?;
+    }
+    Ok(())
+}
+
+/// Takes a free lease, if it is still free and at `epoch`: the new epoch, or `None` when
+/// another instance was faster (a compare-and-set; no lock is held afterwards).
+pub(crate) async fn claim(
+    conn: &impl ConnectionTrait,
+    lease: &LeaseRow,
+    owner: &str,
+    ttl_ms: i64,
+) -> Result<Option<i64>, DbErr> {
+    let backend = conn.get_database_backend();
+    let sql = format!(
+        "UPDATE emt_leases SET owner = $1, epoch = epoch + 1, expires_at = {now} + $2
+         WHERE subscription_id = $3 AND {p} = $4 AND epoch = $5 AND ({free})",
+        now = now_ms(backend),
+        p = partition_column(backend),
+        free = free_condition(backend),
+    );
+    let values: [Value; 5] = [
+        owner.into(),
+        ttl_ms.into(),
+        lease.subscription.as_str().into(),
+        lease.partition.as_str().into(),
+        lease.epoch.into(),
+    ];
+    let done = conn.execute_raw(statement(backend, &sql, values)).await?.rows_affected() == 1;
+    Ok(done.then_some(lease.epoch + 1))
+}
+
+/// Gives a lease back (only if `owner` still holds it at `epoch`), so another instance may take
+/// it at once.
+pub(crate) async fn release(
+    conn: &impl ConnectionTrait,
+    subscription: &str,
+    partition: &str,
+    owner: &str,
+    epoch: i64,
+) -> Result<(), DbErr> {
+    let backend = conn.get_database_backend();
+    let sql = format!(
+        "UPDATE emt_leases SET owner = NULL, expires_at = 0
+         WHERE subscription_id = $1 AND {p} = $2 AND owner = $3 AND epoch = $4",
+        p = partition_column(backend),
+    );
+    let values: [Value; 4] = [subscription.into(), partition.into(), owner.into(), epoch.into()];
+    conn.execute_raw(statement(backend, &sql, values)).await?;
+    Ok(())
+}
+
+/// Parks a lease after a failed run: records the error and where it happened, and when it may
+/// run again, where every instance (and `status()`) can read it.
+pub(crate) async fn park(
+    conn: &impl ConnectionTrait,
+    subscription: &str,
+    partition: &str,
+    failures: i64,
+    retry_in_ms: i64,
+    error: &str,
+    position: i64,
+) -> Result<(), DbErr> {
+    let backend = conn.get_database_backend();
+    let sql = format!(
+        "UPDATE emt_leases SET failures = $1, retry_at = {now} + $2, last_error = $3, error_position = $4
+         WHERE subscription_id = $5 AND {p} = $6",
+        now = now_ms(backend),
+        p = partition_column(backend),
+    );
+    let values: [Value; 6] =
+        [failures.into(), retry_in_ms.into(), error.into(), position.into(), subscription.into(), partition.into()];
+    conn.execute_raw(statement(backend, &sql, values)).await?;
+    Ok(())
+}
+
+/// Clears a lease's failure record after a run succeeded (writes nothing when there is none).
+pub(crate) async fn unpark(conn: &impl ConnectionTrait, subscription: &str, partition: &str) -> Result<(), DbErr> {
+    let backend = conn.get_database_backend();
+    let sql = format!(
+        "UPDATE emt_leases SET failures = 0, retry_at = 0, last_error = NULL, error_position = NULL
+         WHERE subscription_id = $1 AND {p} = $2 AND failures > 0",
+        p = partition_column(backend),
+    );
+    conn.execute_raw(statement(backend, &sql, [subscription.into(), partition.into()])).await?;
+    Ok(())
+}
+
+/// Registers the instance (or renews its registration) and renews every lease it holds, for
+/// `ttl_ms` from now.
+pub(crate) async fn heartbeat(conn: &impl ConnectionTrait, owner: &str, ttl_ms: i64) -> Result<(), DbErr> {
+    let backend = conn.get_database_backend();
+    let now = now_ms(backend);
+    let upsert = match backend {
+        DbBackend::MySql => format!(
+            "INSERT INTO emt_daemons (owner, expires_at) VALUES ($1, {now} + $2)
+             ON DUPLICATE KEY UPDATE expires_at = VALUES(expires_at)"
+        ),
+        _ => format!(
+            "INSERT INTO emt_daemons (owner, expires_at) VALUES ($1, {now} + $2)
+             ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at"
+        ),
+    };
+    conn.execute_raw(statement(backend, &upsert, [owner.into(), ttl_ms.into()])).await?;
+    let renew = format!("UPDATE emt_leases SET expires_at = {now} + $1 WHERE owner = $2");
+    conn.execute_raw(statement(backend, &renew, [ttl_ms.into(), owner.into()])).await?;
+    Ok(())
+}
+
+/// Removes the instance and gives back every lease it still holds.
+pub(crate) async fn leave(conn: &impl ConnectionTrait, owner: &str) -> Result<(), DbErr> {
+    let backend = conn.get_database_backend();
+    let release = "UPDATE emt_leases SET owner = NULL, expires_at = 0 WHERE owner = $1";
+    conn.execute_raw(statement(backend, release, [owner.into()])).await?;
+    conn.execute_raw(statement(backend, "DELETE FROM emt_daemons WHERE owner = $1", [owner.into()])).await?;
+    Ok(())
+}
+
+/// In a projection batch: locks the lease row and says whether `owner` still holds it at
+/// `epoch`. A takeover's claim waits for the batch to commit, and a batch after the takeover
+/// sees the new epoch: work commits only under the lease it was started with.
+pub(crate) async fn holds_lease(
+    txn: &DatabaseTransaction,
+    subscription: &str,
+    partition: &str,
+    owner: &str,
+    epoch: i64,
+) -> Result<bool, DbErr> {
+    let backend = txn.get_database_backend();
+    let lock = if backend == DbBackend::Sqlite { "" } else { " FOR UPDATE" };
+    let sql = format!(
+        "SELECT owner, epoch FROM emt_leases WHERE subscription_id = $1 AND {p} = $2{lock}",
+        p = partition_column(backend),
+    );
+    let row = txn.query_one_raw(statement(backend, &sql, [subscription.into(), partition.into()])).await?;
+    Ok(match row {
+        Some(row) => {
+            row.try_get_by_index::<Option<String>>(0)?.as_deref() == Some(owner)
+                && row.try_get_by_index::<i64>(1)? == epoch
+        }
+        None => false,
+    })
+}
+
+/// The `partition` column, quoted where it is a keyword.
+fn partition_column(backend: DbBackend) -> &'static str {
+    if backend == DbBackend::MySql { "`partition`" } else { "partition" }
+}
+
+/// The database's clock, in milliseconds since the Unix epoch.
+fn now_ms(backend: DbBackend) -> &'static str {
+    match backend {
+        DbBackend::Postgres => "(extract(epoch from clock_timestamp()) * 1000)::bigint",
+        DbBackend::MySql => "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)",
+        _ => "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",
+    }
+}
+
+/// SQL saying whether the instance named by `owner` has its presence connection open
+/// (PostgreSQL), false elsewhere.
+fn alive(backend: DbBackend, owner: &str) -> String {
+    match backend {
+        DbBackend::Postgres => format!(
+            "EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()
+                     AND application_name = '{PRESENCE_PREFIX}' || {owner})"
+        ),
+        _ => "1 = 0".to_owned(),
+    }
+}
+
+/// SQL saying whether a lease row may be taken.
+fn free_condition(backend: DbBackend) -> String {
+    format!("owner IS NULL OR (expires_at < {} AND NOT {})", now_ms(backend), alive(backend, "owner"))
+}
+
+/// A statement with `$n` placeholders, numbered in order of use, written `?` where the backend
+/// wants that.
+fn statement(backend: DbBackend, sql: &str, values: impl IntoIterator<Item = Value>) -> Statement {
+    let sql = match backend {
+        DbBackend::Postgres => sql.to_owned(),
+        _ => {
+            let mut out = String::with_capacity(sql.len());
+            let mut chars = sql.chars().peekable();
+            while let Some(c) = chars.next() {
+                if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
+                    while chars.peek().is_some_and(char::is_ascii_digit) {
+                        chars.next();
+                    }
+                    out.push('?');
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        }
+    };
+    Statement::from_sql_and_values(backend, sql, values)
+}

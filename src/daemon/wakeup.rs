@@ -1,0 +1,101 @@
+//! What wakes the daemon besides its poll timer: appends through the same store (in-process),
+//! and on PostgreSQL its presence connection, which listens for lease hand-overs and carries
+//! the instance's name so the others know it is alive.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sea_orm::{DatabaseConnection, DbBackend};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::backend::PRESENCE_PREFIX;
+
+/// The channel on which instances announce leases they gave back.
+pub(super) const LEASES_CHANNEL: &str = "emt_leases";
+
+/// The presence connection (PostgreSQL only): `up` while it is connected; `wake` changes on a
+/// notification and after a reconnect (notifications may have been missed meanwhile).
+pub(super) struct Presence {
+    pub up: Arc<AtomicBool>,
+    pub wake: watch::Receiver<u64>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Drop for Presence {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Presence {
+    /// Opens the presence connection where the backend has one; elsewhere `up` stays false.
+    pub async fn start(db: &DatabaseConnection, owner: &str) -> Self {
+        let up = Arc::new(AtomicBool::new(false));
+        let (tx, wake) = watch::channel(0u64);
+        let task = match db.get_database_backend() {
+            #[cfg(feature = "postgres")]
+            DbBackend::Postgres => {
+                let pool = db.get_postgres_connection_pool();
+                let options = pool.connect_options().as_ref().clone().application_name(&format!("{PRESENCE_PREFIX}{owner}"));
+                let (up, ready) = (Arc::clone(&up), Arc::new(tokio::sync::Notify::new()));
+                let task = tokio::spawn(listen(options, Arc::clone(&up), tx, Arc::clone(&ready)));
+                // Let the first connection come up (briefly) so the instance starts alive.
+                let _ = tokio::time::timeout(Duration::from_secs(2), ready.notified()).await;
+                Some(task)
+            }
+            _ => {
+                let _ = (owner, tx, PRESENCE_PREFIX);
+                None
+            }
+        };
+        Self { up, wake, task }
+    }
+}
+
+/// Keeps the presence connection open and listening, reconnecting with backoff.
+#[cfg(feature = "postgres")]
+async fn listen(
+    options: sea_orm::sqlx::postgres::PgConnectOptions,
+    up: Arc<AtomicBool>,
+    wake: watch::Sender<u64>,
+    ready: Arc<tokio::sync::Notify>,
+) {
+    use sea_orm::sqlx::postgres::{PgListener, PgPoolOptions};
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let pool = PgPoolOptions::new().max_connections(1).min_connections(0).connect_lazy_with(options.clone());
+        let listener = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(LEASES_CHANNEL).await?;
+            Ok::<_, sea_orm::sqlx::Error>(listener)
+        };
+        match listener.await {
+            Ok(mut listener) => {
+                up.store(true, Ordering::SeqCst);
+                ready.notify_one();
+                pause = Duration::from_millis(100);
+                wake.send_modify(|n| *n += 1);
+                loop {
+                    match listener.try_recv().await {
+                        Ok(Some(_)) => wake.send_modify(|n| *n += 1),
+                        // Lost and reconnected: what was sent meanwhile is lost; catch up.
+                        Ok(None) => wake.send_modify(|n| *n += 1),
+                        Err(error) => {
+                            tracing::warn!(%error, "daemon presence connection lost; reconnecting");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "daemon presence connection failed; retrying"),
+        }
+        up.store(false, Ordering::SeqCst);
+        wake.send_modify(|n| *n += 1);
+        tokio::time::sleep(pause).await;
+        pause = Ord::min(pause * 2, Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,227 @@
+//! The daemon's loop: coordinate leases, find tenants with new events, run their projections,
+//! sleep until woken or the poll timer fires.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use sea_orm::{DatabaseConnection, DbBackend};
+use tokio::sync::watch;
+
+use super::agent::{self, Held, Projector, Turn};
+use super::coordinator::{self, Key};
+use super::wakeup::{LEASES_CHANNEL, Presence};
+use super::Options;
+use crate::backend;
+use crate::error::{Error, Result};
+use crate::projection::RunOptions;
+use crate::store::EventStore;
+
+/// How long a cycle waits for PostgreSQL writers in flight before it looks again later.
+const HORIZON_WAIT: Duration = Duration::from_secs(1);
+
+pub(super) struct Worker {
+    pub store: EventStore,
+    pub db: DatabaseConnection,
+    pub projections: BTreeMap<String, Arc<dyn Projector>>,
+    pub tenants: Option<BTreeSet<String>>,
+    pub options: Options,
+    pub owner: String,
+    /// Bumped after every cycle: what `caught_up` waits on.
+    pub progress: watch::Sender<u64>,
+}
+
+/// The loop's state.
+struct State {
+    held: BTreeMap<Key, Held>,
+    /// Tenants whose lease rows exist.
+    known: BTreeSet<String>,
+    /// The head up to which every tenant's last position is known.
+    seen_head: Option<i64>,
+    last_sweep: Instant,
+    last_heartbeat: Option<Instant>,
+}
+
+impl Worker {
+    /// Runs until `stop` turns true, then gives its leases back.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<()> {
+        let subscriptions: Vec<String> = self.projections.keys().cloned().collect();
+        let mut presence = Presence::start(&self.db, &self.owner).await;
+        let mut appends = self.store.appends();
+        let mut state =
+            State { held: BTreeMap::new(), known: BTreeSet::new(), seen_head: None, last_sweep: Instant::now(), last_heartbeat: None };
+        // Registered before the first balance, so the others count this instance at once.
+        backend::heartbeat(&self.db, &self.owner, self.options.lease_ttl.as_millis() as i64).await?;
+        state.last_heartbeat = Some(Instant::now());
+        if let Some(tenants) = &self.tenants {
+            self.ensure(&mut state, &subscriptions, tenants.iter().cloned().collect()).await?;
+        }
+        let mut delay = self.options.poll_min;
+        let mut next_balance = Instant::now();
+        while !*stop.borrow() {
+            if Instant::now() >= next_balance {
+                if let Err(error) = self.coordinate(&mut state, &subscriptions, &presence).await {
+                    tracing::warn!(%error, "lease coordination failed; retrying");
+                }
+                next_balance = Instant::now() + self.options.poll_max;
+            }
+            let worked = match self.cycle(&mut state, &subscriptions).await {
+                Ok(worked) => worked,
+                Err(error) => {
+                    tracing::warn!(%error, "daemon cycle failed; retrying");
+                    false
+                }
+            };
+            self.progress.send_modify(|n| *n += 1);
+            delay = if worked { self.options.poll_min } else { Ord::min(delay * 2, self.options.poll_max) };
+            let sleep = Ord::min(delay, next_balance.saturating_duration_since(Instant::now()));
+            tokio::select! {
+                _ = stop.changed() => {}
+                _ = appends.changed() => {}
+                woke = presence.wake.changed() => {
+                    // A hand-over or a reconnect: look at the leases again now.
+                    if woke.is_ok() { next_balance = Instant::now(); }
+                }
+                _ = tokio::time::sleep(sleep) => {}
+            }
+        }
+        // Graceful: batches have finished (cycles run to the end); hand everything over.
+        drop(presence);
+        backend::leave(&self.db, &self.owner).await?;
+        if self.db.get_database_backend() == DbBackend::Postgres {
+            let notify = format!("NOTIFY {LEASES_CHANNEL}");
+            sea_orm::ConnectionTrait::execute_unprepared(&self.db, &notify).await?;
+        }
+        tracing::info!(owner = self.owner, "projection daemon stopped; leases released");
+        Ok(())
+    }
+
+    /// Renews (where there is no presence connection) and rebalances the leases.
+    async fn coordinate(&self, state: &mut State, subscriptions: &[String], presence: &Presence) -> Result<()> {
+        let ttl = self.options.lease_ttl;
+        let renew_due = state.last_heartbeat.is_none_or(|at| at.elapsed() >= self.options.renew_every);
+        if !presence.up.load(Ordering::SeqCst) && renew_due {
+            backend::heartbeat(&self.db, &self.owner, ttl.as_millis() as i64).await?;
+            state.last_heartbeat = Some(Instant::now());
+        }
+        coordinator::balance(&self.db, &self.owner, subscriptions, &mut state.held, ttl).await?;
+        Ok(())
+    }
+
+    /// Creates the lease rows of new tenants.
+    async fn ensure(&self, state: &mut State, subscriptions: &[String], tenants: Vec<String>) -> Result<()> {
+        let new: Vec<String> = tenants.into_iter().filter(|t| !state.known.contains(t)).collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let pairs: Vec<(String, String)> =
+            subscriptions.iter().flat_map(|s| new.iter().map(move |t| (s.clone(), t.clone()))).collect();
+        backend::ensure_leases(&self.db, &pairs).await?;
+        tracing::info!(tenants = ?new, "tenants found");
+        state.known.extend(new);
+        Ok(())
+    }
+
+    /// Finds tenants with new events and runs the projections this instance holds for them.
+    /// Returns whether it projected anything.
+    async fn cycle(&self, state: &mut State, subscriptions: &[String]) -> Result<bool> {
+        let backend_kind = self.db.get_database_backend();
+        let head = backend::head(&self.db).await?;
+        // MySQL's probe sees committed positions only, so a late commit below it changes
+        // nothing there: every lease is looked at again each poll interval.
+        let sweep = backend_kind == DbBackend::MySql && state.last_sweep.elapsed() >= self.options.poll_max;
+        if state.seen_head != Some(head) || sweep {
+            let safe = backend::global_horizon(&self.db, HORIZON_WAIT).await?;
+            let heads = backend::partition_heads(&self.db).await?;
+            let heads: BTreeMap<String, i64> = match &self.tenants {
+                Some(only) => heads.into_iter().filter(|(t, _)| only.contains(t)).collect(),
+                None => heads.into_iter().collect(),
+            };
+            let before = state.known.len();
+            self.ensure(state, subscriptions, heads.keys().cloned().collect()).await?;
+            if state.known.len() != before {
+                coordinator::balance(&self.db, &self.owner, subscriptions, &mut state.held, self.options.lease_ttl).await?;
+            }
+            for ((_, tenant), held) in state.held.iter_mut() {
+                let tenant_head = heads.get(tenant).copied().unwrap_or(0);
+                if sweep || held.checkpoint.is_none_or(|c| c < tenant_head) {
+                    held.dirty = true;
+                }
+            }
+            state.seen_head = match backend_kind {
+                DbBackend::MySql => Some(head),
+                _ => safe,
+            };
+            if sweep {
+                state.last_sweep = Instant::now();
+            }
+        }
+        let ready: Vec<(Key, Held)> =
+            state.held.iter().filter(|(_, h)| h.ready()).map(|(k, h)| (k.clone(), h.clone())).collect();
+        if ready.is_empty() {
+            return Ok(false);
+        }
+        let turns = futures::stream::iter(ready)
+            .map(|(key, held)| async move {
+                let projector = Arc::clone(&self.projections[&key.0]);
+                let mut options = RunOptions::default().partition(key.1.clone()).batch_size(self.options.batch_size).single_batch();
+                if self.options.skip_undecodable {
+                    options = options.skip_undecodable_events();
+                }
+                options.lease = Some((self.owner.clone(), held.epoch));
+                let turn = agent::turn(projector, &key.0, &key.1, options, self.options.batch_size, held.checkpoint).await;
+                (key, held, turn)
+            })
+            .buffer_unordered(self.options.concurrency);
+        let results: Vec<_> = turns.collect().await;
+        let mut worked = false;
+        for (key, held, turn) in results {
+            worked |= self.settle(state, key, held, turn).await?;
+        }
+        Ok(worked)
+    }
+
+    /// Records how a turn ended: progress, a lost lease, or a failure that parks the lease.
+    async fn settle(&self, state: &mut State, key: Key, before: Held, turn: Turn) -> Result<bool> {
+        let Some(held) = state.held.get_mut(&key) else { return Ok(false) };
+        match turn {
+            Turn::Ran { checkpoint, processed, more } => {
+                held.checkpoint = Some(checkpoint);
+                held.dirty = more;
+                if before.failures > 0 {
+                    backend::unpark(&self.db, &key.0, &key.1).await?;
+                    tracing::info!(subscription = key.0, tenant = key.1, "projection resumed");
+                }
+                held.failures = 0;
+                held.retry_at = None;
+                Ok(processed > 0)
+            }
+            Turn::Failed { error: Error::LeaseLost { .. }, .. } => {
+                state.held.remove(&key);
+                Ok(false)
+            }
+            Turn::Failed { checkpoint, error } if error.is_transient() => {
+                held.checkpoint = checkpoint.or(held.checkpoint);
+                tracing::warn!(subscription = key.0, tenant = key.1, %error, "projection interrupted; retrying");
+                Ok(false)
+            }
+            Turn::Failed { checkpoint, error } => {
+                held.checkpoint = checkpoint.or(held.checkpoint);
+                held.failures += 1;
+                let pause = agent::backoff(held.failures, self.options.backoff_min, self.options.backoff_max);
+                held.retry_at = Some(Instant::now() + pause);
+                let position = held.checkpoint.unwrap_or(0);
+                tracing::error!(
+                    subscription = key.0, tenant = key.1, position, failures = held.failures, retry_in = ?pause, %error,
+                    "projection failed; tenant parked"
+                );
+                let message = error.to_string();
+                backend::park(&self.db, &key.0, &key.1, held.failures, pause.as_millis() as i64, &message, position)
+                    .await?;
+                Ok(false)
+            }
+        }
+    }
+}
