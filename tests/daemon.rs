@@ -156,7 +156,8 @@ async fn instances_split_tenants_and_take_over_a_crashed_ones_work(db: TestDb) {
     // Writers keep appending to every tenant meanwhile.
     let stop_writing = Arc::new(AtomicBool::new(false));
     let writer = {
-        let (store, tenants, stop) = (EventStore::new(db.second_pool().await), tenants.clone(), Arc::clone(&stop_writing));
+        let (store, tenants, stop) =
+            (EventStore::new(db.second_pool().await), tenants.clone(), Arc::clone(&stop_writing));
         tokio::spawn(async move {
             let mut i = 0;
             while !stop.load(Ordering::SeqCst) {

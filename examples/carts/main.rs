@@ -8,10 +8,10 @@
 mod domain;
 mod read_model;
 
-use domain::{Cart, CartCommand, Status, decide, evolve};
-use emmett_seaorm::projection::{ProjectionRegistry, ProjectionRunner, RunOptions, SnapshotProjection};
-use emmett_seaorm::{AppendOptions, EventStore, ExpectedVersion, ReadOptions, columns, keys};
-use sea_orm::{ConnectionTrait, EntityName, EntityTrait, IdenStatic, QueryOrder, Schema};
+use domain::{Cart, CartCommand, decide, evolve};
+use emmett_seaorm::projection::{ProjectionRegistry, ProjectionRunner, RunOptions};
+use emmett_seaorm::{AppendOptions, EventStore, ExpectedVersion, ReadOptions};
+use sea_orm::{EntityTrait, QueryOrder};
 
 /// Decides `command` against the cart's current state and appends the outcome, expecting the
 /// version it decided on.
@@ -45,17 +45,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("database: {url}");
     let db = emmett_seaorm::connect(&url).await?;
     emmett_seaorm::migrate(&db).await?;
-    let backend = db.get_database_backend();
-    db.execute(Schema::new(backend).create_table_from_entity(read_model::Entity).if_not_exists()).await?;
-    // MySQL compares text case-, accent- and trailing-space-insensitively by default: the keys
-    // of a read model need the exact collation the store's own id columns have.
-    if let Some(collation) = emmett_seaorm::migrations::exact_collation(&db).await? {
-        let exact = |column: read_model::Column| {
-            format!("MODIFY {} VARCHAR(255) COLLATE {collation} NOT NULL", column.as_str())
-        };
-        let (tenant, cart) = (exact(read_model::Column::TenantId), exact(read_model::Column::CartId));
-        db.execute_unprepared(&format!("ALTER TABLE {} {tenant}, {cart}", read_model::Entity.table_name())).await?;
-    }
+    read_model::create_table(&db).await?;
     let store = EventStore::new(db.clone());
 
     // Each run adds a new cart per tenant, so re-running shows the runner resuming.
@@ -92,34 +82,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
-    // The read model: the same `evolve`, kept in the `snapshots` table; `carts` gets columns.
-    // Table and column names come from the entity, so a typo does not compile.
-    use read_model::Column;
-    let carts = SnapshotProjection::new(
-        read_model::Entity.table_name(),
-        |event, tenant| keys! { Column::TenantId.as_str() => tenant, Column::CartId.as_str() => &event.stream_id },
-        evolve,
-        Cart::default,
-    )
-    .handles([
-        "CartCreated",
-        "ItemAddedToCart",
-        "ItemRemovedFromCart",
-        "CartEmptied",
-        "CartCheckedOut",
-        "CartCancelled",
-    ])
-    .columns(|cart: &Cart| {
-        columns! {
-            Column::Currency.as_str() => cart.currency.clone(),
-            Column::Total.as_str() => cart.total,
-            Column::OrderId.as_str() => cart.order_id.clone(),
-            Column::ItemsJson.as_str() => serde_json::to_string(&cart.items).expect("items serialize"),
-            Column::IsCheckedOut.as_str() => cart.status == Status::CheckedOut,
-            Column::IsCancelled.as_str() => cart.status == Status::Cancelled,
-        }
-    });
-    let runner = ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(carts));
+    let runner = ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(read_model::projection()));
     println!("projecting, one runner per tenant");
     for tenant in ["acme", "globex"] {
         let done = runner.project_partition("carts-read-model", RunOptions::default().partition(tenant)).await?;

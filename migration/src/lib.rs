@@ -5,6 +5,6 @@
 //! `emmett_seaorm::Migrator::migrations()` first in your migrator (see the README, "Migrations").
 
 pub use emmett_seaorm::migrations::{
-    M20250101000001CreateEventStore, M20261128000002CreateDaemonLeases, M20261128000001HardenEventStore, Migrator,
+    M20250101000001CreateEventStore, M20261128000001HardenEventStore, M20261128000002CreateDaemonLeases, Migrator,
 };
 pub use sea_orm_migration::prelude::*;

@@ -143,7 +143,9 @@ pub(crate) async fn partition_heads(conn: &impl ConnectionTrait) -> Result<Vec<(
          SELECT p, (SELECT max(global_position) FROM messages WHERE {p} = t.p) FROM t WHERE p IS NOT NULL"
     );
     let rows = conn.query_all_raw(Statement::from_string(backend, sql)).await?;
-    rows.into_iter().map(|row| Ok((row.try_get_by_index(0)?, row.try_get_by_index::<Option<i64>>(1)?.unwrap_or(0)))).collect()
+    rows.into_iter()
+        .map(|row| Ok((row.try_get_by_index(0)?, row.try_get_by_index::<Option<i64>>(1)?.unwrap_or(0))))
+        .collect()
 }
 
 /// PostgreSQL: while `on`, plan the transaction's queries without sorts, so a partition read in
@@ -182,7 +184,8 @@ pub(crate) async fn pending(conn: &impl ConnectionTrait, partition: &str, after:
     };
     let p = if backend == DbBackend::MySql { "`partition`" } else { "partition" };
     let sql = format!("SELECT count(*), {age} FROM messages WHERE {p} = {sql}");
-    let row = conn.query_one_raw(Statement::from_sql_and_values(backend, sql, [partition.into(), after.into()])).await?;
+    let row =
+        conn.query_one_raw(Statement::from_sql_and_values(backend, sql, [partition.into(), after.into()])).await?;
     Ok(match row {
         Some(row) => (row.try_get_by_index(0)?, row.try_get_by_index::<Option<f64>>(1)?.unwrap_or(0.0)),
         None => (0, 0.0),

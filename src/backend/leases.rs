@@ -37,7 +37,9 @@ pub(crate) async fn create_lease_tables(conn: &impl ConnectionTrait) -> Result<(
                last_error {long}, error_position {bigint},
                PRIMARY KEY (subscription_id, {p})) {table}"
         ),
-        format!("CREATE TABLE IF NOT EXISTS emt_daemons (owner {text} NOT NULL PRIMARY KEY, expires_at {bigint} NOT NULL) {table}"),
+        format!(
+            "CREATE TABLE IF NOT EXISTS emt_daemons (owner {text} NOT NULL PRIMARY KEY, expires_at {bigint} NOT NULL) {table}"
+        ),
     ] {
         conn.execute_unprepared(&ddl).await?;
     }
@@ -71,7 +73,10 @@ pub(crate) struct LeaseRow {
 }
 
 /// The lease rows of `subscriptions` and the number of live instances.
-pub(crate) async fn leases(conn: &impl ConnectionTrait, subscriptions: &[String]) -> Result<(Vec<LeaseRow>, u64), DbErr> {
+pub(crate) async fn leases(
+    conn: &impl ConnectionTrait,
+    subscriptions: &[String],
+) -> Result<(Vec<LeaseRow>, u64), DbErr> {
     let backend = conn.get_database_backend();
     if subscriptions.is_empty() {
         return Ok((Vec::new(), 0));

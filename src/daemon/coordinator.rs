@@ -58,7 +58,10 @@ pub(super) async fn balance(
             }
             if let Some(epoch) = backend::claim(conn, row, owner, ttl_ms).await? {
                 let retry_in = Duration::from_millis(row.retry_in_ms.max(0) as u64);
-                held.insert((row.subscription.clone(), row.partition.clone()), Held::new(epoch, row.failures, retry_in));
+                held.insert(
+                    (row.subscription.clone(), row.partition.clone()),
+                    Held::new(epoch, row.failures, retry_in),
+                );
                 tracing::info!(subscription = row.subscription, tenant = row.partition, epoch, "lease claimed");
                 changed = true;
             }

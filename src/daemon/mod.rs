@@ -99,7 +99,11 @@ impl Daemon {
     }
 
     /// Runs `registry` under `subscription_id` (its checkpoints' name) for every tenant.
-    pub fn projection<E: Event + 'static>(mut self, subscription_id: impl Into<String>, registry: ProjectionRegistry<E>) -> Self {
+    pub fn projection<E: Event + 'static>(
+        mut self,
+        subscription_id: impl Into<String>,
+        registry: ProjectionRegistry<E>,
+    ) -> Self {
         let runner = ProjectionRunner::new(self.store.clone(), registry);
         self.projections.insert(subscription_id.into(), Arc::new(runner));
         self
@@ -191,7 +195,15 @@ impl Daemon {
             progress,
         };
         let task = tokio::spawn(worker.run(stop_rx));
-        Ok(DaemonHandle { owner, db, subscriptions, tenants: self.tenants, progress: progress_rx, stop, task: Some(task) })
+        Ok(DaemonHandle {
+            owner,
+            db,
+            subscriptions,
+            tenants: self.tenants,
+            progress: progress_rx,
+            stop,
+            task: Some(task),
+        })
     }
 }
 
@@ -234,7 +246,9 @@ impl DaemonHandle {
     pub async fn stop(mut self) -> Result<()> {
         let _ = self.stop.send(true);
         match self.task.take() {
-            Some(task) => task.await.map_err(|e| Error::DaemonFailed { owner: self.owner.clone(), reason: e.to_string() })?,
+            Some(task) => {
+                task.await.map_err(|e| Error::DaemonFailed { owner: self.owner.clone(), reason: e.to_string() })?
+            }
             None => Ok(()),
         }
     }
@@ -263,7 +277,10 @@ impl DaemonHandle {
             .all(&self.db)
             .await?;
         let checkpoint = |s: &str, t: &str| {
-            checkpoints.iter().find(|c| c.subscription_id == s && c.partition == t).map_or(0, |c| c.last_processed_position)
+            checkpoints
+                .iter()
+                .find(|c| c.subscription_id == s && c.partition == t)
+                .map_or(0, |c| c.last_processed_position)
         };
         Ok(self
             .subscriptions

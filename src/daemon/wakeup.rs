@@ -40,7 +40,8 @@ impl Presence {
             #[cfg(feature = "postgres")]
             DbBackend::Postgres => {
                 let pool = db.get_postgres_connection_pool();
-                let options = pool.connect_options().as_ref().clone().application_name(&format!("{PRESENCE_PREFIX}{owner}"));
+                let options =
+                    pool.connect_options().as_ref().clone().application_name(&format!("{PRESENCE_PREFIX}{owner}"));
                 let (up, ready) = (Arc::clone(&up), Arc::new(tokio::sync::Notify::new()));
                 let task = tokio::spawn(listen(options, Arc::clone(&up), tx, Arc::clone(&ready)));
                 // Let the first connection come up (briefly) so the instance starts alive.

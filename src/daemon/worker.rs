@@ -10,10 +10,10 @@ use futures::StreamExt;
 use sea_orm::{DatabaseConnection, DbBackend};
 use tokio::sync::watch;
 
+use super::Options;
 use super::agent::{self, Held, Projector, Turn};
 use super::coordinator::{self, Key};
 use super::wakeup::{LEASES_CHANNEL, Presence};
-use super::Options;
 use crate::backend;
 use crate::error::{Error, Result};
 use crate::projection::RunOptions;
@@ -50,8 +50,13 @@ impl Worker {
         let subscriptions: Vec<String> = self.projections.keys().cloned().collect();
         let mut presence = Presence::start(&self.db, &self.owner).await;
         let mut appends = self.store.appends();
-        let mut state =
-            State { held: BTreeMap::new(), known: BTreeSet::new(), seen_head: None, last_sweep: Instant::now(), last_heartbeat: None };
+        let mut state = State {
+            held: BTreeMap::new(),
+            known: BTreeSet::new(),
+            seen_head: None,
+            last_sweep: Instant::now(),
+            last_heartbeat: None,
+        };
         // Registered before the first balance, so the others count this instance at once.
         backend::heartbeat(&self.db, &self.owner, self.options.lease_ttl.as_millis() as i64).await?;
         state.last_heartbeat = Some(Instant::now());
@@ -142,7 +147,8 @@ impl Worker {
             let before = state.known.len();
             self.ensure(state, subscriptions, heads.keys().cloned().collect()).await?;
             if state.known.len() != before {
-                coordinator::balance(&self.db, &self.owner, subscriptions, &mut state.held, self.options.lease_ttl).await?;
+                coordinator::balance(&self.db, &self.owner, subscriptions, &mut state.held, self.options.lease_ttl)
+                    .await?;
             }
             for ((_, tenant), held) in state.held.iter_mut() {
                 let tenant_head = heads.get(tenant).copied().unwrap_or(0);
@@ -166,12 +172,14 @@ impl Worker {
         let turns = futures::stream::iter(ready)
             .map(|(key, held)| async move {
                 let projector = Arc::clone(&self.projections[&key.0]);
-                let mut options = RunOptions::default().partition(key.1.clone()).batch_size(self.options.batch_size).single_batch();
+                let mut options =
+                    RunOptions::default().partition(key.1.clone()).batch_size(self.options.batch_size).single_batch();
                 if self.options.skip_undecodable {
                     options = options.skip_undecodable_events();
                 }
                 options.lease = Some((self.owner.clone(), held.epoch));
-                let turn = agent::turn(projector, &key.0, &key.1, options, self.options.batch_size, held.checkpoint).await;
+                let turn =
+                    agent::turn(projector, &key.0, &key.1, options, self.options.batch_size, held.checkpoint).await;
                 (key, held, turn)
             })
             .buffer_unordered(self.options.concurrency);

@@ -336,7 +336,8 @@ impl EventStore {
         E: From<Error>,
     {
         let txn = Arc::new(backend::begin_write(&self.executor()).await.map_err(Error::from)?);
-        let outcome = work(EventStore { conn: Conn::Session(Arc::clone(&txn)), appends: Arc::clone(&self.appends) }).await;
+        let outcome =
+            work(EventStore { conn: Conn::Session(Arc::clone(&txn)), appends: Arc::clone(&self.appends) }).await;
         // A clone kept alive by `work` holds the transaction; it rolls back when dropped.
         let txn = Arc::into_inner(txn).ok_or(Error::SessionStillInUse)?;
         match outcome {

@@ -1,0 +1,70 @@
+//! The carts projections as a long-running worker: every projection for every tenant, kept
+//! current until Ctrl-C (SIGINT) or SIGTERM, then a graceful stop (exit code 0).
+//!
+//! `cargo run --example carts-worker` uses the demo's SQLite file (`carts.db`); set
+//! `DATABASE_URL` like for the demo. Start it twice: the two processes split the tenants, and
+//! when one stops the other takes its tenants over.
+
+#[path = "../carts/domain.rs"]
+#[allow(dead_code)]
+mod domain;
+#[path = "../carts/read_model.rs"]
+mod read_model;
+
+use std::time::Duration;
+
+use emmett_seaorm::EventStore;
+use emmett_seaorm::daemon::Daemon;
+use emmett_seaorm::projection::ProjectionRegistry;
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "emmett_seaorm=info".into()),
+        )
+        .init();
+    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://carts.db?mode=rwc".into());
+    let db = emmett_seaorm::connect(&url).await?;
+    emmett_seaorm::migrate(&db).await?;
+    read_model::create_table(&db).await?;
+
+    let daemon = Daemon::new(EventStore::new(db))
+        .projection("carts-read-model", ProjectionRegistry::new().with(read_model::projection()))
+        .start()
+        .await?;
+    println!("worker {} running on {url}; Ctrl-C to stop", daemon.owner());
+
+    let mut report =
+        tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(10), Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = shutdown() => break,
+            _ = report.tick() => {
+                let status = daemon.status().await?;
+                println!("{} instance(s); this one holds {} of {} leases", status.instances, status.held(), status.leases.len());
+                for lease in status.leases.iter().filter(|l| l.lag_events > 0 || l.failures > 0) {
+                    println!("  {} / {}: {} behind ({:?}), failures {}", lease.subscription, lease.tenant, lease.lag_events, lease.lag, lease.failures);
+                }
+            }
+        }
+    }
+    println!("stopping: finishing batches, handing leases over");
+    daemon.stop().await?;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C, or on SIGTERM where there is one.
+async fn shutdown() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,188 @@
+//! The projection daemon on PostgreSQL: what idling costs (transaction ids), what it waits for
+//! (late commits: yes; unrelated transactions: no), and a lost presence connection.
+//!
+//! A test binary of its own: it reads cluster-wide transaction counters, which the other
+//! suites (run in parallel within their binaries, one binary at a time) would move.
+#![cfg(feature = "postgres")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Ev, TestDb};
+use emmett_seaorm::daemon::{Daemon, DaemonHandle};
+use emmett_seaorm::projection::{ProjectionRegistry, SnapshotProjection};
+use emmett_seaorm::{AppendOptions, EventStore, columns, keys};
+use sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait};
+
+fn balances() -> ProjectionRegistry<Ev> {
+    let balances = SnapshotProjection::new(
+        "balances",
+        |e, tenant| keys! { "tenant_id" => tenant, "account_id" => &e.stream_id },
+        |total: i64, e: &Ev| match e {
+            Ev::Deposited { amount } => total + amount,
+            _ => total,
+        },
+        || 0,
+    )
+    .columns(|total: &i64| columns! { "total" => *total });
+    ProjectionRegistry::new().with(balances)
+}
+
+async fn setup(db: &TestDb) -> DaemonHandle {
+    db.db
+        .execute_unprepared(
+            "CREATE TABLE balances (tenant_id text, account_id text, total bigint, PRIMARY KEY (tenant_id, account_id))",
+        )
+        .await
+        .expect("read model");
+    Daemon::new(db.store()).projection("balances", balances()).start().await.expect("start")
+}
+
+async fn deposit(store: &EventStore, tenant: &str, amount: i64) -> u64 {
+    deposit_to(store, tenant, "acc", amount).await
+}
+
+async fn deposit_to(store: &EventStore, tenant: &str, account: &str, amount: i64) -> u64 {
+    store
+        .append_to_stream(account, [Ev::Deposited { amount }], AppendOptions::default().partition(tenant))
+        .await
+        .expect("append")
+        .last_event_global_position
+}
+
+/// The sum of a tenant's balances.
+async fn total(db: &DatabaseConnection, tenant: &str) -> Option<i64> {
+    let sql = format!("SELECT sum(total)::bigint FROM balances WHERE tenant_id = '{tenant}'");
+    db.query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, sql))
+        .await
+        .expect("read balance")
+        .and_then(|row| row.try_get_by_index(0).unwrap())
+}
+
+/// The next transaction id of the cluster.
+async fn next_xid(db: &DatabaseConnection) -> i64 {
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
+        ))
+        .await
+        .expect("snapshot")
+        .expect("row");
+    row.try_get_by_index(0).unwrap()
+}
+
+async fn an_idle_daemon_burns_no_transaction_ids(db: TestDb) {
+    let daemon = setup(&db).await;
+    let last = deposit(&db.store(), "t1", 5).await;
+    tokio::time::timeout(Duration::from_secs(10), daemon.caught_up(last)).await.expect("caught up").unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await; // its poll interval backs off to 1 s
+    let before = next_xid(&db.db).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let after = next_xid(&db.db).await;
+    assert_eq!(after, before, "transaction ids taken while idle");
+    // Still awake: an append from another pool is projected.
+    let last = deposit(&EventStore::new(db.second_pool().await), "t1", 7).await;
+    tokio::time::timeout(Duration::from_secs(3), daemon.caught_up(last)).await.expect("caught up").unwrap();
+    assert_eq!(total(&db.db, "t1").await, Some(12));
+    daemon.stop().await.unwrap();
+}
+
+async fn late_commits_are_waited_for_and_unrelated_transactions_are_not(db: TestDb) {
+    let daemon = setup(&db).await;
+    let store = db.store();
+    // A transaction that holds a transaction id in another database, and one in this database
+    // that writes another table: neither holds projection back.
+    let (server, _) = db.url.rsplit_once('/').unwrap();
+    let other_db = sea_orm::Database::connect(format!("{server}/postgres")).await.expect("postgres db");
+    let unrelated = other_db.begin().await.unwrap();
+    unrelated.execute_unprepared("SELECT pg_current_xact_id()").await.unwrap();
+    db.db.execute_unprepared("CREATE TABLE other (x int)").await.unwrap();
+    let writer_elsewhere = db.db.begin().await.unwrap();
+    writer_elsewhere.execute_unprepared("INSERT INTO other VALUES (1)").await.unwrap();
+    let started = Instant::now();
+    let last = deposit(&store, "t1", 1).await;
+    tokio::time::timeout(Duration::from_secs(5), daemon.caught_up(last)).await.expect("caught up").unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1), "held back {:?} by unrelated transactions", started.elapsed());
+
+    // An event writer that took its position and has not committed: the daemon must not move
+    // past it, and projects it once it commits.
+    let late = store.clone();
+    let (took_position, wait_for_commit) =
+        (tokio::sync::oneshot::channel::<()>(), tokio::sync::oneshot::channel::<()>());
+    let (tx_took, rx_took) = took_position;
+    let (tx_commit, rx_commit) = wait_for_commit;
+    let writer = tokio::spawn(async move {
+        late.with_session(|s| async move {
+            deposit_to(&s, "t1", "late", 100).await;
+            tx_took.send(()).unwrap();
+            rx_commit.await.unwrap();
+            Ok::<_, emmett_seaorm::Error>(())
+        })
+        .await
+        .unwrap();
+    });
+    rx_took.await.unwrap();
+    let after = deposit(&store, "t1", 10).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(total(&db.db, "t1").await, Some(1), "projected past a transaction still writing");
+    tx_commit.send(()).unwrap();
+    writer.await.unwrap();
+    tokio::time::timeout(Duration::from_secs(15), daemon.caught_up(after)).await.expect("caught up").unwrap();
+    assert_eq!(total(&db.db, "t1").await, Some(111));
+    unrelated.rollback().await.unwrap();
+    writer_elsewhere.rollback().await.unwrap();
+    daemon.stop().await.unwrap();
+}
+
+async fn a_killed_presence_connection_loses_no_event(db: TestDb) {
+    let daemon = setup(&db).await;
+    let other = EventStore::new(db.second_pool().await);
+    let mut last = 0;
+    for round in 0..3 {
+        let killed = db
+            .db
+            .execute_unprepared(&format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'emt-daemon:{}'",
+                daemon.owner()
+            ))
+            .await
+            .unwrap();
+        assert_eq!(killed.rows_affected(), 1, "round {round}: the presence connection exists");
+        for _ in 0..5 {
+            last = deposit(&other, "t1", 1).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(5), daemon.caught_up(last)).await.expect("caught up").unwrap();
+    assert_eq!(total(&db.db, "t1").await, Some(15));
+    daemon.stop().await.unwrap();
+}
+
+/// One test at a time: the idle test counts the cluster's transaction ids.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+mod postgres {
+    use super::SERIAL;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn an_idle_daemon_burns_no_transaction_ids() {
+        let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        crate::common::run(crate::common::postgres().await, super::an_idle_daemon_burns_no_transaction_ids).await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn late_commits_are_waited_for_and_unrelated_transactions_are_not() {
+        let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        crate::common::run(
+            crate::common::postgres().await,
+            super::late_commits_are_waited_for_and_unrelated_transactions_are_not,
+        )
+        .await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_killed_presence_connection_loses_no_event() {
+        let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        crate::common::run(crate::common::postgres().await, super::a_killed_presence_connection_loses_no_event).await;
+    }
+}
