@@ -124,6 +124,12 @@ async fn projects_tenants_found_while_running_and_resumes_after_restart(db: Test
     assert_eq!(tenants, BTreeSet::from(["t1", "t2", "t3"]));
     assert!(status.leases.iter().all(|l| l.lag_events == 0 && l.checkpoint == l.head), "{status:?}");
     assert_eq!(status.held(), 3);
+    // Idle, it rests: the poll interval backs off to its maximum (300 ms here).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let before = first.status().await.expect("status").cycles;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle_cycles = first.status().await.expect("status").cycles - before;
+    assert!((5..=20).contains(&idle_cycles), "{idle_cycles} cycles in 3 s of idling");
     first.stop().await.expect("graceful stop");
 
     // Written while no daemon runs; a new one resumes from the checkpoints, projecting each

@@ -60,6 +60,21 @@ async fn total(db: &DatabaseConnection, tenant: &str) -> Option<i64> {
         .and_then(|row| row.try_get_by_index(0).unwrap())
 }
 
+/// Transactions (statements outside explicit transactions) the test database has run.
+async fn statements(db: &DatabaseConnection) -> i64 {
+    // The statistics are flushed at most once a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()",
+        ))
+        .await
+        .expect("stats")
+        .expect("row");
+    row.try_get_by_index(0).unwrap()
+}
+
 /// The next transaction id of the cluster.
 async fn next_xid(db: &DatabaseConnection) -> i64 {
     let row = db
@@ -78,10 +93,14 @@ async fn an_idle_daemon_burns_no_transaction_ids(db: TestDb) {
     let last = deposit(&db.store(), "t1", 5).await;
     tokio::time::timeout(Duration::from_secs(10), daemon.caught_up(last)).await.expect("caught up").unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await; // its poll interval backs off to 1 s
-    let before = next_xid(&db.db).await;
+    let (before, statements_before) = (next_xid(&db.db).await, statements(&db.db).await);
     tokio::time::sleep(Duration::from_secs(30)).await;
-    let after = next_xid(&db.db).await;
+    let (after, statements_after) = (next_xid(&db.db).await, statements(&db.db).await);
     assert_eq!(after, before, "transaction ids taken while idle");
+    // About one query a second: the coordination round, which reads the head with the leases.
+    let per_second = (statements_after - statements_before - 2) as f64 / 30.0;
+    println!("idle: {per_second:.2} statements/s");
+    assert!(per_second <= 1.5, "{per_second:.2} statements/s while idle");
     // Still awake: an append from another pool is projected.
     let last = deposit(&EventStore::new(db.second_pool().await), "t1", 7).await;
     tokio::time::timeout(Duration::from_secs(3), daemon.caught_up(last)).await.expect("caught up").unwrap();
@@ -136,6 +155,31 @@ async fn late_commits_are_waited_for_and_unrelated_transactions_are_not(db: Test
     daemon.stop().await.unwrap();
 }
 
+async fn appends_of_other_processes_wake_the_daemon(db: TestDb) {
+    db.db
+        .execute_unprepared(
+            "CREATE TABLE balances (tenant_id text, account_id text, total bigint, PRIMARY KEY (tenant_id, account_id))",
+        )
+        .await
+        .expect("read model");
+    // Polling every 10 s at most: only a notification can wake it in time.
+    let daemon = Daemon::new(db.store())
+        .projection("balances", balances())
+        .poll_interval(Duration::from_millis(5), Duration::from_secs(10))
+        .start()
+        .await
+        .expect("start");
+    let other = EventStore::new(db.second_pool().await);
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let started = Instant::now();
+        let last = deposit(&other, &format!("t{round}"), 1).await;
+        tokio::time::timeout(Duration::from_secs(5), daemon.caught_up(last)).await.expect("caught up").unwrap();
+        assert!(started.elapsed() < Duration::from_millis(500), "round {round}: woken after {:?}", started.elapsed());
+    }
+    daemon.stop().await.unwrap();
+}
+
 async fn a_killed_presence_connection_loses_no_event(db: TestDb) {
     let daemon = setup(&db).await;
     let other = EventStore::new(db.second_pool().await);
@@ -179,6 +223,11 @@ mod postgres {
             super::late_commits_are_waited_for_and_unrelated_transactions_are_not,
         )
         .await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn appends_of_other_processes_wake_the_daemon() {
+        let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        crate::common::run(crate::common::postgres().await, super::appends_of_other_processes_wake_the_daemon).await;
     }
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_killed_presence_connection_loses_no_event() {

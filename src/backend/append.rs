@@ -19,7 +19,13 @@ pub(crate) struct Append<'a> {
     pub metadata: &'a Value,
     /// `(message_type, message_data, message_id)` per event.
     pub events: Vec<(String, Value, String)>,
+    /// PostgreSQL: wake listening projection daemons when the append commits
+    /// (`NOTIFY emt_appends, '<partition>'`).
+    pub notify: bool,
 }
+
+/// The channel appends notify on PostgreSQL.
+pub(crate) const APPENDS_CHANNEL: &str = "emt_appends";
 
 /// What a successful append wrote.
 pub(crate) struct Appended {
@@ -83,7 +89,8 @@ async fn append_in_one_statement<C: ConnectionTrait>(conn: &C, a: &Append<'_>) -
            SELECT $1, st.stream_position - $3 + e.ord, $2, e.d::jsonb, $5::jsonb, '1', e.t, e.i
            FROM st, ROWS FROM (json_to_recordset($4::json) AS (t text, d json, i text)) WITH ORDINALITY AS e(t, d, i, ord)
            RETURNING global_position)
-         SELECT st.stream_position, (SELECT max(global_position) FROM ins) AS last_global_position FROM st"
+         SELECT st.stream_position, (SELECT max(global_position) FROM ins) AS last_global_position FROM st{notify}",
+        notify = if a.notify { format!(", (SELECT pg_notify('{APPENDS_CHANNEL}', $2)) AS n") } else { String::new() },
     );
     let row = conn.query_one_raw(Statement::from_sql_and_values(DbBackend::Postgres, sql, values)).await?;
     row.map(|row| {

@@ -109,13 +109,19 @@ async fn pg_horizon(conn: &impl ConnectionTrait, wait: Duration) -> Result<Optio
 /// PostgreSQL reads the sequence, SQLite its counter row, MySQL the last committed position.
 pub(crate) async fn head(conn: &impl ConnectionTrait) -> Result<i64, DbErr> {
     let backend = conn.get_database_backend();
-    let sql = match backend {
-        DbBackend::Postgres => "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM emt_global_message_position",
-        DbBackend::Sqlite => "SELECT last_value FROM emt_global_message_position WHERE id = 1",
-        _ => "SELECT coalesce(max(global_position), 0) FROM messages",
-    };
-    let row = conn.query_one_raw(Statement::from_string(backend, sql)).await?;
+    let row = conn.query_one_raw(Statement::from_string(backend, format!("SELECT {}", head_sql(backend)))).await?;
     Ok(row.map(|row| row.try_get_by_index::<i64>(0)).transpose()?.unwrap_or(0))
+}
+
+/// [`head`] as a scalar subquery.
+pub(crate) fn head_sql(backend: DbBackend) -> &'static str {
+    match backend {
+        DbBackend::Postgres => {
+            "(SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM emt_global_message_position)"
+        }
+        DbBackend::Sqlite => "(SELECT last_value FROM emt_global_message_position WHERE id = 1)",
+        _ => "(SELECT coalesce(max(global_position), 0) FROM messages)",
+    }
 }
 
 /// A position up to which every event of every partition is committed or will never be (see

@@ -72,54 +72,55 @@ pub(crate) struct LeaseRow {
     pub error_position: Option<i64>,
 }
 
-/// The lease rows of `subscriptions` and the number of live instances.
-pub(crate) async fn leases(
-    conn: &impl ConnectionTrait,
-    subscriptions: &[String],
-) -> Result<(Vec<LeaseRow>, u64), DbErr> {
+/// What one coordination round reads, in one statement.
+pub(crate) struct Leases {
+    /// The lease rows of the daemon's subscriptions.
+    pub rows: Vec<LeaseRow>,
+    /// Live instances.
+    pub instances: u64,
+    /// The store's [`head`](super::head) (read in the same statement, so an idle daemon's
+    /// round costs one query).
+    pub head: i64,
+}
+
+/// The lease rows of `subscriptions`, the number of live instances and the store's head.
+pub(crate) async fn leases(conn: &impl ConnectionTrait, subscriptions: &[String]) -> Result<Leases, DbErr> {
     let backend = conn.get_database_backend();
-    if subscriptions.is_empty() {
-        return Ok((Vec::new(), 0));
-    }
     let marks = (1..=subscriptions.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+    let matching =
+        if subscriptions.is_empty() { "1 = 0".to_owned() } else { format!("l.subscription_id IN ({marks})") };
     let sql = format!(
-        "SELECT subscription_id, {p}, owner, epoch, CASE WHEN {free} THEN 1 ELSE 0 END AS free,
-                failures, CASE WHEN retry_at > {now} THEN retry_at - {now} ELSE 0 END, last_error, error_position
-         FROM emt_leases WHERE subscription_id IN ({marks})",
+        "SELECT (SELECT count(*) FROM emt_daemons d WHERE d.expires_at >= {now} OR {alive}), {head},
+                l.subscription_id, l.{p}, l.owner, l.epoch, CASE WHEN {free} THEN 1 ELSE 0 END,
+                l.failures, CASE WHEN l.retry_at > {now} THEN l.retry_at - {now} ELSE 0 END, l.last_error,
+                l.error_position
+         FROM (SELECT 1 AS one) x LEFT JOIN emt_leases l ON {matching}",
         p = partition_column(backend),
-        free = free_condition(backend),
+        free = free_condition(backend, "l."),
         now = now_ms(backend),
+        alive = alive(backend, "d.owner"),
+        head = super::horizon::head_sql(backend),
     );
     let values = subscriptions.iter().map(|s| Value::from(s.as_str()));
     let rows = conn.query_all_raw(statement(backend, &sql, values)).await?;
-    let leases = rows
-        .into_iter()
-        .map(|row| {
-            Ok(LeaseRow {
-                subscription: row.try_get_by_index(0)?,
-                partition: row.try_get_by_index(1)?,
-                owner: row.try_get_by_index(2)?,
-                epoch: row.try_get_by_index(3)?,
-                free: row.try_get_by_index::<i32>(4)? == 1,
-                failures: row.try_get_by_index(5)?,
-                retry_in_ms: row.try_get_by_index(6)?,
-                last_error: row.try_get_by_index(7)?,
-                error_position: row.try_get_by_index(8)?,
-            })
-        })
-        .collect::<Result<Vec<_>, DbErr>>()?;
-    let live = format!(
-        "SELECT count(*) FROM emt_daemons d WHERE d.expires_at >= {now} OR {alive}",
-        now = now_ms(backend),
-        alive = alive(backend, "d.owner"),
-    );
-    let count: i64 = conn
-        .query_one_raw(Statement::from_string(backend, live))
-        .await?
-        .map(|row| row.try_get_by_index(0))
-        .transpose()?
-        .unwrap_or(0);
-    Ok((leases, count as u64))
+    let mut leases = Leases { rows: Vec::with_capacity(rows.len()), instances: 0, head: 0 };
+    for row in rows {
+        leases.instances = row.try_get_by_index::<i64>(0)?.max(0) as u64;
+        leases.head = row.try_get_by_index::<Option<i64>>(1)?.unwrap_or(0);
+        let Some(subscription) = row.try_get_by_index::<Option<String>>(2)? else { continue };
+        leases.rows.push(LeaseRow {
+            subscription,
+            partition: row.try_get_by_index(3)?,
+            owner: row.try_get_by_index(4)?,
+            epoch: row.try_get_by_index(5)?,
+            free: row.try_get_by_index::<i32>(6)? == 1,
+            failures: row.try_get_by_index(7)?,
+            retry_in_ms: row.try_get_by_index(8)?,
+            last_error: row.try_get_by_index(9)?,
+            error_position: row.try_get_by_index(10)?,
+        });
+    }
+    Ok(leases)
 }
 
 /// Creates the lease rows of (subscription, partition) pairs that have none (unowned).
@@ -152,7 +153,7 @@ pub(crate) async fn claim(
          WHERE subscription_id = $3 AND {p} = $4 AND epoch = $5 AND ({free})",
         now = now_ms(backend),
         p = partition_column(backend),
-        free = free_condition(backend),
+        free = free_condition(backend, ""),
     );
     let values: [Value; 5] = [
         owner.into(),
@@ -303,9 +304,13 @@ fn alive(backend: DbBackend, owner: &str) -> String {
     }
 }
 
-/// SQL saying whether a lease row may be taken.
-fn free_condition(backend: DbBackend) -> String {
-    format!("owner IS NULL OR (expires_at < {} AND NOT {})", now_ms(backend), alive(backend, "owner"))
+/// SQL saying whether a lease row (its columns prefixed by `table`) may be taken.
+fn free_condition(backend: DbBackend, table: &str) -> String {
+    format!(
+        "{table}owner IS NULL OR ({table}expires_at < {} AND NOT {})",
+        now_ms(backend),
+        alive(backend, &format!("{table}owner"))
+    )
 }
 
 /// A statement with `$n` placeholders, numbered in order of use, written `?` where the backend

@@ -25,14 +25,14 @@ mod schema;
 
 use sea_orm::{DatabaseTransaction, DbErr, TransactionOptions, TransactionTrait};
 
-pub(crate) use append::{Append, Appended, append};
+pub(crate) use append::{APPENDS_CHANNEL, Append, Appended, append};
 pub(crate) use failure::{is_retried, retry_policy};
 pub(crate) use horizon::{
     global_horizon, head, horizon, index_order_only, last_position_upto, partition_heads, pending,
 };
 pub(crate) use leases::{
-    LeaseRow, PRESENCE_PREFIX, claim, create_lease_tables, drop_lease_tables, ensure_leases, heartbeat, holds_lease,
-    leases, leave, park, release, unpark,
+    LeaseRow, Leases, PRESENCE_PREFIX, claim, create_lease_tables, drop_lease_tables, ensure_leases, heartbeat,
+    holds_lease, leases, leave, park, release, unpark,
 };
 pub(crate) use locks::{lock_checkpoint, lock_snapshots};
 pub(crate) use schema::{

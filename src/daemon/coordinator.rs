@@ -14,16 +14,15 @@ use crate::backend::{self, LeaseRow};
 /// A (subscription, tenant) pair.
 pub(super) type Key = (String, String);
 
-/// The leases this instance holds after one round, and whether it changed them.
+/// One round: updates the leases this instance holds; returns the store's head, read with them.
 pub(super) async fn balance(
     conn: &impl ConnectionTrait,
     owner: &str,
     subscriptions: &[String],
     held: &mut BTreeMap<Key, Held>,
     ttl: Duration,
-) -> Result<bool, DbErr> {
-    let (rows, live) = backend::leases(conn, subscriptions).await?;
-    let mut changed = false;
+) -> Result<i64, DbErr> {
+    let backend::Leases { rows, instances: live, head } = backend::leases(conn, subscriptions).await?;
     // Leases taken over by another instance (or released by an operator) are no longer ours.
     let ours: BTreeMap<Key, &LeaseRow> = rows
         .iter()
@@ -34,7 +33,6 @@ pub(super) async fn balance(
         let keep = ours.get(key).is_some_and(|r| r.epoch == h.epoch);
         if !keep {
             tracing::info!(subscription = key.0, tenant = key.1, "lease taken over by another instance");
-            changed = true;
         }
         keep
     });
@@ -45,7 +43,6 @@ pub(super) async fn balance(
             let h = held.remove(&key).expect("held");
             backend::release(conn, &key.0, &key.1, owner, h.epoch).await?;
             tracing::info!(subscription = key.0, tenant = key.1, "lease given back to balance the work");
-            changed = true;
         }
     } else if held.len() < share {
         let ttl_ms = ttl.as_millis() as i64;
@@ -63,11 +60,10 @@ pub(super) async fn balance(
                     Held::new(epoch, row.failures, retry_in),
                 );
                 tracing::info!(subscription = row.subscription, tenant = row.partition, epoch, "lease claimed");
-                changed = true;
             }
         }
     }
-    Ok(changed)
+    Ok(head)
 }
 
 /// A cheap hash of an instance and a lease, to give each instance its own order of the free

@@ -315,7 +315,7 @@ impl DaemonHandle {
     /// from the database: the work of every instance.
     pub async fn status(&self) -> Result<DaemonStatus> {
         use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
-        let (rows, instances) = backend::leases(&self.db, &self.subscriptions).await?;
+        let backend::Leases { rows, instances, .. } = backend::leases(&self.db, &self.subscriptions).await?;
         let heads: BTreeMap<String, i64> = self.tenant_heads(None).await?.into_iter().collect();
         let checkpoints = subscriptions::Entity::find()
             .filter(subscriptions::Column::SubscriptionId.is_in(self.subscriptions.iter().cloned()))
@@ -346,6 +346,6 @@ impl DaemonHandle {
             });
         }
         leases.sort_by(|a, b| (&a.subscription, &a.tenant).cmp(&(&b.subscription, &b.tenant)));
-        Ok(DaemonStatus { owner: self.owner.clone(), instances, leases })
+        Ok(DaemonStatus { owner: self.owner.clone(), instances, cycles: *self.progress.borrow(), leases })
     }
 }

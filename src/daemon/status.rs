@@ -10,6 +10,9 @@ pub struct DaemonStatus {
     pub owner: String,
     /// Live instances sharing the work.
     pub instances: u64,
+    /// Cycles this instance has completed (look for new events, run what is due): a daemon
+    /// that is alive but stuck stops counting.
+    pub cycles: u64,
     /// One entry per (projection, tenant), ordered by projection then tenant.
     pub leases: Vec<LeaseStatus>,
 }

@@ -1,6 +1,6 @@
 //! What wakes the daemon besides its poll timer: appends through the same store (in-process),
-//! and on PostgreSQL its presence connection, which listens for lease hand-overs and carries
-//! the instance's name so the others know it is alive.
+//! and on PostgreSQL its presence connection, which listens for appends and lease hand-overs
+//! and carries the instance's name so the others know it is alive.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,17 +10,34 @@ use sea_orm::{DatabaseConnection, DbBackend};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::backend::PRESENCE_PREFIX;
+use crate::backend::{APPENDS_CHANNEL, PRESENCE_PREFIX};
 
 /// The channel on which instances announce leases they gave back.
 pub(super) const LEASES_CHANNEL: &str = "emt_leases";
 
-/// The presence connection (PostgreSQL only): `up` while it is connected; `wake` changes on a
-/// notification and after a reconnect (notifications may have been missed meanwhile).
+/// The presence connection (PostgreSQL only): `up` while it is connected. `appended` changes
+/// when an append notifies, `leases` when an instance hands leases over; both change after a
+/// reconnect (notifications may have been missed meanwhile).
 pub(super) struct Presence {
     pub up: Arc<AtomicBool>,
-    pub wake: watch::Receiver<u64>,
+    pub appended: watch::Receiver<u64>,
+    pub leases: watch::Receiver<u64>,
     task: Option<JoinHandle<()>>,
+    /// Kept where no task holds them, so the receivers wait instead of reporting a closed channel.
+    _idle: Option<Wake>,
+}
+
+/// The senders behind [`Presence`]'s receivers.
+struct Wake {
+    appended: watch::Sender<u64>,
+    leases: watch::Sender<u64>,
+}
+
+impl Wake {
+    fn all(&self) {
+        self.appended.send_modify(|n| *n += 1);
+        self.leases.send_modify(|n| *n += 1);
+    }
 }
 
 impl Drop for Presence {
@@ -35,25 +52,27 @@ impl Presence {
     /// Opens the presence connection where the backend has one; elsewhere `up` stays false.
     pub async fn start(db: &DatabaseConnection, owner: &str) -> Self {
         let up = Arc::new(AtomicBool::new(false));
-        let (tx, wake) = watch::channel(0u64);
-        let task = match db.get_database_backend() {
+        let (appended_tx, appended) = watch::channel(0u64);
+        let (leases_tx, leases) = watch::channel(0u64);
+        let wake = Wake { appended: appended_tx, leases: leases_tx };
+        let (task, idle) = match db.get_database_backend() {
             #[cfg(feature = "postgres")]
             DbBackend::Postgres => {
                 let pool = db.get_postgres_connection_pool();
                 let options =
                     pool.connect_options().as_ref().clone().application_name(&format!("{PRESENCE_PREFIX}{owner}"));
                 let (up, ready) = (Arc::clone(&up), Arc::new(tokio::sync::Notify::new()));
-                let task = tokio::spawn(listen(options, Arc::clone(&up), tx, Arc::clone(&ready)));
+                let task = tokio::spawn(listen(options, Arc::clone(&up), wake, Arc::clone(&ready)));
                 // Let the first connection come up (briefly) so the instance starts alive.
                 let _ = tokio::time::timeout(Duration::from_secs(2), ready.notified()).await;
-                Some(task)
+                (Some(task), None)
             }
             _ => {
-                let _ = (owner, tx, PRESENCE_PREFIX);
-                None
+                let _ = (owner, PRESENCE_PREFIX);
+                (None, Some(wake))
             }
         };
-        Self { up, wake, task }
+        Self { up, appended, leases, task, _idle: idle }
     }
 }
 
@@ -62,7 +81,7 @@ impl Presence {
 async fn listen(
     options: sea_orm::sqlx::postgres::PgConnectOptions,
     up: Arc<AtomicBool>,
-    wake: watch::Sender<u64>,
+    wake: Wake,
     ready: Arc<tokio::sync::Notify>,
 ) {
     use sea_orm::sqlx::postgres::{PgListener, PgPoolOptions};
@@ -71,7 +90,7 @@ async fn listen(
         let pool = PgPoolOptions::new().max_connections(1).min_connections(0).connect_lazy_with(options.clone());
         let listener = async {
             let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen(LEASES_CHANNEL).await?;
+            listener.listen_all([LEASES_CHANNEL, APPENDS_CHANNEL]).await?;
             Ok::<_, sea_orm::sqlx::Error>(listener)
         };
         match listener.await {
@@ -79,12 +98,13 @@ async fn listen(
                 up.store(true, Ordering::SeqCst);
                 ready.notify_one();
                 pause = Duration::from_millis(100);
-                wake.send_modify(|n| *n += 1);
+                wake.all();
                 loop {
                     match listener.try_recv().await {
-                        Ok(Some(_)) => wake.send_modify(|n| *n += 1),
+                        Ok(Some(n)) if n.channel() == LEASES_CHANNEL => wake.leases.send_modify(|n| *n += 1),
+                        Ok(Some(_)) => wake.appended.send_modify(|n| *n += 1),
                         // Lost and reconnected: what was sent meanwhile is lost; catch up.
-                        Ok(None) => wake.send_modify(|n| *n += 1),
+                        Ok(None) => wake.all(),
                         Err(error) => {
                             tracing::warn!(%error, "daemon presence connection lost; reconnecting");
                             break;
@@ -95,7 +115,7 @@ async fn listen(
             Err(error) => tracing::warn!(%error, "daemon presence connection failed; retrying"),
         }
         up.store(false, Ordering::SeqCst);
-        wake.send_modify(|n| *n += 1);
+        wake.all();
         tokio::time::sleep(pause).await;
         pause = Ord::min(pause * 2, Duration::from_secs(5));
     }

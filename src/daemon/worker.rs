@@ -66,13 +66,15 @@ impl Worker {
         let mut delay = self.options.poll_min;
         let mut next_balance = Instant::now();
         while !*stop.borrow() {
+            let mut head = None;
             if Instant::now() >= next_balance {
-                if let Err(error) = self.coordinate(&mut state, &subscriptions, &presence).await {
-                    tracing::warn!(%error, "lease coordination failed; retrying");
+                match self.coordinate(&mut state, &subscriptions, &presence).await {
+                    Ok(h) => head = Some(h),
+                    Err(error) => tracing::warn!(%error, "lease coordination failed; retrying"),
                 }
                 next_balance = Instant::now() + self.options.poll_max;
             }
-            let worked = match self.cycle(&mut state, &subscriptions).await {
+            let worked = match self.cycle(&mut state, &subscriptions, head).await {
                 Ok(worked) => worked,
                 Err(error) => {
                     tracing::warn!(%error, "daemon cycle failed; retrying");
@@ -85,7 +87,8 @@ impl Worker {
             tokio::select! {
                 _ = stop.changed() => {}
                 _ = appends.changed() => {}
-                woke = presence.wake.changed() => {
+                _ = presence.appended.changed() => {}
+                woke = presence.leases.changed() => {
                     // A hand-over or a reconnect: look at the leases again now.
                     if woke.is_ok() { next_balance = Instant::now(); }
                 }
@@ -103,16 +106,16 @@ impl Worker {
         Ok(())
     }
 
-    /// Renews (where there is no presence connection) and rebalances the leases.
-    async fn coordinate(&self, state: &mut State, subscriptions: &[String], presence: &Presence) -> Result<()> {
+    /// Renews (where there is no presence connection) and rebalances the leases; returns the
+    /// store's head, read with them.
+    async fn coordinate(&self, state: &mut State, subscriptions: &[String], presence: &Presence) -> Result<i64> {
         let ttl = self.options.lease_ttl;
         let renew_due = state.last_heartbeat.is_none_or(|at| at.elapsed() >= self.options.renew_every);
         if !presence.up.load(Ordering::SeqCst) && renew_due {
             backend::heartbeat(&self.db, &self.owner, ttl.as_millis() as i64).await?;
             state.last_heartbeat = Some(Instant::now());
         }
-        coordinator::balance(&self.db, &self.owner, subscriptions, &mut state.held, ttl).await?;
-        Ok(())
+        Ok(coordinator::balance(&self.db, &self.owner, subscriptions, &mut state.held, ttl).await?)
     }
 
     /// Creates the lease rows of new tenants.
@@ -129,11 +132,14 @@ impl Worker {
         Ok(())
     }
 
-    /// Finds tenants with new events and runs the projections this instance holds for them.
-    /// Returns whether it projected anything.
-    async fn cycle(&self, state: &mut State, subscriptions: &[String]) -> Result<bool> {
+    /// Finds tenants with new events and runs the projections this instance holds for them
+    /// (`head`: the store's head if just read). Returns whether it projected anything.
+    async fn cycle(&self, state: &mut State, subscriptions: &[String], head: Option<i64>) -> Result<bool> {
         let backend_kind = self.db.get_database_backend();
-        let head = backend::head(&self.db).await?;
+        let head = match head {
+            Some(head) => head,
+            None => backend::head(&self.db).await?,
+        };
         // MySQL's probe sees committed positions only, so a late commit below it changes
         // nothing there: every lease is looked at again each poll interval.
         let sweep = backend_kind == DbBackend::MySql && state.last_sweep.elapsed() >= self.options.poll_max;

@@ -58,9 +58,34 @@ const AGGREGATE_PAGE: u64 = 1_000;
 #[derive(Clone, Debug)]
 pub struct EventStore {
     conn: Conn,
-    /// Counts this store's (and its clones') committed appends: wakes projection daemons
-    /// running in the same process without a database round trip.
-    appends: Arc<tokio::sync::watch::Sender<u64>>,
+    /// How appends wake projection daemons.
+    signals: Arc<Signals>,
+}
+
+/// How appends through a store (and its clones) wake projection daemons: in-process at once,
+/// other processes on PostgreSQL by `NOTIFY` — at most one append per [`NOTIFY_EVERY`] carries
+/// it, so concurrent writers don't queue on the lock `NOTIFY` takes while committing. A daemon
+/// woken by one polls quickly while it finds work, so the appends in between are found too.
+#[derive(Debug)]
+struct Signals {
+    /// Bumped by every committed append.
+    appends: tokio::sync::watch::Sender<u64>,
+    /// When the last notifying append was sent, in ms after `started` (`u64::MAX`: never).
+    last_notify: std::sync::atomic::AtomicU64,
+    started: std::time::Instant,
+}
+
+/// The least time between two notifying appends of one store.
+const NOTIFY_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+impl Signals {
+    /// Whether this append should notify (taking the turn if so).
+    fn notify_now(&self) -> bool {
+        let now = self.started.elapsed().as_millis() as u64;
+        let last = self.last_notify.load(Ordering::Relaxed);
+        (last == u64::MAX || now >= last + NOTIFY_EVERY.as_millis() as u64)
+            && self.last_notify.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -72,12 +97,17 @@ enum Conn {
 impl EventStore {
     /// An event store over `db`. Run [`migrate`](crate::migrate) (or the migration crate) first.
     pub fn new(db: DatabaseConnection) -> Self {
-        Self { conn: Conn::Pool(db), appends: Arc::new(tokio::sync::watch::Sender::new(0)) }
+        let signals = Signals {
+            appends: tokio::sync::watch::Sender::new(0),
+            last_notify: u64::MAX.into(),
+            started: std::time::Instant::now(),
+        };
+        Self { conn: Conn::Pool(db), signals: Arc::new(signals) }
     }
 
     /// A receiver that changes whenever an append through this store (or a clone) commits.
     pub(crate) fn appends(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.appends.subscribe()
+        self.signals.appends.subscribe()
     }
 
     /// The pool this store works on (`None` inside a session).
@@ -90,7 +120,7 @@ impl EventStore {
 
     /// Tells in-process listeners that an append committed.
     fn committed(&self) {
-        self.appends.send_modify(|n| *n += 1);
+        self.signals.appends.send_modify(|n| *n += 1);
     }
 
     /// The connection (or the session's transaction) this store works on.
@@ -144,8 +174,16 @@ impl EventStore {
             }
         }
         let metadata = options.metadata.clone().unwrap_or_else(|| Value::Object(Default::default()));
-        let append =
-            Append { stream_id, partition, stream_type, expected: options.expected, metadata: &metadata, events };
+        let notify = self.executor().get_database_backend() == DbBackend::Postgres && self.signals.notify_now();
+        let append = Append {
+            stream_id,
+            partition,
+            stream_type,
+            expected: options.expected,
+            metadata: &metadata,
+            events,
+            notify,
+        };
         let appended = self.write(&append, options.idempotency_key.is_some()).await?;
         if appended.is_some() && matches!(self.conn, Conn::Pool(_)) {
             self.committed();
@@ -337,7 +375,7 @@ impl EventStore {
     {
         let txn = Arc::new(backend::begin_write(&self.executor()).await.map_err(Error::from)?);
         let outcome =
-            work(EventStore { conn: Conn::Session(Arc::clone(&txn)), appends: Arc::clone(&self.appends) }).await;
+            work(EventStore { conn: Conn::Session(Arc::clone(&txn)), signals: Arc::clone(&self.signals) }).await;
         // A clone kept alive by `work` holds the transaction; it rolls back when dropped.
         let txn = Arc::into_inner(txn).ok_or(Error::SessionStillInUse)?;
         match outcome {
