@@ -65,6 +65,7 @@ pub(crate) struct Options {
     batch_size: u64,
     concurrency: usize,
     skip_undecodable: bool,
+    notifications: bool,
 }
 
 impl Default for Options {
@@ -77,8 +78,9 @@ impl Default for Options {
             backoff_min: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             batch_size: 500,
-            concurrency: 4,
+            concurrency: 8,
             skip_undecodable: false,
+            notifications: true,
         }
     }
 }
@@ -160,6 +162,14 @@ impl Daemon {
     /// How many (projection, tenant) pairs run at once (default 4).
     pub fn concurrency(mut self, concurrency: usize) -> Self {
         self.options.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// PostgreSQL: whether appends' notifications wake the daemon (default `true`). Off, it
+    /// finds other processes' appends by polling (appends through the same store still wake
+    /// it).
+    pub fn notifications(mut self, enabled: bool) -> Self {
+        self.options.notifications = enabled;
         self
     }
 

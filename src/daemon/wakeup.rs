@@ -49,8 +49,9 @@ impl Drop for Presence {
 }
 
 impl Presence {
-    /// Opens the presence connection where the backend has one; elsewhere `up` stays false.
-    pub async fn start(db: &DatabaseConnection, owner: &str) -> Self {
+    /// Opens the presence connection where the backend has one (listening for appends if
+    /// `appends`); elsewhere `up` stays false.
+    pub async fn start(db: &DatabaseConnection, owner: &str, appends: bool) -> Self {
         let up = Arc::new(AtomicBool::new(false));
         let (appended_tx, appended) = watch::channel(0u64);
         let (leases_tx, leases) = watch::channel(0u64);
@@ -62,13 +63,13 @@ impl Presence {
                 let options =
                     pool.connect_options().as_ref().clone().application_name(&format!("{PRESENCE_PREFIX}{owner}"));
                 let (up, ready) = (Arc::clone(&up), Arc::new(tokio::sync::Notify::new()));
-                let task = tokio::spawn(listen(options, Arc::clone(&up), wake, Arc::clone(&ready)));
+                let task = tokio::spawn(listen(options, appends, Arc::clone(&up), wake, Arc::clone(&ready)));
                 // Let the first connection come up (briefly) so the instance starts alive.
                 let _ = tokio::time::timeout(Duration::from_secs(2), ready.notified()).await;
                 (Some(task), None)
             }
             _ => {
-                let _ = (owner, PRESENCE_PREFIX);
+                let _ = (owner, appends, PRESENCE_PREFIX);
                 (None, Some(wake))
             }
         };
@@ -80,6 +81,7 @@ impl Presence {
 #[cfg(feature = "postgres")]
 async fn listen(
     options: sea_orm::sqlx::postgres::PgConnectOptions,
+    appends: bool,
     up: Arc<AtomicBool>,
     wake: Wake,
     ready: Arc<tokio::sync::Notify>,
@@ -90,7 +92,10 @@ async fn listen(
         let pool = PgPoolOptions::new().max_connections(1).min_connections(0).connect_lazy_with(options.clone());
         let listener = async {
             let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen_all([LEASES_CHANNEL, APPENDS_CHANNEL]).await?;
+            listener.listen(LEASES_CHANNEL).await?;
+            if appends {
+                listener.listen(APPENDS_CHANNEL).await?;
+            }
             Ok::<_, sea_orm::sqlx::Error>(listener)
         };
         match listener.await {

@@ -48,7 +48,7 @@ impl Worker {
     /// Runs until `stop` turns true, then gives its leases back.
     pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<()> {
         let subscriptions: Vec<String> = self.projections.keys().cloned().collect();
-        let mut presence = Presence::start(&self.db, &self.owner).await;
+        let mut presence = Presence::start(&self.db, &self.owner, self.options.notifications).await;
         let mut appends = self.store.appends();
         let mut state = State {
             held: BTreeMap::new(),
@@ -170,6 +170,8 @@ impl Worker {
                 state.last_sweep = Instant::now();
             }
         }
+        // Where the store has one, the horizon just waited for serves every tenant's run.
+        let until = if backend_kind == DbBackend::MySql { None } else { state.seen_head };
         let ready: Vec<(Key, Held)> =
             state.held.iter().filter(|(_, h)| h.ready()).map(|(k, h)| (k.clone(), h.clone())).collect();
         if ready.is_empty() {
@@ -184,6 +186,7 @@ impl Worker {
                     options = options.skip_undecodable_events();
                 }
                 options.lease = Some((self.owner.clone(), held.epoch));
+                options.until = until;
                 let turn =
                     agent::turn(projector, &key.0, &key.1, options, self.options.batch_size, held.checkpoint).await;
                 (key, held, turn)

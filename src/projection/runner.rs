@@ -38,11 +38,20 @@ pub struct RunOptions {
     skip_undecodable: bool,
     /// The daemon's lease `(owner, epoch)`: every batch commits only while it is held.
     pub(crate) lease: Option<(String, i64)>,
+    /// A horizon the caller already waited for (the daemon's, for all tenants at once).
+    pub(crate) until: Option<i64>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { partition: None, batch_size: 500, single_batch: false, skip_undecodable: false, lease: None }
+        Self {
+            partition: None,
+            batch_size: 500,
+            single_batch: false,
+            skip_undecodable: false,
+            lease: None,
+            until: None,
+        }
     }
 }
 
@@ -163,7 +172,10 @@ impl<E: Event + 'static> ProjectionRunner<E> {
     ) -> Result<ProjectPartitionResult> {
         let partition = options.partition.as_deref().unwrap_or(DEFAULT_PARTITION);
         check_run(subscription_id, partition)?;
-        let until = (|| self.horizon(subscription_id, partition)).retry(retry_policy()).when(is_retried).await?;
+        let until = match options.until {
+            Some(until) => until,
+            None => (|| self.horizon(subscription_id, partition)).retry(retry_policy()).when(is_retried).await?,
+        };
         let (processed, last_processed_position, _) =
             self.run(subscription_id, partition, Source::Partition { until }, &options).await?;
         Ok(ProjectPartitionResult { processed, last_processed_position })

@@ -19,7 +19,19 @@
 //!   writer; each line `append-n<N>` gives the median append (rate = N / median) and
 //!   `median_ms=<x>` after it.
 //!
+//! - `daemon-lag` / `daemon-lag-polling`: a projection daemon follows `--lag-rate` events/s over
+//!   `--lag-tenants` tenants for `--lag-seconds`, appended from another pool, with PostgreSQL
+//!   notifications on / off: `p50_ms`, `p99_ms` from an append's commit to the checkpoint covering it;
+//! - `takeover-kill` / `takeover-stop`: `seconds=` until a second instance has projected the
+//!   tenants of one killed / stopped;
+//! - `daemon-scale`: `daemon-scale-1` and `daemon-scale-3`, 12 tenants × `--scale-events` events
+//!   projected by 1 and by 3 instances;
+//! - `idle` (PostgreSQL): transaction ids (`xids=`) and statements (`queries=`) of an idle daemon
+//!   over `--idle-seconds`.
+//!
 //! Each run writes to partitions of its own, so runs can repeat on one database.
+
+mod daemon;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,9 +68,25 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "append-1,append-batch,project,project-partition,project-partition-cold,append-n"
+        default_value = "append-1,append-batch,project,project-partition,project-partition-cold,append-n,\
+                         daemon-lag,daemon-lag-polling,takeover-stop,takeover-kill,daemon-scale,idle"
     )]
     workloads: Vec<String>,
+    /// Events per second appended in `daemon-lag`.
+    #[arg(long, default_value_t = 2_000)]
+    lag_rate: u64,
+    /// Tenants written in `daemon-lag`.
+    #[arg(long, default_value_t = 100)]
+    lag_tenants: usize,
+    /// Duration of `daemon-lag`.
+    #[arg(long, default_value_t = 30)]
+    lag_seconds: u64,
+    /// Events per tenant in `daemon-scale` (12 tenants).
+    #[arg(long, default_value_t = 20_000)]
+    scale_events: u64,
+    /// Duration of `idle`.
+    #[arg(long, default_value_t = 60)]
+    idle_seconds: u64,
 }
 
 /// The Kysely peer's cart state.
@@ -125,17 +153,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let db = Database::connect(emmett_seaorm::configure(options)).await?;
     emmett_seaorm::migrate(&db).await?;
     for table in ["bench_carts", "bench_carts_interleaved"] {
-        db.execute(
-            Table::create()
-                .table(Alias::new(table))
-                .if_not_exists()
-                .col(ColumnDef::new(Alias::new("tenant_id")).string().not_null())
-                .col(ColumnDef::new(Alias::new("cart_id")).string().not_null())
-                .col(ColumnDef::new(Alias::new("item_count")).big_integer())
-                .col(ColumnDef::new(Alias::new("total")).big_integer())
-                .primary_key(Index::create().col(Alias::new("cart_id")).col(Alias::new("tenant_id"))),
-        )
-        .await?;
+        create_carts_table(&db, table).await?;
     }
     let store = EventStore::new(db);
     let partition = format!("bench-{}", uuid::Uuid::now_v7().simple());
@@ -167,9 +185,35 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "project-partition" => project_partition(&store, &args, &format!("{partition}-pp"), false).await?,
             "project-partition-cold" => project_partition(&store, &args, &format!("{partition}-ppc"), true).await?,
             "append-n" => append_n(&store, &format!("{partition}-n")).await?,
+            "daemon-lag" => daemon::lag(&args, &partition, true).await?,
+            "daemon-lag-polling" => daemon::lag(&args, &partition, false).await?,
+            "takeover-kill" => daemon::takeover(&args, &partition, true).await?,
+            "takeover-stop" => daemon::takeover(&args, &partition, false).await?,
+            "daemon-scale" => {
+                let tenants = daemon::load_scale(&args, &partition).await?;
+                daemon::scale(&args, &partition, 1, &tenants).await?;
+                daemon::scale(&args, &partition, 3, &tenants).await?;
+            }
+            "idle" => daemon::idle(&args, &partition).await?,
             other => return Err(format!("unknown workload {other}").into()),
         }
     }
+    Ok(())
+}
+
+/// Creates a carts read-model table (keys, item count, total) if needed.
+async fn create_carts_table(db: &sea_orm::DatabaseConnection, table: &str) -> Result<(), sea_orm::DbErr> {
+    db.execute(
+        Table::create()
+            .table(Alias::new(table))
+            .if_not_exists()
+            .col(ColumnDef::new(Alias::new("tenant_id")).string().not_null())
+            .col(ColumnDef::new(Alias::new("cart_id")).string().not_null())
+            .col(ColumnDef::new(Alias::new("item_count")).big_integer())
+            .col(ColumnDef::new(Alias::new("total")).big_integer())
+            .primary_key(Index::create().col(Alias::new("cart_id")).col(Alias::new("tenant_id"))),
+    )
+    .await?;
     Ok(())
 }
 

@@ -1,0 +1,282 @@
+//! The projection daemon's benchmarks: lag under a steady write rate, takeover after a kill or a
+//! stop, throughput with one and three instances, and what an idle daemon costs.
+//!
+//! Every daemon and writer gets a pool of its own, as separate processes would have.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use emmett_seaorm::daemon::{Daemon, DaemonHandle};
+use emmett_seaorm::{AppendOptions, EventStore};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
+
+use crate::{Args, CartEvent, cart_event, carts_projection, create_carts_table};
+
+type Res<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+/// A new pool on the benchmark's database.
+async fn pool(args: &Args) -> Res<DatabaseConnection> {
+    let mut options = sea_orm::ConnectOptions::new(&args.database_url);
+    options.max_connections(8).sqlx_logging(false);
+    Ok(sea_orm::Database::connect(emmett_seaorm::configure(options)).await?)
+}
+
+/// A daemon over its own pool running the carts projection as `subscription` into `table`.
+async fn start(
+    args: &Args,
+    subscription: &str,
+    table: &str,
+    tenants: &[String],
+    configure: impl FnOnce(Daemon) -> Daemon,
+) -> Res<DaemonHandle> {
+    let store = EventStore::new(pool(args).await?);
+    let daemon = Daemon::new(store).projection(subscription, carts_projection(table)).tenants(tenants.iter().cloned());
+    Ok(configure(daemon).start().await?)
+}
+
+fn tenants(run: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{run}-t{i:03}")).collect()
+}
+
+/// `daemon-lag` (notifications on) and `daemon-lag-polling` (off): appends at `--lag-rate`
+/// events/s over `--lag-tenants` tenants for `--lag-seconds`, from another pool than the
+/// daemon's; the time from each append's commit until the daemon's checkpoint covers it.
+pub async fn lag(args: &Args, run: &str, notifications: bool) -> Res {
+    let name = if notifications { "daemon-lag" } else { "daemon-lag-polling" };
+    let run = format!("{run}-{name}");
+    let tenants = tenants(&run, args.lag_tenants);
+    let table = format!("bench_lag_{}", notifications as u8);
+    create_carts_table(&pool(args).await?, &table).await?;
+    let daemon = start(args, &run, &table, &tenants, |d| d.notifications(notifications)).await?;
+    let writer = EventStore::new(pool(args).await?);
+    let reader = pool(args).await?;
+
+    // (tenant, position, committed at) of appends not yet seen projected.
+    let pending: Arc<Mutex<Vec<(usize, u64, Instant)>>> = Arc::default();
+    let writers = 8usize;
+    let period = Duration::from_secs_f64(writers as f64 / args.lag_rate as f64);
+    let deadline = Instant::now() + Duration::from_secs(args.lag_seconds);
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let (writer, pending, tenants) = (writer.clone(), Arc::clone(&pending), tenants.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut i = w;
+                let mut appended = 0u64;
+                while Instant::now() < deadline {
+                    tick.tick().await;
+                    let t = i % tenants.len();
+                    let options = AppendOptions::default().partition(&tenants[t]);
+                    let stream = format!("cart-{}", i % 10);
+                    let done = writer.append_to_stream(&stream, [cart_event(1, 1)], options).await?;
+                    pending.lock().unwrap().push((t, done.last_event_global_position, Instant::now()));
+                    i += writers;
+                    appended += 1;
+                }
+                Ok::<_, emmett_seaorm::Error>(appended)
+            })
+        })
+        .collect();
+
+    // Watches the checkpoints every 2 ms.
+    let sql = format!("SELECT partition, last_processed_position FROM subscriptions WHERE subscription_id = '{run}'");
+    let sql = match reader.get_database_backend() {
+        DbBackend::MySql => sql.replace("partition", "`partition`"),
+        _ => sql,
+    };
+    let index: BTreeMap<&str, usize> = tenants.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let mut latencies = Vec::new();
+    let backend = reader.get_database_backend();
+    loop {
+        let rows = reader.query_all_raw(Statement::from_string(backend, sql.clone())).await?;
+        let now = Instant::now();
+        let mut checkpoints = vec![0u64; tenants.len()];
+        for row in rows {
+            let tenant: String = row.try_get_by_index(0)?;
+            if let Some(&i) = index.get(tenant.as_str()) {
+                checkpoints[i] = row.try_get_by_index::<i64>(1)? as u64;
+            }
+        }
+        let mut waiting = pending.lock().unwrap();
+        waiting.retain(|&(t, position, at)| {
+            let seen = checkpoints[t] >= position;
+            if seen {
+                latencies.push(now.duration_since(at).as_secs_f64() * 1000.0);
+            }
+            !seen
+        });
+        let done = Instant::now() > deadline && waiting.is_empty();
+        drop(waiting);
+        if done || Instant::now() > deadline + Duration::from_secs(30) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut events = 0;
+    for task in tasks {
+        events += task.await??;
+    }
+    let secs = args.lag_seconds as f64;
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
+    let unseen = pending.lock().unwrap().len();
+    println!(
+        "{name}\t{events}\tevents\t{secs:.3}\ts\t{}\tevents/s\tp50_ms={:.1}\tp99_ms={:.1}\tmax_ms={:.1}\tunseen={unseen}",
+        (events as f64 / secs).round(),
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    );
+    daemon.stop().await?;
+    Ok(())
+}
+
+/// `takeover-kill` / `takeover-stop`: two instances share 12 tenants; one is killed (aborted,
+/// its leases left as they are) or stopped; seconds until the other has projected an event
+/// appended to each of its tenants right after.
+pub async fn takeover(args: &Args, run: &str, kill: bool) -> Res {
+    let name = if kill { "takeover-kill" } else { "takeover-stop" };
+    let run = format!("{run}-{name}");
+    let tenants = tenants(&run, 12);
+    let table = format!("bench_takeover_{}", kill as u8);
+    let writer = EventStore::new(pool(args).await?);
+    create_carts_table(&pool(args).await?, &table).await?;
+    for t in &tenants {
+        writer.append_to_stream("cart-0", [cart_event(0, 0)], AppendOptions::default().partition(t)).await?;
+    }
+    let leaving = start(args, &run, &table, &tenants, |d| d).await?;
+    let staying = start(args, &run, &table, &tenants, |d| d).await?;
+    // Shared out, and (for the kill) running longer than a lease's time to live, as a
+    // long-running instance would be.
+    let warm = if kill { Duration::from_secs(11) } else { Duration::from_secs(3) };
+    tokio::time::sleep(warm).await;
+    let status = staying.status().await?;
+    let theirs: Vec<String> = status
+        .leases
+        .iter()
+        .filter(|l| l.owner.as_deref() == Some(leaving.owner()))
+        .map(|l| l.tenant.clone())
+        .collect();
+    let started = Instant::now();
+    if kill {
+        drop(leaving);
+    } else {
+        leaving.stop().await?;
+    }
+    let mut last = 0;
+    for t in &theirs {
+        last = writer
+            .append_to_stream("cart-0", [cart_event(0, 1)], AppendOptions::default().partition(t))
+            .await?
+            .last_event_global_position;
+    }
+    tokio::time::timeout(Duration::from_secs(60), staying.caught_up(last)).await??;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{name}\t{}\tevents\t{secs:.3}\ts\t{}\tevents/s\tseconds={secs:.2}\ttenants={}",
+        theirs.len(),
+        (theirs.len() as f64 / secs).round(),
+        theirs.len()
+    );
+    staying.stop().await?;
+    Ok(())
+}
+
+/// `daemon-scale-<k>`: 12 tenants × `--scale-events` events, projected from scratch by `k`
+/// instances (events/s from start until every tenant is caught up).
+pub async fn scale(args: &Args, run: &str, instances: usize, tenants_of_run: &[String]) -> Res {
+    let name = format!("daemon-scale-{instances}");
+    let subscription = format!("{run}-{name}");
+    let table = format!("bench_scale_{instances}");
+    create_carts_table(&pool(args).await?, &table).await?;
+    let last = {
+        let db = pool(args).await?;
+        let row = db
+            .query_one_raw(Statement::from_string(
+                db.get_database_backend(),
+                "SELECT max(global_position) FROM messages",
+            ))
+            .await?;
+        row.map(|r| r.try_get_by_index::<i64>(0)).transpose()?.unwrap_or(0) as u64
+    };
+    let started = Instant::now();
+    let mut daemons = Vec::new();
+    for _ in 0..instances {
+        daemons.push(start(args, &subscription, &table, tenants_of_run, |d| d.batch_size(args.batch_size)).await?);
+    }
+    tokio::time::timeout(Duration::from_secs(600), daemons[0].caught_up(last)).await??;
+    let secs = started.elapsed().as_secs_f64();
+    let events = tenants_of_run.len() as u64 * args.scale_events;
+    println!("{name}\t{events}\tevents\t{secs:.3}\ts\t{}\tevents/s", (events as f64 / secs).round());
+    for d in daemons {
+        d.stop().await?;
+    }
+    Ok(())
+}
+
+/// Loads the 12 tenants of the `daemon-scale-*` workloads (untimed).
+pub async fn load_scale(args: &Args, run: &str) -> Res<Vec<String>> {
+    let tenants = tenants(&format!("{run}-scale"), 12);
+    let store = EventStore::new(pool(args).await?);
+    let per_append = 500u64;
+    let tasks: Vec<_> = tenants
+        .iter()
+        .cloned()
+        .map(|t| {
+            let (store, events) = (store.clone(), args.scale_events);
+            tokio::spawn(async move {
+                for chunk in 0..events.div_ceil(per_append) {
+                    let n = per_append.min(events - chunk * per_append);
+                    let batch: Vec<CartEvent> = (0..n).map(|e| cart_event(chunk, e)).collect();
+                    store
+                        .append_to_stream(&format!("cart-{chunk}"), batch, AppendOptions::default().partition(&t))
+                        .await?;
+                }
+                Ok::<_, emmett_seaorm::Error>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    Ok(tenants)
+}
+
+/// `idle`: one caught-up daemon doing nothing for `--idle-seconds`; PostgreSQL transaction ids
+/// taken (`xids=`) and statements run on the database (`queries=`) meanwhile.
+pub async fn idle(args: &Args, run: &str) -> Res {
+    let db = pool(args).await?;
+    if db.get_database_backend() != DbBackend::Postgres {
+        eprintln!("idle: PostgreSQL only (transaction ids and statement counts come from its statistics)");
+        return Ok(());
+    }
+    let tenants = tenants(&format!("{run}-idle"), 1);
+    create_carts_table(&db, "bench_idle").await?;
+    let store = EventStore::new(pool(args).await?);
+    let last = store
+        .append_to_stream("cart-0", [cart_event(0, 0)], AppendOptions::default().partition(&tenants[0]))
+        .await?
+        .last_event_global_position;
+    let daemon = start(args, &format!("{run}-idle"), "bench_idle", &tenants, |d| d).await?;
+    tokio::time::timeout(Duration::from_secs(30), daemon.caught_up(last)).await??;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let scalar = |sql: &'static str| {
+        let db = db.clone();
+        async move {
+            let row = db.query_one_raw(Statement::from_string(DbBackend::Postgres, sql)).await?.expect("a row");
+            row.try_get_by_index::<i64>(0)
+        }
+    };
+    let xid = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint";
+    let statements = "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()";
+    let (xids_before, statements_before) = (scalar(xid).await?, scalar(statements).await?);
+    tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await;
+    let xids = scalar(xid).await? - xids_before;
+    tokio::time::sleep(Duration::from_millis(1500)).await; // statistics are flushed once a second
+    let queries = scalar(statements).await? - statements_before - 3; // the reads of this measure
+    println!("idle\t0\tevents\t{}\ts\t0\tevents/s\txids={xids}\tqueries={queries}", args.idle_seconds);
+    daemon.stop().await?;
+    Ok(())
+}
