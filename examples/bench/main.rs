@@ -148,6 +148,8 @@ fn report(workload: &str, events: u64, started: Instant) {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    // `RUST_LOG=emmett_seaorm=debug` shows what the store and the daemon do.
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
     let mut options = ConnectOptions::new(&args.database_url);
     options.max_connections(args.concurrency as u32).min_connections(args.concurrency as u32).sqlx_logging(false);
     let db = Database::connect(emmett_seaorm::configure(options)).await?;

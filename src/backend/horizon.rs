@@ -136,19 +136,56 @@ pub(crate) async fn global_horizon(conn: &impl ConnectionTrait, wait: Duration) 
     }
 }
 
-/// Every partition holding events, with its last global position: a skip scan of the
-/// `(partition, global_position)` index, one probe per partition, however many events there are.
-pub(crate) async fn partition_heads(conn: &impl ConnectionTrait) -> Result<Vec<(String, i64)>, DbErr> {
+/// Partitions with their last global position: every partition holding events (`None`: a skip
+/// scan of the `(partition, global_position)` index, one probe per partition however many
+/// events there are), or just `these` (one probe each).
+pub(crate) async fn partition_heads(
+    conn: &impl ConnectionTrait,
+    these: Option<&[String]>,
+) -> Result<Vec<(String, i64)>, DbErr> {
     let backend = conn.get_database_backend();
     let p = if backend == DbBackend::MySql { "`partition`" } else { "partition" };
-    let sql = format!(
-        "WITH RECURSIVE t(p) AS (
-           SELECT min({p}) FROM messages
-           UNION ALL
-           SELECT (SELECT min({p}) FROM messages WHERE {p} > t.p) FROM t WHERE t.p IS NOT NULL)
-         SELECT p, (SELECT max(global_position) FROM messages WHERE {p} = t.p) FROM t WHERE p IS NOT NULL"
-    );
-    let rows = conn.query_all_raw(Statement::from_string(backend, sql)).await?;
+    let statement = match these {
+        None => Statement::from_string(
+            backend,
+            format!(
+                "WITH RECURSIVE t(p) AS (
+                   SELECT min({p}) FROM messages
+                   UNION ALL
+                   SELECT (SELECT min({p}) FROM messages WHERE {p} > t.p) FROM t WHERE t.p IS NOT NULL)
+                 SELECT p, (SELECT max(global_position) FROM messages WHERE {p} = t.p) FROM t WHERE p IS NOT NULL"
+            ),
+        ),
+        Some(these) => {
+            let list = serde_json::to_string(these).map_err(|e| DbErr::Custom(e.to_string()))?;
+            let sql = match backend {
+                DbBackend::Postgres => {
+                    "SELECT t.p, (SELECT max(global_position) FROM messages WHERE partition = t.p)
+                     FROM json_array_elements_text($1::json) AS t(p)"
+                }
+                DbBackend::Sqlite => {
+                    "SELECT t.value, (SELECT max(global_position) FROM messages WHERE partition = t.value)
+                     FROM json_each(?) AS t"
+                }
+                // MySQL reads the index's last entry per group itself ("using index for group-by").
+                _ => {
+                    let marks = vec!["?"; these.len().max(1)].join(", ");
+                    let sql = format!(
+                        "SELECT `partition`, max(global_position) FROM messages
+                         WHERE `partition` IN ({marks}) GROUP BY `partition`"
+                    );
+                    let values = these.iter().map(|t| sea_orm::Value::from(t.as_str()));
+                    return collect(conn.query_all_raw(Statement::from_sql_and_values(backend, sql, values)).await?);
+                }
+            };
+            Statement::from_sql_and_values(backend, sql, [list.into()])
+        }
+    };
+    collect(conn.query_all_raw(statement).await?)
+}
+
+/// `(partition, last position)` rows.
+fn collect(rows: Vec<sea_orm::QueryResult>) -> Result<Vec<(String, i64)>, DbErr> {
     rows.into_iter()
         .map(|row| Ok((row.try_get_by_index(0)?, row.try_get_by_index::<Option<i64>>(1)?.unwrap_or(0))))
         .collect()

@@ -11,6 +11,8 @@
 //! with its process and its leases are free at once. Where there is no presence connection
 //! (MySQL, SQLite, or while it reconnects) the instance renews by writing expiries.
 
+use std::collections::BTreeSet;
+
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Statement, Value};
 
 /// The `application_name` prefix of a daemon's presence connection on PostgreSQL.
@@ -252,30 +254,34 @@ pub(crate) async fn leave(conn: &impl ConnectionTrait, owner: &str) -> Result<()
     Ok(())
 }
 
-/// In a projection batch: locks the lease row and says whether `owner` still holds it at
-/// `epoch`. A takeover's claim waits for the batch to commit, and a batch after the takeover
-/// sees the new epoch: work commits only under the lease it was started with.
-pub(crate) async fn holds_lease(
+/// In a projection batch: locks the lease rows of `subscription` for `tenants` and returns those
+/// that `owner` still holds at the given epochs. A takeover's claim waits for the batch to
+/// commit, and a batch after the takeover sees the new epoch: work commits only under the lease
+/// it was started with.
+pub(crate) async fn held_leases(
     txn: &DatabaseTransaction,
     subscription: &str,
-    partition: &str,
     owner: &str,
-    epoch: i64,
-) -> Result<bool, DbErr> {
+    tenants: &[(String, i64)],
+) -> Result<BTreeSet<String>, DbErr> {
     let backend = txn.get_database_backend();
-    let lock = if backend == DbBackend::Sqlite { "" } else { " FOR UPDATE" };
+    let lock = if backend == DbBackend::Sqlite { "" } else { " ORDER BY 1 FOR UPDATE" };
+    let marks = (2..tenants.len() + 2).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
     let sql = format!(
-        "SELECT owner, epoch FROM emt_leases WHERE subscription_id = $1 AND {p} = $2{lock}",
+        "SELECT {p}, owner, epoch FROM emt_leases WHERE subscription_id = $1 AND {p} IN ({marks}){lock}",
         p = partition_column(backend),
     );
-    let row = txn.query_one_raw(statement(backend, &sql, [subscription.into(), partition.into()])).await?;
-    Ok(match row {
-        Some(row) => {
-            row.try_get_by_index::<Option<String>>(0)?.as_deref() == Some(owner)
-                && row.try_get_by_index::<i64>(1)? == epoch
+    let values = std::iter::once(Value::from(subscription)).chain(tenants.iter().map(|(t, _)| Value::from(t.as_str())));
+    let rows = txn.query_all_raw(statement(backend, &sql, values)).await?;
+    let mut held = BTreeSet::new();
+    for row in rows {
+        let (tenant, holder, epoch): (String, Option<String>, i64) =
+            (row.try_get_by_index(0)?, row.try_get_by_index(1)?, row.try_get_by_index(2)?);
+        if holder.as_deref() == Some(owner) && tenants.iter().any(|(t, e)| *t == tenant && *e == epoch) {
+            held.insert(tenant);
         }
-        None => false,
-    })
+    }
+    Ok(held)
 }
 
 /// The `partition` column, quoted where it is a keyword.

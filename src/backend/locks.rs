@@ -1,5 +1,7 @@
 //! The row locks of a projection batch: the checkpoint, then the snapshots.
 
+use std::collections::BTreeMap;
+
 use sea_orm::sea_query::{Expr, ExprTrait, LockType, OnConflict, Query};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr};
 use serde_json::Value;
@@ -8,27 +10,41 @@ use crate::schema::{snapshots, subscriptions};
 
 /// Creates a subscription's checkpoint row if needed and locks it, returning its position:
 /// concurrent runners of one subscription and partition queue here, and each sees the
-/// checkpoint the previous one committed. One statement where `RETURNING` exists (a no-op
-/// upsert locks the row), two on MySQL.
+/// checkpoint the previous one committed.
 pub(crate) async fn lock_checkpoint(
     txn: &DatabaseTransaction,
     subscription: &str,
     partition: &str,
 ) -> Result<i64, DbErr> {
+    let positions = lock_checkpoints(txn, subscription, &[partition]).await?;
+    positions.get(partition).copied().ok_or_else(|| DbErr::RecordNotFound(format!("subscription {subscription}")))
+}
+
+/// [`lock_checkpoint`] for several partitions at once (taken in partition order, so
+/// concurrent batches can't deadlock on them): each partition's position. One statement where
+/// `RETURNING` exists (a no-op upsert locks the rows), two on MySQL.
+pub(crate) async fn lock_checkpoints(
+    txn: &DatabaseTransaction,
+    subscription: &str,
+    partitions: &[&str],
+) -> Result<BTreeMap<String, i64>, DbErr> {
+    let mut partitions = partitions.to_vec();
+    partitions.sort_unstable();
+    partitions.dedup();
     let key = [subscriptions::Column::SubscriptionId, subscriptions::Column::Partition, subscriptions::Column::Version];
     let mut create = Query::insert();
-    create
-        .into_table(subscriptions::Entity)
-        .columns([
-            subscriptions::Column::SubscriptionId,
-            subscriptions::Column::Version,
-            subscriptions::Column::Partition,
-            subscriptions::Column::LastProcessedPosition,
-        ])
-        .values_panic([subscription.into(), 1.into(), partition.into(), 0i64.into()]);
-    let position = |row: Option<sea_orm::QueryResult>| -> Result<i64, DbErr> {
-        row.ok_or_else(|| DbErr::RecordNotFound(format!("subscription {subscription}")))?
-            .try_get("", "last_processed_position")
+    create.into_table(subscriptions::Entity).columns([
+        subscriptions::Column::SubscriptionId,
+        subscriptions::Column::Version,
+        subscriptions::Column::Partition,
+        subscriptions::Column::LastProcessedPosition,
+    ]);
+    for partition in &partitions {
+        create.values_panic([subscription.into(), 1.into(), (*partition).into(), 0i64.into()]);
+    }
+    let returned = [subscriptions::Column::Partition, subscriptions::Column::LastProcessedPosition];
+    let positions = |rows: Vec<sea_orm::QueryResult>| -> Result<BTreeMap<String, i64>, DbErr> {
+        rows.iter().map(|row| Ok((row.try_get("", "partition")?, row.try_get("", "last_processed_position")?))).collect()
     };
     if txn.get_database_backend() != DbBackend::MySql {
         let current = Expr::col((subscriptions::Entity, subscriptions::Column::LastProcessedPosition));
@@ -36,23 +52,49 @@ pub(crate) async fn lock_checkpoint(
             .on_conflict(
                 OnConflict::columns(key).value(subscriptions::Column::LastProcessedPosition, current).to_owned(),
             )
-            .returning_col(subscriptions::Column::LastProcessedPosition);
-        return position(txn.query_one(&create).await?);
+            .returning(Query::returning().columns(returned));
+        return positions(txn.query_all(&create).await?);
     }
     create.on_conflict(OnConflict::columns(key).do_nothing_on([subscriptions::Column::SubscriptionId]).to_owned());
     txn.execute(&create).await?;
     let locked = txn
-        .query_one(
+        .query_all(
             Query::select()
-                .column(subscriptions::Column::LastProcessedPosition)
+                .columns(returned)
                 .from(subscriptions::Entity)
                 .and_where(Expr::col(subscriptions::Column::SubscriptionId).eq(subscription))
-                .and_where(Expr::col(subscriptions::Column::Partition).eq(partition))
+                .and_where(Expr::col(subscriptions::Column::Partition).is_in(partitions.iter().copied()))
                 .and_where(Expr::col(subscriptions::Column::Version).eq(1))
+                .order_by(subscriptions::Column::Partition, sea_orm::Order::Asc)
                 .lock(LockType::Update),
         )
         .await?;
-    position(locked)
+    positions(locked)
+}
+
+/// Moves the checkpoints of `subscription`: `(partition, position)` each.
+pub(crate) async fn move_checkpoints(
+    txn: &DatabaseTransaction,
+    subscription: &str,
+    moves: &[(&str, i64)],
+) -> Result<(), DbErr> {
+    if moves.is_empty() {
+        return Ok(());
+    }
+    let mut position = sea_orm::sea_query::CaseStatement::new();
+    for (partition, to) in moves {
+        position = position.case(Expr::col(subscriptions::Column::Partition).eq(*partition), *to);
+    }
+    txn.execute(
+        Query::update()
+            .table(subscriptions::Entity)
+            .value(subscriptions::Column::LastProcessedPosition, position)
+            .and_where(Expr::col(subscriptions::Column::SubscriptionId).eq(subscription))
+            .and_where(Expr::col(subscriptions::Column::Partition).is_in(moves.iter().map(|(p, _)| *p)))
+            .and_where(Expr::col(subscriptions::Column::Version).eq(1)),
+    )
+    .await?;
+    Ok(())
 }
 
 /// Locks the snapshots `ids` of read model `table`, creating missing ones first (a lock on a

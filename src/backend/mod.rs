@@ -32,9 +32,9 @@ pub(crate) use horizon::{
 };
 pub(crate) use leases::{
     LeaseRow, Leases, PRESENCE_PREFIX, claim, create_lease_tables, drop_lease_tables, ensure_leases, heartbeat,
-    holds_lease, leases, leave, park, release, unpark,
+    held_leases, leases, leave, park, release, unpark,
 };
-pub(crate) use locks::{lock_checkpoint, lock_snapshots};
+pub(crate) use locks::{lock_checkpoint, lock_checkpoints, lock_snapshots, move_checkpoints};
 pub(crate) use schema::{
     create_partition, create_schema, drop_schema, harden_schema, mysql_exact_collation, soften_schema, table_shape,
 };

@@ -1,5 +1,5 @@
-//! Running one lease: a projection for one tenant, a few batches per turn, parked with
-//! exponential backoff when it fails.
+//! Running leases: a group of tenants of one projection in one transaction, or one tenant for a
+//! few batches; a failing one is parked with exponential backoff by the worker.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,7 +8,7 @@ use async_trait::async_trait;
 
 use crate::error::{Error, Result};
 use crate::event::Event;
-use crate::projection::{ProjectPartitionResult, ProjectionRunner, RunOptions};
+use crate::projection::{GroupProgress, ProjectPartitionResult, ProjectionRunner, RunOptions};
 
 /// Batches one lease runs before the daemon turns to the others.
 pub(super) const BATCHES_PER_TURN: usize = 8;
@@ -17,12 +17,32 @@ pub(super) const BATCHES_PER_TURN: usize = 8;
 #[async_trait]
 pub(super) trait Projector: Send + Sync {
     async fn project_partition(&self, subscription: &str, options: RunOptions) -> Result<ProjectPartitionResult>;
+
+    async fn project_group(
+        &self,
+        subscription: &str,
+        owner: &str,
+        tenants: &[(String, i64)],
+        until: i64,
+        options: &RunOptions,
+    ) -> Result<Vec<GroupProgress>>;
 }
 
 #[async_trait]
 impl<E: Event + 'static> Projector for ProjectionRunner<E> {
     async fn project_partition(&self, subscription: &str, options: RunOptions) -> Result<ProjectPartitionResult> {
         ProjectionRunner::project_partition(self, subscription, options).await
+    }
+
+    async fn project_group(
+        &self,
+        subscription: &str,
+        owner: &str,
+        tenants: &[(String, i64)],
+        until: i64,
+        options: &RunOptions,
+    ) -> Result<Vec<GroupProgress>> {
+        ProjectionRunner::project_group(self, subscription, owner, tenants, until, options).await
     }
 }
 
@@ -59,6 +79,53 @@ pub(super) enum Turn {
     Ran { checkpoint: i64, processed: u64, more: bool },
     /// Failed with this error after `checkpoint`.
     Failed { checkpoint: Option<i64>, error: Error },
+}
+
+/// Runs `tenants` (leases of `subscription`, with what is known of each) in one batch of one
+/// transaction up to `until`. When the batch fails for another reason than the database, each
+/// tenant runs alone, so only the failing one is parked.
+pub(super) async fn group_turn(
+    projector: Arc<dyn Projector>,
+    subscription: &str,
+    owner: &str,
+    tenants: &[(String, Held)],
+    until: i64,
+    options: RunOptions,
+) -> Vec<Turn> {
+    let leases: Vec<(String, i64)> = tenants.iter().map(|(t, h)| (t.clone(), h.epoch)).collect();
+    let batch_size = options.batch_size_value();
+    match projector.project_group(subscription, owner, &leases, until, &options).await {
+        Ok(progress) => tenants
+            .iter()
+            .map(|(tenant, _)| match progress.iter().find(|p| &p.tenant == tenant) {
+                Some(p) if p.lost => Turn::Failed {
+                    checkpoint: None,
+                    error: Error::LeaseLost { subscription: subscription.into(), partition: tenant.clone() },
+                },
+                Some(p) => Turn::Ran { checkpoint: p.checkpoint, processed: p.processed, more: p.processed >= batch_size },
+                None => Turn::Ran { checkpoint: 0, processed: 0, more: true },
+            })
+            .collect(),
+        Err(error) if error.is_transient() || tenants.len() == 1 => {
+            let message = error.to_string();
+            let mut turns = vec![Turn::Failed { checkpoint: None, error }];
+            // The same transient failure for the others (the error itself is not Clone).
+            turns.extend(tenants[1..].iter().map(|_| Turn::Failed {
+                checkpoint: None,
+                error: Error::Busy { source: sea_orm::DbErr::Custom(message.clone()) },
+            }));
+            turns
+        }
+        Err(_) => {
+            let mut turns = Vec::with_capacity(tenants.len());
+            for (tenant, held) in tenants {
+                let mut alone = options.clone().partition(tenant.clone());
+                alone.lease = Some((owner.to_owned(), held.epoch));
+                turns.push(turn(Arc::clone(&projector), subscription, tenant, alone, batch_size, held.checkpoint).await);
+            }
+            turns
+        }
+    }
 }
 
 /// Runs up to [`BATCHES_PER_TURN`] batches of `subscription` for `tenant` under the lease.

@@ -303,10 +303,8 @@ impl DaemonHandle {
 
     /// The daemon's tenants with their last global position (at or below `upto`).
     async fn tenant_heads(&self, upto: Option<i64>) -> Result<Vec<(String, i64)>> {
-        let mut heads = backend::partition_heads(&self.db).await?;
-        if let Some(only) = &self.tenants {
-            heads.retain(|(t, _)| only.contains(t));
-        }
+        let only: Option<Vec<String>> = self.tenants.as_ref().map(|t| t.iter().cloned().collect());
+        let mut heads = backend::partition_heads(&self.db, only.as_deref()).await?;
         if let Some(upto) = upto {
             let mut below = Vec::with_capacity(heads.len());
             for (tenant, head) in heads {

@@ -19,6 +19,9 @@ use crate::error::{Error, Result};
 use crate::projection::RunOptions;
 use crate::store::EventStore;
 
+/// Tenants of one projection projected in one transaction.
+const GROUP: usize = 16;
+
 /// How long a cycle waits for PostgreSQL writers in flight before it looks again later.
 const HORIZON_WAIT: Duration = Duration::from_secs(1);
 
@@ -42,6 +45,11 @@ struct State {
     seen_head: Option<i64>,
     last_sweep: Instant,
     last_heartbeat: Option<Instant>,
+    /// When every partition was last listed, how long that took, and whether events arrived
+    /// since.
+    last_discovery: Option<Instant>,
+    discovery_cost: Duration,
+    discovery_due: bool,
 }
 
 impl Worker {
@@ -56,6 +64,9 @@ impl Worker {
             seen_head: None,
             last_sweep: Instant::now(),
             last_heartbeat: None,
+            last_discovery: None,
+            discovery_cost: Duration::ZERO,
+            discovery_due: self.tenants.is_none(),
         };
         // Registered before the first balance, so the others count this instance at once.
         backend::heartbeat(&self.db, &self.owner, self.options.lease_ttl.as_millis() as i64).await?;
@@ -127,7 +138,7 @@ impl Worker {
         let pairs: Vec<(String, String)> =
             subscriptions.iter().flat_map(|s| new.iter().map(move |t| (s.clone(), t.clone()))).collect();
         backend::ensure_leases(&self.db, &pairs).await?;
-        tracing::info!(tenants = ?new, "tenants found");
+        tracing::info!(count = new.len(), first = ?new.iter().take(5).collect::<Vec<_>>(), "tenants found");
         state.known.extend(new);
         Ok(())
     }
@@ -143,13 +154,32 @@ impl Worker {
         // MySQL's probe sees committed positions only, so a late commit below it changes
         // nothing there: every lease is looked at again each poll interval.
         let sweep = backend_kind == DbBackend::MySql && state.last_sweep.elapsed() >= self.options.poll_max;
-        if state.seen_head != Some(head) || sweep {
+        let started = Instant::now();
+        let changed = state.seen_head != Some(head) || sweep;
+        // Listing every partition finds new tenants. Its cost grows with the number of tenants,
+        // so it takes at most a tenth of the daemon's time; between, only held tenants are
+        // looked at.
+        state.discovery_due |= changed && self.tenants.is_none();
+        let discover =
+            state.discovery_due && state.last_discovery.is_none_or(|at| at.elapsed() >= state.discovery_cost * 10);
+        if changed || discover {
             let safe = backend::global_horizon(&self.db, HORIZON_WAIT).await?;
-            let heads = backend::partition_heads(&self.db).await?;
-            let heads: BTreeMap<String, i64> = match &self.tenants {
-                Some(only) => heads.into_iter().filter(|(t, _)| only.contains(t)).collect(),
-                None => heads.into_iter().collect(),
+            let waited = started.elapsed();
+            let heads: BTreeMap<String, i64> = if discover {
+                let listing = Instant::now();
+                let heads = backend::partition_heads(&self.db, None).await?.into_iter().collect();
+                (state.last_discovery, state.discovery_cost) = (Some(Instant::now()), listing.elapsed());
+                state.discovery_due = false;
+                heads
+            } else {
+                let held: BTreeSet<String> = state.held.keys().map(|(_, t)| t.clone()).collect();
+                let held: Vec<String> = held.into_iter().collect();
+                match held.is_empty() {
+                    true => BTreeMap::new(),
+                    false => backend::partition_heads(&self.db, Some(&held)).await?.into_iter().collect(),
+                }
             };
+            tracing::debug!(head, ?safe, ?waited, scanned = ?started.elapsed(), tenants = heads.len(), discover, "daemon: new events");
             let before = state.known.len();
             self.ensure(state, subscriptions, heads.keys().cloned().collect()).await?;
             if state.known.len() != before {
@@ -177,22 +207,40 @@ impl Worker {
         if ready.is_empty() {
             return Ok(false);
         }
-        let turns = futures::stream::iter(ready)
-            .map(|(key, held)| async move {
-                let projector = Arc::clone(&self.projections[&key.0]);
-                let mut options =
-                    RunOptions::default().partition(key.1.clone()).batch_size(self.options.batch_size).single_batch();
+        // Where the horizon is known, tenants of one projection run in groups, one
+        // transaction each; elsewhere (MySQL: a horizon per tenant) one by one.
+        let group = if until.is_some() { GROUP } else { 1 };
+        let mut jobs: Vec<(String, Vec<(String, Held)>)> = Vec::new();
+        for ((subscription, tenant), held) in ready {
+            match jobs.last_mut() {
+                Some((s, tenants)) if *s == subscription && tenants.len() < group => tenants.push((tenant, held)),
+                _ => jobs.push((subscription, vec![(tenant, held)])),
+            }
+        }
+        let turns = futures::stream::iter(jobs)
+            .map(|(subscription, tenants)| async move {
+                let projector = Arc::clone(&self.projections[&subscription]);
+                let mut options = RunOptions::default().batch_size(self.options.batch_size).single_batch();
                 if self.options.skip_undecodable {
                     options = options.skip_undecodable_events();
                 }
-                options.lease = Some((self.owner.clone(), held.epoch));
-                options.until = until;
-                let turn =
-                    agent::turn(projector, &key.0, &key.1, options, self.options.batch_size, held.checkpoint).await;
-                (key, held, turn)
+                let turns = match until {
+                    Some(until) => {
+                        agent::group_turn(projector, &subscription, &self.owner, &tenants, until, options).await
+                    }
+                    None => {
+                        let (tenant, held) = &tenants[0];
+                        let mut options = options.partition(tenant.clone());
+                        options.lease = Some((self.owner.clone(), held.epoch));
+                        let batch_size = self.options.batch_size;
+                        vec![agent::turn(projector, &subscription, tenant, options, batch_size, held.checkpoint).await]
+                    }
+                };
+                tenants.into_iter().zip(turns).map(move |((tenant, held), turn)| ((subscription.clone(), tenant), held, turn)).collect::<Vec<_>>()
             })
             .buffer_unordered(self.options.concurrency);
-        let results: Vec<_> = turns.collect().await;
+        let results: Vec<_> = turns.collect::<Vec<_>>().await.into_iter().flatten().collect();
+        tracing::debug!(leases = results.len(), took = ?started.elapsed(), "daemon: cycle");
         let mut worked = false;
         for (key, held, turn) in results {
             worked |= self.settle(state, key, held, turn).await?;

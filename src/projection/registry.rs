@@ -131,36 +131,55 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
         self.steps.iter().any(|s| s.event_types.as_ref().is_some_and(|types| types.iter().any(|t| t == message_type)))
     }
 
-    /// Runs every step on the batch, in registration order.
-    pub(crate) async fn apply(&self, ctx: &ProjectionContext<'_>, batch: &[RecordedEvent<E>]) -> Result<()> {
+    /// Runs every step, in registration order, on the batches of one transaction: `(partition,
+    /// its events in global order)` each; `stream` for a per-stream run.
+    pub(crate) async fn apply(
+        &self,
+        txn: &DatabaseTransaction,
+        stream: Option<&str>,
+        batches: &[(&str, Vec<RecordedEvent<E>>)],
+    ) -> Result<()> {
         for registered in &self.steps {
-            let events: Vec<&RecordedEvent<E>> = batch.iter().filter(|e| registered.handles(&e.message_type)).collect();
-            if events.is_empty() {
-                continue;
-            }
             match &registered.step {
-                Step::Snapshot(projection) => projection.fold(ctx, &events).await?,
+                // One fold over every partition's events: their rows are keyed by each event's
+                // partition, so the snapshots of all of them are locked and written together.
+                Step::Snapshot(projection) => {
+                    let events: Vec<&RecordedEvent<E>> = batches
+                        .iter()
+                        .flat_map(|(_, batch)| batch.iter().filter(|e| registered.handles(&e.message_type)))
+                        .collect();
+                    if let Some(first) = events.first() {
+                        let ctx = ProjectionContext { txn, partition: &first.partition, stream };
+                        projection.fold(&ctx, &events).await?;
+                    }
+                }
                 Step::Custom(handler) => {
-                    for event in events {
-                        handler.handle(ctx, event).await.map_err(|source| {
-                            // A busy database or a lost connection stays that, so the run retries it.
-                            if let Some(err) = source.downcast_ref::<sea_orm::DbErr>().map(|db| Error::from(db.clone()))
-                                && err.is_transient()
-                            {
-                                return err;
-                            }
-                            Error::Handler {
-                                stream: event.stream_id.clone(),
-                                partition: event.partition.clone(),
-                                position: event.stream_position,
-                                message_type: event.message_type.clone(),
-                                source,
-                            }
-                        })?;
+                    for (partition, batch) in batches {
+                        let ctx = ProjectionContext { txn, partition, stream };
+                        for event in batch.iter().filter(|e| registered.handles(&e.message_type)) {
+                            handler.handle(&ctx, event).await.map_err(|source| handler_error(event, source))?;
+                        }
                     }
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// A handler's error as the run reports it: a busy database or a lost connection stays that,
+/// so the run retries it; anything else names the event.
+fn handler_error<E>(event: &RecordedEvent<E>, source: Box<dyn std::error::Error + Send + Sync>) -> Error {
+    if let Some(err) = source.downcast_ref::<sea_orm::DbErr>().map(|db| Error::from(db.clone()))
+        && err.is_transient()
+    {
+        return err;
+    }
+    Error::Handler {
+        stream: event.stream_id.clone(),
+        partition: event.partition.clone(),
+        position: event.stream_position,
+        message_type: event.message_type.clone(),
+        source,
     }
 }

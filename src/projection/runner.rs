@@ -1,6 +1,7 @@
 //! The ProjectionRunner: feeds a registry from the store, one transaction per batch, resuming
 //! from a checkpoint in `subscriptions`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use backon::Retryable;
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 
-use super::{ProjectionContext, ProjectionRegistry};
+use super::ProjectionRegistry;
 use crate::backend;
 use crate::backend::{is_retried, retry_policy};
 use crate::error::{Error, Result};
@@ -69,6 +70,10 @@ impl RunOptions {
         self.batch_size = batch_size.clamp(1, i64::MAX as u64);
         self
     }
+    /// The events per batch.
+    pub(crate) fn batch_size_value(&self) -> u64 {
+        self.batch_size
+    }
     /// Process at most one batch instead of running until caught up.
     pub fn single_batch(mut self) -> Self {
         self.single_batch = true;
@@ -118,6 +123,18 @@ impl<E> Clone for ProjectionRunner<E> {
     fn clone(&self) -> Self {
         Self { store: self.store.clone(), registry: Arc::clone(&self.registry) }
     }
+}
+
+/// What [`ProjectionRunner::project_group`] did for one tenant.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupProgress {
+    pub tenant: String,
+    /// Events read past the checkpoint.
+    pub processed: u64,
+    /// The checkpoint after the batch.
+    pub checkpoint: i64,
+    /// The lease was no longer held: nothing was done.
+    pub lost: bool,
 }
 
 /// Which events a run reads.
@@ -232,7 +249,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         let txn = backend::begin_write(&self.store.executor()).await?;
         let checkpoint = backend::lock_checkpoint(&txn, subscription, partition).await?;
         if let Some((owner, epoch)) = &options.lease
-            && !backend::holds_lease(&txn, subscription, partition, owner, *epoch).await?
+            && backend::held_leases(&txn, subscription, owner, &[(partition.to_owned(), *epoch)]).await?.is_empty()
         {
             return Err(Error::LeaseLost { subscription: subscription.into(), partition: partition.into() });
         }
@@ -247,26 +264,12 @@ impl<E: Event + 'static> ProjectionRunner<E> {
             Source::Partition { .. } => last.global_position.unwrap_or(checkpoint),
         };
         let count = rows.len() as u64;
-        let mut batch: Vec<RecordedEvent<E>> = Vec::with_capacity(rows.len());
-        for row in rows.into_iter().filter(|row| self.registry.handles(&row.message_type)) {
-            let global_position = row.global_position;
-            match row.decode() {
-                Ok(event) => batch.push(event),
-                // Another aggregate's event in the tenant: not for these projections, unless one
-                // of them names its type.
-                Err(Error::UndecodableEvent { message_type, source, .. })
-                    if is_unknown_type(&source) && !self.registry.names(&message_type) => {}
-                Err(err) if options.skip_undecodable => {
-                    skipped::record(&txn, subscription, global_position, &err).await?;
-                }
-                Err(err) => return Err(err),
-            }
-        }
+        let batch = self.decode(&txn, subscription, rows, options).await?;
         let stream = match source {
             Source::Stream(stream) => Some(stream),
             Source::Partition { .. } => None,
         };
-        self.registry.apply(&ProjectionContext { txn: &txn, partition, stream }, &batch).await?;
+        self.registry.apply(&txn, stream, &[(partition, batch)]).await?;
         subscriptions::Entity::update_many()
             .col_expr(subscriptions::Column::LastProcessedPosition, Expr::value(next_checkpoint))
             .filter(subscriptions::Column::SubscriptionId.eq(subscription))
@@ -276,6 +279,97 @@ impl<E: Event + 'static> ProjectionRunner<E> {
             .await?;
         txn.commit().await?;
         Ok((count, next_checkpoint as u64))
+    }
+
+    /// The events of `rows` the registry handles, decoded. Another aggregate's events (types
+    /// the event enum doesn't know) are passed over unless a projection names their type;
+    /// undecodable ones fail the batch, or are recorded and skipped with
+    /// [`RunOptions::skip_undecodable_events`].
+    async fn decode(
+        &self,
+        txn: &DatabaseTransaction,
+        subscription: &str,
+        rows: Vec<StoredMessage>,
+        options: &RunOptions,
+    ) -> Result<Vec<RecordedEvent<E>>> {
+        let mut batch = Vec::with_capacity(rows.len());
+        for row in rows.into_iter().filter(|row| self.registry.handles(&row.message_type)) {
+            let global_position = row.global_position;
+            match row.decode() {
+                Ok(event) => batch.push(event),
+                Err(Error::UndecodableEvent { message_type, source, .. })
+                    if is_unknown_type(&source) && !self.registry.names(&message_type) => {}
+                Err(err) if options.skip_undecodable => skipped::record(txn, subscription, global_position, &err).await?,
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(batch)
+    }
+
+    /// The daemon's batch: several tenants of `subscription` in one transaction, each read from
+    /// its checkpoint up to `until` (a horizon the caller waited for), at most
+    /// `options.batch_size` events each, and only while `owner` holds their leases at the
+    /// given epochs. Tenants whose lease is gone are left out of the batch and reported.
+    pub(crate) async fn project_group(
+        &self,
+        subscription: &str,
+        owner: &str,
+        tenants: &[(String, i64)],
+        until: i64,
+        options: &RunOptions,
+    ) -> Result<Vec<GroupProgress>> {
+        (|| self.group_batch(subscription, owner, tenants, until, options))
+            .retry(retry_policy())
+            .when(is_retried)
+            .notify(|err, _| tracing::debug!(subscription, %err, "projection group batch failed; retrying"))
+            .await
+    }
+
+    async fn group_batch(
+        &self,
+        subscription: &str,
+        owner: &str,
+        tenants: &[(String, i64)],
+        until: i64,
+        options: &RunOptions,
+    ) -> Result<Vec<GroupProgress>> {
+        let txn = backend::begin_write(&self.store.executor()).await?;
+        let names: Vec<&str> = tenants.iter().map(|(t, _)| t.as_str()).collect();
+        let checkpoints = backend::lock_checkpoints(&txn, subscription, &names).await?;
+        let held = backend::held_leases(&txn, subscription, owner, tenants).await?;
+        let reads: Vec<(&str, i64)> =
+            names.iter().filter(|t| held.contains(**t)).map(|t| (*t, checkpoints.get(*t).copied().unwrap_or(0))).collect();
+        backend::index_order_only(&txn, true).await?;
+        let rows = read_partitions_after(&txn, &reads, until, options.batch_size).await?;
+        backend::index_order_only(&txn, false).await?;
+        let mut by_tenant: BTreeMap<&str, Vec<StoredMessage>> = BTreeMap::new();
+        for row in rows {
+            if let Some(&(tenant, _)) = reads.iter().find(|(t, _)| *t == row.partition) {
+                by_tenant.entry(tenant).or_default().push(row);
+            }
+        }
+        let mut progress = Vec::with_capacity(tenants.len());
+        let mut batches = Vec::with_capacity(by_tenant.len());
+        let mut moved = Vec::with_capacity(by_tenant.len());
+        for (tenant, checkpoint) in &reads {
+            let rows = by_tenant.remove(tenant).unwrap_or_default();
+            let next = rows.last().and_then(|r| r.global_position).unwrap_or(*checkpoint);
+            progress.push(GroupProgress { tenant: tenant.to_string(), processed: rows.len() as u64, checkpoint: next, lost: false });
+            if !rows.is_empty() {
+                moved.push((*tenant, next));
+                batches.push((*tenant, self.decode(&txn, subscription, rows, options).await?));
+            }
+        }
+        self.registry.apply(&txn, None, &batches).await?;
+        backend::move_checkpoints(&txn, subscription, &moved).await?;
+        txn.commit().await?;
+        progress.extend(names.iter().filter(|t| !held.contains(**t)).map(|t| GroupProgress {
+            tenant: t.to_string(),
+            processed: 0,
+            checkpoint: checkpoints.get(*t).copied().unwrap_or(0),
+            lost: true,
+        }));
+        Ok(progress)
     }
 }
 
@@ -315,4 +409,37 @@ async fn read_after(
         backend::index_order_only(txn, false).await?;
     }
     Ok(rows)
+}
+
+/// The next `limit` live events of each `(partition, checkpoint)` up to `until`, in global
+/// order: one query, a part per partition (each walks its index range and stops at its limit).
+async fn read_partitions_after(
+    txn: &DatabaseTransaction,
+    reads: &[(&str, i64)],
+    until: i64,
+    limit: u64,
+) -> Result<Vec<StoredMessage>> {
+    use sea_orm::sea_query::{Alias, Asterisk, Query, UnionType};
+    use sea_orm::{ConnectionTrait, QueryTrait};
+    let part = |i: usize, (partition, checkpoint): (&str, i64)| {
+        let inner = messages::Entity::find()
+            .filter(messages::Column::Partition.eq(partition))
+            .filter(messages::Column::IsArchived.eq(false))
+            .filter(messages::Column::GlobalPosition.gt(checkpoint))
+            .filter(messages::Column::GlobalPosition.lte(until))
+            .order_by_asc(messages::Column::GlobalPosition)
+            .limit(limit)
+            .into_query();
+        Query::select().column(Asterisk).from_subquery(inner, Alias::new(format!("p{i}"))).to_owned()
+    };
+    let mut parts = reads.iter().enumerate().map(|(i, read)| part(i, *read));
+    let Some(mut query) = parts.next() else { return Ok(Vec::new()) };
+    for other in parts {
+        query.union(UnionType::All, other);
+    }
+    let rows = txn.query_all(&query).await?;
+    let mut messages =
+        rows.iter().map(|row| <StoredMessage as sea_orm::FromQueryResult>::from_query_result(row, "")).collect::<std::result::Result<Vec<_>, _>>()?;
+    messages.sort_by_key(|m| m.global_position);
+    Ok(messages)
 }

@@ -247,7 +247,7 @@ where
     async fn fold(&self, ctx: &ProjectionContext<'_>, events: &[&RecordedEvent<E>]) -> Result<()> {
         let mut rows: BTreeMap<String, Row<'_, E, S>> = BTreeMap::new();
         for &event in events {
-            let keys = (self.extract_keys)(event, ctx.partition);
+            let keys = (self.extract_keys)(event, &event.partition);
             self.check_key_names(&keys)?;
             let id = construct_stream_id(&keys);
             limits::check_identifier("snapshot id", &id, MAX_SNAPSHOT_ID_CHARS)?;
