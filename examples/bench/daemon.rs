@@ -49,6 +49,11 @@ pub async fn lag(args: &Args, run: &str, notifications: bool) -> Res {
     let table = format!("bench_lag_{}", notifications as u8);
     create_carts_table(&pool(args).await?, &table).await?;
     let daemon = start(args, &run, &table, &tenants, |d| d.notifications(notifications)).await?;
+    // Measured once the daemon holds its leases (a start-up is not the steady state).
+    let warm = Instant::now() + Duration::from_secs(10);
+    while daemon.status().await?.held() < tenants.len() && Instant::now() < warm {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let writer = EventStore::new(pool(args).await?);
     let reader = pool(args).await?;
 
