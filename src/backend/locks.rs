@@ -44,7 +44,9 @@ pub(crate) async fn lock_checkpoints(
     }
     let returned = [subscriptions::Column::Partition, subscriptions::Column::LastProcessedPosition];
     let positions = |rows: Vec<sea_orm::QueryResult>| -> Result<BTreeMap<String, i64>, DbErr> {
-        rows.iter().map(|row| Ok((row.try_get("", "partition")?, row.try_get("", "last_processed_position")?))).collect()
+        rows.iter()
+            .map(|row| Ok((row.try_get("", "partition")?, row.try_get("", "last_processed_position")?)))
+            .collect()
     };
     if txn.get_database_backend() != DbBackend::MySql {
         let current = Expr::col((subscriptions::Entity, subscriptions::Column::LastProcessedPosition));

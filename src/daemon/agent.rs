@@ -55,6 +55,9 @@ pub(super) struct Held {
     pub checkpoint: Option<i64>,
     /// Whether events may be waiting past the checkpoint.
     pub dirty: bool,
+    /// The tenant's last position when last looked at, and since when the checkpoint is below it.
+    pub head: i64,
+    pub behind_since: Option<Instant>,
     /// Failed runs in a row.
     pub failures: i64,
     /// When a parked lease may run again.
@@ -64,7 +67,7 @@ pub(super) struct Held {
 impl Held {
     pub fn new(epoch: i64, failures: i64, retry_in: Duration) -> Self {
         let retry_at = (!retry_in.is_zero()).then(|| Instant::now() + retry_in);
-        Self { epoch, checkpoint: None, dirty: true, failures, retry_at }
+        Self { epoch, checkpoint: None, dirty: true, head: 0, behind_since: None, failures, retry_at }
     }
 
     /// Whether it should run now.
@@ -102,7 +105,9 @@ pub(super) async fn group_turn(
                     checkpoint: None,
                     error: Error::LeaseLost { subscription: subscription.into(), partition: tenant.clone() },
                 },
-                Some(p) => Turn::Ran { checkpoint: p.checkpoint, processed: p.processed, more: p.processed >= batch_size },
+                Some(p) => {
+                    Turn::Ran { checkpoint: p.checkpoint, processed: p.processed, more: p.processed >= batch_size }
+                }
                 None => Turn::Ran { checkpoint: 0, processed: 0, more: true },
             })
             .collect(),
@@ -121,7 +126,8 @@ pub(super) async fn group_turn(
             for (tenant, held) in tenants {
                 let mut alone = options.clone().partition(tenant.clone());
                 alone.lease = Some((owner.to_owned(), held.epoch));
-                turns.push(turn(Arc::clone(&projector), subscription, tenant, alone, batch_size, held.checkpoint).await);
+                turns
+                    .push(turn(Arc::clone(&projector), subscription, tenant, alone, batch_size, held.checkpoint).await);
             }
             turns
         }

@@ -31,6 +31,7 @@
 mod agent;
 mod coordinator;
 mod status;
+mod telemetry;
 mod wakeup;
 mod worker;
 

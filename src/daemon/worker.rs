@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use sea_orm::{DatabaseConnection, DbBackend};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use super::Options;
 use super::agent::{self, Held, Projector, Turn};
 use super::coordinator::{self, Key};
+use super::telemetry;
 use super::wakeup::{LEASES_CHANNEL, Presence};
 use crate::backend;
 use crate::error::{Error, Result};
@@ -45,6 +47,8 @@ struct State {
     seen_head: Option<i64>,
     last_sweep: Instant,
     last_heartbeat: Option<Instant>,
+    /// When a lease round last succeeded.
+    last_coordinated: Instant,
     /// When every partition was last listed, how long that took, and whether events arrived
     /// since.
     last_discovery: Option<Instant>,
@@ -64,6 +68,7 @@ impl Worker {
             seen_head: None,
             last_sweep: Instant::now(),
             last_heartbeat: None,
+            last_coordinated: Instant::now(),
             last_discovery: None,
             discovery_cost: Duration::ZERO,
             discovery_due: self.tenants.is_none(),
@@ -80,12 +85,16 @@ impl Worker {
             let mut head = None;
             if Instant::now() >= next_balance {
                 match self.coordinate(&mut state, &subscriptions, &presence).await {
-                    Ok(h) => head = Some(h),
+                    Ok(h) => {
+                        head = Some(h);
+                        state.last_coordinated = Instant::now();
+                    }
                     Err(error) => tracing::warn!(%error, "lease coordination failed; retrying"),
                 }
                 next_balance = Instant::now() + self.options.poll_max;
             }
-            let worked = match self.cycle(&mut state, &subscriptions, head).await {
+            let span = tracing::debug_span!("daemon_cycle", owner = self.owner);
+            let worked = match self.cycle(&mut state, &subscriptions, head).instrument(span).await {
                 Ok(worked) => worked,
                 Err(error) => {
                     tracing::warn!(%error, "daemon cycle failed; retrying");
@@ -93,6 +102,7 @@ impl Worker {
                 }
             };
             self.progress.send_modify(|n| *n += 1);
+            telemetry::coordination(&self.owner, state.held.len(), state.last_coordinated.elapsed());
             delay = if worked { self.options.poll_min } else { Ord::min(delay * 2, self.options.poll_max) };
             let sleep = Ord::min(delay, next_balance.saturating_duration_since(Instant::now()));
             tokio::select! {
@@ -187,9 +197,10 @@ impl Worker {
                     .await?;
             }
             for ((_, tenant), held) in state.held.iter_mut() {
-                let tenant_head = heads.get(tenant).copied().unwrap_or(0);
-                if sweep || held.checkpoint.is_none_or(|c| c < tenant_head) {
+                held.head = heads.get(tenant).copied().unwrap_or(held.head);
+                if sweep || held.checkpoint.is_none_or(|c| c < held.head) {
                     held.dirty = true;
+                    held.behind_since.get_or_insert_with(Instant::now);
                 }
             }
             state.seen_head = match backend_kind {
@@ -219,6 +230,7 @@ impl Worker {
         }
         let turns = futures::stream::iter(jobs)
             .map(|(subscription, tenants)| async move {
+                let began = Instant::now();
                 let projector = Arc::clone(&self.projections[&subscription]);
                 let mut options = RunOptions::default().batch_size(self.options.batch_size).single_batch();
                 if self.options.skip_undecodable {
@@ -236,7 +248,12 @@ impl Worker {
                         vec![agent::turn(projector, &subscription, tenant, options, batch_size, held.checkpoint).await]
                     }
                 };
-                tenants.into_iter().zip(turns).map(move |((tenant, held), turn)| ((subscription.clone(), tenant), held, turn)).collect::<Vec<_>>()
+                telemetry::batch(&subscription, began.elapsed());
+                tenants
+                    .into_iter()
+                    .zip(turns)
+                    .map(move |((tenant, held), turn)| ((subscription.clone(), tenant), held, turn))
+                    .collect::<Vec<_>>()
             })
             .buffer_unordered(self.options.concurrency);
         let results: Vec<_> = turns.collect::<Vec<_>>().await.into_iter().flatten().collect();
@@ -255,8 +272,15 @@ impl Worker {
             Turn::Ran { checkpoint, processed, more } => {
                 held.checkpoint = Some(checkpoint);
                 held.dirty = more;
+                if !more {
+                    held.behind_since = None;
+                }
+                telemetry::projected(&key.0, processed);
+                let behind = held.behind_since.map_or(Duration::ZERO, |at| at.elapsed());
+                telemetry::lag(&key.0, &key.1, held.head - checkpoint, behind);
                 if before.failures > 0 {
                     backend::unpark(&self.db, &key.0, &key.1).await?;
+                    telemetry::parked(&key.0, &key.1, false);
                     tracing::info!(subscription = key.0, tenant = key.1, "projection resumed");
                 }
                 held.failures = 0;
@@ -285,6 +309,7 @@ impl Worker {
                 let message = error.to_string();
                 backend::park(&self.db, &key.0, &key.1, held.failures, pause.as_millis() as i64, &message, position)
                     .await?;
+                telemetry::parked(&key.0, &key.1, true);
                 Ok(false)
             }
         }

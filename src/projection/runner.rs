@@ -239,6 +239,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
     }
 
     /// One batch in one transaction; returns (events read, checkpoint after).
+    #[tracing::instrument(name = "batch", skip_all, fields(subscription = subscription, partition = partition, checkpoint, events))]
     async fn batch(
         &self,
         subscription: &str,
@@ -248,6 +249,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
     ) -> Result<(u64, u64)> {
         let txn = backend::begin_write(&self.store.executor()).await?;
         let checkpoint = backend::lock_checkpoint(&txn, subscription, partition).await?;
+        tracing::Span::current().record("checkpoint", checkpoint);
         if let Some((owner, epoch)) = &options.lease
             && backend::held_leases(&txn, subscription, owner, &[(partition.to_owned(), *epoch)]).await?.is_empty()
         {
@@ -264,6 +266,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
             Source::Partition { .. } => last.global_position.unwrap_or(checkpoint),
         };
         let count = rows.len() as u64;
+        tracing::Span::current().record("events", count);
         let batch = self.decode(&txn, subscription, rows, options).await?;
         let stream = match source {
             Source::Stream(stream) => Some(stream),
@@ -299,7 +302,9 @@ impl<E: Event + 'static> ProjectionRunner<E> {
                 Ok(event) => batch.push(event),
                 Err(Error::UndecodableEvent { message_type, source, .. })
                     if is_unknown_type(&source) && !self.registry.names(&message_type) => {}
-                Err(err) if options.skip_undecodable => skipped::record(txn, subscription, global_position, &err).await?,
+                Err(err) if options.skip_undecodable => {
+                    skipped::record(txn, subscription, global_position, &err).await?
+                }
                 Err(err) => return Err(err),
             }
         }
@@ -325,6 +330,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
             .await
     }
 
+    #[tracing::instrument(name = "group_batch", skip_all, fields(subscription = subscription, tenants = tenants.len(), until = until, events))]
     async fn group_batch(
         &self,
         subscription: &str,
@@ -337,11 +343,15 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         let names: Vec<&str> = tenants.iter().map(|(t, _)| t.as_str()).collect();
         let checkpoints = backend::lock_checkpoints(&txn, subscription, &names).await?;
         let held = backend::held_leases(&txn, subscription, owner, tenants).await?;
-        let reads: Vec<(&str, i64)> =
-            names.iter().filter(|t| held.contains(**t)).map(|t| (*t, checkpoints.get(*t).copied().unwrap_or(0))).collect();
+        let reads: Vec<(&str, i64)> = names
+            .iter()
+            .filter(|t| held.contains(**t))
+            .map(|t| (*t, checkpoints.get(*t).copied().unwrap_or(0)))
+            .collect();
         backend::index_order_only(&txn, true).await?;
         let rows = read_partitions_after(&txn, &reads, until, options.batch_size).await?;
         backend::index_order_only(&txn, false).await?;
+        tracing::Span::current().record("events", rows.len());
         let mut by_tenant: BTreeMap<&str, Vec<StoredMessage>> = BTreeMap::new();
         for row in rows {
             if let Some(&(tenant, _)) = reads.iter().find(|(t, _)| *t == row.partition) {
@@ -354,7 +364,12 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         for (tenant, checkpoint) in &reads {
             let rows = by_tenant.remove(tenant).unwrap_or_default();
             let next = rows.last().and_then(|r| r.global_position).unwrap_or(*checkpoint);
-            progress.push(GroupProgress { tenant: tenant.to_string(), processed: rows.len() as u64, checkpoint: next, lost: false });
+            progress.push(GroupProgress {
+                tenant: tenant.to_string(),
+                processed: rows.len() as u64,
+                checkpoint: next,
+                lost: false,
+            });
             if !rows.is_empty() {
                 moved.push((*tenant, next));
                 batches.push((*tenant, self.decode(&txn, subscription, rows, options).await?));
@@ -438,8 +453,10 @@ async fn read_partitions_after(
         query.union(UnionType::All, other);
     }
     let rows = txn.query_all(&query).await?;
-    let mut messages =
-        rows.iter().map(|row| <StoredMessage as sea_orm::FromQueryResult>::from_query_result(row, "")).collect::<std::result::Result<Vec<_>, _>>()?;
+    let mut messages = rows
+        .iter()
+        .map(|row| <StoredMessage as sea_orm::FromQueryResult>::from_query_result(row, ""))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     messages.sort_by_key(|m| m.global_position);
     Ok(messages)
 }

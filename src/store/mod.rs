@@ -140,6 +140,7 @@ impl EventStore {
     /// Outside a session, a lost race (deadlock) or a lost connection is retried here. A retry
     /// after a connection broke during commit finds the events it already wrote by their
     /// message ids and returns their result, so an append is never written twice.
+    #[tracing::instrument(name = "append", skip_all, fields(stream = stream_id, partition, events, position))]
     pub async fn append_to_stream<E: Event>(
         &self,
         stream_id: &str,
@@ -147,6 +148,7 @@ impl EventStore {
         options: AppendOptions,
     ) -> Result<AppendResult> {
         let partition = options.partition.as_deref().unwrap_or(DEFAULT_PARTITION);
+        tracing::Span::current().record("partition", partition);
         check_stream(stream_id, partition)?;
         let stream_type = options.stream_type.as_deref().unwrap_or("unknown");
         limits::check_identifier("stream type", stream_type, MAX_IDENTIFIER_CHARS)?;
@@ -185,8 +187,11 @@ impl EventStore {
             notify,
         };
         let appended = self.write(&append, options.idempotency_key.is_some()).await?;
-        if appended.is_some() && matches!(self.conn, Conn::Pool(_)) {
-            self.committed();
+        if let Some(done) = &appended {
+            tracing::Span::current().record("events", count).record("position", done.last_global_position);
+            if matches!(self.conn, Conn::Pool(_)) {
+                self.committed();
+            }
         }
         match appended {
             Some(done) => Ok(AppendResult {
@@ -270,6 +275,7 @@ impl EventStore {
 
     /// Reads a stream's events in order. A missing stream is not an error: it reads as empty,
     /// with `stream_exists == false`.
+    #[tracing::instrument(name = "read", skip_all, fields(stream = stream_id, partition = options.partition_or_default()))]
     pub async fn read_stream<E: Event>(&self, stream_id: &str, options: ReadOptions) -> Result<ReadStreamResult<E>> {
         let partition = options.partition_or_default();
         check_stream(stream_id, partition)?;
