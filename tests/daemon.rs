@@ -289,7 +289,78 @@ async fn a_graceful_stop_hands_work_over_at_once(db: TestDb) {
     second.stop().await.expect("stop");
 }
 
+async fn a_killed_process_tenants_are_taken_over(db: TestDb) {
+    create_seen(&db.db).await;
+    let store = db.store();
+    let tenants: Vec<String> = (0..12).map(|i| format!("k{i:02}")).collect();
+    for t in &tenants {
+        deposit(&store, t, "x", 1).await;
+    }
+    // Another OS process runs a daemon (this test binary, re-run as `daemon_child_process`).
+    let mut child = KillOnDrop(std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["daemon_child_process", "--exact", "--nocapture", "--test-threads=1"])
+        .env("EMMETT_DAEMON_CHILD_URL", &db.url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the child daemon"));
+    let stdout = std::io::BufReader::new(child.0.stdout.take().unwrap());
+    let owner = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        stdout.lines().map_while(Result::ok).find_map(|l| l.split_once("owner=").map(|(_, o)| o.to_owned()))
+    })
+    .await
+    .unwrap()
+    .expect("the child reports its owner");
+    let here = daemon(store.clone(), Arc::default()).start().await.expect("start");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = here.status().await.expect("status");
+        let theirs = status.leases.iter().filter(|l| l.owner.as_deref() == Some(owner.as_str())).count();
+        if status.leases.len() == 12 && theirs >= 4 && status.held() >= 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "work not shared with the child: {status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    child.0.kill().expect("SIGKILL the child");
+    child.0.wait().unwrap();
+    let killed = Instant::now();
+    let mut last = 0;
+    for t in &tenants {
+        last = deposit(&store, t, "x", 2).await;
+    }
+    // TTL (3 s here) + 1 s.
+    caught_up(&here, last, Duration::from_secs(4)).await;
+    assert!(killed.elapsed() <= Duration::from_secs(4), "taken over after {:?}", killed.elapsed());
+    assert_eq!(here.status().await.unwrap().held(), 12);
+    assert_eq!(seen(&db.db).await, stored(&db.db).await, "every event projected exactly once");
+    here.stop().await.expect("stop");
+}
+
+/// A child process killed when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Not a test of its own: the child process of `a_killed_process_tenants_are_taken_over`, which
+/// runs a daemon until it is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_child_process() {
+    let Ok(url) = std::env::var("EMMETT_DAEMON_CHILD_URL") else { return };
+    let store = EventStore::new(emmett_seaorm::connect(&url).await.expect("connect"));
+    let daemon = daemon(store, Arc::default()).start().await.expect("start");
+    println!("owner={}", daemon.owner());
+    tokio::time::sleep(Duration::from_secs(600)).await;
+}
+
 conformance!(
+    a_killed_process_tenants_are_taken_over,
     projects_tenants_found_while_running_and_resumes_after_restart,
     instances_split_tenants_and_take_over_a_crashed_ones_work,
     a_failing_tenant_is_parked_and_resumes_when_fixed,
