@@ -7,6 +7,7 @@
 //! ```
 //! Workloads:
 //! - `append-1`: one event per append, `--concurrency` writers, each with its exact expected version;
+//!   `append-1-unnotified` the same without PostgreSQL notifications (`EventStore::notifications`);
 //! - `append-batch`: 100 appends of 100 events;
 //! - `project`: `project_events` per stream over the `append-1` streams, `--concurrency` in
 //!   parallel, into a carts read model (snapshot-table mode), like the Kysely peer;
@@ -68,7 +69,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "append-1,append-batch,project,project-partition,project-partition-cold,append-n,\
+        default_value = "append-1,append-1-unnotified,append-batch,project,project-partition,project-partition-cold,append-n,\
                          daemon-lag,daemon-lag-polling,takeover-stop,takeover-kill,daemon-scale,idle"
     )]
     workloads: Vec<String>,
@@ -157,15 +158,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for table in ["bench_carts", "bench_carts_interleaved"] {
         create_carts_table(&db, table).await?;
     }
-    let store = EventStore::new(db);
+    let store = EventStore::new(db.clone());
     let partition = format!("bench-{}", uuid::Uuid::now_v7().simple());
     let mut appended = false;
 
     for workload in &args.workloads {
         match workload.as_str() {
             "append-1" => {
-                append_one(&store, &args, &partition).await?;
+                append_one(&store, &args, &partition, "append-1").await?;
                 appended = true;
+            }
+            "append-1-unnotified" => {
+                let quiet = EventStore::new(db.clone()).notifications(false);
+                append_one(&quiet, &args, &format!("{partition}-quiet"), "append-1-unnotified").await?;
             }
             "append-batch" => append_batch(&store, &partition).await?,
             "project" => {
@@ -241,7 +246,12 @@ async fn append_n(store: &EventStore, partition: &str) -> Result<(), Box<dyn std
     Ok(())
 }
 
-async fn append_one(store: &EventStore, args: &Args, partition: &str) -> Result<(), Box<dyn std::error::Error>> {
+async fn append_one(
+    store: &EventStore,
+    args: &Args,
+    partition: &str,
+    workload: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let workers: Vec<_> = (0..args.concurrency)
@@ -269,7 +279,7 @@ async fn append_one(store: &EventStore, args: &Args, partition: &str) -> Result<
     for worker in workers {
         worker.await??;
     }
-    report("append-1", args.streams * args.events_per_stream, started);
+    report(workload, args.streams * args.events_per_stream, started);
     let check = store.read_stream::<CartEvent>("cart-0", ReadOptions::default().partition(partition)).await?;
     assert_eq!(check.current_stream_version, args.events_per_stream);
     Ok(())

@@ -70,6 +70,8 @@ pub struct EventStore {
 struct Signals {
     /// Bumped by every committed append.
     appends: tokio::sync::watch::Sender<u64>,
+    /// Whether appends notify on PostgreSQL.
+    notify: AtomicBool,
     /// When the last notifying append was sent, in ms after `started` (`u64::MAX`: never).
     last_notify: std::sync::atomic::AtomicU64,
     started: std::time::Instant,
@@ -81,6 +83,9 @@ const NOTIFY_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 impl Signals {
     /// Whether this append should notify (taking the turn if so).
     fn notify_now(&self) -> bool {
+        if !self.notify.load(Ordering::Relaxed) {
+            return false;
+        }
         let now = self.started.elapsed().as_millis() as u64;
         let last = self.last_notify.load(Ordering::Relaxed);
         (last == u64::MAX || now >= last + NOTIFY_EVERY.as_millis() as u64)
@@ -99,10 +104,19 @@ impl EventStore {
     pub fn new(db: DatabaseConnection) -> Self {
         let signals = Signals {
             appends: tokio::sync::watch::Sender::new(0),
+            notify: true.into(),
             last_notify: u64::MAX.into(),
             started: std::time::Instant::now(),
         };
         Self { conn: Conn::Pool(db), signals: Arc::new(signals) }
+    }
+
+    /// PostgreSQL: whether appends through this store and its clones send the `NOTIFY` that
+    /// wakes projection daemons in other processes (default `true`; at most one append per
+    /// 50 ms carries it). Without it, daemons elsewhere find the appends by polling.
+    pub fn notifications(self, enabled: bool) -> Self {
+        self.signals.notify.store(enabled, Ordering::Relaxed);
+        self
     }
 
     /// A receiver that changes whenever an append through this store (or a clone) commits.
