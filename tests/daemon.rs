@@ -297,13 +297,15 @@ async fn a_killed_process_tenants_are_taken_over(db: TestDb) {
         deposit(&store, t, "x", 1).await;
     }
     // Another OS process runs a daemon (this test binary, re-run as `daemon_child_process`).
-    let mut child = KillOnDrop(std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["daemon_child_process", "--exact", "--nocapture", "--test-threads=1"])
-        .env("EMMETT_DAEMON_CHILD_URL", &db.url)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn the child daemon"));
+    let mut child = KillOnDrop(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["daemon_child_process", "--exact", "--nocapture", "--test-threads=1"])
+            .env("EMMETT_DAEMON_CHILD_URL", &db.url)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn the child daemon"),
+    );
     let stdout = std::io::BufReader::new(child.0.stdout.take().unwrap());
     let owner = tokio::task::spawn_blocking(move || {
         use std::io::BufRead;
@@ -338,6 +340,43 @@ async fn a_killed_process_tenants_are_taken_over(db: TestDb) {
     here.stop().await.expect("stop");
 }
 
+/// An event writer that took its position and has not committed yet: the daemon must not move
+/// past it (it would never come back for it), and projects it once it commits. SQLite has one
+/// writer at a time, so nothing commits late there.
+async fn a_writer_still_in_flight_is_waited_for(db: TestDb) {
+    if db.db.get_database_backend() == sea_orm::DbBackend::Sqlite {
+        return;
+    }
+    create_seen(&db.db).await;
+    let store = db.store();
+    let first = deposit(&store, "t1", "a", 1).await;
+    let daemon = daemon(store.clone(), Arc::default()).start().await.expect("start");
+    caught_up(&daemon, first, Duration::from_secs(10)).await;
+    let (took_position, commit) = (tokio::sync::oneshot::channel::<()>(), tokio::sync::oneshot::channel::<()>());
+    let (tx_took, rx_took) = took_position;
+    let (tx_commit, rx_commit) = commit;
+    let late = store.clone();
+    let writer = tokio::spawn(async move {
+        late.with_session(|s| async move {
+            deposit(&s, "t1", "late", 100).await;
+            tx_took.send(()).unwrap();
+            rx_commit.await.unwrap();
+            Ok::<_, emmett_seaorm::Error>(())
+        })
+        .await
+        .unwrap();
+    });
+    rx_took.await.unwrap();
+    let after = deposit(&store, "t1", "b", 10).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(seen(&db.db).await, vec![first as i64], "projected past a transaction still writing");
+    tx_commit.send(()).unwrap();
+    writer.await.unwrap();
+    caught_up(&daemon, after, Duration::from_secs(15)).await;
+    assert_eq!(seen(&db.db).await, stored(&db.db).await, "the late event is projected, once");
+    daemon.stop().await.expect("stop");
+}
+
 /// A child process killed when the test ends, however it ends.
 struct KillOnDrop(std::process::Child);
 
@@ -360,6 +399,7 @@ async fn daemon_child_process() {
 }
 
 conformance!(
+    a_writer_still_in_flight_is_waited_for,
     a_killed_process_tenants_are_taken_over,
     projects_tenants_found_while_running_and_resumes_after_restart,
     instances_split_tenants_and_take_over_a_crashed_ones_work,

@@ -85,7 +85,8 @@ pub async fn lag(args: &Args, run: &str, notifications: bool) -> Res {
         })
         .collect();
 
-    // Watches the checkpoints every 2 ms.
+    // Watches the checkpoints every 2 ms, until the writers are done and every append is seen
+    // (or 30 s more have passed).
     let sql = format!("SELECT partition, last_processed_position FROM subscriptions WHERE subscription_id = '{run}'");
     let sql = match reader.get_database_backend() {
         DbBackend::MySql => sql.replace("partition", "`partition`"),
@@ -112,7 +113,8 @@ pub async fn lag(args: &Args, run: &str, notifications: bool) -> Res {
             }
             !seen
         });
-        let done = Instant::now() > deadline && waiting.is_empty();
+        let writing = tasks.iter().any(|t| !t.is_finished());
+        let done = !writing && waiting.is_empty();
         drop(waiting);
         if done || Instant::now() > deadline + Duration::from_secs(30) {
             break;

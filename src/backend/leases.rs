@@ -18,6 +18,9 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Statement,
 /// The `application_name` prefix of a daemon's presence connection on PostgreSQL.
 pub(crate) const PRESENCE_PREFIX: &str = "emt-daemon:";
 
+/// The PostgreSQL channel on which instances announce leases they gave back.
+pub(crate) const LEASES_CHANNEL: &str = "emt_leases";
+
 /// DDL of the coordination tables (the third migration).
 pub(crate) async fn create_lease_tables(conn: &impl ConnectionTrait) -> Result<(), DbErr> {
     let backend = conn.get_database_backend();
@@ -245,12 +248,16 @@ pub(crate) async fn heartbeat(conn: &impl ConnectionTrait, owner: &str, ttl_ms: 
     Ok(())
 }
 
-/// Removes the instance and gives back every lease it still holds.
+/// Removes the instance and gives back every lease it still holds; on PostgreSQL it tells the
+/// other instances (on [`LEASES_CHANNEL`]) so they take them at once.
 pub(crate) async fn leave(conn: &impl ConnectionTrait, owner: &str) -> Result<(), DbErr> {
     let backend = conn.get_database_backend();
     let release = "UPDATE emt_leases SET owner = NULL, expires_at = 0 WHERE owner = $1";
     conn.execute_raw(statement(backend, release, [owner.into()])).await?;
     conn.execute_raw(statement(backend, "DELETE FROM emt_daemons WHERE owner = $1", [owner.into()])).await?;
+    if backend == DbBackend::Postgres {
+        conn.execute_unprepared(&format!("NOTIFY {LEASES_CHANNEL}")).await?;
+    }
     Ok(())
 }
 

@@ -31,8 +31,8 @@ pub(crate) use horizon::{
     global_horizon, head, horizon, index_order_only, last_position_upto, partition_heads, pending,
 };
 pub(crate) use leases::{
-    LeaseRow, Leases, PRESENCE_PREFIX, claim, create_lease_tables, drop_lease_tables, ensure_leases, heartbeat,
-    held_leases, leases, leave, park, release, unpark,
+    LEASES_CHANNEL, LeaseRow, Leases, PRESENCE_PREFIX, claim, create_lease_tables, drop_lease_tables, ensure_leases,
+    heartbeat, held_leases, leases, leave, park, release, unpark,
 };
 pub(crate) use locks::{lock_checkpoint, lock_checkpoints, lock_snapshots, move_checkpoints};
 pub(crate) use schema::{

@@ -10,10 +10,7 @@ use sea_orm::{DatabaseConnection, DbBackend};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::backend::{APPENDS_CHANNEL, PRESENCE_PREFIX};
-
-/// The channel on which instances announce leases they gave back.
-pub(super) const LEASES_CHANNEL: &str = "emt_leases";
+use crate::backend::{APPENDS_CHANNEL, LEASES_CHANNEL, PRESENCE_PREFIX};
 
 /// The presence connection (PostgreSQL only): `up` while it is connected. `appended` changes
 /// when an append notifies, `leases` when an instance hands leases over; both change after a

@@ -15,7 +15,7 @@ use super::Options;
 use super::agent::{self, Held, Projector, Turn};
 use super::coordinator::{self, Key};
 use super::telemetry;
-use super::wakeup::{LEASES_CHANNEL, Presence};
+use super::wakeup::Presence;
 use crate::backend;
 use crate::error::{Error, Result};
 use crate::projection::RunOptions;
@@ -119,10 +119,6 @@ impl Worker {
         // Graceful: batches have finished (cycles run to the end); hand everything over.
         drop(presence);
         backend::leave(&self.db, &self.owner).await?;
-        if self.db.get_database_backend() == DbBackend::Postgres {
-            let notify = format!("NOTIFY {LEASES_CHANNEL}");
-            sea_orm::ConnectionTrait::execute_unprepared(&self.db, &notify).await?;
-        }
         tracing::info!(owner = self.owner, "projection daemon stopped; leases released");
         Ok(())
     }
@@ -203,10 +199,12 @@ impl Worker {
                     held.behind_since.get_or_insert_with(Instant::now);
                 }
             }
-            state.seen_head = match backend_kind {
-                DbBackend::MySql => Some(head),
-                _ => safe,
-            };
+            // Without a new horizon (a writer still running after a second) the last one stays:
+            // every event up to it is committed, and the next cycle looks again.
+            match backend_kind {
+                DbBackend::MySql => state.seen_head = Some(head),
+                _ => state.seen_head = safe.or(state.seen_head),
+            }
             if sweep {
                 state.last_sweep = Instant::now();
             }
