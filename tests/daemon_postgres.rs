@@ -205,19 +205,19 @@ async fn a_killed_presence_connection_loses_no_event(db: TestDb) {
 }
 
 /// One test at a time: the idle test counts the cluster's transaction ids.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 mod postgres {
     use super::SERIAL;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn an_idle_daemon_burns_no_transaction_ids() {
-        let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = SERIAL.lock().await;
         crate::common::run(crate::common::postgres().await, super::an_idle_daemon_burns_no_transaction_ids).await;
     }
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn late_commits_are_waited_for_and_unrelated_transactions_are_not() {
-        let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = SERIAL.lock().await;
         crate::common::run(
             crate::common::postgres().await,
             super::late_commits_are_waited_for_and_unrelated_transactions_are_not,
@@ -226,12 +226,12 @@ mod postgres {
     }
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn appends_of_other_processes_wake_the_daemon() {
-        let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = SERIAL.lock().await;
         crate::common::run(crate::common::postgres().await, super::appends_of_other_processes_wake_the_daemon).await;
     }
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_killed_presence_connection_loses_no_event() {
-        let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = SERIAL.lock().await;
         crate::common::run(crate::common::postgres().await, super::a_killed_presence_connection_loses_no_event).await;
     }
 }

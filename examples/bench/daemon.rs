@@ -105,17 +105,18 @@ pub async fn lag(args: &Args, run: &str, notifications: bool) -> Res {
                 checkpoints[i] = row.try_get_by_index::<i64>(1)? as u64;
             }
         }
-        let mut waiting = pending.lock().unwrap();
-        waiting.retain(|&(t, position, at)| {
-            let seen = checkpoints[t] >= position;
-            if seen {
-                latencies.push(now.duration_since(at).as_secs_f64() * 1000.0);
-            }
-            !seen
-        });
-        let writing = tasks.iter().any(|t| !t.is_finished());
-        let done = !writing && waiting.is_empty();
-        drop(waiting);
+        let waiting = {
+            let mut waiting = pending.lock().unwrap();
+            waiting.retain(|&(t, position, at)| {
+                let seen = checkpoints[t] >= position;
+                if seen {
+                    latencies.push(now.duration_since(at).as_secs_f64() * 1000.0);
+                }
+                !seen
+            });
+            waiting.len()
+        };
+        let done = waiting == 0 && tasks.iter().all(|t| t.is_finished());
         if done || Instant::now() > deadline + Duration::from_secs(30) {
             break;
         }
