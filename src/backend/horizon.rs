@@ -63,7 +63,8 @@ pub(crate) async fn horizon<C: ConnectionTrait + TransactionTrait<Transaction = 
 }
 
 /// PostgreSQL: the sequence's value S, once every transaction that held a row-exclusive lock on
-/// `messages` or `streams` when S was read has ended. A writer locks both tables before it takes
+/// `messages` or `streams` (or one of their tenant partitions, written directly) when S was read
+/// has ended. A writer locks both tables before it takes
 /// a position (an `INSERT` locks its table when it is planned, before `nextval` runs), so every
 /// position up to S belongs to a transaction that had ended or held such a lock. Nothing else is
 /// waited for: transactions writing other tables, or other databases, don't hold projections
@@ -79,7 +80,9 @@ async fn pg_horizon(conn: &impl ConnectionTrait, wait: Duration) -> Result<Optio
         "SELECT string_agg(DISTINCT virtualtransaction, ',') FROM pg_locks
          WHERE locktype = 'relation' AND mode = 'RowExclusiveLock' AND pid <> pg_backend_pid()
            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-           AND relation IN ('messages'::regclass, 'streams'::regclass)",
+           AND relation IN (SELECT 'messages'::regclass UNION ALL SELECT 'streams'::regclass
+                            UNION ALL SELECT inhrelid FROM pg_inherits
+                            WHERE inhparent IN ('messages'::regclass, 'streams'::regclass))",
         [],
     )
     .await?;

@@ -228,7 +228,7 @@ pub(crate) async fn unpark(conn: &impl ConnectionTrait, subscription: &str, part
 }
 
 /// Registers the instance (or renews its registration) and renews every lease it holds, for
-/// `ttl_ms` from now.
+/// `ttl_ms` from now; forgets instances that are long gone.
 pub(crate) async fn heartbeat(conn: &impl ConnectionTrait, owner: &str, ttl_ms: i64) -> Result<(), DbErr> {
     let backend = conn.get_database_backend();
     let now = now_ms(backend);
@@ -245,6 +245,10 @@ pub(crate) async fn heartbeat(conn: &impl ConnectionTrait, owner: &str, ttl_ms: 
     conn.execute_raw(statement(backend, &upsert, [owner.into(), ttl_ms.into()])).await?;
     let renew = format!("UPDATE emt_leases SET expires_at = {now} + $1 WHERE owner = $2");
     conn.execute_raw(statement(backend, &renew, [ttl_ms.into(), owner.into()])).await?;
+    // Instances gone for a minute (killed: nothing removed them) are forgotten.
+    let forget =
+        format!("DELETE FROM emt_daemons WHERE expires_at < {now} - 60000 AND NOT {}", alive(backend, "owner"));
+    conn.execute_unprepared(&forget).await?;
     Ok(())
 }
 
