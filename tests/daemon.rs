@@ -377,6 +377,23 @@ async fn a_writer_still_in_flight_is_waited_for(db: TestDb) {
     daemon.stop().await.expect("stop");
 }
 
+/// Archived streams' events are not projected, and do not count as waiting: the daemon is
+/// caught up and shows no lag when a tenant's last events belong to an archived stream.
+async fn archived_events_are_not_waited_for(db: TestDb) {
+    create_seen(&db.db).await;
+    let store = db.store();
+    let live = deposit(&store, "t1", "a", 1).await;
+    let last = deposit(&store, "t1", "b", 2).await;
+    store.archive_stream("b", "t1").await.expect("archive");
+    let daemon = daemon(store.clone(), Arc::default()).start().await.expect("start");
+    caught_up(&daemon, last, Duration::from_secs(5)).await;
+    assert_eq!(seen(&db.db).await, vec![live as i64]);
+    let status = daemon.status().await.expect("status");
+    let t1 = status.get("recorder", "t1").expect("t1");
+    assert_eq!((t1.lag_events, t1.head), (0, live), "{status:?}");
+    daemon.stop().await.expect("stop");
+}
+
 /// A child process killed when the test ends, however it ends.
 struct KillOnDrop(std::process::Child);
 
@@ -399,6 +416,7 @@ async fn daemon_child_process() {
 }
 
 conformance!(
+    archived_events_are_not_waited_for,
     a_writer_still_in_flight_is_waited_for,
     a_killed_process_tenants_are_taken_over,
     projects_tenants_found_while_running_and_resumes_after_restart,

@@ -156,26 +156,29 @@ pub(crate) async fn partition_heads(
                    SELECT min({p}) FROM messages
                    UNION ALL
                    SELECT (SELECT min({p}) FROM messages WHERE {p} > t.p) FROM t WHERE t.p IS NOT NULL)
-                 SELECT p, (SELECT max(global_position) FROM messages WHERE {p} = t.p) FROM t WHERE p IS NOT NULL"
+                 SELECT p, (SELECT max(global_position) FROM messages WHERE {p} = t.p AND NOT is_archived) FROM t
+                 WHERE p IS NOT NULL"
             ),
         ),
+        Some([]) => return Ok(Vec::new()),
         Some(these) => {
             let list = serde_json::to_string(these).map_err(|e| DbErr::Custom(e.to_string()))?;
             let sql = match backend {
                 DbBackend::Postgres => {
-                    "SELECT t.p, (SELECT max(global_position) FROM messages WHERE partition = t.p)
+                    "SELECT t.p, (SELECT max(global_position) FROM messages WHERE partition = t.p AND NOT is_archived)
                      FROM json_array_elements_text($1::json) AS t(p)"
                 }
                 DbBackend::Sqlite => {
-                    "SELECT t.value, (SELECT max(global_position) FROM messages WHERE partition = t.value)
+                    "SELECT t.value, (SELECT max(global_position) FROM messages
+                                      WHERE partition = t.value AND NOT is_archived)
                      FROM json_each(?) AS t"
                 }
-                // MySQL reads the index's last entry per group itself ("using index for group-by").
                 _ => {
-                    let marks = vec!["?"; these.len().max(1)].join(", ");
+                    let rows = vec!["SELECT ? AS p"; these.len()].join(" UNION ALL ");
                     let sql = format!(
-                        "SELECT `partition`, max(global_position) FROM messages
-                         WHERE `partition` IN ({marks}) GROUP BY `partition`"
+                        "SELECT t.p, (SELECT max(global_position) FROM messages
+                                      WHERE `partition` = t.p AND NOT is_archived)
+                         FROM ({rows}) AS t"
                     );
                     let values = these.iter().map(|t| sea_orm::Value::from(t.as_str()));
                     return collect(conn.query_all_raw(Statement::from_sql_and_values(backend, sql, values)).await?);
@@ -229,7 +232,7 @@ pub(crate) async fn pending(conn: &impl ConnectionTrait, partition: &str, after:
         _ => ("? AND global_position > ?", "(julianday('now') - julianday(min(created))) * 86400.0"),
     };
     let p = if backend == DbBackend::MySql { "`partition`" } else { "partition" };
-    let sql = format!("SELECT count(*), {age} FROM messages WHERE {p} = {sql}");
+    let sql = format!("SELECT count(*), {age} FROM messages WHERE NOT is_archived AND {p} = {sql}");
     let row =
         conn.query_one_raw(Statement::from_sql_and_values(backend, sql, [partition.into(), after.into()])).await?;
     Ok(match row {
@@ -250,7 +253,8 @@ pub(crate) async fn last_position_upto(
                 .expr_as(Expr::col(messages::Column::GlobalPosition).max(), "last")
                 .from(messages::Entity)
                 .and_where(Expr::col(messages::Column::Partition).eq(partition))
-                .and_where(Expr::col(messages::Column::GlobalPosition).lte(upto)),
+                .and_where(Expr::col(messages::Column::GlobalPosition).lte(upto))
+                .and_where(Expr::col(messages::Column::IsArchived).eq(false)),
         )
         .await?;
     Ok(row.map(|row| row.try_get::<Option<i64>>("", "last")).transpose()?.flatten())
