@@ -11,7 +11,7 @@
 //! with its process and its leases are free at once. Where there is no presence connection
 //! (MySQL, SQLite, or while it reconnects) the instance renews by writing expiries.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Statement, Value};
 
@@ -215,15 +215,21 @@ pub(crate) async fn park(
     Ok(())
 }
 
-/// Clears a lease's failure record after a run succeeded (writes nothing when there is none).
-pub(crate) async fn unpark(conn: &impl ConnectionTrait, subscription: &str, partition: &str) -> Result<(), DbErr> {
-    let backend = conn.get_database_backend();
+/// Clears the failure records of `partitions`' leases: in the transaction of a batch that
+/// succeeded, so the record goes with the progress.
+pub(crate) async fn unpark(txn: &DatabaseTransaction, subscription: &str, partitions: &[&str]) -> Result<(), DbErr> {
+    if partitions.is_empty() {
+        return Ok(());
+    }
+    let backend = txn.get_database_backend();
+    let marks = (2..partitions.len() + 2).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
     let sql = format!(
         "UPDATE emt_leases SET failures = 0, retry_at = 0, last_error = NULL, error_position = NULL
-         WHERE subscription_id = $1 AND {p} = $2 AND failures > 0",
+         WHERE subscription_id = $1 AND {p} IN ({marks})",
         p = partition_column(backend),
     );
-    conn.execute_raw(statement(backend, &sql, [subscription.into(), partition.into()])).await?;
+    let values = std::iter::once(Value::from(subscription)).chain(partitions.iter().map(|p| Value::from(*p)));
+    txn.execute_raw(statement(backend, &sql, values)).await?;
     Ok(())
 }
 
@@ -266,30 +272,30 @@ pub(crate) async fn leave(conn: &impl ConnectionTrait, owner: &str) -> Result<()
 }
 
 /// In a projection batch: locks the lease rows of `subscription` for `tenants` and returns those
-/// that `owner` still holds at the given epochs. A takeover's claim waits for the batch to
-/// commit, and a batch after the takeover sees the new epoch: work commits only under the lease
-/// it was started with.
+/// that `owner` still holds at the given epochs, with their count of failed runs. A takeover's
+/// claim waits for the batch to commit, and a batch after the takeover sees the new epoch: work
+/// commits only under the lease it was started with.
 pub(crate) async fn held_leases(
     txn: &DatabaseTransaction,
     subscription: &str,
     owner: &str,
     tenants: &[(String, i64)],
-) -> Result<BTreeSet<String>, DbErr> {
+) -> Result<BTreeMap<String, i64>, DbErr> {
     let backend = txn.get_database_backend();
     let lock = if backend == DbBackend::Sqlite { "" } else { " ORDER BY 1 FOR UPDATE" };
     let marks = (2..tenants.len() + 2).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
     let sql = format!(
-        "SELECT {p}, owner, epoch FROM emt_leases WHERE subscription_id = $1 AND {p} IN ({marks}){lock}",
+        "SELECT {p}, owner, epoch, failures FROM emt_leases WHERE subscription_id = $1 AND {p} IN ({marks}){lock}",
         p = partition_column(backend),
     );
     let values = std::iter::once(Value::from(subscription)).chain(tenants.iter().map(|(t, _)| Value::from(t.as_str())));
     let rows = txn.query_all_raw(statement(backend, &sql, values)).await?;
-    let mut held = BTreeSet::new();
+    let mut held = BTreeMap::new();
     for row in rows {
         let (tenant, holder, epoch): (String, Option<String>, i64) =
             (row.try_get_by_index(0)?, row.try_get_by_index(1)?, row.try_get_by_index(2)?);
         if holder.as_deref() == Some(owner) && tenants.iter().any(|(t, e)| *t == tenant && *e == epoch) {
-            held.insert(tenant);
+            held.insert(tenant, row.try_get_by_index(3)?);
         }
     }
     Ok(held)

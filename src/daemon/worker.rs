@@ -277,7 +277,7 @@ impl Worker {
                 let behind = held.behind_since.map_or(Duration::ZERO, |at| at.elapsed());
                 telemetry::lag(&key.0, &key.1, held.head - checkpoint, behind);
                 if before.failures > 0 {
-                    backend::unpark(&self.db, &key.0, &key.1).await?;
+                    // The batch's transaction cleared the record.
                     telemetry::parked(&key.0, &key.1, false);
                     tracing::info!(subscription = key.0, tenant = key.1, "projection resumed");
                 }

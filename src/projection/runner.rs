@@ -250,10 +250,15 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         let txn = backend::begin_write(&self.store.executor()).await?;
         let checkpoint = backend::lock_checkpoint(&txn, subscription, partition).await?;
         tracing::Span::current().record("checkpoint", checkpoint);
-        if let Some((owner, epoch)) = &options.lease
-            && backend::held_leases(&txn, subscription, owner, &[(partition.to_owned(), *epoch)]).await?.is_empty()
-        {
-            return Err(Error::LeaseLost { subscription: subscription.into(), partition: partition.into() });
+        if let Some((owner, epoch)) = &options.lease {
+            let held = backend::held_leases(&txn, subscription, owner, &[(partition.to_owned(), *epoch)]).await?;
+            match held.get(partition) {
+                None => {
+                    return Err(Error::LeaseLost { subscription: subscription.into(), partition: partition.into() });
+                }
+                Some(&failures) if failures > 0 => backend::unpark(&txn, subscription, &[partition]).await?,
+                Some(_) => {}
+            }
         }
         let rows = read_after(&txn, partition, source, checkpoint, options.batch_size).await?;
         let Some(last) = rows.last() else {
@@ -345,9 +350,12 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         let held = backend::held_leases(&txn, subscription, owner, tenants).await?;
         let reads: Vec<(&str, i64)> = names
             .iter()
-            .filter(|t| held.contains(**t))
+            .filter(|t| held.contains_key(**t))
             .map(|t| (*t, checkpoints.get(*t).copied().unwrap_or(0)))
             .collect();
+        // Tenants recovering from failures: their records go with this batch's progress.
+        let recovering: Vec<&str> = held.iter().filter(|(_, f)| **f > 0).map(|(t, _)| t.as_str()).collect();
+        backend::unpark(&txn, subscription, &recovering).await?;
         backend::index_order_only(&txn, true).await?;
         let rows = read_partitions_after(&txn, &reads, until, options.batch_size).await?;
         backend::index_order_only(&txn, false).await?;
@@ -378,7 +386,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         self.registry.apply(&txn, None, &batches).await?;
         backend::move_checkpoints(&txn, subscription, &moved).await?;
         txn.commit().await?;
-        progress.extend(names.iter().filter(|t| !held.contains(**t)).map(|t| GroupProgress {
+        progress.extend(names.iter().filter(|t| !held.contains_key(**t)).map(|t| GroupProgress {
             tenant: t.to_string(),
             processed: 0,
             checkpoint: checkpoints.get(*t).copied().unwrap_or(0),
