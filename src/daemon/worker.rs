@@ -24,6 +24,10 @@ use crate::store::EventStore;
 /// Tenants of one projection projected in one transaction.
 const GROUP: usize = 16;
 
+/// The longest pause between lease rounds where no notification tells of hand-overs, so a
+/// gracefully stopped instance's work is taken over within a second.
+const HAND_OVER_POLL: Duration = Duration::from_millis(500);
+
 /// How long a cycle waits for PostgreSQL writers in flight before it looks again later.
 const HORIZON_WAIT: Duration = Duration::from_secs(1);
 
@@ -91,7 +95,12 @@ impl Worker {
                     }
                     Err(error) => tracing::warn!(%error, "lease coordination failed; retrying"),
                 }
-                next_balance = Instant::now() + self.options.poll_max;
+                // Without a presence connection no hand-over notice arrives: look twice as often.
+                let every = match presence.up.load(Ordering::SeqCst) {
+                    true => self.options.poll_max,
+                    false => Ord::min(self.options.poll_max, HAND_OVER_POLL),
+                };
+                next_balance = Instant::now() + every;
             }
             let span = tracing::debug_span!("daemon_cycle", owner = self.owner);
             let worked = match self.cycle(&mut state, &subscriptions, head).instrument(span).await {
