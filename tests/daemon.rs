@@ -376,6 +376,66 @@ async fn a_writer_still_in_flight_is_waited_for(db: TestDb) {
     daemon.stop().await.expect("stop");
 }
 
+/// Counts events per tenant into `counts` (a second projection beside the recorder).
+struct Counter;
+
+#[async_trait::async_trait]
+impl EventHandler<Ev> for Counter {
+    async fn handle(
+        &self,
+        ctx: &ProjectionContext<'_>,
+        _: &RecordedEvent<Ev>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let backend = ctx.backend();
+        let sql = match backend {
+            sea_orm::DbBackend::MySql => {
+                "INSERT INTO counts (tenant, n) VALUES (?, 1) ON DUPLICATE KEY UPDATE n = n + 1"
+            }
+            sea_orm::DbBackend::Postgres => {
+                "INSERT INTO counts (tenant, n) VALUES ($1, 1) ON CONFLICT (tenant) DO UPDATE SET n = counts.n + 1"
+            }
+            _ => "INSERT INTO counts (tenant, n) VALUES (?, 1) ON CONFLICT (tenant) DO UPDATE SET n = counts.n + 1",
+        };
+        ctx.db().execute_raw(sea_orm::Statement::from_sql_and_values(backend, sql, [ctx.partition().into()])).await?;
+        Ok(())
+    }
+}
+
+/// One daemon, two projections over the same tenants: each keeps its own checkpoints and read
+/// model, and both follow every tenant.
+async fn several_projections_run_side_by_side(db: TestDb) {
+    create_seen(&db.db).await;
+    db.db
+        .execute_unprepared("CREATE TABLE counts (tenant VARCHAR(255) NOT NULL PRIMARY KEY, n BIGINT NOT NULL)")
+        .await
+        .unwrap();
+    let store = db.store();
+    let daemon = daemon(store.clone(), Arc::default())
+        .projection("counter", ProjectionRegistry::new().on(["Deposited"], Counter))
+        .start()
+        .await
+        .expect("start");
+    let mut last = 0;
+    for i in 0..60 {
+        last = deposit(&store, &format!("t{}", i % 20), &format!("a{}", i % 3), 1).await;
+    }
+    caught_up(&daemon, last, Duration::from_secs(10)).await;
+    assert_eq!(seen(&db.db).await, stored(&db.db).await);
+    let rows = db
+        .db
+        .query_all(
+            &Query::select().columns([Alias::new("tenant"), Alias::new("n")]).from(Alias::new("counts")).to_owned(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 20);
+    assert!(rows.iter().all(|r| r.try_get_by_index::<i64>(1).unwrap() == 3));
+    let status = daemon.status().await.expect("status");
+    assert_eq!(status.leases.len(), 40, "20 tenants × 2 projections");
+    assert!(status.leases.iter().all(|l| l.checkpoint == l.head && l.lag_events == 0), "{status:?}");
+    daemon.stop().await.expect("stop");
+}
+
 /// Archived streams' events are not projected, and do not count as waiting: the daemon is
 /// caught up and shows no lag when a tenant's last events belong to an archived stream.
 async fn archived_events_are_not_waited_for(db: TestDb) {
@@ -415,6 +475,7 @@ async fn daemon_child_process() {
 }
 
 conformance!(
+    several_projections_run_side_by_side,
     archived_events_are_not_waited_for,
     a_writer_still_in_flight_is_waited_for,
     a_killed_process_tenants_are_taken_over,
