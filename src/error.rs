@@ -255,6 +255,17 @@ pub enum Error {
         partition: String,
     },
 
+    /// An inline projection failed on an appended event: the append was rolled back, nothing was
+    /// written. `source` names the event (stream, partition, position, type) and the cause.
+    #[error("inline projection '{projection}' failed, the append was rolled back: {source}")]
+    InlineProjection {
+        /// The name the projection was registered with.
+        projection: String,
+        /// Why it failed.
+        #[source]
+        source: Box<Error>,
+    },
+
     /// A projection daemon's task ended abnormally (it panicked or was aborted).
     #[error("projection daemon '{owner}' ended abnormally: {reason}")]
     DaemonFailed {

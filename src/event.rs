@@ -58,6 +58,7 @@ pub(crate) struct EncodedEvent {
 /// A `messages` row as the store reads it: like [`messages::Model`](crate::schema::messages::Model),
 /// but a row breaking the schema's rules (data or metadata that is not JSON — SQLite stores any
 /// text — or no global position) still loads, so the error can name it.
+#[derive(Clone)]
 pub(crate) struct StoredMessage {
     pub stream_id: String,
     pub stream_position: i64,

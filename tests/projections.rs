@@ -625,7 +625,86 @@ async fn read_model_tables_are_checked_and_keys_are_typed(db: TestDb) {
     assert_eq!(id, "account_no:7|flag:true");
 }
 
+/// An inline projection changes its read model in the append's transaction: visible when the
+/// append returns, also for appends in a session, and gone with a session rolled back. The same
+/// projection run by the runner gives the same read model.
+async fn inline_projections_change_read_models_with_the_append(db: TestDb) {
+    create_read_model(&db.db, "accounts_inline", false).await;
+    create_read_model(&db.db, "accounts_runner", false).await;
+    let store = db.store().inline("accounts", ProjectionRegistry::new().with(projection("accounts_inline")));
+    let opts = AppendOptions::default().partition("t1");
+    store.append_to_stream("a", [Ev::Opened { owner: "a".into() }], opts.clone()).await.unwrap();
+    store
+        .append_to_stream("a", [Ev::Deposited { amount: 5 }, Ev::Deposited { amount: 7 }], opts.clone())
+        .await
+        .unwrap();
+    assert_eq!(read_model(&db.db, "accounts_inline", "t1").await, vec![("a".into(), 12, 2)]);
+
+    store
+        .with_session(|s| {
+            let opts = opts.clone();
+            async move {
+                s.append_to_stream("b", [Ev::Opened { owner: "b".into() }], opts.clone()).await?;
+                s.append_to_stream("b", [Ev::Deposited { amount: 1 }], opts).await?;
+                Ok::<_, Error>(())
+            }
+        })
+        .await
+        .unwrap();
+    let rolled_back = store
+        .with_session(|s| {
+            let opts = opts.clone();
+            async move {
+                s.append_to_stream("c", [Ev::Opened { owner: "c".into() }], opts).await?;
+                Err::<(), _>(Error::SessionStillInUse)
+            }
+        })
+        .await;
+    assert!(rolled_back.is_err());
+    assert_eq!(read_model(&db.db, "accounts_inline", "t1").await, vec![("a".into(), 12, 2), ("b".into(), 1, 1)]);
+
+    seed(&store, "t1", 4).await;
+    let runner = ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(projection("accounts_runner")));
+    runner.project_partition("runner", RunOptions::default().partition("t1")).await.unwrap();
+    let inline = read_model(&db.db, "accounts_inline", "t1").await;
+    assert_eq!(inline.len(), 6);
+    assert_eq!(inline, read_model(&db.db, "accounts_runner", "t1").await);
+}
+
+/// A failing inline projection rejects the append: a typed error naming the projection and the
+/// event, the stream's version unchanged, no snapshot and no read-model row written.
+async fn a_failing_inline_projection_rejects_the_append(db: TestDb) {
+    create_read_model(&db.db, "accounts", false).await;
+    let failing = Arc::new(AtomicBool::new(true));
+    let registry =
+        ProjectionRegistry::new().with(projection("accounts")).on(["Deposited"], Picky(Arc::clone(&failing)));
+    let store = db.store().inline("picky", registry);
+    let opts = AppendOptions::default().partition("t1");
+    store.append_to_stream("a", [Ev::Opened { owner: "a".into() }], opts.clone()).await.unwrap();
+    let err = store
+        .append_to_stream("a", [Ev::Deposited { amount: 1 }, Ev::Deposited { amount: 13 }], opts.clone())
+        .await
+        .unwrap_err();
+    match &err {
+        Error::InlineProjection { projection, source } => {
+            assert_eq!(projection, "picky");
+            assert!(matches!(&**source, Error::Handler { stream, position: 3, .. } if stream == "a"), "{source:?}");
+        }
+        other => panic!("expected InlineProjection, got {other:?}"),
+    }
+    let version = store.read_stream::<Ev>("a", ReadOptions::default().partition("t1")).await.unwrap();
+    assert_eq!(version.current_stream_version, 1);
+    assert_eq!(read_model(&db.db, "accounts", "t1").await, vec![("a".into(), 0, 0)]);
+    let snapshots = snapshots::Entity::find().all(&db.db).await.unwrap();
+    assert_eq!(snapshots.iter().map(|s| s.last_global_position).collect::<Vec<_>>(), vec![1]);
+    failing.store(false, Ordering::SeqCst);
+    store.append_to_stream("a", [Ev::Deposited { amount: 13 }], opts).await.unwrap();
+    assert_eq!(read_model(&db.db, "accounts", "t1").await, vec![("a".into(), 13, 1)]);
+}
+
 conformance!(
+    inline_projections_change_read_models_with_the_append,
+    a_failing_inline_projection_rejects_the_append,
     read_model_tables_are_checked_and_keys_are_typed,
     other_aggregates_events_are_not_the_projections_business,
     fold_equals_read_model_and_rerun_is_a_no_op,

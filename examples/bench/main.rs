@@ -7,7 +7,8 @@
 //! ```
 //! Workloads:
 //! - `append-1`: one event per append, `--concurrency` writers, each with its exact expected version;
-//!   `append-1-unnotified` the same without PostgreSQL notifications (`EventStore::notifications`);
+//!   `append-1-unnotified` the same without PostgreSQL notifications (`EventStore::notifications`),
+//!   `append-1-inline` with the carts snapshot projection inline (`EventStore::inline`);
 //! - `append-batch`: 100 appends of 100 events;
 //! - `project`: `project_events` per stream over the `append-1` streams, `--concurrency` in
 //!   parallel, into a carts read model (snapshot-table mode), like the Kysely peer;
@@ -69,7 +70,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "append-1,append-1-unnotified,append-batch,project,project-partition,project-partition-cold,append-n,\
+        default_value = "append-1,append-1-unnotified,append-1-inline,append-batch,project,project-partition,project-partition-cold,append-n,\
                          daemon-lag,daemon-lag-polling,takeover-stop,takeover-kill,daemon-scale,idle"
     )]
     workloads: Vec<String>,
@@ -155,7 +156,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     options.max_connections(args.concurrency as u32).min_connections(args.concurrency as u32).sqlx_logging(false);
     let db = Database::connect(emmett_seaorm::configure(options)).await?;
     emmett_seaorm::migrate(&db).await?;
-    for table in ["bench_carts", "bench_carts_interleaved"] {
+    for table in ["bench_carts", "bench_carts_interleaved", "bench_carts_inline"] {
         create_carts_table(&db, table).await?;
     }
     let store = EventStore::new(db.clone());
@@ -167,6 +168,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "append-1" => {
                 append_one(&store, &args, &partition, "append-1").await?;
                 appended = true;
+            }
+            "append-1-inline" => {
+                let inline = EventStore::new(db.clone()).inline("carts", carts_projection("bench_carts_inline"));
+                append_one(&inline, &args, &format!("{partition}-inline"), "append-1-inline").await?;
             }
             "append-1-unnotified" => {
                 let quiet = EventStore::new(db.clone()).notifications(false);

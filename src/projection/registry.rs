@@ -6,7 +6,7 @@ use sea_orm::{DatabaseTransaction, DbBackend};
 
 use super::snapshot::Fold;
 use crate::error::{Error, Result};
-use crate::event::{Event, RecordedEvent};
+use crate::event::{Event, RecordedEvent, StoredMessage, is_unknown_type};
 
 /// What a handler gets besides the event: the batch's transaction and the partition.
 pub struct ProjectionContext<'a> {
@@ -129,6 +129,24 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
     /// Whether a step lists `message_type` among the event types it handles.
     pub(crate) fn names(&self, message_type: &str) -> bool {
         self.steps.iter().any(|s| s.event_types.as_ref().is_some_and(|types| types.iter().any(|t| t == message_type)))
+    }
+
+    /// `row` decoded for the projections: `None` when none handles its type, or when the event
+    /// enum doesn't know the type (another aggregate's event in the tenant) and no projection
+    /// names it; an error when it can't be decoded.
+    pub(crate) fn accept(&self, row: StoredMessage) -> Result<Option<RecordedEvent<E>>> {
+        if !self.handles(&row.message_type) {
+            return Ok(None);
+        }
+        match row.decode() {
+            Ok(event) => Ok(Some(event)),
+            Err(Error::UndecodableEvent { message_type, source, .. })
+                if is_unknown_type(&source) && !self.names(&message_type) =>
+            {
+                Ok(None)
+            }
+            Err(err) => Err(err),
+        }
     }
 
     /// Runs every step, in registration order, on the batches of one transaction: `(partition,

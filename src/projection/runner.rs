@@ -14,8 +14,8 @@ use super::ProjectionRegistry;
 use crate::backend;
 use crate::backend::{is_retried, retry_policy};
 use crate::error::{Error, Result};
+use crate::event::StoredMessage;
 use crate::event::{Event, RecordedEvent};
-use crate::event::{StoredMessage, is_unknown_type};
 use crate::limits::{self, MAX_IDENTIFIER_CHARS};
 use crate::schema::skipped_events as skipped;
 use crate::schema::{DEFAULT_PARTITION, messages, subscriptions};
@@ -301,12 +301,10 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         options: &RunOptions,
     ) -> Result<Vec<RecordedEvent<E>>> {
         let mut batch = Vec::with_capacity(rows.len());
-        for row in rows.into_iter().filter(|row| self.registry.handles(&row.message_type)) {
+        for row in rows {
             let global_position = row.global_position;
-            match row.decode() {
-                Ok(event) => batch.push(event),
-                Err(Error::UndecodableEvent { message_type, source, .. })
-                    if is_unknown_type(&source) && !self.registry.names(&message_type) => {}
+            match self.registry.accept(row) {
+                Ok(event) => batch.extend(event),
                 Err(err) if options.skip_undecodable => {
                     skipped::record(txn, subscription, global_position, &err).await?
                 }

@@ -1,5 +1,6 @@
 //! The event store: append with optimistic concurrency, read, aggregate, sessions, archive.
 
+mod inline;
 mod options;
 
 use std::future::Future;
@@ -21,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::event::{Event, RecordedEvent, StoredMessage, encode};
 use crate::expected_version::ExpectedVersion;
 use crate::limits::{self, MAX_IDENTIFIER_CHARS};
+use crate::projection::ProjectionRegistry;
 use crate::schema::{DEFAULT_PARTITION, messages, streams};
 
 /// Events per page when [`EventStore::aggregate_stream`] folds a stream.
@@ -60,6 +62,8 @@ pub struct EventStore {
     conn: Conn,
     /// How appends wake projection daemons.
     signals: Arc<Signals>,
+    /// Projections run in each append's transaction.
+    inline: inline::InlineProjections,
 }
 
 /// How appends through a store (and its clones) wake projection daemons: in-process at once,
@@ -108,7 +112,26 @@ impl EventStore {
             last_notify: u64::MAX.into(),
             started: std::time::Instant::now(),
         };
-        Self { conn: Conn::Pool(db), signals: Arc::new(signals) }
+        Self { conn: Conn::Pool(db), signals: Arc::new(signals), inline: Default::default() }
+    }
+
+    /// Runs `registry` inside every append's transaction (also in sessions), so its read
+    /// models change atomically with the events: read-your-writes without waiting for a
+    /// runner or daemon. A failing projection rolls the append back with
+    /// [`Error::InlineProjection`] naming it. Appends pay for it: one more query, and the
+    /// projection's own work, per append.
+    ///
+    /// ```no_run
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Serialize, Deserialize)] #[serde(tag = "type", content = "data")]
+    /// # enum CartEvent { ItemAdded { price: i64 } }
+    /// # fn f(db: sea_orm::DatabaseConnection, carts: emmett_seaorm::projection::ProjectionRegistry<CartEvent>) {
+    /// let store = emmett_seaorm::EventStore::new(db).inline("carts", carts);
+    /// # }
+    /// ```
+    pub fn inline<E: Event + 'static>(mut self, name: impl Into<String>, registry: ProjectionRegistry<E>) -> Self {
+        self.inline.0.push(Arc::new(inline::Named { name: name.into(), registry }));
+        self
     }
 
     /// PostgreSQL: whether appends through this store and its clones send the `NOTIFY` that
@@ -226,12 +249,17 @@ impl EventStore {
         let pooled = matches!(self.conn, Conn::Pool(_));
         let may_exist = AtomicBool::new(keyed);
         let attempt = || async {
-            let failure = match backend::append(&self.executor(), append).await {
+            let written = match self.inline.0.is_empty() {
+                true => backend::append(&self.executor(), append).await.map_err(Error::from),
+                false => self.inline.append(&self.executor(), append).await,
+            };
+            let failure = match written {
                 Ok(Some(done)) => return Ok(Some(done)),
                 Ok(None) => None,
-                Err(err) if matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => Some(err.into()),
+                Err(Error::Database(err)) if matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+                    Some(Error::Database(err))
+                }
                 Err(err) => {
-                    let err = Error::from(err);
                     if matches!(err, Error::ConnectionLost { .. }) {
                         may_exist.store(true, Ordering::Relaxed);
                     }
@@ -394,8 +422,12 @@ impl EventStore {
         E: From<Error>,
     {
         let txn = Arc::new(backend::begin_write(&self.executor()).await.map_err(Error::from)?);
-        let outcome =
-            work(EventStore { conn: Conn::Session(Arc::clone(&txn)), signals: Arc::clone(&self.signals) }).await;
+        let outcome = work(EventStore {
+            conn: Conn::Session(Arc::clone(&txn)),
+            signals: Arc::clone(&self.signals),
+            inline: self.inline.clone(),
+        })
+        .await;
         // A clone kept alive by `work` holds the transaction; it rolls back when dropped.
         let txn = Arc::into_inner(txn).ok_or(Error::SessionStillInUse)?;
         match outcome {

@@ -1,0 +1,87 @@
+//! Inline projections: registries the store runs inside the append's own transaction, so their
+//! read models change atomically with the events.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder};
+
+use crate::backend::{self, Append, Appended};
+use crate::error::{Error, Result};
+use crate::event::{Event, StoredMessage};
+use crate::projection::ProjectionRegistry;
+use crate::schema::messages;
+
+/// A named registry, whatever its event type.
+#[async_trait]
+pub(super) trait Inline: Send + Sync {
+    fn name(&self) -> &str;
+    async fn apply(&self, txn: &DatabaseTransaction, partition: &str, rows: Vec<StoredMessage>) -> Result<()>;
+}
+
+pub(super) struct Named<E> {
+    pub name: String,
+    pub registry: ProjectionRegistry<E>,
+}
+
+#[async_trait]
+impl<E: Event + 'static> Inline for Named<E> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn apply(&self, txn: &DatabaseTransaction, partition: &str, rows: Vec<StoredMessage>) -> Result<()> {
+        let mut events = Vec::with_capacity(rows.len());
+        for row in rows {
+            events.extend(self.registry.accept(row)?);
+        }
+        if !events.is_empty() {
+            self.registry.apply(txn, None, &[(partition, events)]).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The inline projections of a store and its clones.
+#[derive(Clone, Default)]
+pub(super) struct InlineProjections(pub Vec<Arc<dyn Inline>>);
+
+impl std::fmt::Debug for InlineProjections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.iter().map(|p| p.name())).finish()
+    }
+}
+
+impl InlineProjections {
+    /// Appends in a transaction (a savepoint inside a session) that also runs every inline
+    /// projection on the events written; `None` when the expected version does not hold. A
+    /// projection's failure rolls everything back: [`Error::InlineProjection`], unless it is a
+    /// busy database or a lost connection, which the store retries as such.
+    pub async fn append<C>(&self, conn: &C, append: &Append<'_>) -> Result<Option<Appended>>
+    where
+        C: sea_orm::TransactionTrait<Transaction = DatabaseTransaction>,
+    {
+        let txn = backend::begin_write(conn).await?;
+        let Some(done) = backend::append(&txn, append).await? else { return Ok(None) };
+        let first = done.next_expected_version as i64 - append.events.len() as i64;
+        let rows = messages::Entity::find()
+            .filter(messages::Column::StreamId.eq(append.stream_id))
+            .filter(messages::Column::Partition.eq(append.partition))
+            .filter(messages::Column::IsArchived.eq(false))
+            .filter(messages::Column::StreamPosition.gt(first))
+            .order_by_asc(messages::Column::StreamPosition)
+            .into_model::<StoredMessage>()
+            .all(&txn)
+            .await?;
+        for projection in &self.0 {
+            projection.apply(&txn, append.partition, rows.clone()).await.map_err(|source| match source {
+                source if source.is_transient() => source,
+                source => {
+                    Error::InlineProjection { projection: projection.name().to_owned(), source: Box::new(source) }
+                }
+            })?;
+        }
+        txn.commit().await?;
+        Ok(Some(done))
+    }
+}
