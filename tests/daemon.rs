@@ -463,18 +463,200 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Not a test of its own: the child process of `a_killed_process_tenants_are_taken_over`, which
-/// runs a daemon until it is killed.
+/// Not a test of its own: the child process of `a_killed_process_tenants_are_taken_over` (runs
+/// the recorder) and of `a_reaction_cut_off_by_a_kill_is_delivered_again` (runs a reactor that
+/// hangs after its side effect), until it is killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_child_process() {
     let Ok(url) = std::env::var("EMMETT_DAEMON_CHILD_URL") else { return };
     let store = EventStore::new(emmett_seaorm::connect(&url).await.expect("connect"));
-    let daemon = daemon(store, Arc::default()).start().await.expect("start");
+    let daemon = match std::env::var("EMMETT_DAEMON_CHILD_REACTOR") {
+        Ok(_) => reactor_daemon(store, &url, true).await,
+        Err(_) => daemon(store, Arc::default()),
+    };
+    let daemon = daemon.start().await.expect("start");
     println!("owner={}", daemon.owner());
     tokio::time::sleep(Duration::from_secs(600)).await;
 }
 
+/// A reactor: for each deposit it "sends a receipt" — a row in `sent`, written through its own
+/// connection outside the batch, keyed by the event's message id, with the lease epoch as
+/// fencing token — then appends a `Closed` event to the stream `receipt-<message id>` in the
+/// batch's transaction, recording that it did. It fails on a deposit of 13 while `failing`, and
+/// hangs (never letting its batch commit) when `hang`.
+struct Receipts {
+    outside: DatabaseConnection,
+    failing: Arc<AtomicBool>,
+    hang: bool,
+}
+
+#[async_trait::async_trait]
+impl EventHandler<Ev> for Receipts {
+    async fn handle(
+        &self,
+        ctx: &ProjectionContext<'_>,
+        e: &RecordedEvent<Ev>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let epoch = ctx.lease_epoch().ok_or("a reactor runs under a lease")?;
+        let mut sent = Query::insert();
+        sent.into_table(Alias::new("sent"))
+            .columns([Alias::new("message_id"), Alias::new("epoch")])
+            .values_panic([e.message_id.clone().into(), epoch.into()]);
+        self.outside.execute(&sent).await?;
+        let receipt = format!("receipt-{}", e.message_id);
+        ctx.store().append_to_stream(&receipt, [Ev::Closed], AppendOptions::default().partition(&e.partition)).await?;
+        if self.hang {
+            tokio::time::sleep(Duration::from_secs(600)).await;
+        }
+        if matches!(e.event, Ev::Deposited { amount: 13 }) && self.failing.load(Ordering::SeqCst) {
+            return Err("the receipt service refused it".into());
+        }
+        Ok(())
+    }
+}
+
+async fn reactor_daemon(store: EventStore, url: &str, hang: bool) -> Daemon {
+    let outside = emmett_seaorm::connect(outside_url(url)).await.expect("connect");
+    let receipts = Receipts { outside, failing: Arc::new(AtomicBool::new(false)), hang };
+    Daemon::new(store)
+        .projection("receipts", ProjectionRegistry::new().on(["Deposited"], receipts))
+        .lease_ttl(Duration::from_secs(3))
+        .renew_every(Duration::from_millis(500))
+        .poll_interval(Duration::from_millis(5), Duration::from_millis(300))
+        .backoff(Duration::from_millis(200), Duration::from_secs(1))
+}
+
+/// Where reactions' side effects go: the test database, except on SQLite, whose one writer is
+/// busy with the reaction's own batch — there another database file plays the outside system.
+fn outside_url(url: &str) -> String {
+    match url.strip_prefix("sqlite://") {
+        Some(rest) => {
+            let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+            format!("sqlite://{path}-outside.db?{query}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+async fn create_sent(db: &DatabaseConnection) {
+    let mut create = Table::create();
+    create
+        .table(Alias::new("sent"))
+        .col(ColumnDef::new(Alias::new("message_id")).string_len(64).not_null())
+        .col(ColumnDef::new(Alias::new("epoch")).big_integer().not_null());
+    db.execute(&create).await.expect("create sent");
+}
+
+/// `(message_id, epoch)` of every receipt sent, sorted.
+async fn sent(db: &DatabaseConnection) -> Vec<(String, i64)> {
+    let select =
+        Query::select().columns([Alias::new("message_id"), Alias::new("epoch")]).from(Alias::new("sent")).to_owned();
+    let mut rows: Vec<(String, i64)> = db
+        .query_all(&select)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.try_get_by_index(0).unwrap(), r.try_get_by_index(1).unwrap()))
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// Whether the receipt stream of `message_id` exists.
+async fn recorded(store: &EventStore, tenant: &str, message_id: &str) -> bool {
+    let options = emmett_seaorm::ReadOptions::default().partition(tenant);
+    store.read_stream::<Ev>(&format!("receipt-{message_id}"), options).await.unwrap().stream_exists
+}
+
+/// A reactor appends in its checkpoint's transaction: what it records commits with its progress
+/// or not at all; a failing reaction parks its tenant only, and is delivered again (same
+/// message id) until it succeeds.
+async fn a_reactor_records_what_it_did_with_its_checkpoint(db: TestDb) {
+    let outside = emmett_seaorm::connect(outside_url(&db.url)).await.unwrap();
+    create_sent(&outside).await;
+    let store = db.store();
+    let ok = deposit(&store, "good", "a", 1).await;
+    let refused = deposit(&store, "bad", "b", 13).await;
+    let messages = store.read_stream::<Ev>("b", emmett_seaorm::ReadOptions::default().partition("bad")).await.unwrap();
+    let refused_id = messages.events[0].message_id.clone();
+    let failing = Arc::new(AtomicBool::new(true));
+    let receipts = Receipts { outside: outside.clone(), failing: Arc::clone(&failing), hang: false };
+    let daemon = reactor_daemon(store.clone(), &db.url, false)
+        .await
+        .projection("receipts", ProjectionRegistry::new().on(["Deposited"], receipts))
+        .start()
+        .await
+        .expect("start");
+    caught_up_on(&daemon, "receipts", "good", ok).await;
+    let good = store.read_stream::<Ev>("a", emmett_seaorm::ReadOptions::default().partition("good")).await.unwrap();
+    assert!(recorded(&store, "good", &good.events[0].message_id).await);
+    // The refused reaction: sent (a side effect can't be taken back) but not recorded, and the
+    // tenant parked; delivered again with the same message id.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sent(&outside).await.iter().filter(|(id, _)| *id == refused_id).count() < 2 {
+        assert!(Instant::now() < deadline, "not delivered again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!recorded(&store, "bad", &refused_id).await, "recorded although its batch failed");
+    let bad = daemon.status().await.unwrap().get("receipts", "bad").cloned().unwrap();
+    assert!(bad.failures >= 1 && bad.checkpoint < refused, "{bad:?}");
+    failing.store(false, Ordering::SeqCst);
+    caught_up_on(&daemon, "receipts", "bad", refused).await;
+    assert!(recorded(&store, "bad", &refused_id).await);
+    daemon.stop().await.expect("stop");
+}
+
+/// Waits until `subscription`'s checkpoint for `tenant` reaches `position`.
+async fn caught_up_on(daemon: &DaemonHandle, subscription: &str, tenant: &str, position: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while daemon.status().await.expect("status").get(subscription, tenant).is_none_or(|l| l.checkpoint < position) {
+        assert!(Instant::now() < deadline, "{subscription} not at {position} for {tenant}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A daemon process killed after a reaction's side effect but before its checkpoint commits:
+/// the reaction is delivered again, with the same message id (the idempotency key) and a higher
+/// lease epoch, and nothing is skipped.
+async fn a_reaction_cut_off_by_a_kill_is_delivered_again(db: TestDb) {
+    let outside = emmett_seaorm::connect(outside_url(&db.url)).await.unwrap();
+    create_sent(&outside).await;
+    let store = db.store();
+    deposit(&store, "t1", "a", 1).await;
+    let mut child = KillOnDrop(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["daemon_child_process", "--exact", "--nocapture", "--test-threads=1"])
+            .env("EMMETT_DAEMON_CHILD_URL", &db.url)
+            .env("EMMETT_DAEMON_CHILD_REACTOR", "hang")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn the child daemon"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while sent(&outside).await.is_empty() {
+        assert!(Instant::now() < deadline, "the child never reacted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.0.kill().expect("SIGKILL the child");
+    child.0.wait().unwrap();
+    let last = deposit(&store, "t1", "a", 2).await;
+    let here = reactor_daemon(store.clone(), &db.url, false).await.start().await.expect("start");
+    tokio::time::timeout(Duration::from_secs(10), here.caught_up(last)).await.expect("caught up").unwrap();
+    let sent = sent(&outside).await;
+    let events = store.read_stream::<Ev>("a", emmett_seaorm::ReadOptions::default().partition("t1")).await.unwrap();
+    let (first, second) = (&events.events[0].message_id, &events.events[1].message_id);
+    let first_sends: Vec<i64> = sent.iter().filter(|(id, _)| id == first).map(|(_, epoch)| *epoch).collect();
+    assert_eq!(first_sends.len(), 2, "delivered again after the kill: {sent:?}");
+    assert!(first_sends[1] > first_sends[0], "a higher epoch after the takeover: {sent:?}");
+    assert_eq!(sent.iter().filter(|(id, _)| id == second).count(), 1);
+    assert!(recorded(&store, "t1", first).await && recorded(&store, "t1", second).await);
+    here.stop().await.expect("stop");
+}
+
 conformance!(
+    a_reactor_records_what_it_did_with_its_checkpoint,
+    a_reaction_cut_off_by_a_kill_is_delivered_again,
     several_projections_run_side_by_side,
     archived_events_are_not_waited_for,
     a_writer_still_in_flight_is_waited_for,

@@ -7,19 +7,36 @@ use sea_orm::{DatabaseTransaction, DbBackend};
 use super::snapshot::Fold;
 use crate::error::{Error, Result};
 use crate::event::{Event, RecordedEvent, StoredMessage, is_unknown_type};
+use crate::store::EventStore;
 
-/// What a handler gets besides the event: the batch's transaction and the partition.
+/// What a handler gets besides the event: the batch's transaction, a store bound to it, the
+/// partition, and the daemon's lease epoch.
 pub struct ProjectionContext<'a> {
     pub(crate) txn: &'a DatabaseTransaction,
+    pub(crate) store: &'a EventStore,
     pub(crate) partition: &'a str,
     /// The stream of a per-stream run (`project_events`); `None` for a partition run.
     pub(crate) stream: Option<&'a str>,
+    pub(crate) epoch: Option<i64>,
 }
 
 impl ProjectionContext<'_> {
     /// The batch's transaction: write your read model here, it commits with the checkpoint.
     pub fn db(&self) -> &DatabaseTransaction {
         self.txn
+    }
+    /// The event store bound to the batch's transaction: events a handler appends (a reactor
+    /// recording what it did, a saga's next step) commit together with the checkpoint, or not
+    /// at all. Don't keep it beyond the call.
+    pub fn store(&self) -> &EventStore {
+        self.store
+    }
+    /// The epoch of the daemon's lease this batch runs under (`None` outside a daemon): a
+    /// fencing token that grows with every change of owner. Pass it to external systems that
+    /// can refuse requests from an older epoch; with the event's `message_id` as idempotency
+    /// key, a reaction delivered again after a crash is recognised.
+    pub fn lease_epoch(&self) -> Option<i64> {
+        self.epoch
     }
     /// The partition (tenant) being projected.
     pub fn partition(&self) -> &str {
@@ -30,6 +47,10 @@ impl ProjectionContext<'_> {
         sea_orm::ConnectionTrait::get_database_backend(self.txn)
     }
 }
+
+/// The events of one partition in a batch: `(partition, the lease epoch it runs under, its
+/// events in global order)`.
+pub(crate) type TenantBatch<'a, E> = (&'a str, Option<i64>, Vec<RecordedEvent<E>>);
 
 /// A custom projection step, called for each event it handles, inside the batch's transaction.
 ///
@@ -150,13 +171,15 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
     }
 
     /// Runs every step, in registration order, on the batches of one transaction: `(partition,
-    /// its events in global order)` each; `stream` for a per-stream run.
+    /// the lease epoch it runs under, its events in global order)` each; `stream` for a
+    /// per-stream run.
     pub(crate) async fn apply(
         &self,
-        txn: &DatabaseTransaction,
+        store: &EventStore,
         stream: Option<&str>,
-        batches: &[(&str, Vec<RecordedEvent<E>>)],
+        batches: &[TenantBatch<'_, E>],
     ) -> Result<()> {
+        let txn = store.transaction().expect("a batch runs on a session store");
         for registered in &self.steps {
             match &registered.step {
                 // One fold over every partition's events: their rows are keyed by each event's
@@ -164,16 +187,16 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
                 Step::Snapshot(projection) => {
                     let events: Vec<&RecordedEvent<E>> = batches
                         .iter()
-                        .flat_map(|(_, batch)| batch.iter().filter(|e| registered.handles(&e.message_type)))
+                        .flat_map(|(_, _, batch)| batch.iter().filter(|e| registered.handles(&e.message_type)))
                         .collect();
                     if let Some(first) = events.first() {
-                        let ctx = ProjectionContext { txn, partition: &first.partition, stream };
+                        let ctx = ProjectionContext { txn, store, partition: &first.partition, stream, epoch: None };
                         projection.fold(&ctx, &events).await?;
                     }
                 }
                 Step::Custom(handler) => {
-                    for (partition, batch) in batches {
-                        let ctx = ProjectionContext { txn, partition, stream };
+                    for (partition, epoch, batch) in batches {
+                        let ctx = ProjectionContext { txn, store, partition, stream, epoch: *epoch };
                         for event in batch.iter().filter(|e| registered.handles(&e.message_type)) {
                             handler.handle(&ctx, event).await.map_err(|source| handler_error(event, source))?;
                         }

@@ -247,7 +247,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         source: Source<'_>,
         options: &RunOptions,
     ) -> Result<(u64, u64)> {
-        let txn = backend::begin_write(&self.store.executor()).await?;
+        let txn = Arc::new(backend::begin_write(&self.store.executor()).await?);
         let checkpoint = backend::lock_checkpoint(&txn, subscription, partition).await?;
         tracing::Span::current().record("checkpoint", checkpoint);
         if let Some((owner, epoch)) = &options.lease {
@@ -262,7 +262,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         }
         let rows = read_after(&txn, partition, source, checkpoint, options.batch_size).await?;
         let Some(last) = rows.last() else {
-            txn.commit().await?;
+            commit(txn).await?;
             return Ok((0, checkpoint as u64));
         };
         let next_checkpoint = match source {
@@ -277,15 +277,18 @@ impl<E: Event + 'static> ProjectionRunner<E> {
             Source::Stream(stream) => Some(stream),
             Source::Partition { .. } => None,
         };
-        self.registry.apply(&txn, stream, &[(partition, batch)]).await?;
+        let epoch = options.lease.as_ref().map(|(_, epoch)| *epoch);
+        let session = self.store.bound_to(Arc::clone(&txn));
+        self.registry.apply(&session, stream, &[(partition, epoch, batch)]).await?;
+        drop(session);
         subscriptions::Entity::update_many()
             .col_expr(subscriptions::Column::LastProcessedPosition, Expr::value(next_checkpoint))
             .filter(subscriptions::Column::SubscriptionId.eq(subscription))
             .filter(subscriptions::Column::Partition.eq(partition))
             .filter(subscriptions::Column::Version.eq(1))
-            .exec(&txn)
+            .exec(&*txn)
             .await?;
-        txn.commit().await?;
+        commit(txn).await?;
         Ok((count, next_checkpoint as u64))
     }
 
@@ -342,7 +345,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         until: i64,
         options: &RunOptions,
     ) -> Result<Vec<GroupProgress>> {
-        let txn = backend::begin_write(&self.store.executor()).await?;
+        let txn = Arc::new(backend::begin_write(&self.store.executor()).await?);
         let names: Vec<&str> = tenants.iter().map(|(t, _)| t.as_str()).collect();
         let checkpoints = backend::lock_checkpoints(&txn, subscription, &names).await?;
         let held = backend::held_leases(&txn, subscription, owner, tenants).await?;
@@ -378,12 +381,15 @@ impl<E: Event + 'static> ProjectionRunner<E> {
             });
             if !rows.is_empty() {
                 moved.push((*tenant, next));
-                batches.push((*tenant, self.decode(&txn, subscription, rows, options).await?));
+                let epoch = tenants.iter().find(|(t, _)| t == tenant).map(|(_, epoch)| *epoch);
+                batches.push((*tenant, epoch, self.decode(&txn, subscription, rows, options).await?));
             }
         }
-        self.registry.apply(&txn, None, &batches).await?;
+        let session = self.store.bound_to(Arc::clone(&txn));
+        self.registry.apply(&session, None, &batches).await?;
+        drop(session);
         backend::move_checkpoints(&txn, subscription, &moved).await?;
-        txn.commit().await?;
+        commit(txn).await?;
         progress.extend(names.iter().filter(|t| !held.contains_key(**t)).map(|t| GroupProgress {
             tenant: t.to_string(),
             processed: 0,
@@ -465,4 +471,11 @@ async fn read_partitions_after(
         .collect::<std::result::Result<Vec<_>, _>>()?;
     messages.sort_by_key(|m| m.global_position);
     Ok(messages)
+}
+
+/// Commits a batch's transaction; a handler that kept the store it was given holds it, and the
+/// batch fails ([`Error::SessionStillInUse`]) instead of committing.
+async fn commit(txn: Arc<DatabaseTransaction>) -> Result<()> {
+    Arc::into_inner(txn).ok_or(Error::SessionStillInUse)?.commit().await?;
+    Ok(())
 }

@@ -4,19 +4,20 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 
 use crate::backend::{self, Append, Appended};
 use crate::error::{Error, Result};
 use crate::event::{Event, StoredMessage};
 use crate::projection::ProjectionRegistry;
 use crate::schema::messages;
+use crate::store::EventStore;
 
 /// A named registry, whatever its event type.
 #[async_trait]
 pub(super) trait Inline: Send + Sync {
     fn name(&self) -> &str;
-    async fn apply(&self, txn: &DatabaseTransaction, partition: &str, rows: Vec<StoredMessage>) -> Result<()>;
+    async fn apply(&self, store: &EventStore, partition: &str, rows: Vec<StoredMessage>) -> Result<()>;
 }
 
 pub(super) struct Named<E> {
@@ -30,13 +31,13 @@ impl<E: Event + 'static> Inline for Named<E> {
         &self.name
     }
 
-    async fn apply(&self, txn: &DatabaseTransaction, partition: &str, rows: Vec<StoredMessage>) -> Result<()> {
+    async fn apply(&self, store: &EventStore, partition: &str, rows: Vec<StoredMessage>) -> Result<()> {
         let mut events = Vec::with_capacity(rows.len());
         for row in rows {
             events.extend(self.registry.accept(row)?);
         }
         if !events.is_empty() {
-            self.registry.apply(txn, None, &[(partition, events)]).await?;
+            self.registry.apply(store, None, &[(partition, None, events)]).await?;
         }
         Ok(())
     }
@@ -57,12 +58,9 @@ impl InlineProjections {
     /// projection on the events written; `None` when the expected version does not hold. A
     /// projection's failure rolls everything back: [`Error::InlineProjection`], unless it is a
     /// busy database or a lost connection, which the store retries as such.
-    pub async fn append<C>(&self, conn: &C, append: &Append<'_>) -> Result<Option<Appended>>
-    where
-        C: sea_orm::TransactionTrait<Transaction = DatabaseTransaction>,
-    {
-        let txn = backend::begin_write(conn).await?;
-        let Some(done) = backend::append(&txn, append).await? else { return Ok(None) };
+    pub async fn append(&self, store: &EventStore, append: &Append<'_>) -> Result<Option<Appended>> {
+        let txn = Arc::new(backend::begin_write(&store.executor()).await?);
+        let Some(done) = backend::append(&*txn, append).await? else { return Ok(None) };
         let first = done.next_expected_version as i64 - append.events.len() as i64;
         let rows = messages::Entity::find()
             .filter(messages::Column::StreamId.eq(append.stream_id))
@@ -71,17 +69,20 @@ impl InlineProjections {
             .filter(messages::Column::StreamPosition.gt(first))
             .order_by_asc(messages::Column::StreamPosition)
             .into_model::<StoredMessage>()
-            .all(&txn)
+            .all(&*txn)
             .await?;
+        // Appends of the projections go through a store without them (no recursion).
+        let session = store.bound_to(Arc::clone(&txn)).without_inline();
         for projection in &self.0 {
-            projection.apply(&txn, append.partition, rows.clone()).await.map_err(|source| match source {
+            projection.apply(&session, append.partition, rows.clone()).await.map_err(|source| match source {
                 source if source.is_transient() => source,
                 source => {
                     Error::InlineProjection { projection: projection.name().to_owned(), source: Box::new(source) }
                 }
             })?;
         }
-        txn.commit().await?;
+        drop(session);
+        Arc::into_inner(txn).ok_or(Error::SessionStillInUse)?.commit().await?;
         Ok(Some(done))
     }
 }

@@ -147,6 +147,25 @@ impl EventStore {
         self.signals.appends.subscribe()
     }
 
+    /// This store bound to `txn` (as in a session): its appends and queries run there.
+    pub(crate) fn bound_to(&self, txn: Arc<DatabaseTransaction>) -> EventStore {
+        EventStore { conn: Conn::Session(txn), signals: Arc::clone(&self.signals), inline: self.inline.clone() }
+    }
+
+    /// This store without inline projections.
+    pub(crate) fn without_inline(mut self) -> EventStore {
+        self.inline = Default::default();
+        self
+    }
+
+    /// The transaction of a session store.
+    pub(crate) fn transaction(&self) -> Option<&DatabaseTransaction> {
+        match &self.conn {
+            Conn::Pool(_) => None,
+            Conn::Session(txn) => Some(txn),
+        }
+    }
+
     /// The pool this store works on (`None` inside a session).
     pub(crate) fn pool(&self) -> Option<&DatabaseConnection> {
         match &self.conn {
@@ -251,7 +270,7 @@ impl EventStore {
         let attempt = || async {
             let written = match self.inline.0.is_empty() {
                 true => backend::append(&self.executor(), append).await.map_err(Error::from),
-                false => self.inline.append(&self.executor(), append).await,
+                false => self.inline.append(self, append).await,
             };
             let failure = match written {
                 Ok(Some(done)) => return Ok(Some(done)),
@@ -422,12 +441,7 @@ impl EventStore {
         E: From<Error>,
     {
         let txn = Arc::new(backend::begin_write(&self.executor()).await.map_err(Error::from)?);
-        let outcome = work(EventStore {
-            conn: Conn::Session(Arc::clone(&txn)),
-            signals: Arc::clone(&self.signals),
-            inline: self.inline.clone(),
-        })
-        .await;
+        let outcome = work(self.bound_to(Arc::clone(&txn))).await;
         // A clone kept alive by `work` holds the transaction; it rolls back when dropped.
         let txn = Arc::into_inner(txn).ok_or(Error::SessionStillInUse)?;
         match outcome {
