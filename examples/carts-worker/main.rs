@@ -1,5 +1,5 @@
-//! The carts projections as a long-running worker: every projection for every tenant, kept
-//! current until Ctrl-C (SIGINT) or SIGTERM, then a graceful stop (exit code 0).
+//! The carts projections and the orders reactor as a long-running worker: every one for every
+//! tenant, kept current until Ctrl-C (SIGINT) or SIGTERM, then a graceful stop (exit code 0).
 //!
 //! `cargo run --example carts-worker` uses the demo's SQLite file (`carts.db`); set
 //! `DATABASE_URL` like for the demo. Start it twice: the two processes split the tenants, and
@@ -8,6 +8,8 @@
 #[path = "../carts/domain.rs"]
 #[allow(dead_code)]
 mod domain;
+#[path = "../carts/orders.rs"]
+mod orders;
 #[path = "../carts/read_model.rs"]
 mod read_model;
 
@@ -31,6 +33,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let daemon = Daemon::new(EventStore::new(db))
         .projection("carts-read-model", ProjectionRegistry::new().with(read_model::projection()))
+        .projection("orders", orders::reactor())
         .start()
         .await?;
     println!("worker {} running on {url}; Ctrl-C to stop", daemon.owner());

@@ -1,33 +1,39 @@
 //! Multi-tenant shopping carts: commands decided against the aggregate, events appended with
-//! optimistic concurrency, and a `carts` read model kept by a snapshot projection that reuses
-//! the domain's `evolve`, run per tenant.
+//! optimistic concurrency, a `carts` read model kept by a snapshot projection that reuses the
+//! domain's `evolve` — inline, in each append's transaction — and a reactor, run by the
+//! projection daemon, that places an order for each checkout.
 //!
 //! `cargo run --example carts` uses an embedded SQLite file (`carts.db`); set `DATABASE_URL`
 //! to a PostgreSQL or MySQL URL to use those. Run it again: it carries on where it stopped.
 
 mod domain;
+mod orders;
 mod read_model;
 
+use std::time::Duration;
+
 use domain::{Cart, CartCommand, decide, evolve};
-use emmett_seaorm::projection::{ProjectionRegistry, ProjectionRunner, RunOptions};
+use emmett_seaorm::daemon::Daemon;
+use emmett_seaorm::projection::ProjectionRegistry;
 use emmett_seaorm::{AppendOptions, EventStore, ExpectedVersion, ReadOptions};
+use orders::OrderEvent;
 use sea_orm::{EntityTrait, QueryOrder};
 
 /// Decides `command` against the cart's current state and appends the outcome, expecting the
-/// version it decided on.
+/// version it decided on; returns the global position of the last event appended (0: refused).
 async fn handle(
     store: &EventStore,
     tenant: &str,
     cart_id: &str,
     command: CartCommand,
-) -> Result<(), Box<dyn std::error::Error>> {
+) -> Result<u64, Box<dyn std::error::Error>> {
     let current =
         store.aggregate_stream(cart_id, evolve, Cart::default, ReadOptions::default().partition(tenant)).await?;
     let events = match decide(command.clone(), &current.state) {
         Ok(events) => events,
         Err(refused) => {
             println!("  {tenant}/{cart_id}: {command:?} refused: {refused}");
-            return Ok(());
+            return Ok(0);
         }
     };
     let options = AppendOptions::default()
@@ -36,7 +42,7 @@ async fn handle(
         .expected(ExpectedVersion::Exact(current.current_stream_version));
     let appended = store.append_to_stream(cart_id, events, options).await?;
     println!("  {tenant}/{cart_id}: {command:?} -> version {}", appended.next_expected_stream_version);
-    Ok(())
+    Ok(appended.last_event_global_position)
 }
 
 #[tokio::main]
@@ -46,7 +52,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let db = emmett_seaorm::connect(&url).await?;
     emmett_seaorm::migrate(&db).await?;
     read_model::create_table(&db).await?;
-    let store = EventStore::new(db.clone());
+    // The read model changes with each append, in its transaction.
+    let store = EventStore::new(db.clone()).inline("carts", ProjectionRegistry::new().with(read_model::projection()));
 
     // Each run adds a new cart per tenant, so re-running shows the runner resuming.
     let run = store
@@ -62,6 +69,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .await?;
     println!("run {run}: deciding commands");
+    let mut last = 0;
     for (tenant, currency) in [("acme", "EUR"), ("globex", "USD")] {
         store.create_partition(tenant).await?;
         let (kept, dropped) = (format!("cart-{run}-a"), format!("cart-{run}-b"));
@@ -78,21 +86,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             (&dropped, Empty),
             (&dropped, Cancel { reason: "changed my mind".into() }),
         ] {
-            handle(&store, tenant, cart, command).await?;
+            last = last.max(handle(&store, tenant, cart, command).await?);
         }
     }
 
-    let runner = ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(read_model::projection()));
-    println!("projecting, one runner per tenant");
+    // The reactor runs in the projection daemon (`carts-worker` runs it continuously); here it
+    // runs until it has seen every checkout so far.
+    let daemon = Daemon::new(store.clone()).projection("orders", orders::reactor()).start().await?;
+    tokio::time::timeout(Duration::from_secs(30), daemon.caught_up(last)).await??;
+    daemon.stop().await?;
+    println!("orders placed by the reactor:");
     for tenant in ["acme", "globex"] {
-        let done = runner.project_partition("carts-read-model", RunOptions::default().partition(tenant)).await?;
-        println!(
-            "  {tenant}: {} new events, checkpoint at global position {}",
-            done.processed, done.last_processed_position
-        );
+        let order = store
+            .read_stream::<OrderEvent>(&format!("order-order-{run}"), ReadOptions::default().partition(tenant))
+            .await?;
+        for placed in order.events {
+            println!("  {tenant}/order-order-{run}: {:?}", placed.event);
+        }
     }
 
-    println!("carts read model (plain SeaORM query):");
+    println!("carts read model (plain SeaORM query; kept inline):");
     let rows = read_model::Entity::find()
         .order_by_asc(read_model::Column::TenantId)
         .order_by_asc(read_model::Column::CartId)
