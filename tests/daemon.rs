@@ -651,6 +651,12 @@ async fn a_reaction_cut_off_by_a_kill_is_delivered_again(db: TestDb) {
     assert!(first_sends[1] > first_sends[0], "a higher epoch after the takeover: {sent:?}");
     assert_eq!(sent.iter().filter(|(id, _)| id == second).count(), 1);
     assert!(recorded(&store, "t1", first).await && recorded(&store, "t1", second).await);
+    // What the killed reaction recorded died with its batch: one receipt event, not two.
+    let receipt = store
+        .read_stream::<Ev>(&format!("receipt-{first}"), emmett_seaorm::ReadOptions::default().partition("t1"))
+        .await
+        .unwrap();
+    assert_eq!(receipt.events.len(), 1);
     here.stop().await.expect("stop");
 }
 
