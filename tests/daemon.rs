@@ -592,14 +592,23 @@ async fn a_reactor_records_what_it_did_with_its_checkpoint(db: TestDb) {
     assert!(recorded(&store, "good", &good.events[0].message_id).await);
     // The refused reaction: sent (a side effect can't be taken back) but not recorded, and the
     // tenant parked; delivered again with the same message id.
+    // Refused three times (the default `retries`): parked, the other tenant untouched.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while sent(&outside).await.iter().filter(|(id, _)| *id == refused_id).count() < 2 {
-        assert!(Instant::now() < deadline, "not delivered again");
+    let bad = loop {
+        let status = daemon.status().await.unwrap();
+        let bad = status.get("receipts", "bad").cloned().unwrap();
+        if bad.parked {
+            break bad;
+        }
+        assert!(bad.failures < 3, "{bad:?}");
+        assert!(Instant::now() < deadline, "not parked: {status:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
+    assert!(bad.failures >= 3 && bad.checkpoint < refused, "{bad:?}");
+    assert!(sent(&outside).await.iter().filter(|(id, _)| *id == refused_id).count() >= 3, "delivered each time");
     assert!(!recorded(&store, "bad", &refused_id).await, "recorded although its batch failed");
-    let bad = daemon.status().await.unwrap().get("receipts", "bad").cloned().unwrap();
-    assert!(bad.failures >= 1 && bad.checkpoint < refused, "{bad:?}");
+    let good_status = daemon.status().await.unwrap().get("receipts", "good").cloned().unwrap();
+    assert!(!good_status.parked && good_status.failures == 0, "{good_status:?}");
     failing.store(false, Ordering::SeqCst);
     caught_up_on(&daemon, "receipts", "bad", refused).await;
     assert!(recorded(&store, "bad", &refused_id).await);

@@ -162,10 +162,14 @@ pub(super) async fn turn(
     Turn::Ran { checkpoint: checkpoint.unwrap_or(0), processed, more: true }
 }
 
-/// The pause before the `failures`-th retry: `min` doubled per failure, at most `max`.
+/// The pause after `failures` failed runs in a row: backon's exponential schedule, `min`
+/// doubled per failure, at most `max`.
 pub(super) fn backoff(failures: i64, min: Duration, max: Duration) -> Duration {
-    let doublings = failures.saturating_sub(1).clamp(0, 30) as u32;
-    min.saturating_mul(2u32.saturating_pow(doublings)).min(max)
+    use backon::BackoffBuilder;
+    let doublings = failures.saturating_sub(1).clamp(0, 64) as usize;
+    let mut schedule =
+        backon::ExponentialBuilder::default().with_min_delay(min).with_max_delay(max).without_max_times().build();
+    schedule.nth(doublings).unwrap_or(max)
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ pub struct DaemonHandle {
     db: DatabaseConnection,
     subscriptions: Vec<String>,
     tenants: Option<BTreeSet<String>>,
+    retries: u32,
     progress: watch::Receiver<u64>,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<Result<()>>>,
@@ -38,11 +39,12 @@ impl DaemonHandle {
         db: DatabaseConnection,
         subscriptions: Vec<String>,
         tenants: Option<BTreeSet<String>>,
+        retries: u32,
         progress: watch::Receiver<u64>,
         stop: watch::Sender<bool>,
         task: JoinHandle<Result<()>>,
     ) -> Self {
-        Self { owner, db, subscriptions, tenants, progress, stop, task: Some(task) }
+        Self { owner, db, subscriptions, tenants, retries, progress, stop, task: Some(task) }
     }
 
     /// This instance's name, as lease rows show it.
@@ -143,6 +145,7 @@ impl DaemonHandle {
                 lag_events: lag_events.max(0) as u64,
                 lag: Duration::from_secs_f64(lag_seconds.max(0.0)),
                 failures: row.failures.max(0) as u64,
+                parked: row.failures >= i64::from(self.retries),
                 retry_in: Duration::from_millis(row.retry_in_ms.max(0) as u64),
                 last_error: row.last_error.map(|e| (e, row.error_position.unwrap_or(0).max(0) as u64)),
                 owner: row.owner,

@@ -10,8 +10,9 @@
 //! elsewhere when its lease expires (TTL, 10 s by default).
 //!
 //! A tenant whose first event arrives while the daemon runs is picked up within one poll
-//! interval. A failing projection parks only its tenant, with exponential backoff, and records
-//! the error where [`DaemonHandle::status`] shows it.
+//! interval. A failing projection stops only its tenant: retried with exponential backoff,
+//! parked after [`Daemon::retries`] failures in a row, its error recorded where
+//! [`DaemonHandle::status`] shows it.
 //!
 //! ```no_run
 //! # use serde::{Deserialize, Serialize};
@@ -61,6 +62,7 @@ pub(crate) struct Options {
     poll_max: Duration,
     backoff_min: Duration,
     backoff_max: Duration,
+    retries: u32,
     batch_size: u64,
     concurrency: usize,
     skip_undecodable: bool,
@@ -76,6 +78,7 @@ impl Default for Options {
             poll_max: Duration::from_secs(1),
             backoff_min: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
+            retries: 3,
             batch_size: 500,
             concurrency: 8,
             skip_undecodable: false,
@@ -144,11 +147,19 @@ impl Daemon {
         self
     }
 
-    /// How long a failing (projection, tenant) stays parked: `min` after the first failure,
-    /// doubling up to `max` (default 1 s → 5 min).
+    /// How long a failing (projection, tenant) waits before it runs again: `min` after the
+    /// first failure, doubling up to `max` (default 1 s → 5 min). Other tenants go on meanwhile.
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
         self.options.backoff_min = min;
         self.options.backoff_max = max.max(min);
+        self
+    }
+
+    /// Failed runs in a row after which a (projection, tenant) counts as *parked* (default 3):
+    /// reported by [`LeaseStatus::parked`], logged as an error and counted in the
+    /// `emmett_daemon_parked` metric. It keeps being retried with the [`backoff`](Self::backoff).
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.options.retries = retries.max(1);
         self
     }
 
@@ -194,6 +205,7 @@ impl Daemon {
         let (progress, progress_rx) = watch::channel(0);
         let (stop, stop_rx) = watch::channel(false);
         let subscriptions: Vec<String> = self.projections.keys().cloned().collect();
+        let retries = self.options.retries;
         let worker = worker::Worker {
             store: self.store,
             db: db.clone(),
@@ -204,7 +216,7 @@ impl Daemon {
             progress,
         };
         let task = tokio::spawn(worker.run(stop_rx));
-        Ok(DaemonHandle::new(owner, db, subscriptions, self.tenants, progress_rx, stop, task))
+        Ok(DaemonHandle::new(owner, db, subscriptions, self.tenants, retries, progress_rx, stop, task))
     }
 }
 

@@ -46,8 +46,10 @@ pub struct LeaseStatus {
     pub lag_events: u64,
     /// Age of the oldest event past the checkpoint (zero when caught up).
     pub lag: Duration,
-    /// Failed runs in a row; above zero the lease is parked until `retry_in` has passed.
+    /// Failed runs in a row; above zero it runs again once `retry_in` has passed.
     pub failures: u64,
+    /// Whether it failed [`retries`](super::Daemon::retries) times in a row or more.
+    pub parked: bool,
     /// Time left until a parked lease runs again.
     pub retry_in: Duration,
     /// The last failure, and the checkpoint it happened after.

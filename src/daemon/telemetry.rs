@@ -9,7 +9,7 @@
 //! | `emmett_daemon_lag_seconds` | gauge: how long the tenant has been behind | `subscription`, `tenant` |
 //! | `emmett_daemon_leases_held` | gauge | `owner` |
 //! | `emmett_daemon_coordination_age_seconds` | gauge: since the last successful lease round | `owner` |
-//! | `emmett_daemon_parked` | gauge: 1 while the tenant is parked | `subscription`, `tenant` |
+//! | `emmett_daemon_parked` | gauge: 1 while the tenant has failed `retries` times in a row | `subscription`, `tenant` |
 
 use std::time::Duration;
 

@@ -309,14 +309,22 @@ impl Worker {
                 let pause = agent::backoff(held.failures, self.options.backoff_min, self.options.backoff_max);
                 held.retry_at = Some(Instant::now() + pause);
                 let position = held.checkpoint.unwrap_or(0);
-                tracing::error!(
-                    subscription = key.0, tenant = key.1, position, failures = held.failures, retry_in = ?pause, %error,
-                    "projection failed; tenant parked"
-                );
+                let parked = held.failures >= i64::from(self.options.retries);
+                let failures = held.failures;
+                match parked {
+                    true => tracing::error!(
+                        subscription = key.0, tenant = key.1, position, failures, retry_in = ?pause, %error,
+                        "projection failed again; tenant parked"
+                    ),
+                    false => tracing::warn!(
+                        subscription = key.0, tenant = key.1, position, failures, retry_in = ?pause, %error,
+                        "projection failed; retrying"
+                    ),
+                }
                 let message = error.to_string();
                 backend::park(&self.db, &key.0, &key.1, held.failures, pause.as_millis() as i64, &message, position)
                     .await?;
-                telemetry::parked(&key.0, &key.1, true);
+                telemetry::parked(&key.0, &key.1, parked);
                 Ok(false)
             }
         }
