@@ -15,14 +15,14 @@ use crate::schema::subscriptions;
 /// A running daemon. [`stop`](Self::stop) it to hand its work over gracefully; dropping the
 /// handle aborts it like a crash would (its leases are free once they expire).
 pub struct DaemonHandle {
-    owner: String,
-    db: DatabaseConnection,
-    subscriptions: Vec<String>,
-    tenants: Option<BTreeSet<String>>,
-    retries: u32,
-    progress: watch::Receiver<u64>,
-    stop: watch::Sender<bool>,
-    task: Option<JoinHandle<Result<()>>>,
+    pub(super) owner: String,
+    pub(super) db: DatabaseConnection,
+    pub(super) subscriptions: Vec<String>,
+    pub(super) tenants: Option<BTreeSet<String>>,
+    pub(super) retries: u32,
+    pub(super) progress: watch::Receiver<u64>,
+    pub(super) stop: watch::Sender<bool>,
+    pub(super) task: Option<JoinHandle<Result<()>>>,
 }
 
 impl Drop for DaemonHandle {
@@ -34,19 +34,6 @@ impl Drop for DaemonHandle {
 }
 
 impl DaemonHandle {
-    pub(super) fn new(
-        owner: String,
-        db: DatabaseConnection,
-        subscriptions: Vec<String>,
-        tenants: Option<BTreeSet<String>>,
-        retries: u32,
-        progress: watch::Receiver<u64>,
-        stop: watch::Sender<bool>,
-        task: JoinHandle<Result<()>>,
-    ) -> Self {
-        Self { owner, db, subscriptions, tenants, retries, progress, stop, task: Some(task) }
-    }
-
     /// This instance's name, as lease rows show it.
     pub fn owner(&self) -> &str {
         &self.owner

@@ -216,7 +216,16 @@ impl Daemon {
             progress,
         };
         let task = tokio::spawn(worker.run(stop_rx));
-        Ok(DaemonHandle::new(owner, db, subscriptions, self.tenants, retries, progress_rx, stop, task))
+        Ok(DaemonHandle {
+            owner,
+            db,
+            subscriptions,
+            tenants: self.tenants,
+            retries,
+            progress: progress_rx,
+            stop,
+            task: Some(task),
+        })
     }
 }
 
