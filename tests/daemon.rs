@@ -401,6 +401,73 @@ impl EventHandler<Ev> for Counter {
     }
 }
 
+/// Records each call it gets: (tenant, events, first position) into `calls`.
+struct Bulk;
+
+#[async_trait::async_trait]
+impl emmett_seaorm::projection::BatchHandler<Ev> for Bulk {
+    async fn handle_batch(
+        &self,
+        ctx: &ProjectionContext<'_>,
+        events: &[&RecordedEvent<Ev>],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        assert!(events.iter().all(|e| matches!(e.event, Ev::Deposited { .. }) && e.partition == ctx.partition()));
+        assert!(events.windows(2).all(|w| w[0].global_position < w[1].global_position));
+        let mut insert = Query::insert();
+        insert
+            .into_table(Alias::new("calls"))
+            .columns([Alias::new("tenant"), Alias::new("events"), Alias::new("first")])
+            .values_panic([
+                ctx.partition().into(),
+                (events.len() as i64).into(),
+                (events[0].global_position as i64).into(),
+            ]);
+        ctx.db().execute(&insert).await?;
+        Ok(())
+    }
+}
+
+/// A batch handler gets each partition's handled events of a batch in one call, in order.
+async fn batch_handlers_get_a_tenants_events_at_once(db: TestDb) {
+    let mut create = Table::create();
+    create
+        .table(Alias::new("calls"))
+        .col(ColumnDef::new(Alias::new("tenant")).string_len(255).not_null())
+        .col(ColumnDef::new(Alias::new("events")).big_integer().not_null())
+        .col(ColumnDef::new(Alias::new("first")).big_integer().not_null());
+    db.db.execute(&create).await.unwrap();
+    let store = db.store();
+    let mut last = 0;
+    for t in ["t1", "t2", "t3"] {
+        store
+            .append_to_stream("a", [Ev::Opened { owner: t.into() }], AppendOptions::default().partition(t))
+            .await
+            .unwrap();
+        for i in 0..10 {
+            last = deposit(&store, t, "a", i).await;
+        }
+    }
+    let daemon = Daemon::new(store)
+        .projection("bulk", ProjectionRegistry::new().on_batch(["Deposited"], Bulk))
+        .start()
+        .await
+        .expect("start");
+    caught_up(&daemon, last, Duration::from_secs(10)).await;
+    let select =
+        Query::select().columns([Alias::new("tenant"), Alias::new("events")]).from(Alias::new("calls")).to_owned();
+    let mut calls: Vec<(String, i64)> = db
+        .db
+        .query_all(&select)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.try_get_by_index(0).unwrap(), r.try_get_by_index(1).unwrap()))
+        .collect();
+    calls.sort();
+    assert_eq!(calls, vec![("t1".into(), 10), ("t2".into(), 10), ("t3".into(), 10)]);
+    daemon.stop().await.expect("stop");
+}
+
 /// One daemon, two projections over the same tenants: each keeps its own checkpoints and read
 /// model, and both follow every tenant.
 async fn several_projections_run_side_by_side(db: TestDb) {
@@ -670,6 +737,7 @@ async fn a_reaction_cut_off_by_a_kill_is_delivered_again(db: TestDb) {
 }
 
 conformance!(
+    batch_handlers_get_a_tenants_events_at_once,
     a_reactor_records_what_it_did_with_its_checkpoint,
     a_reaction_cut_off_by_a_kill_is_delivered_again,
     several_projections_run_side_by_side,

@@ -29,7 +29,7 @@ mod snapshot;
 
 use std::collections::BTreeMap;
 
-pub use registry::{EventHandler, ProjectionContext, ProjectionRegistry};
+pub use registry::{BatchHandler, EventHandler, ProjectionContext, ProjectionRegistry};
 pub(crate) use runner::GroupProgress;
 pub use runner::{ProjectEventsResult, ProjectPartitionResult, ProjectionRunner, RunOptions};
 pub use snapshot::{SnapshotProjection, construct_stream_id};

@@ -84,9 +84,44 @@ pub trait EventHandler<E>: Send + Sync {
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
 }
 
+/// A custom step called once per batch and partition with all the events it handles: for
+/// reactions that are cheaper in bulk (one message to a broker, one bulk request), inside the
+/// batch's transaction like [`EventHandler`].
+///
+/// ```
+/// use emmett_seaorm::projection::{BatchHandler, ProjectionContext};
+/// use emmett_seaorm::RecordedEvent;
+///
+/// struct Publish;
+///
+/// #[async_trait::async_trait]
+/// impl BatchHandler<serde_json::Value> for Publish {
+///     async fn handle_batch(
+///         &self,
+///         ctx: &ProjectionContext<'_>,
+///         events: &[&RecordedEvent<serde_json::Value>],
+///     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+///         let ids: Vec<&str> = events.iter().map(|e| e.message_id.as_str()).collect();
+///         println!("publishing {} events of {}: {ids:?}", events.len(), ctx.partition());
+///         Ok(())
+///     }
+/// }
+/// ```
+#[async_trait::async_trait]
+pub trait BatchHandler<E>: Send + Sync {
+    /// Handles the batch's events of one partition, in global order. An error rolls the whole
+    /// batch back.
+    async fn handle_batch(
+        &self,
+        ctx: &ProjectionContext<'_>,
+        events: &[&RecordedEvent<E>],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+}
+
 enum Step<E> {
     Snapshot(Arc<dyn Fold<E>>),
     Custom(Arc<dyn EventHandler<E>>),
+    Batch(Arc<dyn BatchHandler<E>>),
 }
 
 struct Registered<E> {
@@ -139,6 +174,19 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
         let types: Vec<String> = event_types.into_iter().map(str::to_owned).collect();
         let event_types = (!types.is_empty()).then_some(types);
         self.steps.push(Registered { event_types, step: Step::Custom(Arc::new(handler)) });
+        self
+    }
+
+    /// Adds a handler called once per batch and partition with its events of the given types
+    /// (an empty list, `[]`: every event).
+    pub fn on_batch<'a>(
+        mut self,
+        event_types: impl IntoIterator<Item = &'a str>,
+        handler: impl BatchHandler<E> + 'static,
+    ) -> Self {
+        let types: Vec<String> = event_types.into_iter().map(str::to_owned).collect();
+        let event_types = (!types.is_empty()).then_some(types);
+        self.steps.push(Registered { event_types, step: Step::Batch(Arc::new(handler)) });
         self
     }
 
@@ -199,6 +247,16 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
                         let ctx = ProjectionContext { txn, store, partition, stream, epoch: *epoch };
                         for event in batch.iter().filter(|e| registered.handles(&e.message_type)) {
                             handler.handle(&ctx, event).await.map_err(|source| handler_error(event, source))?;
+                        }
+                    }
+                }
+                Step::Batch(handler) => {
+                    for (partition, epoch, batch) in batches {
+                        let ctx = ProjectionContext { txn, store, partition, stream, epoch: *epoch };
+                        let events: Vec<&RecordedEvent<E>> =
+                            batch.iter().filter(|e| registered.handles(&e.message_type)).collect();
+                        if let Some(first) = events.first() {
+                            handler.handle_batch(&ctx, &events).await.map_err(|source| handler_error(first, source))?;
                         }
                     }
                 }
