@@ -96,9 +96,11 @@ async fn sqlite_runs_in_wal_mode() {
 }
 
 /// The child's side of `two_processes_share_one_sqlite_file`: set by the parent.
+#[cfg(feature = "sqlite")]
 const CHILD_DB: &str = "EMMETT_TEST_SQLITE_CHILD_DB";
 
 /// Appends `count` single-event appends (`Any`) round-robin to four streams of tenant `t`.
+#[cfg(feature = "sqlite")]
 async fn append_many(store: &emmett_seaorm::EventStore, writer: &str, count: usize) {
     for i in 0..count {
         let event = serde_json::json!({ "type": "Deposited", "data": { "amount": 1, "writer": writer, "i": i } });

@@ -375,7 +375,9 @@ async fn blocked_writer_gets_a_typed_busy_error(db: TestDb) {
     let store = db.store();
     store.append_to_stream("b", [Ev::Closed], on("t")).await.unwrap();
     let mut options = sea_orm::ConnectOptions::new(db.url.clone());
-    options.sqlx_logging(false).map_sqlx_sqlite_opts(|o| o.busy_timeout(Duration::from_millis(300)));
+    options.sqlx_logging(false);
+    #[cfg(feature = "sqlite")]
+    options.map_sqlx_sqlite_opts(|o| o.busy_timeout(Duration::from_millis(300)));
     let impatient = EventStore::new(sea_orm::Database::connect(options).await.unwrap());
     let holder = db.db.begin().await.unwrap();
     match backend {

@@ -25,14 +25,18 @@ mod schema;
 
 use sea_orm::{DatabaseTransaction, DbErr, TransactionOptions, TransactionTrait};
 
-pub(crate) use append::{APPENDS_CHANNEL, Append, Appended, append};
+#[cfg(feature = "postgres")]
+pub(crate) use append::APPENDS_CHANNEL;
+pub(crate) use append::{Append, Appended, append};
 pub(crate) use failure::{is_retried, retry_policy};
 pub(crate) use horizon::{
     global_horizon, head, horizon, index_order_only, last_position_upto, partition_heads, pending,
 };
+#[cfg(feature = "postgres")]
+pub(crate) use leases::{LEASES_CHANNEL, PRESENCE_PREFIX};
 pub(crate) use leases::{
-    LEASES_CHANNEL, LeaseRow, Leases, PRESENCE_PREFIX, claim, create_lease_tables, drop_lease_tables, ensure_leases,
-    heartbeat, held_leases, leases, leave, park, release, unpark,
+    LeaseRow, Leases, claim, create_lease_tables, drop_lease_tables, ensure_leases, heartbeat, held_leases, leases,
+    leave, park, release, unpark,
 };
 pub(crate) use locks::{lock_checkpoint, lock_checkpoints, lock_snapshots, move_checkpoints};
 pub(crate) use schema::{

@@ -3,13 +3,15 @@
 //! and carries the instance's name so the others know it is alive.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::AtomicBool;
+#[cfg(feature = "postgres")]
+use std::{sync::atomic::Ordering, time::Duration};
 
-use sea_orm::{DatabaseConnection, DbBackend};
+use sea_orm::DatabaseConnection;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+#[cfg(feature = "postgres")]
 use crate::backend::{APPENDS_CHANNEL, LEASES_CHANNEL, PRESENCE_PREFIX};
 
 /// The presence connection (PostgreSQL only): `up` while it is connected. `appended` changes
@@ -24,12 +26,14 @@ pub(super) struct Presence {
     _idle: Option<Wake>,
 }
 
-/// The senders behind [`Presence`]'s receivers.
+/// The senders behind [`Presence`]'s receivers (only the PostgreSQL listener sends).
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 struct Wake {
     appended: watch::Sender<u64>,
     leases: watch::Sender<u64>,
 }
 
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 impl Wake {
     fn all(&self) {
         self.appended.send_modify(|n| *n += 1);
@@ -53,24 +57,19 @@ impl Presence {
         let (appended_tx, appended) = watch::channel(0u64);
         let (leases_tx, leases) = watch::channel(0u64);
         let wake = Wake { appended: appended_tx, leases: leases_tx };
-        let (task, idle) = match db.get_database_backend() {
-            #[cfg(feature = "postgres")]
-            DbBackend::Postgres => {
-                let pool = db.get_postgres_connection_pool();
-                let options =
-                    pool.connect_options().as_ref().clone().application_name(&format!("{PRESENCE_PREFIX}{owner}"));
-                let (up, ready) = (Arc::clone(&up), Arc::new(tokio::sync::Notify::new()));
-                let task = tokio::spawn(listen(options, appends, Arc::clone(&up), wake, Arc::clone(&ready)));
-                // Let the first connection come up (briefly) so the instance starts alive.
-                let _ = tokio::time::timeout(Duration::from_secs(2), ready.notified()).await;
-                (Some(task), None)
-            }
-            _ => {
-                let _ = (owner, appends, PRESENCE_PREFIX);
-                (None, Some(wake))
-            }
-        };
-        Self { up, appended, leases, task, _idle: idle }
+        #[cfg(feature = "postgres")]
+        if db.get_database_backend() == sea_orm::DbBackend::Postgres {
+            let pool = db.get_postgres_connection_pool();
+            let options =
+                pool.connect_options().as_ref().clone().application_name(&format!("{PRESENCE_PREFIX}{owner}"));
+            let ready = Arc::new(tokio::sync::Notify::new());
+            let task = tokio::spawn(listen(options, appends, Arc::clone(&up), wake, Arc::clone(&ready)));
+            // Let the first connection come up (briefly) so the instance starts alive.
+            let _ = tokio::time::timeout(Duration::from_secs(2), ready.notified()).await;
+            return Self { up, appended, leases, task: Some(task), _idle: None };
+        }
+        let _ = (db, owner, appends);
+        Self { up, appended, leases, task: None, _idle: Some(wake) }
     }
 }
 
