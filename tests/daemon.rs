@@ -520,6 +520,19 @@ async fn archived_events_are_not_waited_for(db: TestDb) {
     daemon.stop().await.expect("stop");
 }
 
+/// `start` returns once the instance is registered, or the reason it could not be; bad names
+/// are refused before anything runs.
+async fn start_reports_what_keeps_a_daemon_from_running(db: TestDb) {
+    let long = "x".repeat(300);
+    let refused = Daemon::new(db.store()).projection(long.as_str(), recorder(Arc::default())).start().await;
+    assert!(matches!(refused, Err(emmett_seaorm::Error::InvalidIdentifier { .. })), "{:?}", refused.err());
+    let refused = daemon(db.store(), Arc::default()).tenants([long.as_str()]).start().await;
+    assert!(matches!(refused, Err(emmett_seaorm::Error::InvalidIdentifier { .. })), "{:?}", refused.err());
+    db.db.execute_unprepared("DROP TABLE emt_daemons").await.unwrap();
+    let failed = daemon(db.store(), Arc::default()).start().await;
+    assert!(matches!(failed, Err(emmett_seaorm::Error::Database(_))), "{:?}", failed.err());
+}
+
 /// A child process killed when the test ends, however it ends.
 struct KillOnDrop(std::process::Child);
 
@@ -737,6 +750,7 @@ async fn a_reaction_cut_off_by_a_kill_is_delivered_again(db: TestDb) {
 }
 
 conformance!(
+    start_reports_what_keeps_a_daemon_from_running,
     batch_handlers_get_a_tenants_events_at_once,
     a_reactor_records_what_it_did_with_its_checkpoint,
     a_reaction_cut_off_by_a_kill_is_delivered_again,

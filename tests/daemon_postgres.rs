@@ -185,15 +185,16 @@ async fn a_killed_presence_connection_loses_no_event(db: TestDb) {
     let other = EventStore::new(db.second_pool().await);
     let mut last = 0;
     for round in 0..3 {
-        let killed = db
-            .db
-            .execute_unprepared(&format!(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'emt-daemon:{}'",
-                daemon.owner()
-            ))
-            .await
-            .unwrap();
-        assert_eq!(killed.rows_affected(), 1, "round {round}: the presence connection exists");
+        // The connection comes up in the daemon's task (and again after each kill).
+        let kill = format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'emt-daemon:{}'",
+            daemon.owner()
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while db.db.execute_unprepared(&kill).await.unwrap().rows_affected() != 1 {
+            assert!(Instant::now() < deadline, "round {round}: no presence connection within 5 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         for _ in 0..5 {
             last = deposit(&other, "t1", 1).await;
         }

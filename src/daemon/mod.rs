@@ -190,8 +190,10 @@ impl Daemon {
         self
     }
 
-    /// Starts the daemon in the background. Fails with [`Error::InvalidIdentifier`] for a
-    /// subscription id or tenant the schema can't store.
+    /// Starts the daemon in the background and returns once the instance is registered (the
+    /// other instances count it; on PostgreSQL its presence connection is up). Fails with
+    /// [`Error::InvalidIdentifier`] for a subscription id or tenant the schema can't store, and
+    /// with the database's error when it can't register.
     pub async fn start(self) -> Result<DaemonHandle> {
         for subscription in self.projections.keys() {
             limits::check_identifier("subscription id", subscription, MAX_IDENTIFIER_CHARS)?;
@@ -215,7 +217,17 @@ impl Daemon {
             owner: owner.clone(),
             progress,
         };
-        let task = tokio::spawn(worker.run(stop_rx));
+        let (ready, registered) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(worker.run(stop_rx, ready));
+        if registered.await.is_err() {
+            // The worker ended before it was registered: its error.
+            let failed = |reason: String| Error::DaemonFailed { owner: owner.clone(), reason };
+            return Err(match task.await {
+                Ok(Err(error)) => error,
+                Ok(Ok(())) => failed("stopped before it started".into()),
+                Err(error) => failed(error.to_string()),
+            });
+        }
         Ok(DaemonHandle {
             owner,
             db,

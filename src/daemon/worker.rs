@@ -61,8 +61,9 @@ struct State {
 }
 
 impl Worker {
-    /// Runs until `stop` turns true, then gives its leases back.
-    pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<()> {
+    /// Runs until `stop` turns true, then gives its leases back. `ready` is told once the
+    /// instance is registered (its presence connection up where there is one).
+    pub async fn run(self, mut stop: watch::Receiver<bool>, ready: tokio::sync::oneshot::Sender<()>) -> Result<()> {
         let subscriptions: Vec<String> = self.projections.keys().cloned().collect();
         let mut presence = Presence::start(&self.db, &self.owner, self.options.notifications).await;
         let mut appends = self.store.appends();
@@ -83,6 +84,7 @@ impl Worker {
         if let Some(tenants) = &self.tenants {
             self.ensure(&mut state, &subscriptions, tenants.iter().cloned().collect()).await?;
         }
+        let _ = ready.send(());
         let mut delay = self.options.poll_min;
         let mut next_balance = Instant::now();
         while !*stop.borrow() {
