@@ -1,6 +1,6 @@
 // A TypeScript service on @wataruoguchi/emmett-event-store-kysely sharing one PostgreSQL event
 // store with emmett-seaorm. Driven step by step by tests/interop.rs; prints one JSON object.
-// Usage: DATABASE_URL=... TENANT=... node ts-service.mjs first|second
+// Usage: DATABASE_URL=... TENANT=... node ts-service.mjs first|second|third
 import pg from "pg";
 import { Kysely, PostgresDialect } from "kysely";
 import {
@@ -61,6 +61,12 @@ const steps = {
       .where("readmodel_table_name", "=", "carts").orderBy("stream_id").execute())
       .map((r) => ({ streamId: r.stream_id, lastStreamPosition: Number(r.last_stream_position), snapshot: r.snapshot }));
     return { processed, states, carts, snapshots };
+  },
+  // Appends to both carts while a projection daemon of the Rust side runs.
+  async third() {
+    const rs = await store.appendToStream("cart-rs", [item("sku-ts-2", 1, 7)], { partition: tenant, streamType: "cart" });
+    const ts = await store.appendToStream("cart-ts", [item("sku-ts-3", 2, 3)], { partition: tenant, streamType: "cart" });
+    return { lastGlobalPosition: ts.lastEventGlobalPosition ?? rs.lastEventGlobalPosition };
   },
 };
 

@@ -60,16 +60,19 @@ fn item(sku: &str, qty: i64, price: i64) -> CartEvent {
 }
 
 /// The same projection as the TypeScript service's, into `table`.
-fn carts_runner(store: &EventStore, table: &str) -> ProjectionRunner<CartEvent> {
-    let projection = SnapshotProjection::new(
+fn carts_projection(table: &str) -> SnapshotProjection<CartEvent, Cart> {
+    SnapshotProjection::new(
         table,
         |e: &RecordedEvent<CartEvent>, partition: &str| keys! { "tenant_id" => partition, "cart_id" => &e.stream_id },
         evolve,
         Cart::default,
     )
     .handles(["CartCreated", "ItemAdded"])
-    .columns(|c: &Cart| columns! { "item_count" => c.items, "total" => c.total });
-    ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(projection))
+    .columns(|c: &Cart| columns! { "item_count" => c.items, "total" => c.total })
+}
+
+fn carts_runner(store: &EventStore, table: &str) -> ProjectionRunner<CartEvent> {
+    ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(carts_projection(table)))
 }
 
 /// Runs one step of the TypeScript service and returns what it printed; fails the test, saying
@@ -202,6 +205,22 @@ async fn round_trip(url: String, db: DatabaseConnection) {
         ]),
         "one snapshot per cart, under the TypeScript stream id"
     );
+
+    // 4. A projection daemon follows what the TypeScript service appends (no notification
+    //    comes from it: found by polling), into a read model equal to the others'.
+    db.execute_unprepared(&CARTS_TABLE.replace("carts", "cart_daemon")).await.unwrap();
+    let daemon = emmett_seaorm::daemon::Daemon::new(store.clone())
+        .projection("cart-daemon", ProjectionRegistry::new().with(carts_projection("cart_daemon")))
+        .start()
+        .await
+        .unwrap();
+    let third = typescript(&url, "third");
+    let last = store.read_stream::<CartEvent>("cart-ts", ReadOptions::default().partition(TENANT)).await.unwrap();
+    let last = last.events.last().unwrap().global_position.max(third["lastGlobalPosition"].as_u64().unwrap_or(0));
+    tokio::time::timeout(std::time::Duration::from_secs(10), daemon.caught_up(last)).await.unwrap().unwrap();
+    let expected = vec![("cart-rs".to_owned(), 9, 1012), ("cart-ts".to_owned(), 8, 516)];
+    assert_eq!(rows(&db, "cart_daemon").await, expected);
+    daemon.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
