@@ -80,8 +80,23 @@ impl Held {
 pub(super) enum Turn {
     /// Ran; `more` when the last batch was full.
     Ran { checkpoint: i64, processed: u64, more: bool },
+    /// The lease is another instance's now: nothing was done.
+    Lost,
+    /// A busy database or a lost connection, after `checkpoint`: runs again next cycle.
+    Interrupted { checkpoint: Option<i64>, reason: String },
     /// Failed with this error after `checkpoint`.
     Failed { checkpoint: Option<i64>, error: Error },
+}
+
+impl Turn {
+    /// How a run that failed with `error` after `checkpoint` ended.
+    fn failed(checkpoint: Option<i64>, error: Error) -> Self {
+        match error {
+            Error::LeaseLost { .. } => Turn::Lost,
+            error if error.is_transient() => Turn::Interrupted { checkpoint, reason: error.to_string() },
+            error => Turn::Failed { checkpoint, error },
+        }
+    }
 }
 
 /// Runs `tenants` (leases of `subscription`, with what is known of each) in one batch of one
@@ -101,26 +116,18 @@ pub(super) async fn group_turn(
         Ok(progress) => tenants
             .iter()
             .map(|(tenant, _)| match progress.iter().find(|p| &p.tenant == tenant) {
-                Some(p) if p.lost => Turn::Failed {
-                    checkpoint: None,
-                    error: Error::LeaseLost { subscription: subscription.into(), partition: tenant.clone() },
-                },
+                Some(p) if p.lost => Turn::Lost,
                 Some(p) => {
                     Turn::Ran { checkpoint: p.checkpoint, processed: p.processed, more: p.processed >= batch_size }
                 }
-                None => Turn::Ran { checkpoint: 0, processed: 0, more: true },
+                None => Turn::Interrupted { checkpoint: None, reason: "left out of its group's batch".into() },
             })
             .collect(),
-        Err(error) if error.is_transient() || tenants.len() == 1 => {
-            let message = error.to_string();
-            let mut turns = vec![Turn::Failed { checkpoint: None, error }];
-            // The same transient failure for the others (the error itself is not Clone).
-            turns.extend(tenants[1..].iter().map(|_| Turn::Failed {
-                checkpoint: None,
-                error: Error::Busy { source: sea_orm::DbErr::Custom(message.clone()) },
-            }));
-            turns
+        Err(error) if error.is_transient() => {
+            let reason = error.to_string();
+            tenants.iter().map(|_| Turn::Interrupted { checkpoint: None, reason: reason.clone() }).collect()
         }
+        Err(error) if tenants.len() == 1 => vec![Turn::failed(None, error)],
         Err(_) => {
             let mut turns = Vec::with_capacity(tenants.len());
             for (tenant, held) in tenants {
@@ -155,7 +162,7 @@ pub(super) async fn turn(
             }
             Err(error) => {
                 tracing::debug!(subscription, tenant, %error, "projection turn failed");
-                return Turn::Failed { checkpoint, error };
+                return Turn::failed(checkpoint, error);
             }
         }
     }

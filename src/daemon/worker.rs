@@ -17,7 +17,7 @@ use super::coordinator::{self, Key};
 use super::telemetry;
 use super::wakeup::Presence;
 use crate::backend;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::projection::RunOptions;
 use crate::store::EventStore;
 
@@ -296,13 +296,13 @@ impl Worker {
                 held.retry_at = None;
                 Ok(processed > 0)
             }
-            Turn::Failed { error: Error::LeaseLost { .. }, .. } => {
+            Turn::Lost => {
                 state.held.remove(&key);
                 Ok(false)
             }
-            Turn::Failed { checkpoint, error } if error.is_transient() => {
+            Turn::Interrupted { checkpoint, reason } => {
                 held.checkpoint = checkpoint.or(held.checkpoint);
-                tracing::warn!(subscription = key.0, tenant = key.1, %error, "projection interrupted; retrying");
+                tracing::warn!(subscription = key.0, tenant = key.1, reason, "projection interrupted; retrying");
                 Ok(false)
             }
             Turn::Failed { checkpoint, error } => {
