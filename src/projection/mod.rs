@@ -23,6 +23,7 @@
 //! # Ok(()) }
 //! ```
 
+mod inline;
 mod registry;
 mod runner;
 mod snapshot;

@@ -1,5 +1,5 @@
-//! Inline projections: registries the store runs inside the append's own transaction, so their
-//! read models change atomically with the events.
+//! Inline projections: what the store runs inside the append's own transaction, so their read
+//! models change atomically with the events.
 
 use std::sync::Arc;
 
@@ -8,39 +8,16 @@ use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 
 use crate::backend::{self, Append, Appended};
 use crate::error::{Error, Result};
-use crate::event::{Event, StoredMessage};
-use crate::projection::ProjectionRegistry;
+use crate::event::StoredMessage;
 use crate::schema::messages;
 use crate::store::EventStore;
 
-/// A named registry, whatever its event type.
+/// A named projection run in the append's transaction, whatever its event type (a registry:
+/// see `projection::inline`).
 #[async_trait]
-pub(super) trait Inline: Send + Sync {
+pub(crate) trait Inline: Send + Sync {
     fn name(&self) -> &str;
     async fn apply(&self, store: &EventStore, partition: &str, rows: Vec<StoredMessage>) -> Result<()>;
-}
-
-pub(super) struct Named<E> {
-    pub name: String,
-    pub registry: ProjectionRegistry<E>,
-}
-
-#[async_trait]
-impl<E: Event + 'static> Inline for Named<E> {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    async fn apply(&self, store: &EventStore, partition: &str, rows: Vec<StoredMessage>) -> Result<()> {
-        let mut events = Vec::with_capacity(rows.len());
-        for row in rows {
-            events.extend(self.registry.accept(row)?);
-        }
-        if !events.is_empty() {
-            self.registry.apply(store, None, &[(partition, None, events)]).await?;
-        }
-        Ok(())
-    }
 }
 
 /// The inline projections of a store and its clones.

@@ -1,6 +1,6 @@
 //! The event store: append with optimistic concurrency, read, aggregate, sessions, archive.
 
-mod inline;
+pub(crate) mod inline;
 mod options;
 
 use std::future::Future;
@@ -22,7 +22,6 @@ use crate::error::{Error, Result};
 use crate::event::{Event, RecordedEvent, StoredMessage, encode};
 use crate::expected_version::ExpectedVersion;
 use crate::limits::{self, MAX_IDENTIFIER_CHARS};
-use crate::projection::ProjectionRegistry;
 use crate::schema::{DEFAULT_PARTITION, messages, streams};
 
 /// Events per page when [`EventStore::aggregate_stream`] folds a stream.
@@ -115,22 +114,9 @@ impl EventStore {
         Self { conn: Conn::Pool(db), signals: Arc::new(signals), inline: Default::default() }
     }
 
-    /// Runs `registry` inside every append's transaction (also in sessions), so its read
-    /// models change atomically with the events: read-your-writes without waiting for a
-    /// runner or daemon. A failing projection rolls the append back with
-    /// [`Error::InlineProjection`] naming it. Appends pay for it: one more query, and the
-    /// projection's own work, per append.
-    ///
-    /// ```no_run
-    /// # use serde::{Deserialize, Serialize};
-    /// # #[derive(Serialize, Deserialize)] #[serde(tag = "type", content = "data")]
-    /// # enum CartEvent { ItemAdded { price: i64 } }
-    /// # fn f(db: sea_orm::DatabaseConnection, carts: emmett_seaorm::projection::ProjectionRegistry<CartEvent>) {
-    /// let store = emmett_seaorm::EventStore::new(db).inline("carts", carts);
-    /// # }
-    /// ```
-    pub fn inline<E: Event + 'static>(mut self, name: impl Into<String>, registry: ProjectionRegistry<E>) -> Self {
-        self.inline.0.push(Arc::new(inline::Named { name: name.into(), registry }));
+    /// Adds a projection run in every append's transaction ([`EventStore::inline`]).
+    pub(crate) fn with_inline(mut self, projection: Arc<dyn inline::Inline>) -> Self {
+        self.inline.0.push(projection);
         self
     }
 

@@ -1,0 +1,55 @@
+//! Registries as inline projections: [`EventStore::inline`].
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::ProjectionRegistry;
+use crate::error::Result;
+use crate::event::{Event, StoredMessage};
+use crate::store::EventStore;
+use crate::store::inline::Inline;
+
+/// A registry under the name its errors carry.
+struct Named<E> {
+    name: String,
+    registry: ProjectionRegistry<E>,
+}
+
+#[async_trait]
+impl<E: Event + 'static> Inline for Named<E> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn apply(&self, store: &EventStore, partition: &str, rows: Vec<StoredMessage>) -> Result<()> {
+        let mut events = Vec::with_capacity(rows.len());
+        for row in rows {
+            events.extend(self.registry.accept(row)?);
+        }
+        if !events.is_empty() {
+            self.registry.apply(store, None, &[(partition, None, events)]).await?;
+        }
+        Ok(())
+    }
+}
+
+impl EventStore {
+    /// Runs `registry` inside every append's transaction (also in sessions), so its read
+    /// models change atomically with the events: read-your-writes without waiting for a
+    /// runner or daemon. A failing projection rolls the append back with
+    /// [`Error::InlineProjection`](crate::Error::InlineProjection) naming it. Appends pay for
+    /// it: one more query, and the projection's own work, per append.
+    ///
+    /// ```no_run
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Serialize, Deserialize)] #[serde(tag = "type", content = "data")]
+    /// # enum CartEvent { ItemAdded { price: i64 } }
+    /// # fn f(db: sea_orm::DatabaseConnection, carts: emmett_seaorm::projection::ProjectionRegistry<CartEvent>) {
+    /// let store = emmett_seaorm::EventStore::new(db).inline("carts", carts);
+    /// # }
+    /// ```
+    pub fn inline<E: Event + 'static>(self, name: impl Into<String>, registry: ProjectionRegistry<E>) -> Self {
+        self.with_inline(Arc::new(Named { name: name.into(), registry }))
+    }
+}
