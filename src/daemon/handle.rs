@@ -68,24 +68,24 @@ impl DaemonHandle {
     /// `position`.
     async fn behind(&self, position: i64) -> Result<Vec<(String, String)>> {
         let heads = self.tenant_heads(Some(position)).await?;
-        let checkpoints = subscriptions::Entity::find()
-            .filter(subscriptions::Column::SubscriptionId.is_in(self.subscriptions.iter().cloned()))
-            .filter(subscriptions::Column::Version.eq(1))
-            .all(&self.db)
-            .await?;
-        let checkpoint = |s: &str, t: &str| {
-            checkpoints
-                .iter()
-                .find(|c| c.subscription_id == s && c.partition == t)
-                .map_or(0, |c| c.last_processed_position)
-        };
+        let checkpoints = self.checkpoints().await?;
         Ok(self
             .subscriptions
             .iter()
             .flat_map(|s| heads.iter().map(move |(t, h)| (s, t, *h)))
-            .filter(|(s, t, head)| checkpoint(s, t) < *head)
+            .filter(|(s, t, head)| checkpoint(&checkpoints, s, t) < *head)
             .map(|(s, t, _)| (s.clone(), t.clone()))
             .collect())
+    }
+
+    /// The checkpoints of the daemon's subscriptions, by (subscription, tenant).
+    async fn checkpoints(&self) -> Result<BTreeMap<(String, String), i64>> {
+        let rows = subscriptions::Entity::find()
+            .filter(subscriptions::Column::SubscriptionId.is_in(self.subscriptions.iter().cloned()))
+            .filter(subscriptions::Column::Version.eq(1))
+            .all(&self.db)
+            .await?;
+        Ok(rows.into_iter().map(|c| ((c.subscription_id, c.partition), c.last_processed_position)).collect())
     }
 
     /// The daemon's tenants with their last global position (at or below `upto`).
@@ -111,20 +111,13 @@ impl DaemonHandle {
     pub async fn status(&self) -> Result<DaemonStatus> {
         let backend::Leases { rows, instances, .. } = backend::leases(&self.db, &self.subscriptions).await?;
         let heads: BTreeMap<String, i64> = self.tenant_heads(None).await?.into_iter().collect();
-        let checkpoints = subscriptions::Entity::find()
-            .filter(subscriptions::Column::SubscriptionId.is_in(self.subscriptions.iter().cloned()))
-            .filter(subscriptions::Column::Version.eq(1))
-            .all(&self.db)
-            .await?;
+        let checkpoints = self.checkpoints().await?;
         let mut leases = Vec::with_capacity(rows.len());
         for row in rows {
             if self.tenants.as_ref().is_some_and(|only| !only.contains(&row.partition)) {
                 continue;
             }
-            let checkpoint = checkpoints
-                .iter()
-                .find(|c| c.subscription_id == row.subscription && c.partition == row.partition)
-                .map_or(0, |c| c.last_processed_position);
+            let checkpoint = checkpoint(&checkpoints, &row.subscription, &row.partition);
             let (lag_events, lag_seconds) = backend::pending(&self.db, &row.partition, checkpoint).await?;
             leases.push(LeaseStatus {
                 head: heads.get(&row.partition).copied().unwrap_or(0).max(0) as u64,
@@ -143,4 +136,9 @@ impl DaemonHandle {
         leases.sort_by(|a, b| (&a.subscription, &a.tenant).cmp(&(&b.subscription, &b.tenant)));
         Ok(DaemonStatus { owner: self.owner.clone(), instances, cycles: *self.progress.borrow(), leases })
     }
+}
+
+/// The checkpoint of `subscription` for `tenant` (0 before its first batch).
+fn checkpoint(checkpoints: &BTreeMap<(String, String), i64>, subscription: &str, tenant: &str) -> i64 {
+    checkpoints.get(&(subscription.to_owned(), tenant.to_owned())).copied().unwrap_or(0)
 }
