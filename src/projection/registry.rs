@@ -171,9 +171,7 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
         event_types: impl IntoIterator<Item = &'a str>,
         handler: impl EventHandler<E> + 'static,
     ) -> Self {
-        let types: Vec<String> = event_types.into_iter().map(str::to_owned).collect();
-        let event_types = (!types.is_empty()).then_some(types);
-        self.steps.push(Registered { event_types, step: Step::Custom(Arc::new(handler)) });
+        self.steps.push(Registered { event_types: listed(event_types), step: Step::Custom(Arc::new(handler)) });
         self
     }
 
@@ -184,9 +182,7 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
         event_types: impl IntoIterator<Item = &'a str>,
         handler: impl BatchHandler<E> + 'static,
     ) -> Self {
-        let types: Vec<String> = event_types.into_iter().map(str::to_owned).collect();
-        let event_types = (!types.is_empty()).then_some(types);
-        self.steps.push(Registered { event_types, step: Step::Batch(Arc::new(handler)) });
+        self.steps.push(Registered { event_types: listed(event_types), step: Step::Batch(Arc::new(handler)) });
         self
     }
 
@@ -264,6 +260,12 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
         }
         Ok(())
     }
+}
+
+/// The event types a step handles: `None` (every type) for an empty list.
+fn listed<'a>(event_types: impl IntoIterator<Item = &'a str>) -> Option<Vec<String>> {
+    let types: Vec<String> = event_types.into_iter().map(str::to_owned).collect();
+    (!types.is_empty()).then_some(types)
 }
 
 /// A handler's error as the run reports it: a busy database or a lost connection stays that,
