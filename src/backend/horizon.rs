@@ -6,6 +6,7 @@ use sea_orm::sea_query::{Expr, ExprTrait, Query};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Statement, TransactionTrait};
 
 use super::failure::{Failure, classify};
+use super::{partition_column, statement};
 use crate::schema::messages;
 
 /// The highest global position a reader of `partition` in global order may reach without
@@ -147,8 +148,8 @@ pub(crate) async fn partition_heads(
     these: Option<&[String]>,
 ) -> Result<Vec<(String, i64)>, DbErr> {
     let backend = conn.get_database_backend();
-    let p = if backend == DbBackend::MySql { "`partition`" } else { "partition" };
-    let statement = match these {
+    let p = partition_column(backend);
+    let query = match these {
         None => Statement::from_string(
             backend,
             format!(
@@ -187,7 +188,7 @@ pub(crate) async fn partition_heads(
             Statement::from_sql_and_values(backend, sql, [list.into()])
         }
     };
-    collect(conn.query_all_raw(statement).await?)
+    collect(conn.query_all_raw(query).await?)
 }
 
 /// `(partition, last position)` rows.
@@ -226,15 +227,16 @@ async fn pg_scalar<T: sea_orm::TryGetable>(
 /// (by its `created` time on the database's clock).
 pub(crate) async fn pending(conn: &impl ConnectionTrait, partition: &str, after: i64) -> Result<(i64, f64), DbErr> {
     let backend = conn.get_database_backend();
-    let (sql, age) = match backend {
-        DbBackend::Postgres => ("$1 AND global_position > $2", "extract(epoch from now() - min(created))::float8"),
-        DbBackend::MySql => ("? AND global_position > ?", "TIMESTAMPDIFF(MICROSECOND, min(created), NOW(3)) / 1e6"),
-        _ => ("? AND global_position > ?", "(julianday('now') - julianday(min(created))) * 86400.0"),
+    let age = match backend {
+        DbBackend::Postgres => "extract(epoch from now() - min(created))::float8",
+        DbBackend::MySql => "TIMESTAMPDIFF(MICROSECOND, min(created), NOW(3)) / 1e6",
+        _ => "(julianday('now') - julianday(min(created))) * 86400.0",
     };
-    let p = if backend == DbBackend::MySql { "`partition`" } else { "partition" };
-    let sql = format!("SELECT count(*), {age} FROM messages WHERE NOT is_archived AND {p} = {sql}");
-    let row =
-        conn.query_one_raw(Statement::from_sql_and_values(backend, sql, [partition.into(), after.into()])).await?;
+    let sql = format!(
+        "SELECT count(*), {age} FROM messages WHERE NOT is_archived AND {p} = $1 AND global_position > $2",
+        p = partition_column(backend),
+    );
+    let row = conn.query_one_raw(statement(backend, &sql, [partition.into(), after.into()])).await?;
     Ok(match row {
         Some(row) => (row.try_get_by_index(0)?, row.try_get_by_index::<Option<f64>>(1)?.unwrap_or(0.0)),
         None => (0, 0.0),

@@ -13,7 +13,9 @@
 
 use std::collections::BTreeMap;
 
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Statement, Value};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Value};
+
+use super::{partition_column, statement};
 
 /// The `application_name` prefix of a daemon's presence connection on PostgreSQL.
 pub(crate) const PRESENCE_PREFIX: &str = "emt-daemon:";
@@ -301,11 +303,6 @@ pub(crate) async fn held_leases(
     Ok(held)
 }
 
-/// The `partition` column, quoted where it is a keyword.
-fn partition_column(backend: DbBackend) -> &'static str {
-    if backend == DbBackend::MySql { "`partition`" } else { "partition" }
-}
-
 /// The database's clock, in milliseconds since the Unix epoch.
 fn now_ms(backend: DbBackend) -> &'static str {
     match backend {
@@ -334,28 +331,4 @@ fn free_condition(backend: DbBackend, table: &str) -> String {
         now_ms(backend),
         alive(backend, &format!("{table}owner"))
     )
-}
-
-/// A statement with `$n` placeholders, numbered in order of use, written `?` where the backend
-/// wants that.
-fn statement(backend: DbBackend, sql: &str, values: impl IntoIterator<Item = Value>) -> Statement {
-    let sql = match backend {
-        DbBackend::Postgres => sql.to_owned(),
-        _ => {
-            let mut out = String::with_capacity(sql.len());
-            let mut chars = sql.chars().peekable();
-            while let Some(c) = chars.next() {
-                if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
-                    while chars.peek().is_some_and(char::is_ascii_digit) {
-                        chars.next();
-                    }
-                    out.push('?');
-                } else {
-                    out.push(c);
-                }
-            }
-            out
-        }
-    };
-    Statement::from_sql_and_values(backend, sql, values)
 }

@@ -23,7 +23,7 @@ mod leases;
 mod locks;
 mod schema;
 
-use sea_orm::{DatabaseTransaction, DbErr, TransactionOptions, TransactionTrait};
+use sea_orm::{DatabaseTransaction, DbBackend, DbErr, Statement, TransactionOptions, TransactionTrait, Value};
 
 #[cfg(feature = "postgres")]
 pub(crate) use append::APPENDS_CHANNEL;
@@ -53,4 +53,33 @@ pub(crate) async fn begin_write<C: TransactionTrait<Transaction = DatabaseTransa
         ..Default::default()
     })
     .await
+}
+
+/// The `partition` column, quoted where it is a keyword.
+pub(super) fn partition_column(backend: DbBackend) -> &'static str {
+    if backend == DbBackend::MySql { "`partition`" } else { "partition" }
+}
+
+/// A statement with `$n` placeholders, numbered in order of use, written `?` where the backend
+/// wants that.
+pub(super) fn statement(backend: DbBackend, sql: &str, values: impl IntoIterator<Item = Value>) -> Statement {
+    let sql = match backend {
+        DbBackend::Postgres => sql.to_owned(),
+        _ => {
+            let mut out = String::with_capacity(sql.len());
+            let mut chars = sql.chars().peekable();
+            while let Some(c) = chars.next() {
+                if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
+                    while chars.peek().is_some_and(char::is_ascii_digit) {
+                        chars.next();
+                    }
+                    out.push('?');
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        }
+    };
+    Statement::from_sql_and_values(backend, sql, values)
 }

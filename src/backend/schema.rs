@@ -123,7 +123,7 @@ pub(crate) async fn harden_schema(conn: &impl ConnectionTrait) -> Result<(), DbE
                stream_position {bigint} NOT NULL, global_position {bigint}, message_type {text} NOT NULL,
                reason TEXT NOT NULL, skipped_at {timestamp} NOT NULL,
                PRIMARY KEY (subscription_id, {partition}, stream_id, stream_position))",
-            partition = if backend == DbBackend::MySql { "`partition`" } else { "partition" },
+            partition = super::partition_column(backend),
         )
     };
     let ddl = match backend {
