@@ -76,24 +76,21 @@ async fn deposit(store: &EventStore, tenant: &str, account: &str, amount: i64) -
 
 /// The global positions the recorder saw, sorted.
 async fn seen(db: &DatabaseConnection) -> Vec<i64> {
-    let rows = db
-        .query_all(&Query::select().column(Alias::new("global_position")).from(Alias::new("seen")).to_owned())
-        .await
-        .expect("read seen");
-    let mut seen: Vec<i64> = rows.iter().map(|r| r.try_get_by_index(0).unwrap()).collect();
-    seen.sort();
-    seen
+    positions(db, "seen").await
 }
 
 /// Every global position the store holds, sorted.
 async fn stored(db: &DatabaseConnection) -> Vec<i64> {
-    let rows = db
-        .query_all(&Query::select().column(Alias::new("global_position")).from(Alias::new("messages")).to_owned())
-        .await
-        .expect("read messages");
-    let mut stored: Vec<i64> = rows.iter().map(|r| r.try_get_by_index(0).unwrap()).collect();
-    stored.sort();
-    stored
+    positions(db, "messages").await
+}
+
+/// The `global_position` column of `table`, sorted.
+async fn positions(db: &DatabaseConnection, table: &str) -> Vec<i64> {
+    let select = Query::select().column(Alias::new("global_position")).from(Alias::new(table)).to_owned();
+    let rows = db.query_all(&select).await.unwrap_or_else(|e| panic!("read {table}: {e}"));
+    let mut positions: Vec<i64> = rows.iter().map(|r| r.try_get_by_index(0).unwrap()).collect();
+    positions.sort();
+    positions
 }
 
 async fn caught_up(daemon: &DaemonHandle, position: u64, within: Duration) {

@@ -64,27 +64,21 @@ async fn total(db: &DatabaseConnection, tenant: &str) -> Option<i64> {
 async fn statements(db: &DatabaseConnection) -> i64 {
     // The statistics are flushed at most once a second.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let row = db
-        .query_one_raw(sea_orm::Statement::from_string(
-            sea_orm::DbBackend::Postgres,
-            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()",
-        ))
-        .await
-        .expect("stats")
-        .expect("row");
-    row.try_get_by_index(0).unwrap()
+    scalar(db, "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()").await
 }
 
 /// The next transaction id of the cluster.
 async fn next_xid(db: &DatabaseConnection) -> i64 {
+    scalar(db, "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint").await
+}
+
+/// The one bigint `sql` returns.
+async fn scalar(db: &DatabaseConnection, sql: &str) -> i64 {
     let row = db
-        .query_one_raw(sea_orm::Statement::from_string(
-            sea_orm::DbBackend::Postgres,
-            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
-        ))
+        .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, sql))
         .await
-        .expect("snapshot")
-        .expect("row");
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .expect("a row");
     row.try_get_by_index(0).unwrap()
 }
 
