@@ -56,6 +56,11 @@ fn recorder(poisoned: Arc<AtomicBool>) -> ProjectionRegistry<Ev> {
     ProjectionRegistry::new().on(["Opened", "Deposited", "Closed"], Recorder { poisoned })
 }
 
+/// How long a crashed instance's work may stay unowned: the lease TTL of [`daemon`] (3 s), one
+/// lease round (0.5 s without a presence connection) and slack for a machine running the whole
+/// suite at once (measured here: 2.4–3.7 s).
+const TAKEOVER_BOUND: Duration = Duration::from_secs(3 + 3);
+
 /// A daemon with short timings, so the tests run in seconds.
 fn daemon(store: EventStore, poisoned: Arc<AtomicBool>) -> Daemon {
     Daemon::new(store)
@@ -194,7 +199,7 @@ async fn instances_split_tenants_and_take_over_a_crashed_ones_work(db: TestDb) {
         if status.leases.iter().all(|l| l.owner.as_deref().is_some_and(|o| o != crashed_owner)) {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(3 + 1), "crashed instance's leases not taken over");
+        assert!(started.elapsed() < TAKEOVER_BOUND, "crashed instance's leases not taken over: {status:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop_writing.store(true, Ordering::SeqCst);
@@ -328,9 +333,8 @@ async fn a_killed_process_tenants_are_taken_over(db: TestDb) {
     for t in &tenants {
         last = deposit(&store, t, "x", 2).await;
     }
-    // TTL (3 s here) + 1 s.
-    caught_up(&here, last, Duration::from_secs(4)).await;
-    assert!(killed.elapsed() <= Duration::from_secs(4), "taken over after {:?}", killed.elapsed());
+    caught_up(&here, last, TAKEOVER_BOUND).await;
+    assert!(killed.elapsed() <= TAKEOVER_BOUND, "taken over after {:?}", killed.elapsed());
     assert_eq!(here.status().await.unwrap().held(), 12);
     assert_eq!(seen(&db.db).await, stored(&db.db).await, "every event projected exactly once");
     here.stop().await.expect("stop");
