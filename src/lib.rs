@@ -7,6 +7,7 @@ compile_error!(
 );
 
 mod backend;
+mod command;
 mod connect;
 pub mod daemon;
 mod error;
@@ -18,9 +19,12 @@ pub mod projection;
 pub mod schema;
 mod store;
 
+/// The retry crate whose backoff [`CommandHandler::retry_on_conflict`] takes.
+pub use backon;
 /// The SeaORM this crate is built on, for the macros and for apps that want the same version.
 pub use sea_orm;
 
+pub use command::{CommandHandler, Handled};
 pub use connect::{configure, connect};
 pub use error::{Error, Result};
 pub use event::{Event, RecordedEvent};
