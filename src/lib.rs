@@ -18,6 +18,7 @@ pub mod migrations;
 pub mod projection;
 pub mod schema;
 mod store;
+pub mod testing;
 
 /// The retry crate whose backoff [`CommandHandler::retry_on_conflict`] takes.
 pub use backon;

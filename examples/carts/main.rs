@@ -12,37 +12,43 @@ mod read_model;
 
 use std::time::Duration;
 
-use domain::{Cart, CartCommand, decide, evolve};
+use domain::{Cart, CartCommand, CartError, CartEvent, decide, evolve};
 use emmett_seaorm::daemon::Daemon;
 use emmett_seaorm::projection::ProjectionRegistry;
-use emmett_seaorm::{AppendOptions, EventStore, ExpectedVersion, ReadOptions};
+use emmett_seaorm::{AppendOptions, CommandHandler, EventStore, ReadOptions};
 use orders::OrderEvent;
 use sea_orm::{EntityTrait, QueryOrder};
 
-/// Decides `command` against the cart's current state and appends the outcome, expecting the
-/// version it decided on; returns the global position of the last event appended (0: refused).
-async fn handle(
-    store: &EventStore,
-    tenant: &str,
-    cart_id: &str,
-    command: CartCommand,
-) -> Result<u64, Box<dyn std::error::Error>> {
-    let current =
-        store.aggregate_stream(cart_id, evolve, Cart::default, ReadOptions::default().partition(tenant)).await?;
-    let events = match decide(command.clone(), &current.state) {
-        Ok(events) => events,
-        Err(refused) => {
-            println!("  {tenant}/{cart_id}: {command:?} refused: {refused}");
-            return Ok(0);
+/// Why a command did not land: the domain refused it, or the store failed.
+#[derive(Debug, thiserror::Error)]
+enum CommandError {
+    #[error(transparent)]
+    Refused(#[from] CartError),
+    #[error(transparent)]
+    Store(#[from] emmett_seaorm::Error),
+}
+
+/// The carts' command handler: `decide` runs on the state `evolve` folds, and the events are
+/// appended expecting the version it decided on.
+fn carts() -> CommandHandler<Cart, CartEvent> {
+    CommandHandler::new(evolve, Cart::default)
+}
+
+/// Handles `command` on a cart; returns the global position of the last event appended (0:
+/// refused).
+async fn handle(store: &EventStore, tenant: &str, cart_id: &str, command: CartCommand) -> Result<u64, CommandError> {
+    let options = AppendOptions::default().partition(tenant).stream_type("cart");
+    match carts().handle(store, cart_id, options, |cart| Ok(decide(command.clone(), cart)?)).await {
+        Ok(handled) => {
+            println!("  {tenant}/{cart_id}: {command:?} -> version {}", handled.next_expected_stream_version);
+            Ok(handled.last_event_global_position.unwrap_or(0))
         }
-    };
-    let options = AppendOptions::default()
-        .partition(tenant)
-        .stream_type("cart")
-        .expected(ExpectedVersion::Exact(current.current_stream_version));
-    let appended = store.append_to_stream(cart_id, events, options).await?;
-    println!("  {tenant}/{cart_id}: {command:?} -> version {}", appended.next_expected_stream_version);
-    Ok(appended.last_event_global_position)
+        Err(CommandError::Refused(refused)) => {
+            println!("  {tenant}/{cart_id}: {command:?} refused: {refused}");
+            Ok(0)
+        }
+        Err(err) => Err(err),
+    }
 }
 
 #[tokio::main]
@@ -125,4 +131,71 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     Ok(())
+}
+
+/// The domain and the read model, specified with the crate's testing kit (`cargo test --example
+/// carts`; `EMMETT_TEST_DATABASE_URL` runs them on a PostgreSQL or MySQL server).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use domain::{Line, Status};
+    use emmett_seaorm::testing::{DeciderSpecification, ProjectionSpecification, TestDatabase};
+
+    fn added(sku: &str, quantity: u32, unit_price: i64) -> CartEvent {
+        CartEvent::ItemAddedToCart { sku: sku.into(), quantity, unit_price }
+    }
+
+    #[tokio::test]
+    async fn carts_decide() {
+        let db = TestDatabase::new().await;
+        let spec = DeciderSpecification::new(&db, carts(), |command: &CartCommand, cart: &Cart| {
+            Ok::<_, CommandError>(decide(command.clone(), cart)?)
+        });
+        let created = CartEvent::CartCreated { currency: "EUR".into() };
+        spec.given([]).when(CartCommand::Create { currency: "EUR".into() }).then([created.clone()]).await;
+        spec.given([created.clone()])
+            .when(CartCommand::AddItem { sku: "pen".into(), quantity: 2, unit_price: 250 })
+            .then([added("pen", 2, 250)])
+            .await;
+        spec.given([created.clone()])
+            .when(CartCommand::CheckOut { order_id: "o-1".into() })
+            .then_error(|e| matches!(e, CommandError::Refused(CartError::EmptyCart)))
+            .await;
+        spec.given([created, added("pen", 1, 250), CartEvent::CartCheckedOut { order_id: "o-1".into() }])
+            .when(CartCommand::Empty)
+            .then_error(|e| matches!(e, CommandError::Refused(CartError::Closed(Status::CheckedOut))))
+            .await;
+    }
+
+    #[tokio::test]
+    async fn carts_read_model() {
+        let db = TestDatabase::new().await;
+        read_model::create_table(db.connection()).await.expect("create the table");
+        let row = |tenant: &str, total: i64, items: &[(&str, u32, i64)], checked_out: bool| {
+            let items: std::collections::BTreeMap<_, _> = items
+                .iter()
+                .map(|&(sku, quantity, unit_price)| (sku.to_owned(), Line { quantity, unit_price }))
+                .collect();
+            read_model::Model {
+                tenant_id: tenant.into(),
+                cart_id: "cart-1".into(),
+                currency: "EUR".into(),
+                total,
+                order_id: checked_out.then(|| "o-1".to_owned()),
+                items_json: serde_json::to_string(&items).unwrap(),
+                is_checked_out: checked_out,
+                is_cancelled: false,
+            }
+        };
+        let created = || CartEvent::CartCreated { currency: "EUR".into() };
+        ProjectionSpecification::new(&db, ProjectionRegistry::new().with(read_model::projection()))
+            .given("acme", "cart-1", [created(), added("pen", 2, 250)])
+            .given("globex", "cart-1", [created(), added("book", 1, 1_500)])
+            .given("acme", "cart-1", [CartEvent::CartCheckedOut { order_id: "o-1".into() }])
+            .then_rows(
+                read_model::Entity,
+                [row("acme", 500, &[("pen", 2, 250)], true), row("globex", 1_500, &[("book", 1, 1_500)], false)],
+            )
+            .await;
+    }
 }
