@@ -7,6 +7,8 @@ compile_error!(
 );
 
 mod backend;
+#[cfg(feature = "cli")]
+pub mod cli;
 mod command;
 mod connect;
 pub mod daemon;

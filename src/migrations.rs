@@ -20,19 +20,11 @@ impl MigrationName for M20250101000001CreateEventStore {
 #[async_trait::async_trait]
 impl MigrationTrait for M20250101000001CreateEventStore {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let db = manager.get_connection();
-        for ddl in backend::create_schema(manager.get_database_backend())? {
-            db.execute_unprepared(ddl).await?;
-        }
-        Ok(())
+        run(manager, up_sql(self.name(), manager.get_connection()).await?).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let db = manager.get_connection();
-        for ddl in backend::drop_schema(manager.get_database_backend()) {
-            db.execute_unprepared(&ddl).await?;
-        }
-        Ok(())
+        run(manager, backend::drop_schema(manager.get_database_backend())).await
     }
 }
 
@@ -50,7 +42,7 @@ impl MigrationName for M20261128000001HardenEventStore {
 #[async_trait::async_trait]
 impl MigrationTrait for M20261128000001HardenEventStore {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        backend::harden_schema(manager.get_connection()).await
+        run(manager, up_sql(self.name(), manager.get_connection()).await?).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
@@ -72,12 +64,74 @@ impl MigrationName for M20261128000002CreateDaemonLeases {
 #[async_trait::async_trait]
 impl MigrationTrait for M20261128000002CreateDaemonLeases {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        backend::create_lease_tables(manager.get_connection()).await
+        run(manager, up_sql(self.name(), manager.get_connection()).await?).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         backend::drop_lease_tables(manager.get_connection()).await
     }
+}
+
+/// Runs `statements` in order.
+async fn run(manager: &SchemaManager<'_>, statements: Vec<String>) -> Result<(), DbErr> {
+    for statement in statements {
+        manager.get_connection().execute_unprepared(&statement).await?;
+    }
+    Ok(())
+}
+
+/// The statements migration `name` runs on `db`'s database, in order, without running them. They
+/// can depend on the database (MySQL's exact collation, rows written without a global position),
+/// which is only read.
+async fn up_sql(name: &str, db: &impl ConnectionTrait) -> Result<Vec<String>, DbErr> {
+    match name {
+        "m20250101_000001_create_event_store" => {
+            Ok(backend::create_schema(db.get_database_backend())?.into_iter().map(str::to_owned).collect())
+        }
+        "m20261128_000001_harden_event_store" => backend::harden_schema(db).await,
+        "m20261128_000002_create_daemon_leases" => backend::create_lease_tables(db).await,
+        other => Err(DbErr::Migration(format!("no migration named {other}"))),
+    }
+}
+
+/// The SQL of the migrations still to run on `db`, by migration name, without running it: for
+/// teams whose DBAs apply schema changes themselves (`emmett-seaorm migrate sql`). Apply the
+/// statements in order, then record the migrations as applied in `emt_migrations` (or run
+/// [`migrate`], which finds the schema in place: every statement is idempotent).
+///
+/// ```no_run
+/// # async fn f(db: sea_orm::DatabaseConnection) -> Result<(), sea_orm::DbErr> {
+/// for (migration, statements) in emmett_seaorm::migrations::pending_sql(&db).await? {
+///     println!("-- {migration}");
+///     for sql in statements {
+///         println!("{sql};");
+///     }
+/// }
+/// # Ok(()) }
+/// ```
+pub async fn pending_sql(db: &DatabaseConnection) -> Result<Vec<(String, Vec<String>)>, DbErr> {
+    let mut plans = Vec::new();
+    for (name, applied) in status(db).await? {
+        if !applied {
+            plans.push((name.clone(), up_sql(&name, db).await?));
+        }
+    }
+    Ok(plans)
+}
+
+/// Every migration of the store's schema, in order, and whether it is applied on `db`
+/// (recorded in `emt_migrations`). Only reads: a database never migrated has none applied.
+pub async fn status(db: &DatabaseConnection) -> Result<Vec<(String, bool)>, DbErr> {
+    let table = Migrator::migration_table_name().to_string();
+    let applied: Vec<String> = match SchemaManager::new(db).has_table(&table).await? {
+        false => Vec::new(),
+        true => {
+            let sql = format!("SELECT version FROM {table}");
+            let rows = db.query_all_raw(sea_orm::Statement::from_string(db.get_database_backend(), sql)).await?;
+            rows.iter().map(|row| row.try_get_by_index(0)).collect::<Result<_, _>>()?
+        }
+    };
+    Ok(Migrator::migrations().iter().map(|m| (m.name().to_owned(), applied.iter().any(|a| a == m.name()))).collect())
 }
 
 /// The migrator of emmett-seaorm's schema, keeping its records in its own table,

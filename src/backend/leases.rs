@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Value};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Statement, Value};
 
 use super::{partition_column, statement};
 
@@ -23,8 +23,8 @@ pub(crate) const PRESENCE_PREFIX: &str = "emt-daemon:";
 /// The PostgreSQL channel on which instances announce leases they gave back.
 pub(crate) const LEASES_CHANNEL: &str = "emt_leases";
 
-/// DDL of the coordination tables (the third migration).
-pub(crate) async fn create_lease_tables(conn: &impl ConnectionTrait) -> Result<(), DbErr> {
+/// DDL of the coordination tables (the third migration), not run.
+pub(crate) async fn create_lease_tables(conn: &impl ConnectionTrait) -> Result<Vec<String>, DbErr> {
     let backend = conn.get_database_backend();
     let (text, long, bigint, table) = match backend {
         DbBackend::MySql => {
@@ -35,7 +35,7 @@ pub(crate) async fn create_lease_tables(conn: &impl ConnectionTrait) -> Result<(
         _ => ("TEXT", "TEXT", "INTEGER", String::new()),
     };
     let p = partition_column(backend);
-    for ddl in [
+    Ok(vec![
         format!(
             "CREATE TABLE IF NOT EXISTS emt_leases (
                subscription_id {text} NOT NULL, {p} {text} NOT NULL, owner {text},
@@ -47,10 +47,7 @@ pub(crate) async fn create_lease_tables(conn: &impl ConnectionTrait) -> Result<(
         format!(
             "CREATE TABLE IF NOT EXISTS emt_daemons (owner {text} NOT NULL PRIMARY KEY, expires_at {bigint} NOT NULL) {table}"
         ),
-    ] {
-        conn.execute_unprepared(&ddl).await?;
-    }
-    Ok(())
+    ])
 }
 
 /// Drops the coordination tables.
@@ -77,6 +74,9 @@ pub(crate) struct LeaseRow {
     /// The last failure, and the checkpoint it happened after.
     pub last_error: Option<String>,
     pub error_position: Option<i64>,
+    /// Milliseconds until the lease expires (0 = expired; on PostgreSQL a live instance holds
+    /// expired leases through its presence connection).
+    pub expires_in_ms: i64,
 }
 
 /// What one coordination round reads, in one statement.
@@ -100,7 +100,7 @@ pub(crate) async fn leases(conn: &impl ConnectionTrait, subscriptions: &[String]
         "SELECT (SELECT count(*) FROM emt_daemons d WHERE d.expires_at >= {now} OR {alive}), {head},
                 l.subscription_id, l.{p}, l.owner, l.epoch, CASE WHEN {free} THEN 1 ELSE 0 END,
                 l.failures, CASE WHEN l.retry_at > {now} THEN l.retry_at - {now} ELSE 0 END, l.last_error,
-                l.error_position
+                l.error_position, CASE WHEN l.expires_at > {now} THEN l.expires_at - {now} ELSE 0 END
          FROM (SELECT 1 AS one) x LEFT JOIN emt_leases l ON {matching}",
         p = partition_column(backend),
         free = free_condition(backend, "l."),
@@ -125,6 +125,7 @@ pub(crate) async fn leases(conn: &impl ConnectionTrait, subscriptions: &[String]
             retry_in_ms: row.try_get_by_index(8)?,
             last_error: row.try_get_by_index(9)?,
             error_position: row.try_get_by_index(10)?,
+            expires_in_ms: row.try_get_by_index(11)?,
         });
     }
     Ok(leases)
@@ -260,17 +261,24 @@ pub(crate) async fn heartbeat(conn: &impl ConnectionTrait, owner: &str, ttl_ms: 
     Ok(())
 }
 
-/// Removes the instance and gives back every lease it still holds; on PostgreSQL it tells the
-/// other instances (on [`LEASES_CHANNEL`]) so they take them at once.
-pub(crate) async fn leave(conn: &impl ConnectionTrait, owner: &str) -> Result<(), DbErr> {
+/// Removes the instance and gives back every lease it still holds (their number); on PostgreSQL
+/// it tells the other instances (on [`LEASES_CHANNEL`]) so they take them at once.
+pub(crate) async fn leave(conn: &impl ConnectionTrait, owner: &str) -> Result<u64, DbErr> {
     let backend = conn.get_database_backend();
     let release = "UPDATE emt_leases SET owner = NULL, expires_at = 0 WHERE owner = $1";
-    conn.execute_raw(statement(backend, release, [owner.into()])).await?;
+    let released = conn.execute_raw(statement(backend, release, [owner.into()])).await?.rows_affected();
     conn.execute_raw(statement(backend, "DELETE FROM emt_daemons WHERE owner = $1", [owner.into()])).await?;
     if backend == DbBackend::Postgres {
         conn.execute_unprepared(&format!("NOTIFY {LEASES_CHANNEL}")).await?;
     }
-    Ok(())
+    Ok(released)
+}
+
+/// Every subscription with lease rows: the projections daemons have run.
+pub(crate) async fn lease_subscriptions(conn: &impl ConnectionTrait) -> Result<Vec<String>, DbErr> {
+    let sql = "SELECT DISTINCT subscription_id FROM emt_leases ORDER BY subscription_id";
+    let rows = conn.query_all_raw(Statement::from_string(conn.get_database_backend(), sql)).await?;
+    rows.iter().map(|row| row.try_get_by_index(0)).collect()
 }
 
 /// In a projection batch: locks the lease rows of `subscription` for `tenants` and returns those

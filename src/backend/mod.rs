@@ -35,8 +35,8 @@ pub(crate) use horizon::{
 #[cfg(feature = "postgres")]
 pub(crate) use leases::{LEASES_CHANNEL, PRESENCE_PREFIX};
 pub(crate) use leases::{
-    LeaseRow, Leases, claim, create_lease_tables, drop_lease_tables, ensure_leases, heartbeat, held_leases, leases,
-    leave, park, release, unpark,
+    LeaseRow, Leases, claim, create_lease_tables, drop_lease_tables, ensure_leases, heartbeat, held_leases,
+    lease_subscriptions, leases, leave, park, release, unpark,
 };
 pub(crate) use locks::{lock_checkpoint, lock_checkpoints, lock_snapshots, move_checkpoints};
 pub(crate) use schema::{

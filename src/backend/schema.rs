@@ -110,11 +110,11 @@ pub(crate) fn drop_schema(backend: DbBackend) -> Vec<String> {
     ddl
 }
 
-/// The second migration: every identifier compared exactly, a NULL global position impossible,
-/// message ids unique per partition (what lets an append be retried safely), the table of
-/// skipped events, and on MySQL the partitions table whose row locks order appends against
-/// horizon readers ([`horizon`]).
-pub(crate) async fn harden_schema(conn: &impl ConnectionTrait) -> Result<(), DbErr> {
+/// The statements of the second migration (read from the database, not run): every identifier
+/// compared exactly, a NULL global position impossible, message ids unique per partition (what
+/// lets an append be retried safely), the table of skipped events, and on MySQL the partitions
+/// table whose row locks order appends against horizon readers ([`horizon`]).
+pub(crate) async fn harden_schema(conn: &impl ConnectionTrait) -> Result<Vec<String>, DbErr> {
     let backend = conn.get_database_backend();
     let skipped = |text: &str, bigint: &str, timestamp: &str| {
         format!(
@@ -137,32 +137,30 @@ pub(crate) async fn harden_schema(conn: &impl ConnectionTrait) -> Result<(), DbE
             "ALTER SEQUENCE emt_global_message_position OWNED BY messages.global_position".to_owned(),
         ],
         DbBackend::Sqlite => {
-            // Rows another writer left without a position get the next ones, in insertion order.
-            let unnumbered = conn
-                .query_all_raw(Statement::from_string(
-                    backend,
-                    "SELECT rowid FROM messages WHERE global_position IS NULL ORDER BY rowid",
-                ))
-                .await?;
+            // Rows another writer left without a position get the next ones, in insertion order
+            // (none when `messages` is still to be created).
+            let exists = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages'";
+            let unnumbered = match conn.query_one_raw(Statement::from_string(backend, exists)).await? {
+                None => Vec::new(),
+                Some(_) => {
+                    let sql = "SELECT rowid FROM messages WHERE global_position IS NULL ORDER BY rowid";
+                    conn.query_all_raw(Statement::from_string(backend, sql)).await?
+                }
+            };
+            let mut ddl = Vec::new();
             for row in unnumbered {
                 let rowid: i64 = row.try_get_by_index(0)?;
-                conn.execute_raw(Statement::from_sql_and_values(
-                    backend,
+                ddl.push(format!(
                     "UPDATE messages SET global_position =
-                       (SELECT last_value FROM emt_global_message_position WHERE id = 1) + 1 WHERE rowid = ?",
-                    [rowid.into()],
-                ))
-                .await?;
-                conn.execute_unprepared(
-                    "UPDATE emt_global_message_position SET last_value = last_value + 1 WHERE id = 1",
-                )
-                .await?;
+                       (SELECT last_value FROM emt_global_message_position WHERE id = 1) + 1 WHERE rowid = {rowid}"
+                ));
+                ddl.push("UPDATE emt_global_message_position SET last_value = last_value + 1 WHERE id = 1".to_owned());
             }
-            let mut ddl = vec![
+            ddl.extend([
                 "CREATE UNIQUE INDEX IF NOT EXISTS uq_messages_message_id ON messages (message_id, partition)"
                     .to_owned(),
                 skipped("TEXT", "INTEGER", "TEXT"),
-            ];
+            ]);
             // SQLite can't add NOT NULL to a column; these triggers are that constraint.
             for (event, name) in [("INSERT", "insert"), ("UPDATE OF global_position", "update")] {
                 ddl.push(format!(
@@ -199,10 +197,7 @@ pub(crate) async fn harden_schema(conn: &impl ConnectionTrait) -> Result<(), DbE
         }
         other => return Err(DbErr::BackendNotSupported { db: other.as_str(), ctx: "emmett-seaorm schema" }),
     };
-    for statement in ddl {
-        conn.execute_unprepared(&statement).await?;
-    }
-    Ok(())
+    Ok(ddl)
 }
 
 /// Undoes [`harden_schema`] (MySQL's identifiers go back to the server's default collation).

@@ -44,7 +44,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 pub use handle::DaemonHandle;
-pub use status::{DaemonStatus, LeaseStatus};
+pub use status::{DaemonStatus, LeaseStatus, recorded};
 
 use crate::error::{Error, Result};
 use crate::event::Event;
@@ -52,6 +52,9 @@ use crate::limits::{self, MAX_IDENTIFIER_CHARS};
 use crate::projection::{ProjectionRegistry, ProjectionRunner};
 use crate::store::EventStore;
 use agent::Projector;
+
+/// Failed runs in a row after which a lease counts as parked, unless [`Daemon::retries`] says.
+const DEFAULT_RETRIES: u32 = 3;
 
 /// The daemon's settings (see the builder methods of [`Daemon`]).
 #[derive(Debug, Clone)]
@@ -78,7 +81,7 @@ impl Default for Options {
             poll_max: Duration::from_secs(1),
             backoff_min: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
-            retries: 3,
+            retries: DEFAULT_RETRIES,
             batch_size: 500,
             concurrency: 8,
             skip_undecodable: false,

@@ -1,6 +1,14 @@
-//! What [`DaemonHandle::status`](super::DaemonHandle::status) reports.
+//! What [`DaemonHandle::status`](super::DaemonHandle::status) and [`recorded`] report: the work
+//! of every instance, as the database records it.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect};
+
+use crate::backend;
+use crate::error::Result;
+use crate::schema::subscriptions;
 
 /// The state of every (projection, tenant) pair a daemon runs, read from the database, so it
 /// covers the work of every instance, not only this one's.
@@ -38,6 +46,11 @@ pub struct LeaseStatus {
     pub tenant: String,
     /// The instance holding the lease, if any.
     pub owner: Option<String>,
+    /// Whether another instance may take the lease now (no owner, or one that is gone).
+    pub free: bool,
+    /// Time until the lease expires (zero when expired: on PostgreSQL a live instance keeps
+    /// expired leases through its presence connection, without renewing them).
+    pub expires_in: Duration,
     /// The last global position projected.
     pub checkpoint: u64,
     /// The tenant's last global position.
@@ -54,4 +67,82 @@ pub struct LeaseStatus {
     pub retry_in: Duration,
     /// The last failure, and the checkpoint it happened after.
     pub last_error: Option<(String, u64)>,
+}
+
+/// Every (projection, tenant) pair any daemon has run on `db`, as [`LeaseStatus`]es: what an
+/// operator's tool shows without knowing the app's projections (`parked` counts the default
+/// number of [`retries`](super::Daemon::retries)).
+///
+/// ```no_run
+/// # async fn f(db: sea_orm::DatabaseConnection) -> emmett_seaorm::Result<()> {
+/// for lease in emmett_seaorm::daemon::recorded(&db).await? {
+///     println!("{} {}: {} events behind", lease.subscription, lease.tenant, lease.lag_events);
+/// }
+/// # Ok(()) }
+/// ```
+pub async fn recorded(db: &impl ConnectionTrait) -> Result<Vec<LeaseStatus>> {
+    let subscriptions: Vec<String> = backend::lease_subscriptions(db).await?;
+    let heads = backend::partition_heads(db, None).await?;
+    Ok(leases(db, &subscriptions, &heads, super::DEFAULT_RETRIES).await?.0)
+}
+
+/// The lease entries of `subscriptions` for the tenants in `heads` (tenant, last global
+/// position), and the number of live instances.
+pub(super) async fn leases(
+    db: &impl ConnectionTrait,
+    subscriptions: &[String],
+    heads: &[(String, i64)],
+    retries: u32,
+) -> Result<(Vec<LeaseStatus>, u64)> {
+    let backend::Leases { rows, instances, .. } = backend::leases(db, subscriptions).await?;
+    let heads: BTreeMap<&str, i64> = heads.iter().map(|(t, h)| (t.as_str(), *h)).collect();
+    let checkpoints = checkpoints(db, subscriptions).await?;
+    let mut leases = Vec::with_capacity(rows.len());
+    for row in rows {
+        let Some(&head) = heads.get(row.partition.as_str()) else { continue };
+        let checkpoint = checkpoint(&checkpoints, &row.subscription, &row.partition);
+        let (lag_events, lag_seconds) = backend::pending(db, &row.partition, checkpoint).await?;
+        leases.push(LeaseStatus {
+            head: head.max(0) as u64,
+            checkpoint: checkpoint.max(0) as u64,
+            lag_events: lag_events.max(0) as u64,
+            lag: Duration::from_secs_f64(lag_seconds.max(0.0)),
+            failures: row.failures.max(0) as u64,
+            parked: row.failures >= i64::from(retries),
+            retry_in: Duration::from_millis(row.retry_in_ms.max(0) as u64),
+            last_error: row.last_error.map(|e| (e, row.error_position.unwrap_or(0).max(0) as u64)),
+            owner: row.owner,
+            free: row.free,
+            expires_in: Duration::from_millis(row.expires_in_ms.max(0) as u64),
+            subscription: row.subscription,
+            tenant: row.partition,
+        });
+    }
+    leases.sort_by(|a, b| (&a.subscription, &a.tenant).cmp(&(&b.subscription, &b.tenant)));
+    Ok((leases, instances))
+}
+
+/// The checkpoints of `subscriptions`, by (subscription, tenant).
+pub(super) async fn checkpoints(
+    db: &impl ConnectionTrait,
+    subscriptions: &[String],
+) -> Result<BTreeMap<(String, String), i64>> {
+    let rows = subscriptions::Entity::find()
+        .select_only()
+        .columns([
+            subscriptions::Column::SubscriptionId,
+            subscriptions::Column::Partition,
+            subscriptions::Column::LastProcessedPosition,
+        ])
+        .filter(subscriptions::Column::SubscriptionId.is_in(subscriptions.iter().cloned()))
+        .filter(subscriptions::Column::Version.eq(1))
+        .into_tuple::<(String, String, i64)>()
+        .all(db)
+        .await?;
+    Ok(rows.into_iter().map(|(s, t, c)| ((s, t), c)).collect())
+}
+
+/// The checkpoint of `subscription` for `tenant` (0 before its first batch).
+pub(super) fn checkpoint(checkpoints: &BTreeMap<(String, String), i64>, subscription: &str, tenant: &str) -> i64 {
+    checkpoints.get(&(subscription.to_owned(), tenant.to_owned())).copied().unwrap_or(0)
 }

@@ -32,7 +32,7 @@ use std::collections::BTreeMap;
 
 pub use registry::{BatchHandler, EventHandler, ProjectionContext, ProjectionRegistry};
 pub(crate) use runner::GroupProgress;
-pub use runner::{ProjectEventsResult, ProjectPartitionResult, ProjectionRunner, RunOptions};
+pub use runner::{Progress, ProjectEventsResult, ProjectPartitionResult, ProjectionRunner, RunOptions};
 pub use snapshot::{SnapshotProjection, construct_stream_id};
 
 /// The key columns of a read-model row and their values, as returned by `extract_keys`.

@@ -214,6 +214,16 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
         }
     }
 
+    /// Forgets the snapshots of every snapshot projection (for a rebuild).
+    pub(crate) async fn forget(&self, txn: &sea_orm::DatabaseTransaction) -> Result<()> {
+        for registered in &self.steps {
+            if let Step::Snapshot(projection) = &registered.step {
+                projection.forget(txn).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Runs every step, in registration order, on the batches of one transaction: `(partition,
     /// the lease epoch it runs under, its events in global order)` each; `stream` for a
     /// per-stream run.

@@ -108,6 +108,19 @@ pub struct ProjectPartitionResult {
     pub last_processed_position: u64,
 }
 
+/// How far a [`catch_up`](ProjectionRunner::catch_up) or [`rebuild`](ProjectionRunner::rebuild)
+/// has got, reported after every batch: enough for a progress bar with a rate and an ETA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// The tenant the last batch was of.
+    pub partition: String,
+    /// Events read so far, over every tenant of the run.
+    pub processed: u64,
+    /// Events to read in all: those past the checkpoints when the run started (events appended
+    /// meanwhile are read too, so `processed` may end above it).
+    pub total: u64,
+}
+
 /// Feeds a [`ProjectionRegistry`] from the store.
 ///
 /// Each batch is one transaction: the subscription's checkpoint row is locked, the events after
@@ -149,7 +162,12 @@ enum Source<'a> {
 impl<E: Event + 'static> ProjectionRunner<E> {
     /// A runner feeding `registry` from `store`.
     pub fn new(store: EventStore, registry: ProjectionRegistry<E>) -> Self {
-        Self { store, registry: Arc::new(registry) }
+        Self::shared(store, Arc::new(registry))
+    }
+
+    /// A runner feeding a registry shared with others.
+    pub(crate) fn shared(store: EventStore, registry: Arc<ProjectionRegistry<E>>) -> Self {
+        Self { store, registry }
     }
 
     /// Projects one stream's events past the checkpoint of `subscription_id` (in the stream's
@@ -198,6 +216,116 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         Ok(ProjectPartitionResult { processed, last_processed_position })
     }
 
+    /// [`project_partition`](Self::project_partition) batch by batch, calling `progress` after
+    /// each: a long catch-up with a progress bar, such as a new version of a projection (a new
+    /// subscription id writing new tables) filling from the first event while the old version
+    /// keeps serving.
+    ///
+    /// ```no_run
+    /// # async fn f(runner: emmett_seaorm::projection::ProjectionRunner<serde_json::Value>) -> emmett_seaorm::Result<()> {
+    /// use emmett_seaorm::projection::RunOptions;
+    /// runner
+    ///     .catch_up("carts-v2", RunOptions::default().partition("acme"), |p| {
+    ///         println!("{}: {}/{} events", p.partition, p.processed, p.total)
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn catch_up(
+        &self,
+        subscription_id: &str,
+        options: RunOptions,
+        mut progress: impl FnMut(&Progress),
+    ) -> Result<ProjectPartitionResult> {
+        let partition = options.partition.as_deref().unwrap_or(DEFAULT_PARTITION);
+        check_run(subscription_id, partition)?;
+        let checkpoint = self.checkpoint(subscription_id, partition).await?;
+        let (total, _) = backend::pending(&self.store.executor(), partition, checkpoint).await?;
+        let mut report = Progress { partition: partition.to_owned(), processed: 0, total: total.max(0) as u64 };
+        self.fill(subscription_id, partition, &options, &mut report, &mut progress).await
+    }
+
+    /// Replays a projection from the first event of every tenant: forgets the subscription's
+    /// checkpoints and the snapshots of the registry's snapshot projections (an
+    /// [`in_table`](super::SnapshotProjection::in_table) projection's rows are its snapshots, so
+    /// they are deleted), in one transaction, then projects every tenant, calling `progress`
+    /// after each batch. Rows of snapshot projections are rewritten as their events are
+    /// replayed; custom handlers see every event again (clear their tables first; don't rebuild
+    /// a reactor whose effects must not repeat). For a large read model that must keep
+    /// serving, fill a new version with [`catch_up`](Self::catch_up) instead.
+    pub async fn rebuild(
+        &self,
+        subscription_id: &str,
+        options: RunOptions,
+        mut progress: impl FnMut(&Progress),
+    ) -> Result<ProjectPartitionResult> {
+        limits::check_identifier("subscription id", subscription_id, MAX_IDENTIFIER_CHARS)?;
+        let txn = Arc::new(backend::begin_write(&self.store.executor()).await?);
+        let tenants: Vec<String> = subscriptions::Entity::find()
+            .select_only()
+            .column(subscriptions::Column::Partition)
+            .filter(subscriptions::Column::SubscriptionId.eq(subscription_id))
+            .into_tuple()
+            .all(&*txn)
+            .await?;
+        // Ordered against batches in flight: they commit before, or see no checkpoint after.
+        backend::lock_checkpoints(&txn, subscription_id, &tenants.iter().map(String::as_str).collect::<Vec<_>>())
+            .await?;
+        subscriptions::Entity::delete_many()
+            .filter(subscriptions::Column::SubscriptionId.eq(subscription_id))
+            .exec(&*txn)
+            .await?;
+        self.registry.forget(&txn).await?;
+        commit(txn).await?;
+        let heads = backend::partition_heads(&self.store.executor(), None).await?;
+        let mut report = Progress { partition: String::new(), processed: 0, total: 0 };
+        for (tenant, _) in &heads {
+            report.total += backend::pending(&self.store.executor(), tenant, 0).await?.0.max(0) as u64;
+        }
+        let mut last = ProjectPartitionResult { processed: 0, last_processed_position: 0 };
+        for (tenant, _) in heads {
+            let done = self.fill(subscription_id, &tenant, &options, &mut report, &mut progress).await?;
+            last = ProjectPartitionResult {
+                processed: report.processed,
+                last_processed_position: last.last_processed_position.max(done.last_processed_position),
+            };
+        }
+        Ok(last)
+    }
+
+    /// Projects `partition` up to its horizon, one batch at a time, adding to `report`.
+    async fn fill(
+        &self,
+        subscription: &str,
+        partition: &str,
+        options: &RunOptions,
+        report: &mut Progress,
+        progress: &mut impl FnMut(&Progress),
+    ) -> Result<ProjectPartitionResult> {
+        let until = (|| self.horizon(subscription, partition)).retry(retry_policy()).when(is_retried).await?;
+        let options = RunOptions { partition: Some(partition.to_owned()), single_batch: true, ..options.clone() };
+        report.partition = partition.to_owned();
+        let mut processed = 0;
+        loop {
+            let (count, checkpoint, caught_up) =
+                self.run(subscription, partition, Source::Partition { until }, &options).await?;
+            processed += count;
+            report.processed += count;
+            progress(report);
+            if caught_up {
+                return Ok(ProjectPartitionResult { processed, last_processed_position: checkpoint });
+            }
+        }
+    }
+
+    /// The checkpoint of `subscription` in `partition` (0 before its first batch).
+    async fn checkpoint(&self, subscription: &str, partition: &str) -> Result<i64> {
+        let row = subscriptions::Entity::find_by_id((subscription.to_owned(), 1, partition.to_owned()))
+            .one(&self.store.executor())
+            .await?;
+        Ok(row.map_or(0, |s| s.last_processed_position))
+    }
+
     /// Runs batches until one comes back short. Returns (events read, checkpoint, whether
     /// caught up).
     async fn run(
@@ -225,10 +353,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
     /// How far a partition run may read: the [horizon](backend::horizon), waited for at most
     /// [`CATCH_UP_WAIT`]; the checkpoint when transactions still running hide what follows it.
     async fn horizon(&self, subscription: &str, partition: &str) -> Result<i64> {
-        let checkpoint = subscriptions::Entity::find_by_id((subscription.to_owned(), 1, partition.to_owned()))
-            .one(&self.store.executor())
-            .await?
-            .map_or(0, |s| s.last_processed_position);
+        let checkpoint = self.checkpoint(subscription, partition).await?;
         match backend::horizon(&self.store.executor(), partition, checkpoint, CATCH_UP_WAIT).await? {
             Some(horizon) => Ok(horizon),
             None => {

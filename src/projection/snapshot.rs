@@ -236,6 +236,9 @@ struct Row<'a, E, S> {
 #[async_trait::async_trait]
 pub(crate) trait Fold<E>: Send + Sync {
     async fn fold(&self, ctx: &ProjectionContext<'_>, events: &[&RecordedEvent<E>]) -> Result<()>;
+
+    /// Forgets every snapshot, so the next events fold from the initial state again.
+    async fn forget(&self, txn: &sea_orm::DatabaseTransaction) -> Result<()>;
 }
 
 #[async_trait::async_trait]
@@ -244,6 +247,19 @@ where
     E: Send + Sync,
     S: Serialize + DeserializeOwned + Send + Sync,
 {
+    async fn forget(&self, txn: &sea_orm::DatabaseTransaction) -> Result<()> {
+        match self.storage {
+            Storage::SnapshotTable => {
+                let mine = snapshots::Column::ReadmodelTableName.eq(self.table.as_str());
+                snapshots::Entity::delete_many().filter(mine).exec(txn).await?;
+            }
+            Storage::InTable => {
+                txn.execute(&Query::delete().from_table(Alias::new(self.table.as_str())).to_owned()).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn fold(&self, ctx: &ProjectionContext<'_>, events: &[&RecordedEvent<E>]) -> Result<()> {
         let mut rows: BTreeMap<String, Row<'_, E, S>> = BTreeMap::new();
         for &event in events {

@@ -1,0 +1,528 @@
+//! The operator's command line (feature `cli`): the `emmett-seaorm` binary, and the same
+//! subcommands for an app to mount in its own binary with its projections.
+//!
+//! ```text
+//! emmett-seaorm --database-url postgres://… projections status
+//! ```
+//!
+//! The binary knows only what the database records (streams, checkpoints, leases); an app that
+//! mounts [`Command`] with its [`Projections`] can also rebuild and fill them in-process:
+//!
+//! ```no_run
+//! use clap::Parser;
+//! use emmett_seaorm::cli::{Command, Projections};
+//! use emmett_seaorm::projection::ProjectionRegistry;
+//!
+//! #[derive(Parser)]
+//! struct App {
+//!     #[arg(long, env = "DATABASE_URL")]
+//!     database_url: String,
+//!     #[command(subcommand)]
+//!     ops: Command,
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> std::process::ExitCode {
+//!     let app = App::parse();
+//!     let projections = Projections::new().projection("carts", ProjectionRegistry::<serde_json::Value>::new());
+//!     app.ops.run_and_report(&app.database_url, &projections).await
+//! }
+//! ```
+
+mod report;
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use sea_orm::{ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm_migration::MigratorTrait;
+use serde_json::json;
+
+use crate::error::Error;
+use crate::event::Event;
+use crate::migrations::{self, Migrator};
+use crate::projection::{Progress, ProjectionRegistry, ProjectionRunner, RunOptions};
+use crate::schema::{DEFAULT_PARTITION, streams, subscriptions};
+use crate::store::{EventStore, ReadOptions};
+use crate::{backend, daemon};
+use report::Table;
+
+/// The `emmett-seaorm` binary: a database URL and a [`Command`].
+#[derive(Parser, Debug)]
+#[command(
+    name = "emmett-seaorm",
+    version,
+    about = "Operate an emmett-seaorm event store: schema, tenants, streams, projections, leases"
+)]
+pub struct Cli {
+    /// The database (postgres://…, mysql://…, sqlite://…).
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The operator's subcommands; mount them in an app's own clap parser (see the [module](self)).
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// The store's schema.
+    #[command(subcommand)]
+    Migrate(Migrate),
+    /// Tenants.
+    #[command(subcommand)]
+    Partitions(Partitions),
+    /// Streams and their events.
+    #[command(subcommand)]
+    Streams(Streams),
+    /// Projections: lag, failures, rebuilds.
+    #[command(subcommand)]
+    Projections(ProjectionsCommand),
+    /// The projection daemons' leases.
+    #[command(subcommand)]
+    Leases(Leases),
+}
+
+/// `migrate …`
+#[derive(Subcommand, Debug)]
+pub enum Migrate {
+    /// Apply every pending migration.
+    Up,
+    /// Roll back the last migrations.
+    Down {
+        /// How many.
+        #[arg(long, default_value_t = 1)]
+        steps: u32,
+    },
+    /// List the migrations and whether each is applied.
+    Status,
+    /// Drop every table of the database (the app's too) and apply every migration.
+    Fresh {
+        /// Yes, drop every table.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Print the SQL of the pending migrations for this database, without running it.
+    Sql,
+}
+
+/// `partitions …`
+#[derive(Subcommand, Debug)]
+pub enum Partitions {
+    /// Create a tenant's own partitions (PostgreSQL; nothing to do on the others).
+    Add {
+        /// The tenant.
+        tenant: String,
+    },
+    /// Tenants with streams, with their number of streams and last global position.
+    List(JsonFlag),
+}
+
+/// `streams …`
+#[derive(Subcommand, Debug)]
+pub enum Streams {
+    /// Live streams, by partition and id.
+    List {
+        /// Only this tenant's.
+        #[arg(long)]
+        partition: Option<String>,
+        /// Only streams of this type.
+        #[arg(long = "type")]
+        stream_type: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u64,
+        /// `--json`.
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// A stream's events.
+    Read {
+        /// The stream id.
+        stream: String,
+        /// Its tenant.
+        #[arg(long, default_value = DEFAULT_PARTITION)]
+        partition: String,
+        /// From this stream position on.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        /// `--json`.
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+}
+
+/// `projections …`
+#[derive(Subcommand, Debug)]
+pub enum ProjectionsCommand {
+    /// Per projection and tenant: checkpoint, head, lag, lease owner and expiry, parked error.
+    Status(JsonFlag),
+    /// Replay a projection from the first event of every tenant (in-place; needs the app's
+    /// registry: run it from the app's binary).
+    Rebuild {
+        /// The projection's subscription id.
+        name: String,
+        /// Events per batch.
+        #[arg(long, default_value_t = 500)]
+        batch_size: u64,
+    },
+    /// Project a projection's tenants up to their last event, e.g. a new version filling its
+    /// new tables (needs the app's registry).
+    CatchUp {
+        /// The projection's subscription id.
+        name: String,
+        /// Only this tenant.
+        #[arg(long)]
+        partition: Option<String>,
+        /// Events per batch.
+        #[arg(long, default_value_t = 500)]
+        batch_size: u64,
+    },
+    /// Move a tenant's checkpoint back (or past a poison event) and clear its failures: the
+    /// daemon delivers the events after it again. Snapshot projections skip events they have
+    /// folded already; use `rebuild` to rebuild them.
+    Reset {
+        /// The projection's subscription id.
+        name: String,
+        /// The tenant.
+        #[arg(long)]
+        partition: String,
+        /// The new checkpoint (a global position).
+        #[arg(long, default_value_t = 0)]
+        to: u64,
+    },
+}
+
+/// `leases …`
+#[derive(Subcommand, Debug)]
+pub enum Leases {
+    /// Every lease: owner, expiry, failures.
+    List(JsonFlag),
+    /// Give back every lease of an instance (one that is gone, or to move its work).
+    Release {
+        /// The instance (the owner column of `leases list`).
+        owner: String,
+    },
+}
+
+/// `--json`: one JSON object per line instead of a table.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct JsonFlag {
+    /// Print one JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Why a command failed: printed as one line on stderr, with a non-zero exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// No database URL was given.
+    #[error("no database: pass --database-url or set DATABASE_URL")]
+    NoDatabase,
+    /// The database could not be reached or refused the connection.
+    #[error("cannot connect to {url} (is the server running, and the URL right?): {source}")]
+    Connect {
+        /// The URL, without its password.
+        url: String,
+        /// Why.
+        source: DbErr,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] Error),
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(#[from] DbErr),
+    /// The arguments name something that isn't there, or ask for something unsafe.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The projections an app can rebuild and catch up in-process, by subscription id.
+#[derive(Default)]
+pub struct Projections {
+    runners: BTreeMap<String, Box<dyn Replay>>,
+}
+
+impl Projections {
+    /// No projections: the binary's commands work on what the database records.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The projection `subscription_id`, fed to `registry`.
+    pub fn projection<E: Event + 'static>(mut self, subscription_id: &str, registry: ProjectionRegistry<E>) -> Self {
+        self.runners.insert(subscription_id.to_owned(), Box::new(Arc::new(registry)));
+        self
+    }
+
+    fn get(&self, name: &str) -> Result<&dyn Replay, CliError> {
+        self.runners.get(name).map(|r| r.as_ref()).ok_or_else(|| {
+            let known = self.runners.keys().cloned().collect::<Vec<_>>().join(", ");
+            CliError::Invalid(match known.is_empty() {
+                true => format!(
+                    "projection '{name}' is not known to this binary: run this from your app's binary, which mounts \
+                     these commands with its projections (emmett_seaorm::cli::Projections)"
+                ),
+                false => format!("unknown projection '{name}' (known: {known})"),
+            })
+        })
+    }
+}
+
+/// A registry behind a type-erased face: what rebuild and catch-up need.
+#[async_trait::async_trait]
+trait Replay: Send + Sync {
+    async fn replay(&self, store: EventStore, name: &str, rebuild: bool, options: RunOptions) -> Result<u64, Error>;
+}
+
+#[async_trait::async_trait]
+impl<E: Event + 'static> Replay for Arc<ProjectionRegistry<E>> {
+    async fn replay(&self, store: EventStore, name: &str, rebuild: bool, options: RunOptions) -> Result<u64, Error> {
+        let runner = ProjectionRunner::shared(store, Arc::clone(self));
+        let mut bar = report::ProgressBar::new(name);
+        let done = match rebuild {
+            true => runner.rebuild(name, options, |p: &Progress| bar.update(p)).await?,
+            false => runner.catch_up(name, options, |p: &Progress| bar.update(p)).await?,
+        };
+        bar.finish(done.processed);
+        Ok(done.processed)
+    }
+}
+
+/// Parses the arguments, runs the command and reports an error as one line on stderr: the whole
+/// `emmett-seaorm` binary, for an app's `main` to call with its projections.
+pub async fn main(projections: &Projections) -> ExitCode {
+    let cli = Cli::parse();
+    match cli.database_url {
+        Some(url) => cli.command.run_and_report(&url, projections).await,
+        None => report::failed(&CliError::NoDatabase),
+    }
+}
+
+impl Command {
+    /// [`run`](Self::run), printing an error as one line on stderr; the exit code to return.
+    pub async fn run_and_report(self, database_url: &str, projections: &Projections) -> ExitCode {
+        match self.run(database_url, projections).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => report::failed(&err),
+        }
+    }
+
+    /// Connects to `database_url` and runs the command, printing its output on stdout.
+    pub async fn run(self, database_url: &str, projections: &Projections) -> Result<(), CliError> {
+        let mut options = sea_orm::ConnectOptions::new(database_url);
+        options.connect_timeout(Duration::from_secs(5)).acquire_timeout(Duration::from_secs(5)).sqlx_logging(false);
+        let db = sea_orm::Database::connect(crate::configure(options))
+            .await
+            .map_err(|source| CliError::Connect { url: report::without_password(database_url), source })?;
+        let outcome = self.run_on(&db, projections).await;
+        db.close().await.ok();
+        outcome
+    }
+
+    async fn run_on(self, db: &DatabaseConnection, projections: &Projections) -> Result<(), CliError> {
+        let store = EventStore::new(db.clone());
+        match self {
+            Command::Migrate(m) => migrate(db, m).await,
+            Command::Partitions(Partitions::Add { tenant }) => {
+                store.create_partition(&tenant).await?;
+                println!("partition '{tenant}' ready");
+                Ok(())
+            }
+            Command::Partitions(Partitions::List(flag)) => partitions(db, flag).await,
+            Command::Streams(Streams::List { partition, stream_type, limit, json }) => {
+                list_streams(db, partition, stream_type, limit, json).await
+            }
+            Command::Streams(Streams::Read { stream, partition, from, json }) => {
+                read_stream(&store, &stream, &partition, from, json).await
+            }
+            Command::Projections(ProjectionsCommand::Status(flag)) => status(db, flag).await,
+            Command::Projections(ProjectionsCommand::Rebuild { name, batch_size }) => {
+                projections
+                    .get(&name)?
+                    .replay(store, &name, true, RunOptions::default().batch_size(batch_size))
+                    .await?;
+                Ok(())
+            }
+            Command::Projections(ProjectionsCommand::CatchUp { name, partition, batch_size }) => {
+                let replay = projections.get(&name)?;
+                let tenants = match partition {
+                    Some(p) => vec![p],
+                    None => backend::partition_heads(db, None).await?.into_iter().map(|(t, _)| t).collect(),
+                };
+                for tenant in tenants {
+                    let options = RunOptions::default().partition(tenant).batch_size(batch_size);
+                    replay.replay(store.clone(), &name, false, options).await?;
+                }
+                Ok(())
+            }
+            Command::Projections(ProjectionsCommand::Reset { name, partition, to }) => {
+                reset(db, &name, &partition, to).await
+            }
+            Command::Leases(Leases::List(flag)) => leases(db, flag).await,
+            Command::Leases(Leases::Release { owner }) => {
+                let released = backend::leave(db, &owner).await?;
+                println!("released {released} lease(s) of {owner}");
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn migrate(db: &DatabaseConnection, command: Migrate) -> Result<(), CliError> {
+    match command {
+        Migrate::Up => Migrator::up(db, None).await?,
+        Migrate::Down { steps } => Migrator::down(db, Some(steps)).await?,
+        Migrate::Fresh { yes: false } => {
+            return Err(CliError::Invalid("fresh drops every table of the database; pass --yes to do it".into()));
+        }
+        Migrate::Fresh { yes: true } => Migrator::fresh(db).await?,
+        Migrate::Sql => {
+            let pending = migrations::pending_sql(db).await?;
+            if pending.is_empty() {
+                println!("-- no pending migrations");
+            }
+            for (name, statements) in pending {
+                println!("-- {name}");
+                for sql in statements {
+                    println!("{sql};");
+                }
+            }
+            return Ok(());
+        }
+        Migrate::Status => {}
+    }
+    let mut table = Table::new(["migration", "status"]);
+    for (name, applied) in migrations::status(db).await? {
+        table.record(json!({ "migration": name, "status": if applied { "applied" } else { "pending" } }));
+    }
+    table.print();
+    Ok(())
+}
+
+async fn partitions(db: &DatabaseConnection, flag: JsonFlag) -> Result<(), CliError> {
+    let counts: Vec<(String, i64)> = streams::Entity::find()
+        .select_only()
+        .column(streams::Column::Partition)
+        .column_as(streams::Column::StreamId.count(), "streams")
+        .filter(streams::Column::IsArchived.eq(false))
+        .group_by(streams::Column::Partition)
+        .into_tuple()
+        .all(db)
+        .await?;
+    let heads: BTreeMap<String, i64> = backend::partition_heads(db, None).await?.into_iter().collect();
+    let mut table = Table::new(["partition", "streams", "last_global_position"]).json(flag.json);
+    for (tenant, streams) in counts {
+        let head = heads.get(&tenant).copied().unwrap_or(0);
+        table.record(json!({ "partition": tenant, "streams": streams, "last_global_position": head }));
+    }
+    table.print();
+    Ok(())
+}
+
+async fn list_streams(
+    db: &DatabaseConnection,
+    partition: Option<String>,
+    stream_type: Option<String>,
+    limit: u64,
+    flag: JsonFlag,
+) -> Result<(), CliError> {
+    let mut query = streams::Entity::find().filter(streams::Column::IsArchived.eq(false));
+    if let Some(partition) = partition {
+        query = query.filter(streams::Column::Partition.eq(partition));
+    }
+    if let Some(stream_type) = stream_type {
+        query = query.filter(streams::Column::StreamType.eq(stream_type));
+    }
+    let rows = query
+        .order_by_asc(streams::Column::Partition)
+        .order_by_asc(streams::Column::StreamId)
+        .limit(limit)
+        .all(db)
+        .await?;
+    let mut table = Table::new(["partition", "stream", "type", "version"]).json(flag.json);
+    for s in rows {
+        table.record(json!({
+            "partition": s.partition, "stream": s.stream_id, "type": s.stream_type, "version": s.stream_position,
+        }));
+    }
+    table.print();
+    Ok(())
+}
+
+async fn read_stream(
+    store: &EventStore,
+    stream: &str,
+    partition: &str,
+    from: u64,
+    flag: JsonFlag,
+) -> Result<(), CliError> {
+    let read = store.read_stream::<serde_json::Value>(stream, ReadOptions::default().partition(partition).from(from));
+    let read = read.await?;
+    if !read.stream_exists {
+        return Err(CliError::Invalid(format!("stream '{stream}' not found in partition '{partition}'")));
+    }
+    let mut table = Table::new(["stream_position", "global_position", "created", "type", "data"]).json(flag.json);
+    for e in read.events {
+        let data = e.event.get("data").cloned().unwrap_or_default();
+        table.record(json!({
+            "stream_position": e.stream_position, "global_position": e.global_position,
+            "created": e.created.to_rfc3339(), "type": e.message_type, "data": data,
+            "stream": e.stream_id, "partition": e.partition, "message_id": e.message_id, "metadata": e.metadata,
+        }));
+    }
+    table.print();
+    Ok(())
+}
+
+async fn status(db: &DatabaseConnection, flag: JsonFlag) -> Result<(), CliError> {
+    let columns = ["projection", "tenant", "checkpoint", "head", "lag", "lag_age", "owner", "expires", "error"];
+    let mut table = Table::new(columns).json(flag.json);
+    for l in daemon::recorded(db).await? {
+        let (error, error_position) = l.last_error.clone().unzip();
+        table.record(json!({
+            "projection": l.subscription, "tenant": l.tenant, "checkpoint": l.checkpoint, "head": l.head,
+            "lag": l.lag_events, "lag_age": report::seconds(l.lag), "owner": l.owner,
+            "expires": report::expiry(&l), "error": error, "error_position": error_position,
+            "failures": l.failures, "parked": l.parked,
+        }));
+    }
+    table.print();
+    Ok(())
+}
+
+async fn leases(db: &DatabaseConnection, flag: JsonFlag) -> Result<(), CliError> {
+    let mut table = Table::new(["projection", "tenant", "owner", "expires", "failures", "retry_in"]).json(flag.json);
+    for l in daemon::recorded(db).await? {
+        table.record(json!({
+            "projection": l.subscription, "tenant": l.tenant, "owner": l.owner, "expires": report::expiry(&l),
+            "failures": l.failures, "retry_in": report::seconds(l.retry_in),
+        }));
+    }
+    table.print();
+    Ok(())
+}
+
+async fn reset(db: &DatabaseConnection, name: &str, partition: &str, to: u64) -> Result<(), CliError> {
+    let to = i64::try_from(to).map_err(|_| CliError::Invalid(format!("checkpoint {to} is out of range")))?;
+    let txn = backend::begin_write(db).await?;
+    let known = subscriptions::Entity::find()
+        .filter(subscriptions::Column::SubscriptionId.eq(name))
+        .filter(subscriptions::Column::Partition.eq(partition))
+        .one(&txn)
+        .await?;
+    let Some(known) = known else {
+        return Err(CliError::Invalid(format!("projection '{name}' has no checkpoint in partition '{partition}'")));
+    };
+    let mut checkpoint: subscriptions::ActiveModel = known.into();
+    checkpoint.last_processed_position = sea_orm::Set(to);
+    sea_orm::ActiveModelTrait::update(checkpoint, &txn).await?;
+    backend::unpark(&txn, name, &[partition]).await?;
+    txn.commit().await?;
+    println!("projection '{name}' in partition '{partition}' goes on after position {to}");
+    Ok(())
+}
