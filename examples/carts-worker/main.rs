@@ -1,9 +1,13 @@
 //! The carts projections and the orders reactor as a long-running worker: every one for every
 //! tenant, kept current until Ctrl-C (SIGINT) or SIGTERM, then a graceful stop (exit code 0).
 //!
-//! `cargo run --example carts-worker` uses the demo's SQLite file (`carts.db`); set
-//! `DATABASE_URL` like for the demo. Start it twice: the two processes split the tenants, and
-//! when one stops the other takes its tenants over.
+//! `cargo run --example carts-worker --features cli` uses the demo's SQLite file (`carts.db`);
+//! set `DATABASE_URL` like for the demo. Start it twice: the two processes split the tenants,
+//! and when one stops the other takes its tenants over.
+//!
+//! It mounts the operator's commands with its projections, so they can be rebuilt in-process:
+//! `cargo run --example carts-worker --features cli -- ops projections rebuild carts-read-model`
+//! (and every other `emmett-seaorm` command: `ops projections status`, `ops streams list`, …).
 
 #[path = "../carts/domain.rs"]
 #[allow(dead_code)]
@@ -13,27 +17,69 @@ mod orders;
 #[path = "../carts/read_model.rs"]
 mod read_model;
 
+use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::Parser;
 use emmett_seaorm::EventStore;
+use emmett_seaorm::cli::Projections;
 use emmett_seaorm::daemon::Daemon;
 use emmett_seaorm::projection::ProjectionRegistry;
 
+#[derive(Parser)]
+struct Worker {
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://carts.db?mode=rwc")]
+    database_url: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Run the projections until stopped (the default).
+    Run,
+    /// The operator's commands, with this app's projections.
+    #[command(subcommand)]
+    Ops(emmett_seaorm::cli::Command),
+}
+
+/// The projections this worker runs, by subscription id.
+const CARTS: &str = "carts-read-model";
+const ORDERS: &str = "orders";
+
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> ExitCode {
+    let worker = Worker::parse();
+    match worker.command {
+        Some(Command::Ops(ops)) => {
+            let projections = Projections::new()
+                .projection(CARTS, ProjectionRegistry::new().with(read_model::projection()))
+                .projection(ORDERS, orders::reactor());
+            ops.run_and_report(&worker.database_url, &projections).await
+        }
+        Some(Command::Run) | None => match run(&worker.database_url).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "emmett_seaorm=info".into()),
         )
         .init();
-    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://carts.db?mode=rwc".into());
-    let db = emmett_seaorm::connect(&url).await?;
+    let db = emmett_seaorm::connect(url).await?;
     emmett_seaorm::migrate(&db).await?;
     read_model::create_table(&db).await?;
 
     let daemon = Daemon::new(EventStore::new(db))
-        .projection("carts-read-model", ProjectionRegistry::new().with(read_model::projection()))
-        .projection("orders", orders::reactor())
+        .projection(CARTS, ProjectionRegistry::new().with(read_model::projection()))
+        .projection(ORDERS, orders::reactor())
         .start()
         .await?;
     println!("worker {} running on {url}; Ctrl-C to stop", daemon.owner());

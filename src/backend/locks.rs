@@ -31,6 +31,9 @@ pub(crate) async fn lock_checkpoints(
     let mut partitions = partitions.to_vec();
     partitions.sort_unstable();
     partitions.dedup();
+    if partitions.is_empty() {
+        return Ok(BTreeMap::new());
+    }
     let key = [subscriptions::Column::SubscriptionId, subscriptions::Column::Partition, subscriptions::Column::Version];
     let mut create = Query::insert();
     create.into_table(subscriptions::Entity).columns([

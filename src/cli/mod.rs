@@ -411,6 +411,7 @@ async fn partitions(db: &DatabaseConnection, flag: JsonFlag) -> Result<(), CliEr
         .column_as(streams::Column::StreamId.count(), "streams")
         .filter(streams::Column::IsArchived.eq(false))
         .group_by(streams::Column::Partition)
+        .order_by_asc(streams::Column::Partition)
         .into_tuple()
         .all(db)
         .await?;
@@ -509,18 +510,21 @@ async fn leases(db: &DatabaseConnection, flag: JsonFlag) -> Result<(), CliError>
 
 async fn reset(db: &DatabaseConnection, name: &str, partition: &str, to: u64) -> Result<(), CliError> {
     let to = i64::try_from(to).map_err(|_| CliError::Invalid(format!("checkpoint {to} is out of range")))?;
-    let txn = backend::begin_write(db).await?;
-    let known = subscriptions::Entity::find()
+    let leased = backend::leases(db, &[name.to_owned()]).await?.rows.iter().any(|l| l.partition == partition);
+    let checkpointed = subscriptions::Entity::find()
         .filter(subscriptions::Column::SubscriptionId.eq(name))
         .filter(subscriptions::Column::Partition.eq(partition))
-        .one(&txn)
-        .await?;
-    let Some(known) = known else {
-        return Err(CliError::Invalid(format!("projection '{name}' has no checkpoint in partition '{partition}'")));
-    };
-    let mut checkpoint: subscriptions::ActiveModel = known.into();
-    checkpoint.last_processed_position = sea_orm::Set(to);
-    sea_orm::ActiveModelTrait::update(checkpoint, &txn).await?;
+        .one(db)
+        .await?
+        .is_some();
+    if !leased && !checkpointed {
+        return Err(CliError::Invalid(format!(
+            "projection '{name}' has no checkpoint or lease in partition '{partition}'"
+        )));
+    }
+    let txn = backend::begin_write(db).await?;
+    backend::lock_checkpoints(&txn, name, &[partition]).await?;
+    backend::move_checkpoints(&txn, name, &[(partition, to)]).await?;
     backend::unpark(&txn, name, &[partition]).await?;
     txn.commit().await?;
     println!("projection '{name}' in partition '{partition}' goes on after position {to}");

@@ -1,0 +1,321 @@
+//! The operator's command line on every backend: the built `emmett-seaorm` binary (exit codes,
+//! `--json` parsed, one-line errors) and the commands an app mounts with its projections (a
+//! rebuild while appends go on ends equal to the sequential fold).
+
+mod common;
+
+use std::process::{Command as Process, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::Parser;
+use common::{Ev, TestDb};
+use emmett_seaorm::cli::{Command, Projections};
+use emmett_seaorm::daemon::Daemon;
+use emmett_seaorm::projection::{EventHandler, ProjectionContext, ProjectionRegistry, SnapshotProjection};
+use emmett_seaorm::{AppendOptions, EventStore, ReadOptions, RecordedEvent, columns, keys};
+use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
+use serde_json::Value;
+
+/// Runs the binary on `db` with `args`.
+fn cli(db: &TestDb, args: &[&str]) -> Output {
+    Process::new(env!("CARGO_BIN_EXE_emmett-seaorm"))
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .expect("run the binary")
+}
+
+/// The command's stdout, which must have succeeded.
+fn ok(output: Output) -> String {
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "failed: {stderr}{stdout}");
+    stdout.into_owned()
+}
+
+/// The one-line error of a command that must have failed with exit code 1.
+fn failed(output: Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("error: ") && stderr.trim_end().lines().count() == 1, "one line: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+/// `--json` output: one object per line.
+fn json_lines(stdout: &str) -> Vec<Value> {
+    stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
+}
+
+async fn migrations_report_apply_and_print_their_sql(db: TestDb) {
+    let status = ok(cli(&db, &["migrate", "status"]));
+    assert_eq!(status.matches("applied").count(), 3, "{status}");
+    assert!(ok(cli(&db, &["migrate", "sql"])).contains("no pending migrations"));
+    ok(cli(&db, &["migrate", "down", "--steps", "1"]));
+    assert!(ok(cli(&db, &["migrate", "status"])).contains("m20261128_000002_create_daemon_leases  pending"));
+    // The SQL of what is pending, printed and not run.
+    let sql = ok(cli(&db, &["migrate", "sql"]));
+    assert!(
+        sql.starts_with("-- m20261128_000002_create_daemon_leases")
+            && sql.contains("CREATE TABLE IF NOT EXISTS emt_leases"),
+        "{sql}"
+    );
+    assert!(ok(cli(&db, &["migrate", "status"])).contains("pending"), "still pending after printing");
+    // Applied by hand, as a DBA would, the migrator finds it in place (every statement is idempotent).
+    for statement in sql.split(";\n").filter(|s| !s.trim().is_empty()) {
+        let statement = statement.lines().filter(|l| !l.starts_with("--")).collect::<Vec<_>>().join("\n");
+        db.db.execute_unprepared(&statement).await.unwrap_or_else(|e| panic!("{e}: {statement}"));
+    }
+    ok(cli(&db, &["migrate", "up"]));
+    assert_eq!(ok(cli(&db, &["migrate", "status"])).matches("applied").count(), 3);
+    assert!(failed(cli(&db, &["migrate", "fresh"])).contains("--yes"));
+}
+
+async fn streams_and_partitions_are_listed_and_read(db: TestDb) {
+    let store = db.store();
+    let tenant = |t: &str| AppendOptions::default().partition(t).stream_type("account");
+    store
+        .append_to_stream("acc-1", [Ev::Opened { owner: "ann".into() }, Ev::Deposited { amount: 5 }], tenant("t1"))
+        .await
+        .unwrap();
+    store.append_to_stream("acc-2", [Ev::Opened { owner: "bob".into() }], tenant("t1")).await.unwrap();
+    store.append_to_stream("acc-1", [Ev::Closed], tenant("t2")).await.unwrap();
+    let partitions = json_lines(&ok(cli(&db, &["partitions", "list", "--json"])));
+    let counts: Vec<(String, i64)> = partitions
+        .iter()
+        .map(|p| (p["partition"].as_str().unwrap().to_owned(), p["streams"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(counts, [("t1".to_owned(), 2), ("t2".to_owned(), 1)]);
+    let streams = json_lines(&ok(cli(&db, &["streams", "list", "--partition", "t1", "--json"])));
+    let ids: Vec<&str> = streams.iter().map(|s| s["stream"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["acc-1", "acc-2"]);
+    assert_eq!(json_lines(&ok(cli(&db, &["streams", "list", "--limit", "1", "--json"]))).len(), 1);
+    assert!(json_lines(&ok(cli(&db, &["streams", "list", "--type", "cart", "--json"]))).is_empty());
+    let events = json_lines(&ok(cli(&db, &["streams", "read", "acc-1", "--partition", "t1", "--json"])));
+    assert_eq!(events.len(), 2);
+    assert_eq!(
+        (events[1]["type"].as_str(), &events[1]["data"]),
+        (Some("Deposited"), &serde_json::json!({ "amount": 5 }))
+    );
+    assert_eq!((events[1]["stream_position"].as_u64(), events[1]["partition"].as_str()), (Some(2), Some("t1")));
+    assert!(events[1]["global_position"].as_u64().unwrap() > events[0]["global_position"].as_u64().unwrap());
+    let later = json_lines(&ok(cli(&db, &["streams", "read", "acc-1", "--partition", "t1", "--from", "2", "--json"])));
+    assert_eq!(later.len(), 1);
+    let table = ok(cli(&db, &["streams", "read", "acc-1", "--partition", "t1"]));
+    assert!(table.starts_with("STREAM POSITION") && table.contains("Deposited"), "{table}");
+    // Errors name what was wrong, on one line, with exit code 1.
+    assert!(
+        failed(cli(&db, &["streams", "read", "acc-1", "--partition", "t3"]))
+            .contains("'acc-1' not found in partition 't3'")
+    );
+    assert!(failed(cli(&db, &["projections", "rebuild", "nothing"])).contains("not known to this binary"));
+    assert!(failed(cli(&db, &["projections", "reset", "nothing", "--partition", "t1"])).contains("no checkpoint"));
+    ok(cli(&db, &["partitions", "add", "t9"]));
+}
+
+/// Fails every deposit of 13: the tenant is parked with the error.
+struct Picky;
+
+#[async_trait::async_trait]
+impl EventHandler<Ev> for Picky {
+    async fn handle(
+        &self,
+        _: &ProjectionContext<'_>,
+        e: &RecordedEvent<Ev>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        match e.event {
+            Ev::Deposited { amount: 13 } => Err("13 is unlucky".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+async fn projections_and_leases_show_what_the_daemons_do(db: TestDb) {
+    let store = db.store();
+    store
+        .append_to_stream("a", [Ev::Deposited { amount: 1 }], AppendOptions::default().partition("good"))
+        .await
+        .unwrap();
+    store
+        .append_to_stream("b", [Ev::Deposited { amount: 13 }], AppendOptions::default().partition("bad"))
+        .await
+        .unwrap();
+    let daemon = Daemon::new(EventStore::new(db.second_pool().await))
+        .projection("picky", ProjectionRegistry::new().on(["Deposited"], Picky))
+        .backoff(std::time::Duration::from_secs(30), std::time::Duration::from_secs(60))
+        .start()
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        let status = json_lines(&ok(cli(&db, &["projections", "status", "--json"])));
+        if status.len() == 2 && status.iter().any(|s| s["error"].is_string()) && status.iter().any(|s| s["lag"] == 0) {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let bad = status.iter().find(|s| s["tenant"] == "bad").unwrap();
+    assert_eq!((bad["lag"].as_u64(), bad["checkpoint"].as_u64()), (Some(1), Some(0)));
+    assert!(bad["error"].as_str().unwrap().contains("13 is unlucky"), "{bad}");
+    assert_eq!(bad["owner"].as_str(), Some(daemon.owner()));
+    let good = status.iter().find(|s| s["tenant"] == "good").unwrap();
+    assert_eq!(good["lag"].as_u64(), Some(0));
+    assert_eq!(good["checkpoint"], good["head"]);
+    let table = ok(cli(&db, &["projections", "status"]));
+    assert!(table.starts_with("PROJECTION") && table.contains("13 is unlucky"), "{table}");
+    let leases = json_lines(&ok(cli(&db, &["leases", "list", "--json"])));
+    assert!(leases.iter().all(|l| l["owner"].as_str() == Some(daemon.owner())), "{leases:?}");
+    // Past the poison event: the checkpoint moves and the failure record is cleared.
+    let poison = bad["head"].as_u64().unwrap().to_string();
+    ok(cli(&db, &["projections", "reset", "picky", "--partition", "bad", "--to", &poison]));
+    let status = json_lines(&ok(cli(&db, &["projections", "status", "--json"])));
+    let bad = status.iter().find(|s| s["tenant"] == "bad").unwrap();
+    assert_eq!((bad["lag"].as_u64(), bad["failures"].as_u64(), &bad["error"]), (Some(0), Some(0), &Value::Null));
+    // Releasing an instance's leases frees them.
+    let released = ok(cli(&db, &["leases", "release", daemon.owner()]));
+    assert!(released.contains("released 2 lease(s)"), "{released}");
+    drop(daemon);
+}
+
+#[derive(Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Balance {
+    total: i64,
+    deposits: i64,
+}
+
+fn fold(b: Balance, e: &Ev) -> Balance {
+    match e {
+        Ev::Deposited { amount } => Balance { total: b.total + amount, deposits: b.deposits + 1 },
+        _ => b,
+    }
+}
+
+fn balances() -> ProjectionRegistry<Ev> {
+    let projection = SnapshotProjection::new(
+        "balances",
+        |e: &RecordedEvent<Ev>, tenant: &str| keys! { "tenant_id" => tenant, "account_id" => &e.stream_id },
+        fold,
+        Balance::default,
+    )
+    .columns(|b: &Balance| columns! { "total" => b.total, "deposits" => b.deposits });
+    ProjectionRegistry::new().with(projection)
+}
+
+async fn read_model(db: &DatabaseConnection) -> Vec<(String, String, i64, i64)> {
+    let sql = "SELECT tenant_id, account_id, total, deposits FROM balances ORDER BY tenant_id, account_id";
+    let rows = db.query_all_raw(Statement::from_string(db.get_database_backend(), sql)).await.unwrap();
+    rows.iter()
+        .map(|r| {
+            (
+                r.try_get_by_index(0).unwrap(),
+                r.try_get_by_index(1).unwrap(),
+                r.try_get_by_index(2).unwrap(),
+                r.try_get_by_index(3).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The app's own binary, mounting the commands.
+#[derive(Parser)]
+struct App {
+    #[command(subcommand)]
+    ops: Command,
+}
+
+async fn a_rebuild_while_appends_go_on_ends_equal_to_the_fold(db: TestDb) {
+    let setup = "CREATE TABLE balances (tenant_id VARCHAR(100) NOT NULL, account_id VARCHAR(100) NOT NULL, \
+                 total BIGINT, deposits BIGINT, PRIMARY KEY (tenant_id, account_id))";
+    db.db.execute_unprepared(setup).await.unwrap();
+    let store = db.store();
+    let accounts = |i: usize| (["t1", "t2", "t3"][i % 3], format!("acc-{}", i % 7));
+    for i in 0..600 {
+        let (tenant, account) = accounts(i);
+        store
+            .append_to_stream(
+                &account,
+                [Ev::Deposited { amount: i as i64 }],
+                AppendOptions::default().partition(tenant),
+            )
+            .await
+            .unwrap();
+    }
+    let projections = Projections::new().projection("balances", balances());
+    let run = |args: &[&str]| App::try_parse_from(["app"].iter().chain(args)).expect("arguments").ops;
+    run(&["projections", "catch-up", "balances"]).run(&db.url, &projections).await.expect("catch-up");
+    // Corrupt the read model and its snapshots (only a replay from the first event repairs
+    // them), then rebuild it while writers keep appending.
+    db.db.execute_unprepared("DELETE FROM balances").await.unwrap();
+    db.db.execute_unprepared(r#"UPDATE snapshots SET snapshot = '{"total": -1000, "deposits": 0}'"#).await.unwrap();
+    let writing = Arc::new(AtomicBool::new(true));
+    let writer = {
+        let (store, writing) = (EventStore::new(db.second_pool().await), Arc::clone(&writing));
+        tokio::spawn(async move {
+            let mut i = 600;
+            while writing.load(Ordering::SeqCst) {
+                let (tenant, account) = accounts(i);
+                store
+                    .append_to_stream(
+                        &account,
+                        [Ev::Deposited { amount: 1 }],
+                        AppendOptions::default().partition(tenant),
+                    )
+                    .await
+                    .unwrap();
+                i += 1;
+            }
+            i - 600
+        })
+    };
+    run(&["projections", "rebuild", "balances", "--batch-size", "50"])
+        .run(&db.url, &projections)
+        .await
+        .expect("rebuild");
+    writing.store(false, Ordering::SeqCst);
+    let written = writer.await.unwrap();
+    assert!(written > 0, "appends went on during the rebuild");
+    run(&["projections", "catch-up", "balances"]).run(&db.url, &projections).await.expect("catch-up");
+    // The sequential fold of every stream.
+    let mut expected = Vec::new();
+    for tenant in ["t1", "t2", "t3"] {
+        for account in 0..7 {
+            let account = format!("acc-{account}");
+            let options = ReadOptions::default().partition(tenant);
+            let folded = store.aggregate_stream(&account, fold, Balance::default, options).await.unwrap();
+            if folded.stream_exists {
+                expected.push((tenant.to_owned(), account, folded.state.total, folded.state.deposits));
+            }
+        }
+    }
+    expected.sort();
+    assert_eq!(read_model(&db.db).await, expected);
+}
+
+conformance!(
+    migrations_report_apply_and_print_their_sql,
+    streams_and_partitions_are_listed_and_read,
+    projections_and_leases_show_what_the_daemons_do,
+    a_rebuild_while_appends_go_on_ends_equal_to_the_fold,
+);
+
+#[test]
+fn unreachable_databases_and_bad_urls_are_one_line_errors() {
+    let run = |url: &str| {
+        Process::new(env!("CARGO_BIN_EXE_emmett-seaorm"))
+            .args(["streams", "list"])
+            .env("DATABASE_URL", url)
+            .output()
+            .unwrap()
+    };
+    let refused = failed(run("postgres://postgres:secret@127.0.0.1:1/db"));
+    assert!(refused.contains("cannot connect to postgres://postgres:***@127.0.0.1:1/db"), "{refused}");
+    assert!(!refused.contains("secret"));
+    assert!(failed(run("nonsense")).contains("cannot connect to nonsense"));
+    let none = Process::new(env!("CARGO_BIN_EXE_emmett-seaorm"))
+        .args(["streams", "list"])
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(failed(none).contains("DATABASE_URL"));
+}
