@@ -113,33 +113,37 @@ pub(super) struct ProgressBar {
     name: String,
     bar: Option<indicatif::ProgressBar>,
     started: Instant,
+    /// The first report (time, events): the rate is measured from there, past the setup.
+    first: Option<(Instant, u64)>,
     last_line: Instant,
 }
 
 impl ProgressBar {
     pub fn new(name: &str) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
-            let style = indicatif::ProgressStyle::with_template(
-                "{prefix} [{bar:40}] {human_pos}/{human_len} events  {per_sec}  ETA {eta}",
-            )
-            .expect("a valid template")
-            .progress_chars("=> ");
+            let style =
+                indicatif::ProgressStyle::with_template("{prefix} [{bar:40}] {human_pos}/{human_len} events  {msg}")
+                    .expect("a valid template")
+                    .progress_chars("=> ");
             indicatif::ProgressBar::new(0).with_style(style).with_prefix(name.to_owned())
         });
-        Self { name: name.to_owned(), bar, started: Instant::now(), last_line: Instant::now() }
+        Self { name: name.to_owned(), bar, started: Instant::now(), first: None, last_line: Instant::now() }
     }
 
     pub fn update(&mut self, progress: &Progress) {
         let total = progress.total.max(progress.processed);
+        // The rate since the first batch: steadier than a window while batches vary in cost.
+        let (since, base) = *self.first.get_or_insert((Instant::now(), progress.processed));
+        let rate = (progress.processed - base) as f64 / since.elapsed().as_secs_f64().max(1e-3);
+        let eta = (total - progress.processed) as f64 / rate.max(1e-9);
         if let Some(bar) = &self.bar {
             bar.set_length(total);
             bar.set_position(progress.processed);
+            bar.set_message(format!("{rate:.0} events/s  ETA {eta:.0}s"));
             return;
         }
         if self.last_line.elapsed() >= Duration::from_secs(1) {
             self.last_line = Instant::now();
-            let rate = progress.processed as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
-            let eta = (total - progress.processed) as f64 / rate.max(1e-9);
             eprintln!(
                 "{}: {}/{} events ({}), {rate:.0} events/s, ETA {eta:.0}s",
                 self.name, progress.processed, total, progress.partition
