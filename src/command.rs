@@ -9,6 +9,9 @@ use crate::event::Event;
 use crate::expected_version::ExpectedVersion;
 use crate::store::{AppendOptions, EventStore, ReadOptions};
 
+/// The domain's `evolve`, boxed.
+type EvolveFn<S, E> = dyn Fn(S, &E) -> S + Send + Sync;
+
 /// Runs commands against one kind of stream: folds the stream with the domain's `evolve`, calls
 /// the command's `decide` with the state, appends the events it returns with the version it read
 /// as the expected version, and returns the new state.
@@ -47,7 +50,7 @@ use crate::store::{AppendOptions, EventStore, ReadOptions};
 /// }
 /// ```
 pub struct CommandHandler<S, E> {
-    evolve: Box<dyn Fn(S, &E) -> S + Send + Sync>,
+    evolve: Box<EvolveFn<S, E>>,
     initial_state: Box<dyn Fn() -> S + Send + Sync>,
     retry: Option<ExponentialBuilder>,
 }

@@ -111,12 +111,15 @@ async fn on_server(server: &str, sql: &str) {
     db.close().await.ok();
 }
 
+/// The decider's `decide`, boxed.
+type DecideFn<'db, S, E, C, Err> = dyn Fn(&C, &S) -> Result<Vec<E>, Err> + Send + Sync + 'db;
+
 /// Given events / when a command / then events or an error: a decider tested through a
 /// [`CommandHandler`] on a real store, each scenario on a stream of its own.
 pub struct DeciderSpecification<'db, S, E, C, Err> {
     db: &'db TestDatabase,
     handler: CommandHandler<S, E>,
-    decide: Box<dyn Fn(&C, &S) -> Result<Vec<E>, Err> + Send + Sync + 'db>,
+    decide: Box<DecideFn<'db, S, E, C, Err>>,
 }
 
 /// A scenario of a [`DeciderSpecification`]: its history and its command.

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use common::{Ev, TestDb};
 use emmett_seaorm::backon::ExponentialBuilder;
-use emmett_seaorm::{AppendOptions, CommandHandler, Error, ExpectedVersion, ReadOptions};
+use emmett_seaorm::{AppendOptions, CommandHandler, Error, EventStore, ExpectedVersion, Handled, ReadOptions};
 
 /// The bank account: its balance, or `None` before it is opened.
 fn evolve(balance: Option<i64>, e: &Ev) -> Option<i64> {
@@ -16,6 +16,11 @@ fn evolve(balance: Option<i64>, e: &Ev) -> Option<i64> {
         Ev::Deposited { amount } => balance.map(|b| b + amount),
         Ev::Closed => None,
     }
+}
+
+/// Opens an account, whatever its state.
+fn open(_: &Option<i64>) -> Result<[Ev; 1], Error> {
+    Ok([Ev::Opened { owner: "o".into() }])
 }
 
 fn accounts() -> CommandHandler<Option<i64>, Ev> {
@@ -33,7 +38,6 @@ fn deposit(amount: i64) -> impl Fn(&Option<i64>) -> Result<Vec<Ev>, Error> {
 async fn racing_commands_each_land_exactly_once(db: TestDb) {
     let store = db.store();
     let tenant = AppendOptions::default().partition("t1");
-    let open = |_: &Option<i64>| Ok::<_, Error>([Ev::Opened { owner: "o".into() }]);
     assert!(accounts().handle(&store, "acc", tenant.clone(), open).await.expect("open").created_new_stream);
     // 8 tasks, each on its own pool, race 10 commands each on the one stream.
     let decided = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -81,10 +85,7 @@ async fn racing_commands_each_land_exactly_once(db: TestDb) {
 async fn without_retry_the_loser_gets_the_conflict(db: TestDb) {
     let store = db.store();
     let handler = accounts();
-    handler
-        .handle(&store, "acc", AppendOptions::default(), |_| Ok::<_, Error>([Ev::Opened { owner: "o".into() }]))
-        .await
-        .unwrap();
+    handler.handle(&store, "acc", AppendOptions::default(), open).await.unwrap();
     // Another writer appends between this command's read and its append.
     let other = store.clone();
     let err = handler
@@ -122,8 +123,7 @@ async fn decisions_errors_and_stale_expectations(db: TestDb) {
     assert!(matches!(&err, Error::InvalidEvent { reason, .. } if reason == "account is not open"), "{err:?}");
     assert!(!store.stream_exists("acc", "default_partition").await.unwrap());
     // No events decided: nothing written, the state as loaded.
-    let opened =
-        handler.handle(&store, "acc", AppendOptions::default(), |_| Ok::<_, Error>([Ev::Opened { owner: "o".into() }]));
+    let opened = handler.handle(&store, "acc", AppendOptions::default(), open);
     assert_eq!(opened.await.unwrap().next_expected_stream_version, 1);
     let nothing =
         handler.handle(&store, "acc", AppendOptions::default(), |_| Ok::<_, Error>(Vec::new())).await.unwrap();
@@ -148,39 +148,23 @@ async fn decisions_errors_and_stale_expectations(db: TestDb) {
     assert_eq!((handled.state, handled.next_expected_stream_version, handled.created_new_stream), (Some(7), 2, false));
 }
 
-async fn commands_in_a_session_commit_with_it(db: TestDb) {
-    let store = db.store();
+/// In one session: opens account "a", then deposits `amount` into `then`.
+async fn open_then_deposit(store: &EventStore, then: &str, amount: i64) -> Result<Handled<Option<i64>, Ev>, Error> {
     let handler = accounts();
-    // Two commands on two streams, one transaction: the second fails, neither is written.
-    let failed = store
-        .with_session(|session| {
-            let handler = &handler;
-            async move {
-                handler
-                    .handle(&session, "a", AppendOptions::default(), |_| {
-                        Ok::<_, Error>([Ev::Opened { owner: "o".into() }])
-                    })
-                    .await?;
-                handler.handle(&session, "b", AppendOptions::default(), deposit(1)).await
-            }
-        })
-        .await;
-    assert!(failed.is_err());
-    assert!(!store.stream_exists("a", "default_partition").await.unwrap(), "rolled back with the session");
-    let done = store
-        .with_session(|session| {
-            let handler = &handler;
-            async move {
-                handler
-                    .handle(&session, "a", AppendOptions::default(), |_| {
-                        Ok::<_, Error>([Ev::Opened { owner: "o".into() }])
-                    })
-                    .await?;
-                handler.handle(&session, "a", AppendOptions::default(), deposit(3)).await
-            }
+    store
+        .with_session(|session| async move {
+            handler.handle(&session, "a", AppendOptions::default(), open).await?;
+            handler.handle(&session, then, AppendOptions::default(), deposit(amount)).await
         })
         .await
-        .expect("session");
+}
+
+async fn commands_in_a_session_commit_with_it(db: TestDb) {
+    let store = db.store();
+    // The second command fails (account "b" is not open): neither is written.
+    assert!(open_then_deposit(&store, "b", 1).await.is_err());
+    assert!(!store.stream_exists("a", "default_partition").await.unwrap(), "rolled back with the session");
+    let done = open_then_deposit(&store, "a", 3).await.expect("session");
     assert_eq!((done.state, done.next_expected_stream_version), (Some(3), 2));
     assert_eq!(store.read_stream::<Ev>("a", ReadOptions::default()).await.unwrap().current_stream_version, 2);
 }

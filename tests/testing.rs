@@ -15,14 +15,14 @@ use sea_orm::{ConnectionTrait, Statement};
 /// The kit's URLs of the three backends: the servers the other suites use.
 fn urls() -> Vec<String> {
     let server = |var: &str, default: &str| std::env::var(var).unwrap_or_else(|_| default.to_owned());
-    let mut urls = Vec::new();
-    #[cfg(feature = "sqlite")]
-    urls.push("sqlite::memory:".to_owned());
-    #[cfg(feature = "postgres")]
-    urls.push(server("EMMETT_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432"));
-    #[cfg(feature = "mysql")]
-    urls.push(server("EMMETT_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306"));
-    urls
+    [
+        cfg!(feature = "sqlite").then(|| "sqlite::memory:".to_owned()),
+        cfg!(feature = "postgres").then(|| server("EMMETT_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")),
+        cfg!(feature = "mysql").then(|| server("EMMETT_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 fn accounts() -> CommandHandler<Option<i64>, Ev> {

@@ -1,0 +1,173 @@
+//! What each command does: the queries behind `migrate`, `partitions`, `streams`,
+//! `projections status|reset` and `leases`.
+
+use std::collections::BTreeMap;
+
+use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm_migration::MigratorTrait;
+use serde_json::json;
+
+use super::report::{self, Table};
+use super::{CliError, JsonFlag, Migrate};
+use crate::migrations::{self, Migrator};
+use crate::schema::{streams, subscriptions};
+use crate::store::{EventStore, ReadOptions};
+use crate::{backend, daemon};
+
+pub(super) async fn migrate(db: &DatabaseConnection, command: Migrate) -> Result<(), CliError> {
+    match command {
+        Migrate::Up => Migrator::up(db, None).await?,
+        Migrate::Down { steps } => Migrator::down(db, Some(steps)).await?,
+        Migrate::Fresh { yes: false } => {
+            return Err(CliError::Invalid("fresh drops every table of the database; pass --yes to do it".into()));
+        }
+        Migrate::Fresh { yes: true } => Migrator::fresh(db).await?,
+        Migrate::Sql => {
+            let pending = migrations::pending_sql(db).await?;
+            if pending.is_empty() {
+                println!("-- no pending migrations");
+            }
+            for (name, statements) in pending {
+                println!("-- {name}");
+                for sql in statements {
+                    println!("{sql};");
+                }
+            }
+            return Ok(());
+        }
+        Migrate::Status => {}
+    }
+    let mut table = Table::new(["migration", "status"]);
+    for (name, applied) in migrations::status(db).await? {
+        table.record(json!({ "migration": name, "status": if applied { "applied" } else { "pending" } }));
+    }
+    table.print();
+    Ok(())
+}
+
+pub(super) async fn partitions(db: &DatabaseConnection, flag: JsonFlag) -> Result<(), CliError> {
+    let counts: Vec<(String, i64)> = streams::Entity::find()
+        .select_only()
+        .column(streams::Column::Partition)
+        .column_as(streams::Column::StreamId.count(), "streams")
+        .filter(streams::Column::IsArchived.eq(false))
+        .group_by(streams::Column::Partition)
+        .order_by_asc(streams::Column::Partition)
+        .into_tuple()
+        .all(db)
+        .await?;
+    let heads: BTreeMap<String, i64> = backend::partition_heads(db, None).await?.into_iter().collect();
+    let mut table = Table::new(["partition", "streams", "last_global_position"]).json(flag.json);
+    for (tenant, streams) in counts {
+        let head = heads.get(&tenant).copied().unwrap_or(0);
+        table.record(json!({ "partition": tenant, "streams": streams, "last_global_position": head }));
+    }
+    table.print();
+    Ok(())
+}
+
+pub(super) async fn list_streams(
+    db: &DatabaseConnection,
+    partition: Option<String>,
+    stream_type: Option<String>,
+    limit: u64,
+    flag: JsonFlag,
+) -> Result<(), CliError> {
+    let mut query = streams::Entity::find().filter(streams::Column::IsArchived.eq(false));
+    if let Some(partition) = partition {
+        query = query.filter(streams::Column::Partition.eq(partition));
+    }
+    if let Some(stream_type) = stream_type {
+        query = query.filter(streams::Column::StreamType.eq(stream_type));
+    }
+    let rows = query
+        .order_by_asc(streams::Column::Partition)
+        .order_by_asc(streams::Column::StreamId)
+        .limit(limit)
+        .all(db)
+        .await?;
+    let mut table = Table::new(["partition", "stream", "type", "version"]).json(flag.json);
+    for s in rows {
+        table.record(json!({
+            "partition": s.partition, "stream": s.stream_id, "type": s.stream_type, "version": s.stream_position,
+        }));
+    }
+    table.print();
+    Ok(())
+}
+
+pub(super) async fn read_stream(
+    store: &EventStore,
+    stream: &str,
+    partition: &str,
+    from: u64,
+    flag: JsonFlag,
+) -> Result<(), CliError> {
+    let read = store.read_stream::<serde_json::Value>(stream, ReadOptions::default().partition(partition).from(from));
+    let read = read.await?;
+    if !read.stream_exists {
+        return Err(CliError::Invalid(format!("stream '{stream}' not found in partition '{partition}'")));
+    }
+    let mut table = Table::new(["stream_position", "global_position", "created", "type", "data"]).json(flag.json);
+    for e in read.events {
+        let data = e.event.get("data").cloned().unwrap_or_default();
+        table.record(json!({
+            "stream_position": e.stream_position, "global_position": e.global_position,
+            "created": e.created.to_rfc3339(), "type": e.message_type, "data": data,
+            "stream": e.stream_id, "partition": e.partition, "message_id": e.message_id, "metadata": e.metadata,
+        }));
+    }
+    table.print();
+    Ok(())
+}
+
+pub(super) async fn status(db: &DatabaseConnection, flag: JsonFlag) -> Result<(), CliError> {
+    let columns = ["projection", "tenant", "checkpoint", "head", "lag", "lag_age", "owner", "expires", "error"];
+    let mut table = Table::new(columns).json(flag.json);
+    for l in daemon::recorded(db).await? {
+        let (error, error_position) = l.last_error.clone().unzip();
+        table.record(json!({
+            "projection": l.subscription, "tenant": l.tenant, "checkpoint": l.checkpoint, "head": l.head,
+            "lag": l.lag_events, "lag_age": report::seconds(l.lag), "owner": l.owner,
+            "expires": report::expiry(&l), "error": error, "error_position": error_position,
+            "failures": l.failures, "parked": l.parked,
+        }));
+    }
+    table.print();
+    Ok(())
+}
+
+pub(super) async fn leases(db: &DatabaseConnection, flag: JsonFlag) -> Result<(), CliError> {
+    let mut table = Table::new(["projection", "tenant", "owner", "expires", "failures", "retry_in"]).json(flag.json);
+    for l in daemon::recorded(db).await? {
+        table.record(json!({
+            "projection": l.subscription, "tenant": l.tenant, "owner": l.owner, "expires": report::expiry(&l),
+            "failures": l.failures, "retry_in": report::seconds(l.retry_in),
+        }));
+    }
+    table.print();
+    Ok(())
+}
+
+pub(super) async fn reset(db: &DatabaseConnection, name: &str, partition: &str, to: u64) -> Result<(), CliError> {
+    let to = i64::try_from(to).map_err(|_| CliError::Invalid(format!("checkpoint {to} is out of range")))?;
+    let leased = backend::leases(db, &[name.to_owned()]).await?.rows.iter().any(|l| l.partition == partition);
+    let checkpointed = subscriptions::Entity::find()
+        .filter(subscriptions::Column::SubscriptionId.eq(name))
+        .filter(subscriptions::Column::Partition.eq(partition))
+        .one(db)
+        .await?
+        .is_some();
+    if !leased && !checkpointed {
+        return Err(CliError::Invalid(format!(
+            "projection '{name}' has no checkpoint or lease in partition '{partition}'"
+        )));
+    }
+    let txn = backend::begin_write(db).await?;
+    backend::lock_checkpoints(&txn, name, &[partition]).await?;
+    backend::move_checkpoints(&txn, name, &[(partition, to)]).await?;
+    backend::unpark(&txn, name, &[partition]).await?;
+    txn.commit().await?;
+    println!("projection '{name}' in partition '{partition}' goes on after position {to}");
+    Ok(())
+}
