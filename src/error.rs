@@ -188,6 +188,13 @@ pub enum Error {
         reason: String,
     },
 
+    /// A projection was asked for by a subscription id that names none of the daemon's.
+    #[error("projection '{subscription}' is not one of this daemon's")]
+    UnknownProjection {
+        /// The subscription id asked for.
+        subscription: String,
+    },
+
     /// A number given to the store is outside what it can mean, e.g. a version past the
     /// largest position the schema stores (`i64::MAX`). Nothing was written.
     #[error("{what} {value} is out of range for stream '{stream}' in partition '{partition}'")]

@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
-use common::{Ev, TestDb};
+use common::{Ev, TestDb, balances};
 use emmett_seaorm::cli::{Command, Projections};
 use emmett_seaorm::daemon::Daemon;
-use emmett_seaorm::projection::{EventHandler, ProjectionContext, ProjectionRegistry, SnapshotProjection};
-use emmett_seaorm::{AppendOptions, EventStore, ReadOptions, RecordedEvent, columns, keys};
-use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
+use emmett_seaorm::projection::{EventHandler, ProjectionContext, ProjectionRegistry};
+use emmett_seaorm::{AppendOptions, EventStore, RecordedEvent};
+use sea_orm::ConnectionTrait;
 use serde_json::Value;
 
 /// Runs the binary on `db` with `args`.
@@ -178,45 +178,6 @@ async fn projections_and_leases_show_what_the_daemons_do(db: TestDb) {
     drop(daemon);
 }
 
-#[derive(Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-struct Balance {
-    total: i64,
-    deposits: i64,
-}
-
-fn fold(b: Balance, e: &Ev) -> Balance {
-    match e {
-        Ev::Deposited { amount } => Balance { total: b.total + amount, deposits: b.deposits + 1 },
-        _ => b,
-    }
-}
-
-fn balances() -> ProjectionRegistry<Ev> {
-    let projection = SnapshotProjection::new(
-        "balances",
-        |e: &RecordedEvent<Ev>, tenant: &str| keys! { "tenant_id" => tenant, "account_id" => &e.stream_id },
-        fold,
-        Balance::default,
-    )
-    .columns(|b: &Balance| columns! { "total" => b.total, "deposits" => b.deposits });
-    ProjectionRegistry::new().with(projection)
-}
-
-async fn read_model(db: &DatabaseConnection) -> Vec<(String, String, i64, i64)> {
-    let sql = "SELECT tenant_id, account_id, total, deposits FROM balances ORDER BY tenant_id, account_id";
-    let rows = db.query_all_raw(Statement::from_string(db.get_database_backend(), sql)).await.unwrap();
-    rows.iter()
-        .map(|r| {
-            (
-                r.try_get_by_index(0).unwrap(),
-                r.try_get_by_index(1).unwrap(),
-                r.try_get_by_index(2).unwrap(),
-                r.try_get_by_index(3).unwrap(),
-            )
-        })
-        .collect()
-}
-
 /// The app's own binary, mounting the commands.
 #[derive(Parser)]
 struct App {
@@ -225,44 +186,23 @@ struct App {
 }
 
 async fn a_rebuild_while_appends_go_on_ends_equal_to_the_fold(db: TestDb) {
-    let setup = "CREATE TABLE balances (tenant_id VARCHAR(100) NOT NULL, account_id VARCHAR(100) NOT NULL, \
-                 total BIGINT, deposits BIGINT, PRIMARY KEY (tenant_id, account_id))";
-    db.db.execute_unprepared(setup).await.unwrap();
+    balances::create_table(&db.db).await;
     let store = db.store();
-    let accounts = |i: usize| (["t1", "t2", "t3"][i % 3], format!("acc-{}", i % 7));
     for i in 0..600 {
-        let (tenant, account) = accounts(i);
-        store
-            .append_to_stream(
-                &account,
-                [Ev::Deposited { amount: i as i64 }],
-                AppendOptions::default().partition(tenant),
-            )
-            .await
-            .unwrap();
+        balances::deposit(&store, i, i as i64).await;
     }
-    let projections = Projections::new().projection("balances", balances());
+    let projections = Projections::new().projection("balances", balances::registry());
     let run = |args: &[&str]| App::try_parse_from(["app"].iter().chain(args)).expect("arguments").ops;
     run(&["projections", "catch-up", "balances"]).run(&db.url, &projections).await.expect("catch-up");
-    // Corrupt the read model and its snapshots (only a replay from the first event repairs
-    // them), then rebuild it while writers keep appending.
-    db.db.execute_unprepared("DELETE FROM balances").await.unwrap();
-    db.db.execute_unprepared(r#"UPDATE snapshots SET snapshot = '{"total": -1000, "deposits": 0}'"#).await.unwrap();
+    balances::corrupt(&db.db).await;
+    // Rebuilt while a writer keeps appending.
     let writing = Arc::new(AtomicBool::new(true));
     let writer = {
         let (store, writing) = (EventStore::new(db.second_pool().await), Arc::clone(&writing));
         tokio::spawn(async move {
             let mut i = 600;
             while writing.load(Ordering::SeqCst) {
-                let (tenant, account) = accounts(i);
-                store
-                    .append_to_stream(
-                        &account,
-                        [Ev::Deposited { amount: 1 }],
-                        AppendOptions::default().partition(tenant),
-                    )
-                    .await
-                    .unwrap();
+                balances::deposit(&store, i, 1).await;
                 i += 1;
             }
             i - 600
@@ -273,23 +213,9 @@ async fn a_rebuild_while_appends_go_on_ends_equal_to_the_fold(db: TestDb) {
         .await
         .expect("rebuild");
     writing.store(false, Ordering::SeqCst);
-    let written = writer.await.unwrap();
-    assert!(written > 0, "appends went on during the rebuild");
+    assert!(writer.await.unwrap() > 0, "appends went on during the rebuild");
     run(&["projections", "catch-up", "balances"]).run(&db.url, &projections).await.expect("catch-up");
-    // The sequential fold of every stream.
-    let mut expected = Vec::new();
-    for tenant in ["t1", "t2", "t3"] {
-        for account in 0..7 {
-            let account = format!("acc-{account}");
-            let options = ReadOptions::default().partition(tenant);
-            let folded = store.aggregate_stream(&account, fold, Balance::default, options).await.unwrap();
-            if folded.stream_exists {
-                expected.push((tenant.to_owned(), account, folded.state.total, folded.state.deposits));
-            }
-        }
-    }
-    expected.sort();
-    assert_eq!(read_model(&db.db).await, expected);
+    assert_eq!(balances::rows(&db.db).await, balances::folded(&store).await);
 }
 
 conformance!(

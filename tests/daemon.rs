@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Ev, TestDb};
+use common::{Ev, TestDb, balances};
 use emmett_seaorm::daemon::{Daemon, DaemonHandle};
 use emmett_seaorm::projection::{EventHandler, ProjectionContext, ProjectionRegistry};
 use emmett_seaorm::{AppendOptions, EventStore, RecordedEvent};
@@ -750,7 +750,52 @@ async fn a_reaction_cut_off_by_a_kill_is_delivered_again(db: TestDb) {
     here.stop().await.expect("stop");
 }
 
+/// A projection rebuilt in place through the daemon's handle while the daemon runs it and a
+/// writer appends: it ends equal to the sequential fold.
+async fn a_projection_is_rebuilt_while_the_daemon_runs_it(db: TestDb) {
+    balances::create_table(&db.db).await;
+    let store = db.store();
+    for i in 0..300 {
+        balances::deposit(&store, i, i as i64).await;
+    }
+    let daemon = Daemon::new(EventStore::new(db.second_pool().await))
+        .projection("balances", balances::registry())
+        .poll_interval(Duration::from_millis(5), Duration::from_millis(100))
+        .start()
+        .await
+        .expect("start");
+    caught_up(&daemon, balances::deposit(&store, 300, 1).await, Duration::from_secs(10)).await;
+    balances::corrupt(&db.db).await;
+    let writing = Arc::new(AtomicBool::new(true));
+    let writer = {
+        let (store, writing) = (EventStore::new(db.second_pool().await), Arc::clone(&writing));
+        tokio::spawn(async move {
+            let mut i = 301;
+            while writing.load(Ordering::SeqCst) {
+                balances::deposit(&store, i, 1).await;
+                i += 1;
+            }
+        })
+    };
+    let mut reports = Vec::new();
+    daemon.rebuild("balances", |p| reports.push((p.processed, p.total))).await.expect("rebuild");
+    writing.store(false, Ordering::SeqCst);
+    writer.await.unwrap();
+    assert!(!reports.is_empty() && reports.windows(2).all(|w| w[0].0 <= w[1].0), "{reports:?}");
+    assert!(reports[0].1 >= 301, "the total counts every event: {reports:?}");
+    // The newest event, after the writer's: the daemon catches up with everything.
+    let last = balances::deposit(&store, 0, 0).await;
+    caught_up(&daemon, last, Duration::from_secs(10)).await;
+    assert_eq!(balances::rows(&db.db).await, balances::folded(&store).await);
+    let unknown = daemon.rebuild("nothing", |_| {}).await;
+    assert!(
+        matches!(&unknown, Err(emmett_seaorm::Error::UnknownProjection { subscription }) if subscription == "nothing")
+    );
+    daemon.stop().await.expect("stop");
+}
+
 conformance!(
+    a_projection_is_rebuilt_while_the_daemon_runs_it,
     start_reports_what_keeps_a_daemon_from_running,
     batch_handlers_get_a_tenants_events_at_once,
     a_reactor_records_what_it_did_with_its_checkpoint,

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 
 use crate::error::{Error, Result};
 use crate::event::Event;
-use crate::projection::{GroupProgress, ProjectPartitionResult, ProjectionRunner, RunOptions};
+use crate::projection::{GroupProgress, Progress, ProjectPartitionResult, ProjectionRunner, RunOptions};
 
 /// Batches one lease runs before the daemon turns to the others.
 pub(super) const BATCHES_PER_TURN: usize = 8;
@@ -26,6 +26,14 @@ pub(super) trait Projector: Send + Sync {
         until: i64,
         options: &RunOptions,
     ) -> Result<Vec<GroupProgress>>;
+
+    /// (`for<'p>` spelt out: `async_trait` would name an elided lifetime, and the callback must
+    /// take a report of any lifetime.)
+    async fn rebuild(
+        &self,
+        subscription: &str,
+        progress: &mut (dyn for<'p> FnMut(&'p Progress) + Send),
+    ) -> Result<ProjectPartitionResult>;
 }
 
 #[async_trait]
@@ -43,6 +51,14 @@ impl<E: Event + 'static> Projector for ProjectionRunner<E> {
         options: &RunOptions,
     ) -> Result<Vec<GroupProgress>> {
         ProjectionRunner::project_group(self, subscription, owner, tenants, until, options).await
+    }
+
+    async fn rebuild(
+        &self,
+        subscription: &str,
+        progress: &mut (dyn for<'p> FnMut(&'p Progress) + Send),
+    ) -> Result<ProjectPartitionResult> {
+        ProjectionRunner::rebuild(self, subscription, RunOptions::default(), progress).await
     }
 }
 

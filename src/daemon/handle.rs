@@ -1,15 +1,18 @@
 //! The handle of a running daemon: stop it, wait for it to catch up, ask how it is doing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm::DatabaseConnection;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::agent::Projector;
 use super::status::DaemonStatus;
 use crate::backend;
 use crate::error::{Error, Result};
+use crate::projection::{Progress, ProjectPartitionResult};
 
 /// A running daemon. [`stop`](Self::stop) it to hand its work over gracefully; dropping the
 /// handle aborts it like a crash would (its leases are free once they expire).
@@ -17,6 +20,7 @@ pub struct DaemonHandle {
     pub(super) owner: String,
     pub(super) db: DatabaseConnection,
     pub(super) subscriptions: Vec<String>,
+    pub(super) projections: BTreeMap<String, Arc<dyn Projector>>,
     pub(super) tenants: Option<BTreeSet<String>>,
     pub(super) retries: u32,
     pub(super) progress: watch::Receiver<u64>,
@@ -93,6 +97,26 @@ impl DaemonHandle {
             heads = below;
         }
         Ok(heads)
+    }
+
+    /// Rebuilds one of the daemon's projections in place, as
+    /// [`ProjectionRunner::rebuild`](crate::projection::ProjectionRunner::rebuild) does, while
+    /// the daemon goes on (its batches of this projection take turns with the rebuild's through
+    /// the checkpoint locks); `progress` is called after each of the rebuild's batches.
+    ///
+    /// For a new version that must not disturb the one serving, add it to the daemon as another
+    /// projection instead: the daemon fills it from the first event, and
+    /// [`status`](Self::status) shows its lag.
+    pub async fn rebuild(
+        &self,
+        subscription_id: &str,
+        mut progress: impl FnMut(&Progress) + Send,
+    ) -> Result<ProjectPartitionResult> {
+        let projector = self
+            .projections
+            .get(subscription_id)
+            .ok_or_else(|| Error::UnknownProjection { subscription: subscription_id.into() })?;
+        projector.rebuild(subscription_id, &mut progress).await
     }
 
     /// Every (projection, tenant) pair with its checkpoint, lag, owner and last failure, read

@@ -210,6 +210,7 @@ impl Daemon {
         let (progress, progress_rx) = watch::channel(0);
         let (stop, stop_rx) = watch::channel(false);
         let subscriptions: Vec<String> = self.projections.keys().cloned().collect();
+        let projections = self.projections.clone();
         let retries = self.options.retries;
         let worker = worker::Worker {
             store: self.store,
@@ -235,6 +236,7 @@ impl Daemon {
             owner,
             db,
             subscriptions,
+            projections,
             tenants: self.tenants,
             retries,
             progress: progress_rx,

@@ -6,6 +6,8 @@
 //! `cargo test --no-default-features --features …`. Each test drops its database when it passes.
 #![allow(dead_code)]
 
+pub mod balances;
+
 use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
