@@ -200,8 +200,9 @@ fn key_text(value: &sea_orm::Value) -> String {
         V::SmallUnsigned(n) => n.map(|n| n.to_string()),
         V::Unsigned(n) => n.map(|n| n.to_string()),
         V::BigUnsigned(n) => n.map(|n| n.to_string()),
-        V::Float(n) => n.map(|n| n.to_string()),
-        V::Double(n) => n.map(|n| n.to_string()),
+        // JavaScript's number formatting (`1e+21`, `5e-7`, `0` for -0), not Rust's.
+        V::Float(n) => n.map(|n| ryu_js::Buffer::new().format(f64::from(n)).to_owned()),
+        V::Double(n) => n.map(|n| ryu_js::Buffer::new().format(n).to_owned()),
         V::Uuid(u) => u.map(|u| u.to_string()),
         other => Some(sea_orm::sea_query::PostgresQueryBuilder.value_to_string(other).trim_matches('\'').to_owned()),
     };
