@@ -72,6 +72,27 @@ impl MigrationTrait for M20261128000002CreateDaemonLeases {
     }
 }
 
+/// Indexes lease owners, so an instance renewing or giving back its leases touches only its own
+/// lease rows (on MySQL it otherwise waits for every row another transaction locked).
+pub struct M20261128000003IndexLeaseOwners;
+
+impl MigrationName for M20261128000003IndexLeaseOwners {
+    fn name(&self) -> &str {
+        "m20261128_000003_index_lease_owners"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M20261128000003IndexLeaseOwners {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        run(manager, up_sql(self.name(), manager.get_connection()).await?).await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        backend::drop_owner_index(manager.get_connection()).await
+    }
+}
+
 /// Runs `statements` in order.
 async fn run(manager: &SchemaManager<'_>, statements: Vec<String>) -> Result<(), DbErr> {
     for statement in statements {
@@ -90,6 +111,7 @@ async fn up_sql(name: &str, db: &impl ConnectionTrait) -> Result<Vec<String>, Db
         }
         "m20261128_000001_harden_event_store" => backend::harden_schema(db).await,
         "m20261128_000002_create_daemon_leases" => backend::create_lease_tables(db).await,
+        "m20261128_000003_index_lease_owners" => backend::create_owner_index(db).await,
         other => Err(DbErr::Migration(format!("no migration named {other}"))),
     }
 }
@@ -163,6 +185,7 @@ impl MigratorTrait for Migrator {
             Box::new(M20250101000001CreateEventStore),
             Box::new(M20261128000001HardenEventStore),
             Box::new(M20261128000002CreateDaemonLeases),
+            Box::new(M20261128000003IndexLeaseOwners),
         ]
     }
 

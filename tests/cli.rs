@@ -49,9 +49,9 @@ fn json_lines(stdout: &str) -> Vec<Value> {
 
 async fn migrations_report_apply_and_print_their_sql(db: TestDb) {
     let status = ok(cli(&db, &["migrate", "status"]));
-    assert_eq!(status.matches("applied").count(), 3, "{status}");
+    assert_eq!(status.matches("applied").count(), 4, "{status}");
     assert!(ok(cli(&db, &["migrate", "sql"])).contains("no pending migrations"));
-    ok(cli(&db, &["migrate", "down", "--steps", "1"]));
+    ok(cli(&db, &["migrate", "down", "--steps", "2"]));
     assert!(ok(cli(&db, &["migrate", "status"])).contains("m20261128_000002_create_daemon_leases  pending"));
     // The SQL of what is pending, printed and not run.
     let sql = ok(cli(&db, &["migrate", "sql"]));
@@ -67,7 +67,7 @@ async fn migrations_report_apply_and_print_their_sql(db: TestDb) {
         db.db.execute_unprepared(&statement).await.unwrap_or_else(|e| panic!("{e}: {statement}"));
     }
     ok(cli(&db, &["migrate", "up"]));
-    assert_eq!(ok(cli(&db, &["migrate", "status"])).matches("applied").count(), 3);
+    assert_eq!(ok(cli(&db, &["migrate", "status"])).matches("applied").count(), 4);
     assert!(failed(cli(&db, &["migrate", "fresh"])).contains("--yes"));
 }
 

@@ -50,6 +50,33 @@ pub(crate) async fn create_lease_tables(conn: &impl ConnectionTrait) -> Result<V
     ])
 }
 
+/// DDL of the index on lease owners (the fourth migration), not run: renewing and giving back
+/// an instance's leases (`WHERE owner = …`) then reads only its rows. Without it, MySQL scans
+/// the table and waits for every lease row another transaction locked, another tenant's too.
+pub(crate) async fn create_owner_index(conn: &impl ConnectionTrait) -> Result<Vec<String>, DbErr> {
+    Ok(match conn.get_database_backend() {
+        DbBackend::MySql => {
+            // No `CREATE INDEX IF NOT EXISTS` on MySQL; the migration may run twice (see `migrate`).
+            let exists = "SELECT 1 FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE()
+                          AND TABLE_NAME = 'emt_leases' AND INDEX_NAME = 'emt_leases_owner'";
+            match conn.query_one_raw(Statement::from_string(DbBackend::MySql, exists)).await? {
+                Some(_) => Vec::new(),
+                None => vec!["CREATE INDEX emt_leases_owner ON emt_leases (owner)".to_owned()],
+            }
+        }
+        _ => vec!["CREATE INDEX IF NOT EXISTS emt_leases_owner ON emt_leases (owner)".to_owned()],
+    })
+}
+
+/// Drops the index on lease owners.
+pub(crate) async fn drop_owner_index(conn: &impl ConnectionTrait) -> Result<(), DbErr> {
+    let drop = match conn.get_database_backend() {
+        DbBackend::MySql => "DROP INDEX emt_leases_owner ON emt_leases",
+        _ => "DROP INDEX IF EXISTS emt_leases_owner",
+    };
+    conn.execute_unprepared(drop).await.map(|_| ())
+}
+
 /// Drops the coordination tables.
 pub(crate) async fn drop_lease_tables(conn: &impl ConnectionTrait) -> Result<(), DbErr> {
     conn.execute_unprepared("DROP TABLE IF EXISTS emt_leases").await?;
@@ -293,9 +320,10 @@ pub(crate) async fn held_leases(
 ) -> Result<BTreeMap<String, i64>, DbErr> {
     let backend = txn.get_database_backend();
     let lock = if backend == DbBackend::Sqlite { "" } else { " ORDER BY 1 FOR UPDATE" };
+    let hint = if backend == DbBackend::MySql { super::MYSQL_PRIMARY_KEY_ONLY } else { "" };
     let marks = (2..tenants.len() + 2).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
     let sql = format!(
-        "SELECT {p}, owner, epoch, failures FROM emt_leases WHERE subscription_id = $1 AND {p} IN ({marks}){lock}",
+        "SELECT {p}, owner, epoch, failures FROM emt_leases {hint} WHERE subscription_id = $1 AND {p} IN ({marks}){lock}",
         p = partition_column(backend),
     );
     let values = std::iter::once(Value::from(subscription)).chain(tenants.iter().map(|(t, _)| Value::from(t.as_str())));

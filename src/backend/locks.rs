@@ -64,9 +64,7 @@ pub(crate) async fn lock_checkpoints(
     txn.execute(&create).await?;
     let locked = txn
         .query_all(
-            Query::select()
-                .columns(returned)
-                .from(subscriptions::Entity)
+            super::primary_key_only(Query::select().columns(returned).from(subscriptions::Entity))
                 .and_where(Expr::col(subscriptions::Column::SubscriptionId).eq(subscription))
                 .and_where(Expr::col(subscriptions::Column::Partition).is_in(partitions.iter().copied()))
                 .and_where(Expr::col(subscriptions::Column::Version).eq(1))
@@ -128,9 +126,7 @@ pub(crate) async fn lock_snapshots(
     upsert.on_conflict(OnConflict::columns(key).do_nothing_on([snapshots::Column::StreamId]).to_owned());
     txn.execute(&upsert).await?;
     txn.query_all(
-        Query::select()
-            .columns(returned)
-            .from(snapshots::Entity)
+        super::primary_key_only(Query::select().columns(returned).from(snapshots::Entity))
             .and_where(Expr::col(snapshots::Column::ReadmodelTableName).eq(table))
             .and_where(Expr::col(snapshots::Column::StreamId).is_in(ids.iter().map(String::as_str)))
             .order_by(snapshots::Column::StreamId, sea_orm::Order::Asc)

@@ -35,8 +35,8 @@ pub(crate) use horizon::{
 #[cfg(feature = "postgres")]
 pub(crate) use leases::{LEASES_CHANNEL, PRESENCE_PREFIX};
 pub(crate) use leases::{
-    LeaseRow, Leases, claim, create_lease_tables, drop_lease_tables, ensure_leases, heartbeat, held_leases,
-    lease_subscriptions, leases, leave, park, release, unpark,
+    LeaseRow, Leases, claim, create_lease_tables, create_owner_index, drop_lease_tables, drop_owner_index,
+    ensure_leases, heartbeat, held_leases, lease_subscriptions, leases, leave, park, release, unpark,
 };
 pub(crate) use locks::{lock_checkpoint, lock_checkpoints, lock_snapshots, move_checkpoints};
 pub(crate) use schema::{
@@ -58,6 +58,24 @@ pub(crate) async fn begin_write<C: TransactionTrait<Transaction = DatabaseTransa
 /// The `partition` column, quoted where it is a keyword.
 pub(super) fn partition_column(backend: DbBackend) -> &'static str {
     if backend == DbBackend::MySql { "`partition`" } else { "partition" }
+}
+
+/// MySQL's locking reads of a few rows by key (`prefix = ? AND rest IN (…) FOR UPDATE`) read the
+/// primary key's ranges only. Left to itself the optimizer may scan the whole prefix instead
+/// (`ref` access: every tenant's checkpoint of a subscription, every snapshot of a read model),
+/// and a locking read locks every row it scans, so one tenant's batch would wait for another's.
+pub(super) const MYSQL_PRIMARY_KEY_ONLY: &str = "FORCE INDEX (PRIMARY)";
+
+/// [`MYSQL_PRIMARY_KEY_ONLY`] on a select built with sea-query (for MySQL; nothing elsewhere).
+pub(super) fn primary_key_only(
+    select: &mut sea_orm::sea_query::SelectStatement,
+) -> &mut sea_orm::sea_query::SelectStatement {
+    #[cfg(feature = "mysql")]
+    {
+        use sea_orm::sea_query::extension::mysql::{IndexHintScope, MySqlSelectStatementExt};
+        select.force_index(sea_orm::sea_query::Alias::new("PRIMARY"), IndexHintScope::All);
+    }
+    select
 }
 
 /// A statement with `$n` placeholders, numbered in order of use, written `?` where the backend

@@ -3,7 +3,7 @@
 //! it holds beyond it, so work spreads evenly within a coordination round or two of an
 //! instance joining or leaving.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DbErr};
@@ -14,15 +14,18 @@ use crate::backend::{self, LeaseRow};
 /// A (subscription, tenant) pair.
 pub(super) type Key = (String, String);
 
-/// One round: updates the leases this instance holds; returns the store's head, read with them.
+/// One round: updates the leases this instance holds — of `tenants` only, when the daemon runs
+/// only those — and returns the store's head, read with them.
 pub(super) async fn balance(
     conn: &impl ConnectionTrait,
     owner: &str,
     subscriptions: &[String],
+    tenants: Option<&BTreeSet<String>>,
     held: &mut BTreeMap<Key, Held>,
     ttl: Duration,
 ) -> Result<i64, DbErr> {
-    let backend::Leases { rows, instances: live, head } = backend::leases(conn, subscriptions).await?;
+    let backend::Leases { mut rows, instances: live, head } = backend::leases(conn, subscriptions).await?;
+    rows.retain(|r| tenants.is_none_or(|only| only.contains(&r.partition)));
     // Leases taken over by another instance (or released by an operator) are no longer ours.
     let ours: BTreeMap<Key, &LeaseRow> = rows
         .iter()

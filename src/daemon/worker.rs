@@ -143,7 +143,8 @@ impl Worker {
             backend::heartbeat(&self.db, &self.owner, ttl.as_millis() as i64).await?;
             state.last_heartbeat = Some(Instant::now());
         }
-        Ok(coordinator::balance(&self.db, &self.owner, subscriptions, &mut state.held, ttl).await?)
+        let tenants = self.tenants.as_ref();
+        Ok(coordinator::balance(&self.db, &self.owner, subscriptions, tenants, &mut state.held, ttl).await?)
     }
 
     /// Creates the lease rows of new tenants.
@@ -200,8 +201,8 @@ impl Worker {
             let before = state.known.len();
             self.ensure(state, subscriptions, heads.keys().cloned().collect()).await?;
             if state.known.len() != before {
-                coordinator::balance(&self.db, &self.owner, subscriptions, &mut state.held, self.options.lease_ttl)
-                    .await?;
+                let (tenants, ttl) = (self.tenants.as_ref(), self.options.lease_ttl);
+                coordinator::balance(&self.db, &self.owner, subscriptions, tenants, &mut state.held, ttl).await?;
             }
             for ((_, tenant), held) in state.held.iter_mut() {
                 held.head = heads.get(tenant).copied().unwrap_or(held.head);

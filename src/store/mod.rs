@@ -24,6 +24,9 @@ use crate::expected_version::ExpectedVersion;
 use crate::limits::{self, MAX_IDENTIFIER_CHARS};
 use crate::schema::{DEFAULT_PARTITION, messages, streams};
 
+/// Events archived per statement by [`EventStore::archive_stream`].
+const ARCHIVE_CHUNK: i64 = 500;
+
 /// Events per page when [`EventStore::aggregate_stream`] folds a stream.
 const AGGREGATE_PAGE: u64 = 1_000;
 
@@ -390,15 +393,26 @@ impl EventStore {
             .filter(streams::Column::IsArchived.eq(false))
             .exec(&txn)
             .await?;
-        messages::Entity::update_many()
-            .col_expr(messages::Column::IsArchived, Expr::value(true))
-            .filter(messages::Column::StreamId.eq(stream_id))
-            .filter(messages::Column::Partition.eq(partition))
-            .filter(messages::Column::IsArchived.eq(false))
-            .exec(&txn)
-            .await?;
-        let done =
-            streams::Entity::find_by_id((stream_id.to_owned(), partition.to_owned(), true)).one(&txn).await?.is_some();
+        // The row is locked now: no append can add an event the loop below would miss.
+        let archived =
+            streams::Entity::find_by_id((stream_id.to_owned(), partition.to_owned(), true)).one(&txn).await?;
+        let version = archived.as_ref().map_or(0, |s| s.stream_position);
+        // The events by their whole key, positions listed: matched on the stream id alone, MySQL
+        // scans — and locks — the events of same-named streams of every other tenant too.
+        let mut first = 1;
+        while first <= version {
+            let last = (first + ARCHIVE_CHUNK - 1).min(version);
+            messages::Entity::update_many()
+                .col_expr(messages::Column::IsArchived, Expr::value(true))
+                .filter(messages::Column::StreamId.eq(stream_id))
+                .filter(messages::Column::StreamPosition.is_in(first..=last))
+                .filter(messages::Column::Partition.eq(partition))
+                .filter(messages::Column::IsArchived.eq(false))
+                .exec(&txn)
+                .await?;
+            first = last + 1;
+        }
+        let done = archived.is_some();
         txn.commit().await?;
         Ok(done)
     }

@@ -153,7 +153,8 @@ pub async fn run<F: std::future::Future<Output = ()>>(url: String, test: impl Fn
     drop_database(&url).await;
 }
 
-/// Generates one `#[tokio::test]` per backend for each listed `async fn name(db: TestDb)`.
+/// Generates one `#[tokio::test]` per backend for each listed `async fn name(db: TestDb)`
+/// (`conformance!(servers: …)`: PostgreSQL and MySQL only).
 /// A backend whose feature is off is not compiled, so it is not reported as passed:
 /// `cargo test --no-default-features --features sqlite` runs the SQLite tests alone.
 #[macro_export]
@@ -161,6 +162,13 @@ macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         #[cfg(feature = "sqlite")]
         $crate::conformance!(@backend sqlite; $($name),*);
+        #[cfg(feature = "postgres")]
+        $crate::conformance!(@backend postgres; $($name),*);
+        #[cfg(feature = "mysql")]
+        $crate::conformance!(@backend mysql; $($name),*);
+    };
+    // Tests of what only a server has (row locks, killed connections): PostgreSQL and MySQL.
+    (servers: $($name:ident),* $(,)?) => {
         #[cfg(feature = "postgres")]
         $crate::conformance!(@backend postgres; $($name),*);
         #[cfg(feature = "mysql")]
