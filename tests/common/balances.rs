@@ -78,3 +78,49 @@ pub async fn folded(store: &EventStore) -> Vec<(String, String, i64, i64)> {
     expected.sort();
     expected
 }
+
+/// Records every event it is given in `seen`, keyed by global position: an event projected twice
+/// fails its batch (a duplicate key), one skipped is missing from `seen`.
+struct Seen;
+
+#[async_trait::async_trait]
+impl emmett_seaorm::projection::EventHandler<Ev> for Seen {
+    async fn handle(
+        &self,
+        ctx: &emmett_seaorm::projection::ProjectionContext<'_>,
+        e: &RecordedEvent<Ev>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let sql = match ctx.backend() {
+            sea_orm::DbBackend::Postgres => "INSERT INTO seen (global_position) VALUES ($1)",
+            _ => "INSERT INTO seen (global_position) VALUES (?)",
+        };
+        ctx.db().execute_raw(Statement::from_sql_and_values(ctx.backend(), sql, [(e.global_position as i64).into()])).await?;
+        Ok(())
+    }
+}
+
+/// [`registry`] and the `seen` recorder: exactly once, checked by the database.
+pub fn recorded_registry() -> ProjectionRegistry<Ev> {
+    registry().on([], Seen)
+}
+
+/// `balances` and `seen`.
+pub async fn create_recorded_tables(db: &DatabaseConnection) {
+    create_table(db).await;
+    db.execute_unprepared("CREATE TABLE seen (global_position BIGINT NOT NULL PRIMARY KEY)").await.unwrap();
+}
+
+/// The global positions in `seen`, and those of every live event: equal when every event was
+/// projected exactly once.
+pub async fn seen_and_stored(db: &DatabaseConnection) -> (Vec<i64>, Vec<i64>) {
+    let column = |sql: &str| {
+        let statement = Statement::from_string(db.get_database_backend(), sql.to_owned());
+        async move {
+            let rows = db.query_all_raw(statement).await.unwrap();
+            rows.iter().map(|r| r.try_get_by_index::<i64>(0).unwrap()).collect::<Vec<i64>>()
+        }
+    };
+    let seen = column("SELECT global_position FROM seen ORDER BY global_position").await;
+    let stored = column("SELECT global_position FROM messages WHERE NOT is_archived ORDER BY global_position").await;
+    (seen, stored)
+}
