@@ -459,7 +459,112 @@ conformance!(
     any_version_races_store_every_event_once,
     killed_projectors_lose_and_repeat_nothing,
 );
+/// Kills every connection of the test database but its own (the server's view of "the network
+/// dropped"); how many it killed.
+async fn kill_connections(killer: &sea_orm::DatabaseConnection) -> usize {
+    let backend = killer.get_database_backend();
+    let list = match backend {
+        DbBackend::Postgres => {
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        }
+        _ => "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = DATABASE() AND ID <> CONNECTION_ID()",
+    };
+    let ids: Vec<i64> = killer
+        .query_all_raw(Statement::from_string(backend, list))
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.try_get_by_index::<i64>(0).or_else(|_| r.try_get_by_index::<i32>(0).map(i64::from)).unwrap())
+        .collect();
+    for id in &ids {
+        let kill = match backend {
+            DbBackend::Postgres => format!("SELECT pg_terminate_backend({id})"),
+            _ => format!("KILL CONNECTION {id}"),
+        };
+        // Gone already is fine.
+        let _ = killer.execute_unprepared(&kill).await;
+    }
+    ids.len()
+}
+
+/// Every connection of the database is killed again and again while a writer appends and a
+/// daemon projects: appends succeed or fail with a typed error, none is stored twice and every
+/// success is stored; the daemon reconnects and ends with every event projected exactly once.
+async fn killed_connections_lose_and_repeat_nothing(db: TestDb) {
+    balances::create_recorded_tables(&db.db).await;
+    let daemon = Daemon::new(EventStore::new(db.second_pool().await))
+        .projection("balances", balances::recorded_registry())
+        .lease_ttl(Duration::from_secs(2))
+        .renew_every(Duration::from_millis(300))
+        .backoff(Duration::from_millis(100), Duration::from_millis(500))
+        .start()
+        .await
+        .expect("start");
+    let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writer = {
+        let (store, writing) = (EventStore::new(db.second_pool().await), writing.clone());
+        tokio::spawn(async move {
+            let (mut written, mut failed) = (BTreeSet::new(), Vec::new());
+            let mut i = 0usize;
+            while writing.load(std::sync::atomic::Ordering::SeqCst) {
+                let (tenant, account) = (["t1", "t2", "t3"][i % 3], format!("acc-{}", i % 7));
+                let appended = store
+                    .append_to_stream(&account, [Ev::Deposited { amount: i as i64 }], AppendOptions::default().partition(tenant))
+                    .await;
+                match appended {
+                    Ok(_) => {
+                        written.insert(i as i64);
+                    }
+                    Err(e @ (Error::ConnectionLost { .. } | Error::Busy { .. })) => failed.push(e.to_string()),
+                    Err(other) => panic!("append {i}: not a typed connection error: {other:?}"),
+                }
+                i += 1;
+            }
+            (written, failed)
+        })
+    };
+    let killer = sea_orm::Database::connect(&db.url).await.unwrap();
+    let mut killed = 0;
+    let until = std::time::Instant::now() + Duration::from_secs(3 * scale());
+    while std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        killed += kill_connections(&killer).await;
+    }
+    writing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (written, failed) = writer.await.unwrap();
+    let store = db.store();
+    let last = balances::deposit(&store, 0, 0).await;
+    tokio::time::timeout(Duration::from_secs(30), daemon.caught_up(last))
+        .await
+        .expect("the daemon came back and caught up")
+        .expect("caught up");
+    let mut stored = BTreeMap::new();
+    for tenant in ["t1", "t2", "t3"] {
+        for account in (0..7).map(|a| format!("acc-{a}")) {
+            let read = store.read_stream::<Ev>(&account, ReadOptions::default().partition(tenant));
+            for e in read.await.unwrap().events {
+                let Ev::Deposited { amount } = e.event else { panic!() };
+                *stored.entry(amount).or_insert(0) += 1;
+            }
+        }
+    }
+    assert!(stored.values().all(|&n| n == 1 || n == 2), "{stored:?}");
+    let twice: Vec<_> = stored.iter().filter(|(a, n)| **n > 1 && **a != 0).collect();
+    assert!(twice.is_empty(), "stored twice: {twice:?}");
+    let missing: Vec<_> = written.iter().filter(|a| !stored.contains_key(a)).collect();
+    assert!(missing.is_empty(), "acknowledged but not stored: {missing:?}");
+    let (seen, all) = balances::seen_and_stored(&db.db).await;
+    assert_eq!(seen, all, "every event projected exactly once");
+    assert_eq!(balances::rows(&db.db).await, balances::folded(&store).await);
+    eprintln!(
+        "killed connections: {killed} killed; {} appends acknowledged, {} failed with a typed error",
+        written.len(),
+        failed.len()
+    );
+    daemon.stop().await.expect("stop");
+}
+
 mod servers {
     use super::*;
-    conformance!(servers: a_tenants_work_never_touches_anothers_rows);
+    conformance!(servers: a_tenants_work_never_touches_anothers_rows, killed_connections_lose_and_repeat_nothing);
 }
