@@ -94,7 +94,9 @@ impl emmett_seaorm::projection::EventHandler<Ev> for Seen {
             sea_orm::DbBackend::Postgres => "INSERT INTO seen (global_position) VALUES ($1)",
             _ => "INSERT INTO seen (global_position) VALUES (?)",
         };
-        ctx.db().execute_raw(Statement::from_sql_and_values(ctx.backend(), sql, [(e.global_position as i64).into()])).await?;
+        ctx.db()
+            .execute_raw(Statement::from_sql_and_values(ctx.backend(), sql, [(e.global_position as i64).into()]))
+            .await?;
         Ok(())
     }
 }
