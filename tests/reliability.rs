@@ -347,6 +347,89 @@ async fn tenant_rows(db: &sea_orm::DatabaseConnection, tenant: &str) -> Vec<Stri
     rows
 }
 
+/// Stream ids and tenants with quotes, SQL, percent signs, the snapshot-id delimiters, Unicode
+/// and the longest length go through every operation — append, read, aggregate, archive, the
+/// runner, the daemon, the command line — and come back as they were; a 10 kB one and one with
+/// NUL get a typed error naming them, and nothing is written.
+async fn hostile_identifiers_round_trip_everywhere(db: TestDb) {
+    use emmett_seaorm::MAX_IDENTIFIER_CHARS;
+    let long = "é".repeat(MAX_IDENTIFIER_CHARS);
+    let hostile = [
+        "o'brien",
+        "a\"b`c",
+        "100%_",
+        "a|b:c=d",
+        "x'; DROP TABLE messages; --",
+        "back\\slash",
+        "ünï©ødé 🚀",
+        "\u{202E}rtl\u{200B}",
+        "%25%7C",
+        " padded ",
+        long.as_str(),
+    ];
+    balances::create_recorded_tables(&db.db).await;
+    let store = db.store();
+    let fold = |n: i64, e: &Ev| match e {
+        Ev::Deposited { amount } => n + amount,
+        _ => n,
+    };
+    for (i, tenant) in hostile.iter().enumerate() {
+        let stream = hostile[(i + 3) % hostile.len()];
+        let options = AppendOptions::default().partition(*tenant).expected(ExpectedVersion::NoStream);
+        let appended = store.append_to_stream(stream, [Ev::Deposited { amount: 2 }, Ev::Deposited { amount: 3 }], options);
+        assert_eq!(appended.await.unwrap().next_expected_stream_version, 2, "{tenant:?}/{stream:?}");
+        let read = store.read_stream::<Ev>(stream, ReadOptions::default().partition(*tenant)).await.unwrap();
+        assert!(read.events.iter().all(|e| e.stream_id == stream && e.partition == *tenant), "{tenant:?}/{stream:?}");
+        let total = store.aggregate_stream(stream, fold, || 0, ReadOptions::default().partition(*tenant)).await;
+        assert_eq!(total.unwrap().state, 5);
+        assert!(store.stream_exists(stream, tenant).await.unwrap());
+        store.create_partition(tenant).await.unwrap();
+    }
+    // The runner, tenant by tenant, then the daemon over all of them.
+    // (Only the recorder: the balances table's keys hold 100 characters.)
+    let recorder = ProjectionRunner::new(store.clone(), balances::seen_registry());
+    for tenant in &hostile[..5] {
+        recorder.project_partition("recorder", RunOptions::default().partition(*tenant)).await.unwrap();
+    }
+    let daemon = Daemon::new(EventStore::new(db.second_pool().await))
+        .projection("recorder", balances::seen_registry())
+        .start()
+        .await
+        .unwrap();
+    let last = store.append_to_stream("last", [Ev::Closed], AppendOptions::default()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), daemon.caught_up(last.last_event_global_position)).await.unwrap().unwrap();
+    daemon.stop().await.unwrap();
+    let (seen, stored) = balances::seen_and_stored(&db.db).await;
+    assert_eq!(seen, stored, "every event of every tenant projected exactly once");
+    #[cfg(feature = "cli")]
+    for (i, tenant) in hostile.iter().enumerate() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct App {
+            #[command(subcommand)]
+            ops: emmett_seaorm::cli::Command,
+        }
+        let stream = hostile[(i + 3) % hostile.len()];
+        let app = App::try_parse_from(["app", "streams", "read", stream, "--partition", tenant, "--json"]).unwrap();
+        app.ops.run(&db.url, &emmett_seaorm::cli::Projections::new()).await.unwrap_or_else(|e| panic!("{tenant:?}: {e}"));
+    }
+    for (i, tenant) in hostile.iter().enumerate() {
+        let stream = hostile[(i + 3) % hostile.len()];
+        assert!(store.archive_stream(stream, tenant).await.unwrap(), "{tenant:?}/{stream:?}");
+        assert!(!store.stream_exists(stream, tenant).await.unwrap());
+    }
+    // Too long, or with NUL: refused by name, nothing written.
+    let before = balances::seen_and_stored(&db.db).await.1.len();
+    let huge = "x".repeat(10_000);
+    for (stream, tenant, what) in [(huge.as_str(), "t", "stream id"), ("s", huge.as_str(), "partition"), ("s\0", "t", "stream id")] {
+        let res = store.append_to_stream(stream, [Ev::Closed], AppendOptions::default().partition(tenant)).await;
+        assert!(matches!(&res, Err(Error::InvalidIdentifier { what: w, .. }) if *w == what), "{res:?}");
+    }
+    let all = store.read_stream::<Ev>("s", ReadOptions::default().partition("t")).await.unwrap();
+    assert!(!all.stream_exists);
+    assert_eq!(balances::seen_and_stored(&db.db).await.1.len(), before, "nothing written");
+}
+
 /// A child process killed when the test ends, however it ends.
 struct KillOnDrop(std::process::Child);
 
@@ -462,6 +545,7 @@ conformance!(
     exact_version_races_lose_and_duplicate_nothing,
     any_version_races_store_every_event_once,
     killed_projectors_lose_and_repeat_nothing,
+    hostile_identifiers_round_trip_everywhere,
 );
 /// Kills every connection of the test database but its own (the server's view of "the network
 /// dropped"); how many it killed.

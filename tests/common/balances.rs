@@ -106,6 +106,11 @@ pub fn recorded_registry() -> ProjectionRegistry<Ev> {
     registry().on([], Seen)
 }
 
+/// The `seen` recorder alone.
+pub fn seen_registry() -> ProjectionRegistry<Ev> {
+    ProjectionRegistry::new().on([], Seen)
+}
+
 /// `balances` and `seen`.
 pub async fn create_recorded_tables(db: &DatabaseConnection) {
     create_table(db).await;
