@@ -376,7 +376,8 @@ async fn hostile_identifiers_round_trip_everywhere(db: TestDb) {
     for (i, tenant) in hostile.iter().enumerate() {
         let stream = hostile[(i + 3) % hostile.len()];
         let options = AppendOptions::default().partition(*tenant).expected(ExpectedVersion::NoStream);
-        let appended = store.append_to_stream(stream, [Ev::Deposited { amount: 2 }, Ev::Deposited { amount: 3 }], options);
+        let appended =
+            store.append_to_stream(stream, [Ev::Deposited { amount: 2 }, Ev::Deposited { amount: 3 }], options);
         assert_eq!(appended.await.unwrap().next_expected_stream_version, 2, "{tenant:?}/{stream:?}");
         let read = store.read_stream::<Ev>(stream, ReadOptions::default().partition(*tenant)).await.unwrap();
         assert!(read.events.iter().all(|e| e.stream_id == stream && e.partition == *tenant), "{tenant:?}/{stream:?}");
@@ -397,7 +398,10 @@ async fn hostile_identifiers_round_trip_everywhere(db: TestDb) {
         .await
         .unwrap();
     let last = store.append_to_stream("last", [Ev::Closed], AppendOptions::default()).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(20), daemon.caught_up(last.last_event_global_position)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(20), daemon.caught_up(last.last_event_global_position))
+        .await
+        .unwrap()
+        .unwrap();
     daemon.stop().await.unwrap();
     let (seen, stored) = balances::seen_and_stored(&db.db).await;
     assert_eq!(seen, stored, "every event of every tenant projected exactly once");
@@ -411,7 +415,10 @@ async fn hostile_identifiers_round_trip_everywhere(db: TestDb) {
         }
         let stream = hostile[(i + 3) % hostile.len()];
         let app = App::try_parse_from(["app", "streams", "read", stream, "--partition", tenant, "--json"]).unwrap();
-        app.ops.run(&db.url, &emmett_seaorm::cli::Projections::new()).await.unwrap_or_else(|e| panic!("{tenant:?}: {e}"));
+        app.ops
+            .run(&db.url, &emmett_seaorm::cli::Projections::new())
+            .await
+            .unwrap_or_else(|e| panic!("{tenant:?}: {e}"));
     }
     for (i, tenant) in hostile.iter().enumerate() {
         let stream = hostile[(i + 3) % hostile.len()];
@@ -421,13 +428,102 @@ async fn hostile_identifiers_round_trip_everywhere(db: TestDb) {
     // Too long, or with NUL: refused by name, nothing written.
     let before = balances::seen_and_stored(&db.db).await.1.len();
     let huge = "x".repeat(10_000);
-    for (stream, tenant, what) in [(huge.as_str(), "t", "stream id"), ("s", huge.as_str(), "partition"), ("s\0", "t", "stream id")] {
+    for (stream, tenant, what) in
+        [(huge.as_str(), "t", "stream id"), ("s", huge.as_str(), "partition"), ("s\0", "t", "stream id")]
+    {
         let res = store.append_to_stream(stream, [Ev::Closed], AppendOptions::default().partition(tenant)).await;
         assert!(matches!(&res, Err(Error::InvalidIdentifier { what: w, .. }) if *w == what), "{res:?}");
     }
     let all = store.read_stream::<Ev>("s", ReadOptions::default().partition("t")).await.unwrap();
     assert!(!all.stream_exists);
     assert_eq!(balances::seen_and_stored(&db.db).await.1.len(), before, "nothing written");
+}
+
+/// Connections the server has open to the test database (`None` for SQLite: a file).
+async fn server_connections(db: &sea_orm::DatabaseConnection) -> Option<i64> {
+    let sql = match db.get_database_backend() {
+        DbBackend::Postgres => "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()",
+        DbBackend::MySql => "SELECT count(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE()",
+        _ => return None,
+    };
+    let row = db.query_one_raw(Statement::from_string(db.get_database_backend(), sql)).await.unwrap()?;
+    row.try_get_by_index::<i64>(0).ok()
+}
+
+/// Resident memory of process `pid`, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
+    let pages: f64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0.0);
+    pages * 4096.0 / (1024.0 * 1024.0)
+}
+
+/// Writers, a daemon (in a process of its own, so its memory is its own) and a reader together
+/// for a while (15 s; 150 s with `EMMETT_RELIABILITY_SCALE=10`): the daemon's memory, the
+/// connections and the lag stay flat, printed every second; at the end every event was projected
+/// exactly once.
+async fn a_soak_keeps_memory_connections_and_lag_flat(db: TestDb) {
+    balances::create_recorded_tables(&db.db).await;
+    let daemon = child(&db.url, "daemon", 500);
+    let writers: Vec<TaggedWriter> = (0..2).map(|w| TaggedWriter::start(db.store(), 1 + w * 1_000_000_000)).collect();
+    let reading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let reader = {
+        let (store, reading) = (db.store(), reading.clone());
+        tokio::spawn(async move {
+            let mut reads = 0u64;
+            while reading.load(std::sync::atomic::Ordering::SeqCst) {
+                let account = format!("acc-{}", reads % 7);
+                let options = ReadOptions::default().partition(["t1", "t2", "t3"][(reads % 3) as usize]);
+                store.aggregate_stream(&account, |n: u64, _: &Ev| n + 1, || 0, options).await.unwrap();
+                reads += 1;
+            }
+            reads
+        })
+    };
+    let backend = db.db.get_database_backend();
+    let max_lag = || async {
+        let leases = emmett_seaorm::daemon::recorded(&db.db).await.unwrap();
+        leases.iter().map(|l| l.lag_events).max().unwrap_or(0)
+    };
+    let seconds = 15 * scale();
+    let (mut samples, started) = (Vec::new(), std::time::Instant::now());
+    for second in 1..=seconds {
+        tokio::time::sleep_until(tokio::time::Instant::from_std(started + Duration::from_secs(second))).await;
+        let (rss, connections, lag) = (rss_mib(daemon.0.id()), server_connections(&db.db).await, max_lag().await);
+        let events = balances::seen_and_stored(&db.db).await.1.len();
+        eprintln!(
+            "soak {backend:?} t={second:>3}s events={events:>7} daemon rss={rss:>5.1} MiB connections={connections:?} max lag={lag}"
+        );
+        samples.push((rss, connections.unwrap_or(0) as f64, lag as f64));
+    }
+    reading.store(false, std::sync::atomic::Ordering::SeqCst);
+    let reads = reader.await.unwrap();
+    let mut written = BTreeSet::new();
+    for writer in writers {
+        written.extend(writer.stop().await.0);
+    }
+    // Flat: the last third no worse than the two before it (pools and caches warm up), give or take.
+    let cut = samples.len() * 2 / 3;
+    let worst =
+        |from: usize, to: usize, f: fn(&(f64, f64, f64)) -> f64| samples[from..to].iter().map(f).fold(0.0, f64::max);
+    let (before, last) = ((0, cut), (cut, samples.len()));
+    assert!(
+        worst(last.0, last.1, |s| s.0) < worst(before.0, before.1, |s| s.0) * 1.1 + 4.0,
+        "memory grows: {samples:?}"
+    );
+    assert!(
+        worst(last.0, last.1, |s| s.1) <= worst(before.0, before.1, |s| s.1) + 3.0,
+        "connections grow: {samples:?}"
+    );
+    assert!(worst(last.0, last.1, |s| s.2) <= worst(before.0, before.1, |s| s.2).max(500.0), "lag grows: {samples:?}");
+    // The daemon catches up with the rest.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while max_lag().await > 0 {
+        assert!(std::time::Instant::now() < deadline, "the daemon did not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(daemon);
+    stored_once_and_projected_once(&db.db, &written).await;
+    eprintln!("soak {backend:?}: {} appends, {reads} aggregates in {seconds} s", written.len());
 }
 
 /// A child process killed when the test ends, however it ends.
@@ -440,14 +536,15 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Runs `mode` ("daemon", or "runner": every tenant, a batch of 7 at a time, round and round)
-/// in a child process: this test binary, re-run as `reliability_child`.
-fn child(url: &str, mode: &str) -> KillOnDrop {
+/// Runs `mode` ("daemon", or "runner": every tenant round and round) with batches of `batch`
+/// events in a child process: this test binary, re-run as `reliability_child`.
+fn child(url: &str, mode: &str, batch: u64) -> KillOnDrop {
     KillOnDrop(
         std::process::Command::new(std::env::current_exe().unwrap())
             .args(["reliability_child", "--exact", "--nocapture", "--test-threads=1"])
             .env("EMMETT_RELIABILITY_CHILD_URL", url)
             .env("EMMETT_RELIABILITY_CHILD_MODE", mode)
+            .env("EMMETT_RELIABILITY_CHILD_BATCH", batch.to_string())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -460,12 +557,13 @@ fn child(url: &str, mode: &str) -> KillOnDrop {
 async fn reliability_child() {
     let Ok(url) = std::env::var("EMMETT_RELIABILITY_CHILD_URL") else { return };
     let store = EventStore::new(emmett_seaorm::connect(&url).await.expect("connect"));
+    let batch = std::env::var("EMMETT_RELIABILITY_CHILD_BATCH").ok().and_then(|b| b.parse().ok()).unwrap_or(7);
     if std::env::var("EMMETT_RELIABILITY_CHILD_MODE").as_deref() == Ok("daemon") {
         let daemon = Daemon::new(store.clone())
             .projection("balances", balances::recorded_registry())
             .lease_ttl(Duration::from_secs(1))
             .renew_every(Duration::from_millis(250))
-            .batch_size(7)
+            .batch_size(batch)
             .start()
             .await
             .expect("start");
@@ -475,7 +573,7 @@ async fn reliability_child() {
     let runner = ProjectionRunner::new(store, balances::recorded_registry());
     loop {
         for tenant in ["t1", "t2", "t3"] {
-            let options = RunOptions::default().partition(tenant).batch_size(7);
+            let options = RunOptions::default().partition(tenant).batch_size(batch);
             runner.project_partition("balances", options).await.expect("project");
         }
     }
@@ -506,7 +604,7 @@ async fn killed_projectors_lose_and_repeat_nothing(db: TestDb) {
     let mut generator = Gen(0x00c0_ffee_d00d);
     for mode in ["daemon", "runner"] {
         for _ in 0..20 {
-            let child = child(&db.url, mode);
+            let child = child(&db.url, mode, 7);
             tokio::time::sleep(Duration::from_millis(100 + generator.below(400))).await;
             drop(child); // SIGKILL
         }
@@ -546,6 +644,7 @@ conformance!(
     any_version_races_store_every_event_once,
     killed_projectors_lose_and_repeat_nothing,
     hostile_identifiers_round_trip_everywhere,
+    a_soak_keeps_memory_connections_and_lag_flat,
 );
 /// Kills every connection of the test database but its own (the server's view of "the network
 /// dropped"); how many it killed.
@@ -582,12 +681,13 @@ struct TaggedWriter {
 }
 
 impl TaggedWriter {
-    fn start(store: EventStore) -> Self {
+    /// Starts writing tags `first`, `first + 1`…
+    fn start(store: EventStore, first: usize) -> Self {
         let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let going = writing.clone();
         let task = tokio::spawn(async move {
             let (mut written, mut failed) = (BTreeSet::new(), Vec::new());
-            let mut i = 1usize;
+            let mut i = first;
             while going.load(std::sync::atomic::Ordering::SeqCst) {
                 let (tenant, account) = (["t1", "t2", "t3"][i % 3], format!("acc-{}", i % 7));
                 let event = [Ev::Deposited { amount: i as i64 }];
@@ -618,12 +718,18 @@ impl TaggedWriter {
 /// Every acknowledged deposit is stored, none twice; once `daemon` caught up, every event was
 /// projected exactly once and the read model is the fold.
 async fn nothing_lost_or_repeated(db: &sea_orm::DatabaseConnection, daemon: &DaemonHandle, written: &BTreeSet<i64>) {
-    let store = EventStore::new(db.clone());
-    let last = balances::deposit(&store, 0, 0).await;
+    let last = balances::deposit(&EventStore::new(db.clone()), 0, 0).await;
     tokio::time::timeout(Duration::from_secs(30), daemon.caught_up(last))
         .await
         .expect("the daemon came back and caught up")
         .expect("caught up");
+    stored_once_and_projected_once(db, written).await;
+}
+
+/// Every acknowledged deposit is stored, none twice; every event was projected exactly once and
+/// the read model is the fold.
+async fn stored_once_and_projected_once(db: &sea_orm::DatabaseConnection, written: &BTreeSet<i64>) {
+    let store = EventStore::new(db.clone());
     let mut stored = BTreeMap::new();
     for tenant in ["t1", "t2", "t3"] {
         for account in (0..7).map(|a| format!("acc-{a}")) {
@@ -661,7 +767,7 @@ async fn recorded_daemon(store: EventStore) -> DaemonHandle {
 async fn killed_connections_lose_and_repeat_nothing(db: TestDb) {
     balances::create_recorded_tables(&db.db).await;
     let daemon = recorded_daemon(EventStore::new(db.second_pool().await)).await;
-    let writer = TaggedWriter::start(EventStore::new(db.second_pool().await));
+    let writer = TaggedWriter::start(EventStore::new(db.second_pool().await), 1);
     let killer = sea_orm::Database::connect(&db.url).await.unwrap();
     let mut killed = 0;
     let until = std::time::Instant::now() + Duration::from_secs(3 * scale());
@@ -763,7 +869,7 @@ async fn a_restarted_server_loses_and_repeats_nothing() {
     emmett_seaorm::migrate(&db).await.unwrap();
     balances::create_recorded_tables(&db).await;
     let daemon = recorded_daemon(EventStore::new(emmett_seaorm::connect(cluster.url()).await.unwrap())).await;
-    let writer = TaggedWriter::start(EventStore::new(emmett_seaorm::connect(cluster.url()).await.unwrap()));
+    let writer = TaggedWriter::start(EventStore::new(emmett_seaorm::connect(cluster.url()).await.unwrap()), 1);
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(800)).await;
         cluster.ctl("restart");
