@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::raw::{insert_raw, raw_message};
 use common::{Ev, TestDb};
 use emmett_seaorm::projection::{
     ProjectionRegistry, ProjectionRunner, RunOptions, SnapshotProjection, construct_stream_id,
@@ -229,81 +230,17 @@ async fn per_stream_runs_refuse_rows_fed_by_several_streams(db: TestDb) {
     assert_eq!(totals_of(&db.db, "per_stream", "stream").await, expected);
 }
 
-/// `INSERT INTO messages` of one row of tenant `t`, as another writer would write it; with
-/// `global_position` only when given.
-fn raw_message(
-    stream: &str,
-    position: i64,
-    message_type: &str,
-    data: sea_orm::Value,
-    global: Option<sea_orm::sea_query::SimpleExpr>,
-) -> sea_orm::sea_query::InsertStatement {
-    let mut columns = vec![
-        messages::Column::StreamId,
-        messages::Column::StreamPosition,
-        messages::Column::Partition,
-        messages::Column::MessageData,
-        messages::Column::MessageMetadata,
-        messages::Column::MessageSchemaVersion,
-        messages::Column::MessageType,
-        messages::Column::MessageId,
-    ];
-    let mut values: Vec<sea_orm::sea_query::SimpleExpr> = vec![
-        stream.into(),
-        position.into(),
-        "t".into(),
-        Expr::val(data),
-        json!({}).into(),
-        "1".into(),
-        message_type.into(),
-        uuid::Uuid::now_v7().to_string().into(),
-    ];
-    if let Some(global) = global {
-        columns.push(messages::Column::GlobalPosition);
-        values.push(global);
-    }
-    let mut insert = Query::insert();
-    insert.into_table(messages::Entity).columns(columns).values_panic(values);
-    insert
-}
-
-/// Inserts a `messages` row by hand, as another writer would.
-async fn insert_raw(db: &DatabaseConnection, stream: &str, position: i64, message_type: &str, data: sea_orm::Value) {
-    let backend = db.get_database_backend();
-    let global = match backend {
-        DbBackend::Sqlite => {
-            let row = db
-                .query_one_raw(Statement::from_string(
-                    backend,
-                    "UPDATE emt_global_message_position SET last_value = last_value + 1 WHERE id = 1 RETURNING last_value",
-                ))
-                .await
-                .unwrap()
-                .unwrap();
-            Some(row.try_get_by_index::<i64>(0).unwrap())
-        }
-        _ => None,
-    };
-    let insert = raw_message(stream, position, message_type, data, global.map(Into::into));
-    db.execute(&insert).await.unwrap();
-    let mut bump = Query::update();
-    bump.table(emmett_seaorm::schema::streams::Entity)
-        .value(emmett_seaorm::schema::streams::Column::StreamPosition, position)
-        .and_where(Expr::col(emmett_seaorm::schema::streams::Column::StreamId).eq(stream));
-    db.execute(&bump).await.unwrap();
-}
-
 /// Item 5: a poison event is named, can be skipped and is recorded; malformed rows are named;
 /// a NULL global position can't be stored.
 async fn poison_events_are_named_skippable_and_recorded(db: TestDb) {
     let store = db.store();
     store.append_to_stream("p", [Ev::Deposited { amount: 1 }], on("t")).await.unwrap();
-    insert_raw(&db.db, "p", 2, "Deposited", json!({ "amount": "lots" }).into()).await;
+    insert_raw(&db.db, "t", "p", 2, "Deposited", json!({ "amount": "lots" }).into()).await;
     store.append_to_stream("p", [Ev::Deposited { amount: 2 }], on("t")).await.unwrap();
     let sqlite = db.db.get_database_backend() == DbBackend::Sqlite;
     if sqlite {
         // SQLite stores any text: a row another writer left with data that is not JSON.
-        insert_raw(&db.db, "p", 4, "Deposited", "{not json".into()).await;
+        insert_raw(&db.db, "t", "p", 4, "Deposited", "{not json".into()).await;
         store.append_to_stream("p", [Ev::Deposited { amount: 4 }], on("t")).await.unwrap();
         let read = store.read_stream::<Ev>("p", ReadOptions::default().partition("t").from(4)).await;
         assert!(
@@ -335,7 +272,7 @@ async fn poison_events_are_named_skippable_and_recorded(db: TestDb) {
     assert!(first.reason.contains("position 2") && first.global_position.is_some(), "{first:?}");
 
     // No row can be stored without a global position.
-    let insert = raw_message("q", 1, "Closed", json!({}).into(), Some(Expr::val(Option::<i64>::None)));
+    let insert = raw_message("t", "q", 1, "Closed", json!({}).into(), Some(Expr::val(Option::<i64>::None)));
     // Refused (PostgreSQL, SQLite) or numbered by AUTO_INCREMENT (MySQL): never stored as NULL.
     let refused = db.db.execute(&insert).await.is_err();
     let nulls =
