@@ -195,6 +195,21 @@ pub enum Error {
         subscription: String,
     },
 
+    /// An event's data, or an append's metadata, holds what the schema can't store on every
+    /// backend: a NUL character (`\u0000`) in a string or key, which PostgreSQL's `jsonb`
+    /// refuses. Checked on every backend, so data can move between them; nothing was written.
+    #[error("event {index} of the append to stream '{stream}' in partition '{partition}' can't be stored: {reason}")]
+    UnstorableEvent {
+        /// The stream id.
+        stream: String,
+        /// The partition (tenant).
+        partition: String,
+        /// The event's index in the append (0-based).
+        index: usize,
+        /// What can't be stored.
+        reason: String,
+    },
+
     /// A number given to the store is outside what it can mean, e.g. a version past the
     /// largest position the schema stores (`i64::MAX`). Nothing was written.
     #[error("{what} {value} is out of range for stream '{stream}' in partition '{partition}'")]

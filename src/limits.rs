@@ -4,6 +4,7 @@
 //!   (the `VARCHAR(255)` columns of MySQL; PostgreSQL `text` rejects NUL). The same limits on
 //!   every backend, so data can move between them.
 //! - Snapshot ids (the encoded keys of a read-model row): at most 512 characters.
+//! - Event data and metadata: no NUL character in a string or key (PostgreSQL's `jsonb`).
 //! - Positions and versions are `u64` in the API and `BIGINT` in the schema: the largest one
 //!   stored is `i64::MAX`.
 
@@ -27,6 +28,18 @@ pub(crate) fn check_identifier(what: &'static str, value: &str, max: usize) -> R
         return Ok(());
     };
     Err(Error::InvalidIdentifier { what, value: value.chars().take(100).collect(), reason })
+}
+
+/// Whether a JSON value holds a NUL character in a string or an object key: PostgreSQL's `jsonb`
+/// can't store one.
+pub(crate) fn holds_nul(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
 }
 
 /// A position or count for SQL: values past `i64::MAX` (none is stored) become `i64::MAX`.

@@ -527,6 +527,23 @@ async fn hostile_identifiers_round_trip_everywhere(db: TestDb) {
         let res = store.append_to_stream(stream, [Ev::Closed], AppendOptions::default().partition(tenant)).await;
         assert!(matches!(&res, Err(Error::InvalidIdentifier { what: w, .. }) if *w == what), "{res:?}");
     }
+    // A NUL in event data, a key or metadata: PostgreSQL's jsonb can't hold it, so no backend takes it.
+    let fine = serde_json::json!({ "type": "Opened", "data": { "owner": "o" } });
+    for (events, metadata, index) in [
+        (vec![fine.clone(), serde_json::json!({ "type": "Opened", "data": { "owner": "a\u{0}b" } })], None, 1),
+        (vec![serde_json::json!({ "type": "Opened", "data": { "k\u{0}": 1 } })], None, 0),
+        (vec![fine.clone()], Some(serde_json::json!({ "trace": ["x\u{0}"] })), 0),
+    ] {
+        let mut options = AppendOptions::default().partition("t");
+        if let Some(metadata) = metadata {
+            options = options.metadata(metadata);
+        }
+        let res = store.append_to_stream("s", events, options).await;
+        assert!(
+            matches!(&res, Err(Error::UnstorableEvent { stream, index: i, .. }) if stream == "s" && *i == index),
+            "{res:?}"
+        );
+    }
     let all = store.read_stream::<Ev>("s", ReadOptions::default().partition("t")).await.unwrap();
     assert!(!all.stream_exists);
     assert_eq!(balances::seen_and_stored(&db.db).await.1.len(), before, "nothing written");

@@ -197,12 +197,21 @@ impl EventStore {
         check_stream(stream_id, partition)?;
         let stream_type = options.stream_type.as_deref().unwrap_or("unknown");
         limits::check_identifier("stream type", stream_type, MAX_IDENTIFIER_CHARS)?;
+        let unstorable = |index: usize, what: &str| Error::UnstorableEvent {
+            stream: stream_id.into(),
+            partition: partition.into(),
+            index,
+            reason: format!("its {what} holds a NUL character (\\u0000), which PostgreSQL's jsonb can't store"),
+        };
         let events = events
             .into_iter()
             .enumerate()
             .map(|(index, event)| {
                 let encoded = encode(&event, stream_id)?;
                 limits::check_identifier("event type", &encoded.message_type, MAX_IDENTIFIER_CHARS)?;
+                if limits::holds_nul(&encoded.data) {
+                    return Err(unstorable(index, "data"));
+                }
                 Ok((encoded.message_type, encoded.data, options.message_id(index)))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -221,6 +230,9 @@ impl EventStore {
             }
         }
         let metadata = options.metadata.clone().unwrap_or_else(|| Value::Object(Default::default()));
+        if limits::holds_nul(&metadata) {
+            return Err(unstorable(0, "metadata"));
+        }
         let notify = self.executor().get_database_backend() == DbBackend::Postgres && self.signals.notify_now();
         let append = Append {
             stream_id,
