@@ -9,9 +9,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
 use emmett_seaorm::projection::{
     ProjectionRegistry, ProjectionRunner, RunOptions, SnapshotProjection, construct_stream_id,
 };
@@ -78,29 +75,7 @@ fn carts_runner(store: &EventStore, table: &str) -> ProjectionRunner<CartEvent> 
 /// Runs one step of the TypeScript service and returns what it printed; fails the test, saying
 /// what to install, when Node.js or the package is missing.
 fn typescript(url: &str, step: &str) -> Value {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop");
-    if !dir.join("node_modules/@wataruoguchi/emmett-event-store-kysely").exists() {
-        common::unavailable(
-            "the TypeScript package",
-            "interop/node_modules is missing",
-            "Run `npm ci --prefix interop`.",
-        );
-    }
-    let output = match Command::new("node")
-        .arg("ts-service.mjs")
-        .arg(step)
-        .current_dir(&dir)
-        .env("DATABASE_URL", url)
-        .env("TENANT", TENANT)
-        .output()
-    {
-        Ok(output) => output,
-        Err(err) => common::unavailable("node", err, "Install Node.js, then `npm ci --prefix interop`."),
-    };
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "ts-service.mjs {step} failed: {stderr}");
-    serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("ts-service.mjs {step} printed no JSON ({e}): {stderr}"))
+    common::node::run("ts-service.mjs", &[step], &[("DATABASE_URL", url), ("TENANT", TENANT)], None)
 }
 
 async fn aggregate(store: &EventStore, cart: &str) -> Cart {

@@ -253,6 +253,118 @@ async fn any_stored_data_decodes_or_is_named(db: TestDb) {
     eprintln!("stored data: {cases} cases, {undecodable} undecodable ({unknown} of unknown types)");
 }
 
+/// Events of generated data — any Unicode, nesting, integers, doubles of any magnitude — and
+/// metadata read back exactly as they were appended.
+async fn any_event_data_round_trips_exactly(db: TestDb) {
+    let store = db.store();
+    let mut generator = Gen(0x0da7_a0da_7a00);
+    for k in 0..100 * scale() {
+        let events: Vec<serde_json::Value> = (0..1 + generator.below(3))
+            .map(|_| {
+                let data = loop {
+                    let data = serde_json::json!({ "v": generator.json(0), generator.text(): generator.json(1) });
+                    if !data.to_string().contains("\\u0000") {
+                        break data;
+                    }
+                };
+                serde_json::json!({ "type": "Generated", "data": data })
+            })
+            .collect();
+        let metadata =
+            serde_json::json!({ "m": generator.text(), "n": f64::from_bits(generator.next()).clamp(-1e300, 1e300) });
+        let stream = format!("g-{k}");
+        let options = AppendOptions::default().partition("g").metadata(metadata.clone());
+        store.append_to_stream(&stream, events.clone(), options).await.unwrap();
+        let read =
+            store.read_stream::<serde_json::Value>(&stream, ReadOptions::default().partition("g")).await.unwrap();
+        let got: Vec<serde_json::Value> = read.events.iter().map(|e| by_value(&e.event)).collect();
+        assert_eq!(got, events.iter().map(by_value).collect::<Vec<_>>(), "{stream}");
+        assert!(read.events.iter().all(|e| by_value(&e.metadata) == by_value(&metadata)), "{stream}");
+    }
+}
+
+/// `value` with every number as a double: numbers compare by value (PostgreSQL's jsonb writes
+/// a double with an integral value, 5.7e18, as the integer 5700000000000000000).
+fn by_value(value: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) => serde_json::json!(n.as_f64().unwrap()),
+        Value::Array(items) => Value::Array(items.iter().map(by_value).collect()),
+        Value::Object(map) => Value::Object(map.iter().map(|(k, v)| (k.clone(), by_value(v))).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Events of generated types and data — any Unicode, nesting, numbers JavaScript holds exactly —
+/// written by the TypeScript package read back here as they were written, and ours read back
+/// there, on one PostgreSQL database.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_round_trip_with_the_typescript_package_by_property() {
+    let url = common::postgres().await;
+    let db = emmett_seaorm::connect(&url).await.unwrap();
+    emmett_seaorm::migrate(&db).await.unwrap();
+    let store = EventStore::new(db.clone());
+    let mut generator = Gen(0x7e57_0f_1a57);
+    // Objects (the package's event data), JavaScript numbers (integers within 2^53), no NUL
+    // (the store refuses it).
+    let payload = |generator: &mut Gen| loop {
+        let data = serde_json::json!({ "v": generator.json(0), generator.text(): generator.json(1) });
+        let text = data.to_string();
+        if !text.contains("\\u0000") && !emmett_seaorm_json_has_big_int(&data) {
+            break data;
+        }
+    };
+    let streams = 60 * scale() as usize;
+    let mut batches = Vec::new();
+    for k in 0..streams {
+        let events: Vec<serde_json::Value> = (0..1 + generator.below(3))
+            .map(|_| serde_json::json!({ "type": format!("T{}", generator.text()).chars().take(200).collect::<String>(), "data": payload(&mut generator) }))
+            .collect();
+        batches.push((format!("s-{k}"), ["t1", "ünï"][k % 2].to_owned(), events));
+    }
+    let (theirs, ours): (Vec<_>, Vec<_>) = batches.iter().enumerate().partition(|(k, _)| k % 2 == 0);
+    let requests = |batch: &[(usize, &(String, String, Vec<serde_json::Value>))], with_events: bool| {
+        serde_json::Value::Array(
+            batch
+                .iter()
+                .map(|(_, (stream, partition, events))| match with_events {
+                    true => serde_json::json!({ "stream": stream, "partition": partition, "events": events }),
+                    false => serde_json::json!({ "stream": stream, "partition": partition }),
+                })
+                .collect(),
+        )
+    };
+    common::node::run("events.mjs", &["write"], &[("DATABASE_URL", &url)], Some(&requests(&theirs, true)));
+    for (_, (stream, partition, events)) in &ours {
+        store.append_to_stream(stream, events.clone(), AppendOptions::default().partition(partition)).await.unwrap();
+    }
+    // Theirs, read here.
+    for (_, (stream, partition, events)) in &theirs {
+        let read =
+            store.read_stream::<serde_json::Value>(stream, ReadOptions::default().partition(partition)).await.unwrap();
+        let got: Vec<serde_json::Value> = read.events.into_iter().map(|e| e.event).collect();
+        assert_eq!(&got, events, "{stream} written by TypeScript");
+    }
+    // Ours, read there.
+    let read = common::node::run("events.mjs", &["read"], &[("DATABASE_URL", &url)], Some(&requests(&ours, false)));
+    for ((_, (stream, _, events)), got) in ours.iter().zip(read.as_array().unwrap()) {
+        assert_eq!(got.as_array().unwrap(), events, "{stream} written here, read by TypeScript");
+    }
+    db.close().await.unwrap();
+    common::drop_database(&url).await;
+}
+
+/// Whether `value` holds an integer JavaScript can't hold exactly.
+fn emmett_seaorm_json_has_big_int(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::Number(n) => n.as_i64().is_some_and(|i| i.unsigned_abs() > 1 << 53),
+        serde_json::Value::Array(items) => items.iter().any(emmett_seaorm_json_has_big_int),
+        serde_json::Value::Object(map) => map.values().any(emmett_seaorm_json_has_big_int),
+        _ => false,
+    }
+}
+
 /// Snapshot ids equal the TypeScript package's own `constructStreamId` for thousands of generated
 /// key sets: any Unicode in names and values, delimiters, percent signs, numbers and booleans.
 #[test]
@@ -295,28 +407,8 @@ fn snapshot_ids_match_the_typescript_package_by_property() {
         sets.push(keys);
         json.push(serde_json::Value::Object(object));
     }
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("interop");
-    if !dir.join("node_modules/@wataruoguchi/emmett-event-store-kysely").exists() {
-        common::unavailable(
-            "the TypeScript package",
-            "interop/node_modules is missing",
-            "Run `npm ci --prefix interop`.",
-        );
-    }
-    let mut node = std::process::Command::new("node")
-        .arg("construct-stream-id.mjs")
-        .current_dir(&dir)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|err| common::unavailable("node", err, "Install Node.js, then `npm ci --prefix interop`."));
-    let input = serde_json::to_vec(&json).unwrap();
-    let mut stdin = node.stdin.take().unwrap();
-    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &input));
-    let output = node.wait_with_output().unwrap();
-    writer.join().unwrap().unwrap();
-    assert!(output.status.success());
-    let theirs: Vec<String> = serde_json::from_slice(&output.stdout).unwrap();
+    let theirs = common::node::run("construct-stream-id.mjs", &[], &[], Some(&serde_json::Value::Array(json.clone())));
+    let theirs: Vec<String> = serde_json::from_value(theirs).unwrap();
     assert_eq!(theirs.len(), sets.len());
     for ((keys, theirs), js) in sets.iter().zip(&theirs).zip(&json) {
         assert_eq!(&construct_stream_id(keys), theirs, "keys {js}");
@@ -756,6 +848,7 @@ conformance!(
     hostile_identifiers_round_trip_everywhere,
     a_soak_keeps_memory_connections_and_lag_flat,
     any_stored_data_decodes_or_is_named,
+    any_event_data_round_trips_exactly,
 );
 /// Kills every connection of the test database but its own (the server's view of "the network
 /// dropped"); how many it killed.

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod balances;
+pub mod node;
 pub mod raw;
 
 use std::collections::BTreeMap;
