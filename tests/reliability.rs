@@ -785,7 +785,8 @@ async fn reliability_child() {
 }
 
 /// A daemon (then a runner) in a child process is SIGKILLed at a random moment of its work, 20
-/// times, restarted each time, while a writer appends: every event ends projected exactly once
+/// times, restarted each time, then one of three daemons sharing the work, 20 times, while a
+/// writer appends: every event ends projected exactly once
 /// (a duplicate fails its batch on `seen`'s key; a skipped one is missing there), the read model
 /// equals the sequential fold, and each checkpoint is its tenant's last event.
 async fn killed_projectors_lose_and_repeat_nothing(db: TestDb) {
@@ -814,12 +815,19 @@ async fn killed_projectors_lose_and_repeat_nothing(db: TestDb) {
             drop(child); // SIGKILL
         }
     }
+    // Three daemons sharing the work; one of them, at random, is killed and replaced, 20 times.
+    let mut instances: Vec<KillOnDrop> = (0..3).map(|_| child(&db.url, "daemon", 7)).collect();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100 + generator.below(400))).await;
+        instances[generator.below(3) as usize] = child(&db.url, "daemon", 7); // the old one is SIGKILLed
+    }
+    drop(instances);
     writing.store(false, std::sync::atomic::Ordering::SeqCst);
     writer.await.unwrap();
     let (by_children, stored) = balances::seen_and_stored(&db.db).await;
     assert!(by_children.len() > 90, "the killed processes did project: {} of {}", by_children.len(), stored.len());
     eprintln!(
-        "killed projectors: {} of {} events projected by the 40 killed processes",
+        "killed projectors: {} of {} events projected by the 63 killed processes",
         by_children.len(),
         stored.len()
     );
