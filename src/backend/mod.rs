@@ -66,7 +66,7 @@ pub(super) fn partition_column(backend: DbBackend) -> &'static str {
 /// and a locking read locks every row it scans, so one tenant's batch would wait for another's.
 pub(super) const MYSQL_PRIMARY_KEY_ONLY: &str = "FORCE INDEX (PRIMARY)";
 
-/// [`MYSQL_PRIMARY_KEY_ONLY`] on a select built with sea-query (for MySQL; nothing elsewhere).
+/// [`MYSQL_PRIMARY_KEY_ONLY`] on a select built with sea-query (only the MySQL builder writes it).
 pub(super) fn primary_key_only(
     select: &mut sea_orm::sea_query::SelectStatement,
 ) -> &mut sea_orm::sea_query::SelectStatement {
