@@ -111,6 +111,19 @@ async fn streams_and_partitions_are_listed_and_read(db: TestDb) {
     assert!(failed(cli(&db, &["projections", "rebuild", "nothing"])).contains("not known to this binary"));
     assert!(failed(cli(&db, &["projections", "reset", "nothing", "--partition", "t1"])).contains("no checkpoint"));
     ok(cli(&db, &["partitions", "add", "t9"]));
+    // A projection run by a runner alone (no daemon, no lease) shows with its checkpoint and lag.
+    let runner = emmett_seaorm::projection::ProjectionRunner::new(store.clone(), ProjectionRegistry::<Ev>::new());
+    runner
+        .project_partition("by-runner", emmett_seaorm::projection::RunOptions::default().partition("t1"))
+        .await
+        .unwrap();
+    store.append_to_stream("acc-2", [Ev::Deposited { amount: 1 }], tenant("t1")).await.unwrap();
+    let status = json_lines(&ok(cli(&db, &["projections", "status", "--json"])));
+    assert_eq!(status.len(), 1, "{status:?}");
+    let (checkpoint, head) = (status[0]["checkpoint"].as_u64().unwrap(), status[0]["head"].as_u64().unwrap());
+    assert_eq!((status[0]["projection"].as_str(), status[0]["tenant"].as_str()), (Some("by-runner"), Some("t1")));
+    assert_eq!((status[0]["lag"].as_u64(), &status[0]["owner"]), (Some(1), &Value::Null));
+    assert!(checkpoint < head, "{status:?}");
 }
 
 /// Fails every deposit of 13: the tenant is parked with the error.

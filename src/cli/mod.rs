@@ -155,7 +155,8 @@ pub enum Streams {
 /// `projections …`
 #[derive(Subcommand, Debug)]
 pub enum ProjectionsCommand {
-    /// Per projection and tenant: checkpoint, head, lag, lease owner and expiry, parked error.
+    /// Per projection and tenant: checkpoint, head, lag, lease owner and expiry, parked error
+    /// (projections run by a daemon, and those run by a `ProjectionRunner` alone).
     Status(JsonFlag),
     /// Replay a projection from the first event of every tenant (in-place; needs the app's
     /// registry: run it from the app's binary).

@@ -121,17 +121,40 @@ pub(super) async fn read_stream(
     Ok(())
 }
 
+/// Every (projection, tenant) with a lease (run by a daemon) or a checkpoint (run by a
+/// `ProjectionRunner` alone), by projection and tenant.
 pub(super) async fn status(db: &DatabaseConnection, flag: JsonFlag) -> Result<(), CliError> {
-    let columns = ["projection", "tenant", "checkpoint", "head", "lag", "lag_age", "owner", "expires", "error"];
-    let mut table = Table::new(columns).json(flag.json);
+    let mut records = BTreeMap::new();
     for l in daemon::recorded(db).await? {
         let (error, error_position) = l.last_error.clone().unzip();
-        table.record(json!({
+        let record = json!({
             "projection": l.subscription, "tenant": l.tenant, "checkpoint": l.checkpoint, "head": l.head,
             "lag": l.lag_events, "lag_age": report::seconds(l.lag), "owner": l.owner,
             "expires": report::expiry(&l), "error": error, "error_position": error_position,
             "failures": l.failures, "parked": l.parked,
-        }));
+        });
+        records.insert((l.subscription, l.tenant), record);
+    }
+    let heads: BTreeMap<String, i64> = backend::partition_heads(db, None).await?.into_iter().collect();
+    let checkpoints = subscriptions::Entity::find().filter(subscriptions::Column::Version.eq(1)).all(db).await?;
+    for c in checkpoints {
+        let key = (c.subscription_id, c.partition);
+        if records.contains_key(&key) {
+            continue;
+        }
+        let (lag, age) = backend::pending(db, &key.1, c.last_processed_position).await?;
+        let record = json!({
+            "projection": key.0, "tenant": key.1, "checkpoint": c.last_processed_position,
+            "head": heads.get(&key.1).copied().unwrap_or(0), "lag": lag,
+            "lag_age": report::seconds(std::time::Duration::from_secs_f64(age.max(0.0))), "owner": null,
+            "expires": "-", "error": null, "error_position": null, "failures": 0, "parked": false,
+        });
+        records.insert(key, record);
+    }
+    let columns = ["projection", "tenant", "checkpoint", "head", "lag", "lag_age", "owner", "expires", "error"];
+    let mut table = Table::new(columns).json(flag.json);
+    for record in records.into_values() {
+        table.record(record);
     }
     table.print();
     Ok(())
