@@ -11,9 +11,13 @@ use crate::backend;
 /// Creates `streams`, `messages`, `subscriptions`, `snapshots` and the global-position sequence.
 pub struct M20250101000001CreateEventStore;
 
+impl M20250101000001CreateEventStore {
+    const NAME: &str = "m20250101_000001_create_event_store";
+}
+
 impl MigrationName for M20250101000001CreateEventStore {
     fn name(&self) -> &str {
-        "m20250101_000001_create_event_store"
+        Self::NAME
     }
 }
 
@@ -33,9 +37,13 @@ impl MigrationTrait for M20250101000001CreateEventStore {
 /// partitions table.
 pub struct M20261128000001HardenEventStore;
 
+impl M20261128000001HardenEventStore {
+    const NAME: &str = "m20261128_000001_harden_event_store";
+}
+
 impl MigrationName for M20261128000001HardenEventStore {
     fn name(&self) -> &str {
-        "m20261128_000001_harden_event_store"
+        Self::NAME
     }
 }
 
@@ -55,9 +63,13 @@ impl MigrationTrait for M20261128000001HardenEventStore {
 /// instances).
 pub struct M20261128000002CreateDaemonLeases;
 
+impl M20261128000002CreateDaemonLeases {
+    const NAME: &str = "m20261128_000002_create_daemon_leases";
+}
+
 impl MigrationName for M20261128000002CreateDaemonLeases {
     fn name(&self) -> &str {
-        "m20261128_000002_create_daemon_leases"
+        Self::NAME
     }
 }
 
@@ -76,9 +88,13 @@ impl MigrationTrait for M20261128000002CreateDaemonLeases {
 /// lease rows (on MySQL it otherwise waits for every row another transaction locked).
 pub struct M20261128000003IndexLeaseOwners;
 
+impl M20261128000003IndexLeaseOwners {
+    const NAME: &str = "m20261128_000003_index_lease_owners";
+}
+
 impl MigrationName for M20261128000003IndexLeaseOwners {
     fn name(&self) -> &str {
-        "m20261128_000003_index_lease_owners"
+        Self::NAME
     }
 }
 
@@ -106,12 +122,12 @@ async fn run(manager: &SchemaManager<'_>, statements: Vec<String>) -> Result<(),
 /// which is only read.
 async fn up_sql(name: &str, db: &impl ConnectionTrait) -> Result<Vec<String>, DbErr> {
     match name {
-        "m20250101_000001_create_event_store" => {
+        M20250101000001CreateEventStore::NAME => {
             Ok(backend::create_schema(db.get_database_backend())?.into_iter().map(str::to_owned).collect())
         }
-        "m20261128_000001_harden_event_store" => backend::harden_schema(db).await,
-        "m20261128_000002_create_daemon_leases" => backend::create_lease_tables(db).await,
-        "m20261128_000003_index_lease_owners" => backend::create_owner_index(db).await,
+        M20261128000001HardenEventStore::NAME => backend::harden_schema(db).await,
+        M20261128000002CreateDaemonLeases::NAME => backend::create_lease_tables(db).await,
+        M20261128000003IndexLeaseOwners::NAME => backend::create_owner_index(db).await,
         other => Err(DbErr::Migration(format!("no migration named {other}"))),
     }
 }
