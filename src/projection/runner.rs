@@ -282,15 +282,12 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         for (tenant, _) in &heads {
             report.total += backend::pending(&self.store.executor(), tenant, 0).await?.0.max(0) as u64;
         }
-        let mut last = ProjectPartitionResult { processed: 0, last_processed_position: 0 };
+        let mut last_processed_position = 0;
         for (tenant, _) in heads {
             let done = self.fill(subscription_id, &tenant, &options, &mut report, &mut progress).await?;
-            last = ProjectPartitionResult {
-                processed: report.processed,
-                last_processed_position: last.last_processed_position.max(done.last_processed_position),
-            };
+            last_processed_position = last_processed_position.max(done.last_processed_position);
         }
-        Ok(last)
+        Ok(ProjectPartitionResult { processed: report.processed, last_processed_position })
     }
 
     /// Projects `partition` up to its horizon, one batch at a time, adding to `report`.
