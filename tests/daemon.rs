@@ -352,21 +352,7 @@ async fn a_writer_still_in_flight_is_waited_for(db: TestDb) {
     let first = deposit(&store, "t1", "a", 1).await;
     let daemon = daemon(store.clone(), Arc::default()).start().await.expect("start");
     caught_up(&daemon, first, Duration::from_secs(10)).await;
-    let (took_position, commit) = (tokio::sync::oneshot::channel::<()>(), tokio::sync::oneshot::channel::<()>());
-    let (tx_took, rx_took) = took_position;
-    let (tx_commit, rx_commit) = commit;
-    let late = store.clone();
-    let writer = tokio::spawn(async move {
-        late.with_session(|s| async move {
-            deposit(&s, "t1", "late", 100).await;
-            tx_took.send(()).unwrap();
-            rx_commit.await.unwrap();
-            Ok::<_, emmett_seaorm::Error>(())
-        })
-        .await
-        .unwrap();
-    });
-    rx_took.await.unwrap();
+    let (tx_commit, writer) = common::held_deposit(&store, "t1", "late", 100).await;
     let after = deposit(&store, "t1", "b", 10).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(seen(&db.db).await, vec![first as i64], "projected past a transaction still writing");

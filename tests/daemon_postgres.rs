@@ -40,12 +40,8 @@ async fn setup(db: &TestDb) -> DaemonHandle {
 }
 
 async fn deposit(store: &EventStore, tenant: &str, amount: i64) -> u64 {
-    deposit_to(store, tenant, "acc", amount).await
-}
-
-async fn deposit_to(store: &EventStore, tenant: &str, account: &str, amount: i64) -> u64 {
     store
-        .append_to_stream(account, [Ev::Deposited { amount }], AppendOptions::default().partition(tenant))
+        .append_to_stream("acc", [Ev::Deposited { amount }], AppendOptions::default().partition(tenant))
         .await
         .expect("append")
         .last_event_global_position
@@ -121,22 +117,7 @@ async fn late_commits_are_waited_for_and_unrelated_transactions_are_not(db: Test
 
     // An event writer that took its position and has not committed: the daemon must not move
     // past it, and projects it once it commits.
-    let late = store.clone();
-    let (took_position, wait_for_commit) =
-        (tokio::sync::oneshot::channel::<()>(), tokio::sync::oneshot::channel::<()>());
-    let (tx_took, rx_took) = took_position;
-    let (tx_commit, rx_commit) = wait_for_commit;
-    let writer = tokio::spawn(async move {
-        late.with_session(|s| async move {
-            deposit_to(&s, "t1", "late", 100).await;
-            tx_took.send(()).unwrap();
-            rx_commit.await.unwrap();
-            Ok::<_, emmett_seaorm::Error>(())
-        })
-        .await
-        .unwrap();
-    });
-    rx_took.await.unwrap();
+    let (tx_commit, writer) = common::held_deposit(&store, "t1", "late", 100).await;
     let after = deposit(&store, "t1", 10).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(total(&db.db, "t1").await, Some(1), "projected past a transaction still writing");

@@ -864,34 +864,6 @@ conformance!(
     any_stored_data_decodes_or_is_named,
     any_event_data_round_trips_exactly,
 );
-/// Kills every connection of the test database but its own (the server's view of "the network
-/// dropped"); how many it killed.
-async fn kill_connections(killer: &sea_orm::DatabaseConnection) -> usize {
-    let backend = killer.get_database_backend();
-    let list = match backend {
-        DbBackend::Postgres => {
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        }
-        _ => "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = DATABASE() AND ID <> CONNECTION_ID()",
-    };
-    let ids: Vec<i64> = killer
-        .query_all_raw(Statement::from_string(backend, list))
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.try_get_by_index::<i64>(0).or_else(|_| r.try_get_by_index::<i32>(0).map(i64::from)).unwrap())
-        .collect();
-    for id in &ids {
-        let kill = match backend {
-            DbBackend::Postgres => format!("SELECT pg_terminate_backend({id})"),
-            _ => format!("KILL CONNECTION {id}"),
-        };
-        // Gone already is fine.
-        let _ = killer.execute_unprepared(&kill).await;
-    }
-    ids.len()
-}
-
 /// Appends deposits tagged 0, 1, 2… round robin over the tenants' accounts until stopped.
 struct TaggedWriter {
     writing: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -991,7 +963,7 @@ async fn killed_connections_lose_and_repeat_nothing(db: TestDb) {
     let until = std::time::Instant::now() + Duration::from_secs(3 * scale());
     while std::time::Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(150)).await;
-        killed += kill_connections(&killer).await;
+        killed += common::kill_connections(&killer, false).await;
     }
     let (written, failed) = writer.stop().await;
     nothing_lost_or_repeated(&db.db, &daemon, &written).await;

@@ -493,31 +493,7 @@ async fn killed_connections_never_duplicate_appends(db: TestDb) {
         tokio::spawn(async move {
             let mut kills = 0;
             while !stop.load(Ordering::Relaxed) {
-                let victims: Vec<i64> = match backend {
-                    DbBackend::Postgres => admin
-                        .query_all_raw(Statement::from_string(
-                            backend,
-                            "SELECT pid::bigint FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() AND state = 'active' AND query NOT LIKE '%pg_stat_activity%'",
-                        ))
-                        .await
-                        .map(|rows| rows.iter().map(|r| r.try_get_by_index(0).unwrap()).collect())
-                        .unwrap_or_default(),
-                    _ => admin
-                        .query_all_raw(Statement::from_string(
-                            backend,
-                            "SELECT CAST(ID AS SIGNED) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() AND ID <> CONNECTION_ID() AND COMMAND = 'Query'",
-                        ))
-                        .await
-                        .map(|rows| rows.iter().map(|r| r.try_get_by_index(0).unwrap()).collect())
-                        .unwrap_or_default(),
-                };
-                for pid in victims {
-                    let sql = match backend {
-                        DbBackend::Postgres => format!("SELECT pg_terminate_backend({pid})"),
-                        _ => format!("KILL CONNECTION {pid}"),
-                    };
-                    kills += admin.execute_unprepared(&sql).await.is_ok() as usize;
-                }
+                kills += common::kill_connections(&admin, true).await;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             kills

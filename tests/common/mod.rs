@@ -73,6 +73,64 @@ pub async fn sqlite() -> String {
     format!("sqlite://{}?mode=rwc", path.display())
 }
 
+/// A deposit of `amount` into `account` of `tenant` held in an open session: returns once it has
+/// taken its positions, with the sender that lets it commit and the task to wait for.
+pub async fn held_deposit(
+    store: &EventStore,
+    tenant: &str,
+    account: &str,
+    amount: i64,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let (took_position, taken) = tokio::sync::oneshot::channel::<()>();
+    let (commit, may_commit) = tokio::sync::oneshot::channel::<()>();
+    let (store, tenant, account) = (store.clone(), tenant.to_owned(), account.to_owned());
+    let writer = tokio::spawn(async move {
+        store
+            .with_session(|s| async move {
+                let options = emmett_seaorm::AppendOptions::default().partition(tenant);
+                s.append_to_stream(&account, [Ev::Deposited { amount }], options).await?;
+                took_position.send(()).unwrap();
+                may_commit.await.unwrap();
+                Ok::<_, emmett_seaorm::Error>(())
+            })
+            .await
+            .unwrap();
+    });
+    taken.await.unwrap();
+    (commit, writer)
+}
+
+/// Kills the connections of the test database other than the one asking (the server's view of
+/// "the network dropped"): all of them, or with `busy_only` those running a statement. How many
+/// it killed; a list that fails (the killer's own pool hit) kills none.
+pub async fn kill_connections(killer: &DatabaseConnection, busy_only: bool) -> usize {
+    let backend = killer.get_database_backend();
+    let list = match (backend, busy_only) {
+        (sea_orm::DbBackend::Postgres, busy) => format!(
+            "SELECT pid::bigint FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid(){}",
+            if busy { " AND state = 'active' AND query NOT LIKE '%pg_stat_activity%'" } else { "" }
+        ),
+        (_, busy) => format!(
+            "SELECT CAST(ID AS SIGNED) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() AND ID <> CONNECTION_ID(){}",
+            if busy { " AND COMMAND = 'Query'" } else { "" }
+        ),
+    };
+    let victims: Vec<i64> = match killer.query_all_raw(sea_orm::Statement::from_string(backend, list)).await {
+        Ok(rows) => rows.iter().map(|r| r.try_get_by_index(0).unwrap()).collect(),
+        Err(_) => Vec::new(),
+    };
+    let mut killed = 0;
+    for id in victims {
+        let kill = match backend {
+            sea_orm::DbBackend::Postgres => format!("SELECT pg_terminate_backend({id})"),
+            _ => format!("KILL CONNECTION {id}"),
+        };
+        // Gone already is fine.
+        killed += killer.execute_unprepared(&kill).await.is_ok() as usize;
+    }
+    killed
+}
+
 /// The server URL of a backend (without a database), from its variable or the local default.
 fn server(var: &str, default: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| default.to_owned())
