@@ -12,7 +12,7 @@ use emmett_seaorm::projection::{
     construct_stream_id,
 };
 use emmett_seaorm::schema::{snapshots, subscriptions};
-use emmett_seaorm::{AppendOptions, Error, EventStore, ReadOptions, RecordedEvent, columns, keys};
+use emmett_seaorm::{AppendOptions, Error, EventStore, ExpectedVersion, ReadOptions, RecordedEvent, columns, keys};
 use sea_orm::sea_query::{Alias, ColumnDef, Index, Table};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, Statement};
 use serde::{Deserialize, Serialize};
@@ -671,6 +671,56 @@ async fn inline_projections_change_read_models_with_the_append(db: TestDb) {
     assert_eq!(inline, read_model(&db.db, "accounts_runner", "t1").await);
 }
 
+/// Records every event it is given.
+struct Recorder(Arc<std::sync::Mutex<Vec<RecordedEvent<serde_json::Value>>>>);
+
+#[async_trait::async_trait]
+impl EventHandler<serde_json::Value> for Recorder {
+    async fn handle(
+        &self,
+        _: &ProjectionContext<'_>,
+        e: &RecordedEvent<serde_json::Value>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.0.lock().unwrap().push(e.clone());
+        Ok(())
+    }
+}
+
+/// An inline projection is given the events exactly as they are stored (the append returns
+/// them, it does not read them back): positions, ids, creation times, data and metadata, for
+/// every kind of expected version, several events at once, and inside a session.
+async fn inline_projections_see_events_as_stored(db: TestDb) {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let store = db.store().inline("recorder", ProjectionRegistry::new().on([], Recorder(Arc::clone(&seen))));
+    let opts = |expected| {
+        AppendOptions::default()
+            .partition("t1")
+            .expected(expected)
+            .metadata(serde_json::json!({ "by": "ünïcode \\ \"quoted\"", "n": 1.5e300 }))
+    };
+    let events = |n: i64| (0..n).map(|i| Ev::Deposited { amount: i * 1_000_000_007 }).collect::<Vec<_>>();
+    store.append_to_stream("a", events(3), opts(ExpectedVersion::NoStream)).await.unwrap();
+    store.append_to_stream("a", events(1), opts(ExpectedVersion::Exact(3))).await.unwrap();
+    store.append_to_stream("a", events(2), opts(ExpectedVersion::StreamExists)).await.unwrap();
+    store.append_to_stream("b", events(2), opts(ExpectedVersion::Any)).await.unwrap();
+    store
+        .with_session(|s| async move {
+            s.append_to_stream("a", events(2), opts(ExpectedVersion::Any)).await?;
+            s.append_to_stream("b", events(1), opts(ExpectedVersion::Exact(2))).await
+        })
+        .await
+        .unwrap();
+    let mut stored = Vec::new();
+    for stream in ["a", "b"] {
+        let read = store.read_stream::<serde_json::Value>(stream, ReadOptions::default().partition("t1"));
+        stored.extend(read.await.unwrap().events);
+    }
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort_by(|x, y| (&x.stream_id, x.stream_position).cmp(&(&y.stream_id, y.stream_position)));
+    assert_eq!(seen.len(), 11);
+    assert_eq!(seen, stored);
+}
+
 /// A failing inline projection rejects the append: a typed error naming the projection and the
 /// event, the stream's version unchanged, no snapshot and no read-model row written.
 async fn a_failing_inline_projection_rejects_the_append(db: TestDb) {
@@ -704,6 +754,7 @@ async fn a_failing_inline_projection_rejects_the_append(db: TestDb) {
 
 conformance!(
     inline_projections_change_read_models_with_the_append,
+    inline_projections_see_events_as_stored,
     a_failing_inline_projection_rejects_the_append,
     read_model_tables_are_checked_and_keys_are_typed,
     other_aggregates_events_are_not_the_projections_business,

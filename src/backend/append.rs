@@ -7,6 +7,7 @@ use sea_orm::{
 use serde_json::Value;
 
 use super::begin_write;
+use crate::event::StoredMessage;
 use crate::expected_version::ExpectedVersion;
 use crate::schema::{messages, streams};
 
@@ -22,6 +23,9 @@ pub(crate) struct Append<'a> {
     /// PostgreSQL: wake listening projection daemons when the append commits
     /// (`NOTIFY emt_appends, '<partition>'`).
     pub notify: bool,
+    /// Return the rows as stored (inline projections fold them), read by the append itself
+    /// rather than by a query after it.
+    pub returning_rows: bool,
 }
 
 /// The channel appends notify on PostgreSQL.
@@ -31,6 +35,25 @@ pub(crate) const APPENDS_CHANNEL: &str = "emt_appends";
 pub(crate) struct Appended {
     pub next_expected_version: u64,
     pub last_global_position: u64,
+    /// The stored rows in stream order when [`Append::returning_rows`], else empty.
+    pub rows: Vec<StoredMessage>,
+}
+
+/// The columns of a [`StoredMessage`].
+const STORED_COLUMNS: [messages::Column; 9] = [
+    messages::Column::StreamId,
+    messages::Column::StreamPosition,
+    messages::Column::Partition,
+    messages::Column::MessageType,
+    messages::Column::MessageId,
+    messages::Column::GlobalPosition,
+    messages::Column::Created,
+    messages::Column::MessageData,
+    messages::Column::MessageMetadata,
+];
+
+fn stored_rows(rows: &[sea_orm::QueryResult]) -> Result<Vec<StoredMessage>, DbErr> {
+    rows.iter().map(|row| <StoredMessage as sea_orm::FromQueryResult>::from_query_result(row, "")).collect()
 }
 
 /// Appends, or returns `None` when the expected version does not hold (nothing written).
@@ -81,6 +104,14 @@ async fn append_in_one_statement<C: ConnectionTrait>(conn: &C, a: &Append<'_>) -
             format!("{update_stream} AND stream_position = $6")
         }
     };
+    // The last global position, or every row as stored; `version` is the stream's new version.
+    let (returned, select) = match a.returning_rows {
+        false => ("global_position", "SELECT st.stream_position AS version, (SELECT max(global_position) FROM ins) AS global_position"),
+        true => (
+            "stream_id, stream_position, partition, message_type, message_id, global_position, created, message_data, message_metadata",
+            "SELECT st.stream_position AS version, ins.*",
+        ),
+    };
     let sql = format!(
         "WITH st AS ({stream_write} RETURNING stream_position),
          ins AS (
@@ -88,18 +119,20 @@ async fn append_in_one_statement<C: ConnectionTrait>(conn: &C, a: &Append<'_>) -
                                  message_schema_version, message_type, message_id)
            SELECT $1, st.stream_position - $3 + e.ord, $2, e.d::jsonb, $5::jsonb, '1', e.t, e.i
            FROM st, ROWS FROM (json_to_recordset($4::json) AS (t text, d json, i text)) WITH ORDINALITY AS e(t, d, i, ord)
-           RETURNING global_position)
-         SELECT st.stream_position, (SELECT max(global_position) FROM ins) AS last_global_position FROM st{notify}",
+           RETURNING {returned})
+         {select}{notify} FROM st{from_ins}",
         notify = if a.notify { format!(", (SELECT pg_notify('{APPENDS_CHANNEL}', $2)) AS n") } else { String::new() },
+        from_ins = if a.returning_rows { ", ins ORDER BY ins.stream_position" } else { "" },
     );
-    let row = conn.query_one_raw(Statement::from_sql_and_values(DbBackend::Postgres, sql, values)).await?;
-    row.map(|row| {
-        Ok(Appended {
-            next_expected_version: row.try_get::<i64>("", "stream_position")? as u64,
-            last_global_position: row.try_get::<i64>("", "last_global_position")? as u64,
-        })
-    })
-    .transpose()
+    let found = conn.query_all_raw(Statement::from_sql_and_values(DbBackend::Postgres, sql, values)).await?;
+    let Some(first) = found.first() else { return Ok(None) };
+    let next_expected_version = first.try_get::<i64>("", "version")? as u64;
+    let rows = if a.returning_rows { stored_rows(&found)? } else { Vec::new() };
+    let last_global_position = match rows.last() {
+        Some(last) => last.global_position.unwrap_or_default(),
+        None => first.try_get::<i64>("", "global_position")?,
+    } as u64;
+    Ok(Some(Appended { next_expected_version, last_global_position, rows }))
 }
 
 /// SQLite and MySQL: the stream row first (its lock serialises writers of one stream), then the
@@ -163,28 +196,45 @@ async fn append_in_transaction<C: TransactionTrait<Transaction = DatabaseTransac
         }
         insert.values_panic(row);
     }
-    txn.execute(&insert).await?;
-
+    // SQLite returns the rows from the insert; MySQL reads them (or the last one) back.
+    let mut rows = match (first_global, a.returning_rows) {
+        (Some(_), false) => {
+            txn.execute(&insert).await?;
+            Vec::new()
+        }
+        (Some(_), true) => {
+            insert.returning(Query::returning().columns(STORED_COLUMNS));
+            let mut rows = stored_rows(&txn.query_all(&insert).await?)?;
+            rows.sort_by_key(|row| row.stream_position); // RETURNING has no order
+            rows
+        }
+        (None, _) => {
+            txn.execute(&insert).await?;
+            let from = if a.returning_rows { first } else { version };
+            let read_back = Query::select()
+                .columns(STORED_COLUMNS)
+                .from(messages::Entity)
+                .and_where(Expr::col(messages::Column::StreamId).eq(a.stream_id))
+                .and_where(Expr::col(messages::Column::Partition).eq(a.partition))
+                .and_where(Expr::col(messages::Column::IsArchived).eq(false))
+                .and_where(Expr::col(messages::Column::StreamPosition).gte(from))
+                .order_by(messages::Column::StreamPosition, sea_orm::Order::Asc)
+                .to_owned();
+            stored_rows(&txn.query_all(&read_back).await?)?
+        }
+    };
     let last_global_position = match first_global {
         Some(g) => g + n - 1,
         None => {
-            let row = txn
-                .query_one(
-                    Query::select()
-                        .column(messages::Column::GlobalPosition)
-                        .from(messages::Entity)
-                        .and_where(Expr::col(messages::Column::StreamId).eq(a.stream_id))
-                        .and_where(Expr::col(messages::Column::Partition).eq(a.partition))
-                        .and_where(Expr::col(messages::Column::IsArchived).eq(false))
-                        .and_where(Expr::col(messages::Column::StreamPosition).eq(version)),
-                )
-                .await?
-                .ok_or_else(|| DbErr::RecordNotFound("appended message".into()))?;
-            row.try_get::<i64>("", "global_position")?
+            let last = rows.last().ok_or_else(|| DbErr::RecordNotFound("appended message".into()))?;
+            last.global_position.ok_or_else(|| DbErr::RecordNotFound("global position".into()))?
         }
     };
+    if !a.returning_rows {
+        rows.clear();
+    }
     txn.commit().await?;
-    Ok(Some(Appended { next_expected_version: version as u64, last_global_position: last_global_position as u64 }))
+    Ok(Some(Appended { next_expected_version: version as u64, last_global_position: last_global_position as u64, rows }))
 }
 
 /// MySQL: share-locks the partition's row of `emt_partitions` (creating it the first time)

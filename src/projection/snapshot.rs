@@ -4,8 +4,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use sea_orm::sea_query::QueryBuilder;
-use sea_orm::sea_query::{Alias, Expr, ExprTrait, LockType, OnConflict, Query, SimpleExpr};
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect};
+use sea_orm::sea_query::{
+    Alias, CommonTableExpression, Expr, ExprTrait, InsertStatement, LockType, OnConflict, Query, SimpleExpr,
+};
+use sea_orm::{ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QuerySelect};
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::{Columns, Keys, ProjectionContext};
@@ -416,15 +418,28 @@ where
                 }
                 written.push((id.as_str(), &row.keys, snapshot, last, columns));
             }
+            let mut upserts = self.read_model_upserts(&written);
             if self.storage == Storage::SnapshotTable {
-                self.upsert_snapshots(ctx, &written).await?;
+                let snapshots = self.snapshots_upsert(&written);
+                match ctx.backend() {
+                    // One statement writes snapshots and rows: a round trip less per batch.
+                    DbBackend::Postgres => {
+                        let cte = CommonTableExpression::new().query(snapshots).table_name("emt_snapshots").to_owned();
+                        upserts[0].with_cte(cte);
+                    }
+                    _ => {
+                        ctx.txn.execute(&snapshots).await?;
+                    }
+                }
             }
-            self.upsert_read_model(ctx, &written).await?;
+            for upsert in upserts {
+                ctx.txn.execute(&upsert).await.map_err(|err| self.read_model_error(err))?;
+            }
         }
         Ok(())
     }
 
-    async fn upsert_snapshots(&self, ctx: &ProjectionContext<'_>, written: &[Written<'_, E>]) -> Result<()> {
+    fn snapshots_upsert(&self, written: &[Written<'_, E>]) -> InsertStatement {
         let mut upsert = snapshots::insert_all_columns();
         for (id, _, snapshot, last, _) in written {
             upsert.values_panic([
@@ -444,13 +459,13 @@ where
                 ])
                 .to_owned(),
         );
-        ctx.txn.execute(&upsert).await?;
-        Ok(())
+        upsert
     }
 
-    /// Upserts keys + mapped columns (+ the snapshot columns in legacy mode). Rows whose mapped
-    /// column names differ go in separate statements, since one statement has one column list.
-    async fn upsert_read_model(&self, ctx: &ProjectionContext<'_>, written: &[Written<'_, E>]) -> Result<()> {
+    /// Upserts keys + mapped columns (+ the snapshot columns in legacy mode), at least one.
+    /// Rows whose mapped column names differ go in separate statements, since one statement
+    /// has one column list.
+    fn read_model_upserts(&self, written: &[Written<'_, E>]) -> Vec<InsertStatement> {
         let mut by_shape: BTreeMap<Vec<String>, Vec<(Vec<SimpleExpr>, &Keys)>> = BTreeMap::new();
         for (_, keys, snapshot, last, columns) in written {
             let mut names: Vec<String> = keys.keys().cloned().collect();
@@ -470,7 +485,7 @@ where
             }
             by_shape.entry(names).or_default().push((values, keys));
         }
-        for (names, rows) in by_shape {
+        let statements = by_shape.into_iter().map(|(names, rows)| {
             let key_count = rows[0].1.len();
             let mut upsert = Query::insert();
             upsert.into_table(Alias::new(&self.table)).columns(names.iter().map(Alias::new));
@@ -485,9 +500,9 @@ where
                 OnConflict::columns(key_columns).update_columns(updated).to_owned()
             };
             upsert.on_conflict(on_conflict);
-            ctx.txn.execute(&upsert).await.map_err(|err| self.read_model_error(err))?;
-        }
-        Ok(())
+            upsert
+        });
+        statements.collect()
     }
 }
 

@@ -4,12 +4,10 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 
 use crate::backend::{self, Append, Appended};
 use crate::error::{Error, Result};
 use crate::event::StoredMessage;
-use crate::schema::messages;
 use crate::store::EventStore;
 
 /// A named projection run in the append's transaction, whatever its event type (a registry:
@@ -37,17 +35,8 @@ impl InlineProjections {
     /// busy database or a lost connection, which the store retries as such.
     pub async fn append(&self, store: &EventStore, append: &Append<'_>) -> Result<Option<Appended>> {
         let txn = Arc::new(backend::begin_write(&store.executor()).await?);
-        let Some(done) = backend::append(&*txn, append).await? else { return Ok(None) };
-        let first = done.next_expected_version as i64 - append.events.len() as i64;
-        let rows = messages::Entity::find()
-            .filter(messages::Column::StreamId.eq(append.stream_id))
-            .filter(messages::Column::Partition.eq(append.partition))
-            .filter(messages::Column::IsArchived.eq(false))
-            .filter(messages::Column::StreamPosition.gt(first))
-            .order_by_asc(messages::Column::StreamPosition)
-            .into_model::<StoredMessage>()
-            .all(&*txn)
-            .await?;
+        let Some(mut done) = backend::append(&*txn, append).await? else { return Ok(None) };
+        let rows = std::mem::take(&mut done.rows);
         // Appends of the projections go through a store without them (no recursion).
         let session = store.bound_to(Arc::clone(&txn)).without_inline();
         for projection in &self.0 {

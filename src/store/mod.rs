@@ -242,6 +242,7 @@ impl EventStore {
             metadata: &metadata,
             events,
             notify,
+            returning_rows: !self.inline.0.is_empty(),
         };
         let appended = self.write(&append, options.idempotency_key.is_some()).await?;
         if let Some(done) = &appended {
@@ -332,7 +333,11 @@ impl EventStore {
             });
         }
         let last = rows.iter().max_by_key(|row| row.2).expect("not empty");
-        Ok(Some(backend::Appended { next_expected_version: last.2 as u64, last_global_position: last.3 as u64 }))
+        Ok(Some(backend::Appended {
+            next_expected_version: last.2 as u64,
+            last_global_position: last.3 as u64,
+            rows: Vec::new(),
+        }))
     }
 
     /// Reads a stream's events in order. A missing stream is not an error: it reads as empty,
