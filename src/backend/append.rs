@@ -12,12 +12,12 @@ use crate::expected_version::ExpectedVersion;
 use crate::schema::{messages, streams};
 
 /// One append, as the backends receive it.
-pub(crate) struct Append<'a> {
-    pub stream_id: &'a str,
-    pub partition: &'a str,
-    pub stream_type: &'a str,
+pub(crate) struct Append {
+    pub stream_id: String,
+    pub partition: String,
+    pub stream_type: String,
     pub expected: ExpectedVersion,
-    pub metadata: &'a Value,
+    pub metadata: Value,
     /// `(message_type, message_data, message_id)` per event.
     pub events: Vec<(String, Value, String)>,
     /// PostgreSQL: wake listening projection daemons when the append commits
@@ -59,7 +59,7 @@ fn stored_rows(rows: &[sea_orm::QueryResult]) -> Result<Vec<StoredMessage>, DbEr
 /// Appends, or returns `None` when the expected version does not hold (nothing written).
 pub(crate) async fn append<C: ConnectionTrait + TransactionTrait<Transaction = DatabaseTransaction>>(
     conn: &C,
-    append: &Append<'_>,
+    append: &Append,
 ) -> Result<Option<Appended>, DbErr> {
     match conn.get_database_backend() {
         DbBackend::Postgres => append_in_one_statement(conn, append).await,
@@ -69,7 +69,7 @@ pub(crate) async fn append<C: ConnectionTrait + TransactionTrait<Transaction = D
 
 /// PostgreSQL: one data-modifying CTE. The stream row update takes the row lock, so a racing
 /// writer with the same expected version re-checks its `WHERE` after we commit and matches nothing.
-async fn append_in_one_statement<C: ConnectionTrait>(conn: &C, a: &Append<'_>) -> Result<Option<Appended>, DbErr> {
+async fn append_in_one_statement<C: ConnectionTrait>(conn: &C, a: &Append) -> Result<Option<Appended>, DbErr> {
     /// One event of the JSON array parameter.
     #[derive(serde::Serialize)]
     struct Row<'a> {
@@ -84,18 +84,18 @@ async fn append_in_one_statement<C: ConnectionTrait>(conn: &C, a: &Append<'_>) -
     let rows: Vec<Row<'_>> = a.events.iter().map(|(t, d, i)| Row { t, d, i }).collect();
     let events = serde_json::to_string(&rows).map_err(|err| DbErr::Custom(err.to_string()))?;
     let mut values: Vec<sea_orm::Value> =
-        vec![a.stream_id.into(), a.partition.into(), n.into(), events.into(), a.metadata.clone().into()];
+        vec![a.stream_id.as_str().into(), a.partition.as_str().into(), n.into(), events.into(), a.metadata.clone().into()];
     let insert_stream = "INSERT INTO streams (stream_id, stream_position, partition, stream_type, stream_metadata)
                          VALUES ($1, $3, $2, $6, '{}') ON CONFLICT (stream_id, partition, is_archived)";
     let update_stream = "UPDATE streams SET stream_position = stream_position + $3
                          WHERE stream_id = $1 AND partition = $2 AND is_archived = false";
     let stream_write = match a.expected {
         ExpectedVersion::Any => {
-            values.push(a.stream_type.into());
+            values.push(a.stream_type.as_str().into());
             format!("{insert_stream} DO UPDATE SET stream_position = streams.stream_position + $3")
         }
         ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => {
-            values.push(a.stream_type.into());
+            values.push(a.stream_type.as_str().into());
             format!("{insert_stream} DO NOTHING")
         }
         ExpectedVersion::StreamExists => update_stream.to_owned(),
@@ -135,34 +135,71 @@ async fn append_in_one_statement<C: ConnectionTrait>(conn: &C, a: &Append<'_>) -
     Ok(Some(Appended { next_expected_version, last_global_position, rows }))
 }
 
-/// SQLite and MySQL: the stream row first (its lock serialises writers of one stream), then the
-/// messages, in one transaction.
+/// SQLite and MySQL: [`append_steps`] in a transaction of their own (a savepoint inside one).
 async fn append_in_transaction<C: TransactionTrait<Transaction = DatabaseTransaction>>(
     conn: &C,
-    a: &Append<'_>,
+    a: &Append,
 ) -> Result<Option<Appended>, DbErr> {
     let txn = begin_write(conn).await?;
-    let backend = txn.get_database_backend();
-    if backend == DbBackend::MySql {
-        enter_partition(&txn, a.partition).await?;
+    let appended = append_steps(&txn, &[a]).await?.pop().flatten();
+    if appended.is_some() {
+        txn.commit().await?;
     }
-    let n = a.events.len() as i64;
-    let Some(version) = move_stream_row(&txn, a, n).await? else {
-        return Ok(None); // dropping the transaction rolls it back
-    };
-    let first = version - n + 1;
+    Ok(appended) // else dropping the transaction rolls it back
+}
 
-    // SQLite numbers messages itself; MySQL's AUTO_INCREMENT does it there.
-    let first_global = if backend == DbBackend::Sqlite {
+/// Messages per `INSERT` on SQLite and MySQL: at 9 values a row, below SQLite's 32,766 bound
+/// parameters (MySQL's limit is 65,535), whatever the size of an append.
+const MESSAGES_PER_INSERT: usize = 3_000;
+
+/// Appends `appends` in order in `txn` itself, without savepoints: SQLite's group commit (see
+/// `store::group`) writes the appends of many callers this way. `None` for an append whose
+/// expected version does not hold: it wrote nothing. After an error `txn` may hold part of
+/// them and must be rolled back.
+///
+/// SQLite and MySQL move the stream rows first, one statement each (a row's lock serialises the
+/// writers of its stream), then insert the messages of all the appends together.
+pub(crate) async fn append_steps(
+    txn: &DatabaseTransaction,
+    appends: &[&Append],
+) -> Result<Vec<Option<Appended>>, DbErr> {
+    let backend = txn.get_database_backend();
+    if backend == DbBackend::Postgres {
+        let mut done = Vec::with_capacity(appends.len());
+        for a in appends {
+            done.push(append_in_one_statement(txn, a).await?);
+        }
+        return Ok(done);
+    }
+    if backend == DbBackend::MySql {
+        let partitions: std::collections::BTreeSet<&str> = appends.iter().map(|a| a.partition.as_str()).collect();
+        for partition in partitions {
+            enter_partition(txn, partition).await?;
+        }
+    }
+    let mut versions = Vec::with_capacity(appends.len());
+    for a in appends {
+        versions.push(move_stream_row(txn, a, a.events.len() as i64).await?);
+    }
+    // `(append, its first stream position)` of each append whose expected version held.
+    let moved: Vec<(&Append, i64)> = appends
+        .iter()
+        .zip(&versions)
+        .filter_map(|(a, version)| version.map(|v| (*a, v - a.events.len() as i64 + 1)))
+        .collect();
+    let total: i64 = moved.iter().map(|(a, _)| a.events.len() as i64).sum();
+
+    // SQLite numbers messages itself, in append order; MySQL's AUTO_INCREMENT does it there.
+    let first_global = if backend == DbBackend::Sqlite && total > 0 {
         let row = txn
             .query_one_raw(Statement::from_sql_and_values(
                 backend,
                 "UPDATE emt_global_message_position SET last_value = last_value + ? WHERE id = 1 RETURNING last_value",
-                [n.into()],
+                [total.into()],
             ))
             .await?
             .ok_or_else(|| DbErr::RecordNotFound("emt_global_message_position".into()))?;
-        Some(row.try_get::<i64>("", "last_value")? - n + 1)
+        Some(row.try_get::<i64>("", "last_value")? - total + 1)
     } else {
         None
     };
@@ -178,63 +215,90 @@ async fn append_in_transaction<C: TransactionTrait<Transaction = DatabaseTransac
         messages::Column::MessageId,
     ];
     columns.extend(first_global.map(|_| messages::Column::GlobalPosition));
-    let mut insert = Query::insert();
-    insert.into_table(messages::Entity).columns(columns);
-    for (i, (message_type, data, id)) in a.events.iter().enumerate() {
-        let mut row: Vec<SimpleExpr> = vec![
-            a.stream_id.into(),
-            (first + i as i64).into(),
-            a.partition.into(),
-            data.clone().into(),
-            a.metadata.clone().into(),
-            "1".into(),
-            message_type.as_str().into(),
-            id.as_str().into(),
-        ];
-        if let Some(g) = first_global {
-            row.push((g + i as i64).into());
+    let mut rows: Vec<Vec<SimpleExpr>> = Vec::with_capacity(total as usize);
+    for (a, first) in &moved {
+        for (i, (message_type, data, id)) in a.events.iter().enumerate() {
+            rows.push(vec![
+                a.stream_id.as_str().into(),
+                (first + i as i64).into(),
+                a.partition.as_str().into(),
+                data.clone().into(),
+                a.metadata.clone().into(),
+                "1".into(),
+                message_type.as_str().into(),
+                id.as_str().into(),
+            ]);
         }
-        insert.values_panic(row);
     }
-    // SQLite returns the rows from the insert; MySQL reads them (or the last one) back.
-    let mut rows = match (first_global, a.returning_rows) {
-        (Some(_), false) => {
-            txn.execute(&insert).await?;
-            Vec::new()
+    // SQLite returns the rows of inline projections from the insert; MySQL reads them back.
+    let returning = first_global.is_some() && moved.iter().any(|(a, _)| a.returning_rows);
+    let mut returned = std::collections::BTreeMap::new();
+    let mut rows = rows.into_iter().enumerate();
+    for _ in 0..rows.len().div_ceil(MESSAGES_PER_INSERT) {
+        let mut insert = Query::insert();
+        insert.into_table(messages::Entity).columns(columns.clone());
+        for (i, mut row) in rows.by_ref().take(MESSAGES_PER_INSERT) {
+            if let Some(g) = first_global {
+                row.push((g + i as i64).into());
+            }
+            insert.values_panic(row);
         }
-        (Some(_), true) => {
+        if returning {
             insert.returning(Query::returning().columns(STORED_COLUMNS));
-            let mut rows = stored_rows(&txn.query_all(&insert).await?)?;
-            rows.sort_by_key(|row| row.stream_position); // RETURNING has no order
-            rows
-        }
-        (None, _) => {
+            for row in stored_rows(&txn.query_all(&insert).await?)? {
+                returned.insert(row.global_position.unwrap_or_default(), row);
+            }
+        } else {
             txn.execute(&insert).await?;
-            let from = if a.returning_rows { first } else { version };
-            let read_back = Query::select()
-                .columns(STORED_COLUMNS)
-                .from(messages::Entity)
-                .and_where(Expr::col(messages::Column::StreamId).eq(a.stream_id))
-                .and_where(Expr::col(messages::Column::Partition).eq(a.partition))
-                .and_where(Expr::col(messages::Column::IsArchived).eq(false))
-                .and_where(Expr::col(messages::Column::StreamPosition).gte(from))
-                .order_by(messages::Column::StreamPosition, sea_orm::Order::Asc)
-                .to_owned();
-            stored_rows(&txn.query_all(&read_back).await?)?
         }
-    };
-    let last_global_position = match first_global {
-        Some(g) => g + n - 1,
-        None => {
-            let last = rows.last().ok_or_else(|| DbErr::RecordNotFound("appended message".into()))?;
-            last.global_position.ok_or_else(|| DbErr::RecordNotFound("global position".into()))?
-        }
-    };
+    }
+
+    let mut next_global = first_global;
+    let mut done = Vec::with_capacity(appends.len());
+    for (a, version) in appends.iter().zip(versions) {
+        let Some(version) = version else {
+            done.push(None);
+            continue;
+        };
+        let n = a.events.len() as i64;
+        let (last_global_position, rows) = match next_global.as_mut() {
+            Some(g) => {
+                let range = *g..*g + n;
+                *g += n;
+                let rows = if a.returning_rows { range.clone().filter_map(|p| returned.remove(&p)).collect() } else { Vec::new() };
+                (range.end - 1, rows)
+            }
+            None => read_back(txn, a, version).await?,
+        };
+        done.push(Some(Appended {
+            next_expected_version: version as u64,
+            last_global_position: last_global_position as u64,
+            rows,
+        }));
+    }
+    Ok(done)
+}
+
+/// MySQL: the last global position of an append that moved its stream to `version`, and its
+/// rows when it returns them.
+async fn read_back(txn: &DatabaseTransaction, a: &Append, version: i64) -> Result<(i64, Vec<StoredMessage>), DbErr> {
+    let from = if a.returning_rows { version - a.events.len() as i64 + 1 } else { version };
+    let read_back = Query::select()
+        .columns(STORED_COLUMNS)
+        .from(messages::Entity)
+        .and_where(Expr::col(messages::Column::StreamId).eq(a.stream_id.as_str()))
+        .and_where(Expr::col(messages::Column::Partition).eq(a.partition.as_str()))
+        .and_where(Expr::col(messages::Column::IsArchived).eq(false))
+        .and_where(Expr::col(messages::Column::StreamPosition).gte(from))
+        .order_by(messages::Column::StreamPosition, sea_orm::Order::Asc)
+        .to_owned();
+    let mut rows = stored_rows(&txn.query_all(&read_back).await?)?;
+    let last = rows.last().and_then(|row| row.global_position);
+    let last = last.ok_or_else(|| DbErr::RecordNotFound(format!("appended message of stream {}", a.stream_id)))?;
     if !a.returning_rows {
         rows.clear();
     }
-    txn.commit().await?;
-    Ok(Some(Appended { next_expected_version: version as u64, last_global_position: last_global_position as u64, rows }))
+    Ok((last, rows))
 }
 
 /// MySQL: share-locks the partition's row of `emt_partitions` (creating it the first time)
@@ -254,11 +318,11 @@ async fn enter_partition(txn: &DatabaseTransaction, partition: &str) -> Result<(
 }
 
 /// Moves the stream row by `n` if the expected version holds; returns the new version.
-async fn move_stream_row(txn: &DatabaseTransaction, a: &Append<'_>, n: i64) -> Result<Option<i64>, DbErr> {
+async fn move_stream_row(txn: &DatabaseTransaction, a: &Append, n: i64) -> Result<Option<i64>, DbErr> {
     let this_stream = || {
         Expr::col(streams::Column::StreamId)
-            .eq(a.stream_id)
-            .and(Expr::col(streams::Column::Partition).eq(a.partition))
+            .eq(a.stream_id.as_str())
+            .and(Expr::col(streams::Column::Partition).eq(a.partition.as_str()))
             .and(Expr::col(streams::Column::IsArchived).eq(false))
     };
     let new_stream = || {
@@ -273,10 +337,10 @@ async fn move_stream_row(txn: &DatabaseTransaction, a: &Append<'_>, n: i64) -> R
                 streams::Column::StreamMetadata,
             ])
             .values_panic([
-                a.stream_id.into(),
+                a.stream_id.as_str().into(),
                 n.into(),
-                a.partition.into(),
-                a.stream_type.into(),
+                a.partition.as_str().into(),
+                a.stream_type.as_str().into(),
                 serde_json::json!({}).into(),
             ]);
         insert
@@ -332,7 +396,7 @@ async fn move_stream_row(txn: &DatabaseTransaction, a: &Append<'_>, n: i64) -> R
                         .cond_where(this_stream()),
                 )
                 .await?
-                .ok_or_else(|| DbErr::RecordNotFound(format!("stream {}", a.stream_id)))?;
+                .ok_or_else(|| DbErr::RecordNotFound(format!("stream {}", a.stream_id.as_str())))?;
             Ok(Some(row.try_get::<i64>("", "stream_position")?))
         }
     }

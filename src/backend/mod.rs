@@ -27,7 +27,7 @@ use sea_orm::{DatabaseTransaction, DbBackend, DbErr, Statement, TransactionOptio
 
 #[cfg(feature = "postgres")]
 pub(crate) use append::APPENDS_CHANNEL;
-pub(crate) use append::{Append, Appended, append};
+pub(crate) use append::{Append, Appended, append, append_steps};
 pub(crate) use failure::{is_retried, retry_policy};
 pub(crate) use horizon::{
     global_horizon, head, horizon, index_order_only, last_position_upto, partition_heads, pending,

@@ -1,12 +1,13 @@
 //! Registries as inline projections: [`EventStore::inline`].
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use super::ProjectionRegistry;
 use crate::error::Result;
-use crate::event::{Event, StoredMessage};
+use crate::event::{Event, RecordedEvent, StoredMessage};
 use crate::store::EventStore;
 use crate::store::inline::Inline;
 
@@ -22,13 +23,17 @@ impl<E: Event + 'static> Inline for Named<E> {
         &self.name
     }
 
-    async fn apply(&self, store: &EventStore, partition: &str, rows: Vec<StoredMessage>) -> Result<()> {
-        let mut events = Vec::with_capacity(rows.len());
+    async fn apply(&self, store: &EventStore, rows: Vec<StoredMessage>) -> Result<()> {
+        let mut by_partition: BTreeMap<String, Vec<RecordedEvent<E>>> = BTreeMap::new();
         for row in rows {
-            events.extend(self.registry.accept(row)?);
+            if let Some(event) = self.registry.accept(row)? {
+                by_partition.entry(event.partition.clone()).or_default().push(event);
+            }
         }
-        if !events.is_empty() {
-            self.registry.apply(store, None, &[(partition, None, events)]).await?;
+        let batches: Vec<_> =
+            by_partition.iter_mut().map(|(partition, events)| (partition.as_str(), None, std::mem::take(events))).collect();
+        if !batches.is_empty() {
+            self.registry.apply(store, None, &batches).await?;
         }
         Ok(())
     }

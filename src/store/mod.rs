@@ -1,5 +1,6 @@
 //! The event store: append with optimistic concurrency, read, aggregate, sessions, archive.
 
+mod group;
 pub(crate) mod inline;
 mod options;
 
@@ -66,6 +67,8 @@ pub struct EventStore {
     signals: Arc<Signals>,
     /// Projections run in each append's transaction.
     inline: inline::InlineProjections,
+    /// SQLite: appends waiting to be committed together.
+    group: Arc<group::GroupCommit>,
 }
 
 /// How appends through a store (and its clones) wake projection daemons: in-process at once,
@@ -114,7 +117,7 @@ impl EventStore {
             last_notify: u64::MAX.into(),
             started: std::time::Instant::now(),
         };
-        Self { conn: Conn::Pool(db), signals: Arc::new(signals), inline: Default::default() }
+        Self { conn: Conn::Pool(db), signals: Arc::new(signals), inline: Default::default(), group: Default::default() }
     }
 
     /// Adds a projection run in every append's transaction ([`EventStore::inline`]).
@@ -138,7 +141,7 @@ impl EventStore {
 
     /// This store bound to `txn` (as in a session): its appends and queries run there.
     pub(crate) fn bound_to(&self, txn: Arc<DatabaseTransaction>) -> EventStore {
-        EventStore { conn: Conn::Session(txn), signals: Arc::clone(&self.signals), inline: self.inline.clone() }
+        EventStore { conn: Conn::Session(txn), ..self.clone() }
     }
 
     /// This store without inline projections.
@@ -234,16 +237,16 @@ impl EventStore {
             return Err(unstorable(0, "metadata"));
         }
         let notify = self.executor().get_database_backend() == DbBackend::Postgres && self.signals.notify_now();
-        let append = Append {
-            stream_id,
-            partition,
-            stream_type,
+        let append = Arc::new(Append {
+            stream_id: stream_id.to_owned(),
+            partition: partition.to_owned(),
+            stream_type: stream_type.to_owned(),
             expected: options.expected,
-            metadata: &metadata,
+            metadata,
             events,
             notify,
-            returning_rows: !self.inline.0.is_empty(),
-        };
+            returning_rows: !self.inline.is_empty(),
+        });
         let appended = self.write(&append, options.idempotency_key.is_some()).await?;
         if let Some(done) = &appended {
             tracing::Span::current().record("events", count).record("position", done.last_global_position);
@@ -266,13 +269,14 @@ impl EventStore {
     /// `keyed`, a caller's earlier call with the same idempotency key) may have committed, and
     /// is then found by its message ids. Inside a session nothing is retried or looked up: a
     /// failed statement may have aborted the caller's transaction.
-    async fn write(&self, append: &Append<'_>, keyed: bool) -> Result<Option<backend::Appended>> {
+    async fn write(&self, append: &Arc<Append>, keyed: bool) -> Result<Option<backend::Appended>> {
         let pooled = matches!(self.conn, Conn::Pool(_));
+        let grouped = pooled && self.executor().get_database_backend() == DbBackend::Sqlite;
         let may_exist = AtomicBool::new(keyed);
         let attempt = || async {
-            let written = match self.inline.0.is_empty() {
-                true => backend::append(&self.executor(), append).await.map_err(Error::from),
-                false => self.inline.append(self, append).await,
+            let written = match grouped {
+                true => self.group.append(self, append).await,
+                false => self.append_once(append).await,
             };
             let failure = match written {
                 Ok(Some(done)) => return Ok(Some(done)),
@@ -301,9 +305,18 @@ impl EventStore {
         }
     }
 
+    /// One attempt at `append` where this store works (its pool or its session's transaction,
+    /// where it takes a savepoint), with the store's inline projections.
+    async fn append_once(&self, append: &Append) -> Result<Option<backend::Appended>> {
+        match self.inline.is_empty() {
+            true => backend::append(&self.executor(), append).await.map_err(Error::from),
+            false => self.inline.append(self, append).await,
+        }
+    }
+
     /// The result of `append` if its events are already stored (found by message id);
     /// [`Error::DuplicateMessage`] when their ids belong to other events.
-    async fn find_appended(&self, append: &Append<'_>) -> Result<Option<backend::Appended>> {
+    async fn find_appended(&self, append: &Append) -> Result<Option<backend::Appended>> {
         let ids = append.events.iter().map(|(_, _, id)| id.as_str());
         let rows = messages::Entity::find()
             .select_only()
@@ -313,7 +326,7 @@ impl EventStore {
                 messages::Column::StreamPosition,
                 messages::Column::GlobalPosition,
             ])
-            .filter(messages::Column::Partition.eq(append.partition))
+            .filter(messages::Column::Partition.eq(&append.partition))
             .filter(messages::Column::MessageId.is_in(ids))
             .into_tuple::<(String, String, i64, i64)>()
             .all(&self.executor())
@@ -326,8 +339,8 @@ impl EventStore {
             rows.iter().find(|row| row.1 != append.stream_id).or((rows.len() != append.events.len()).then(|| &rows[0]));
         if let Some((id, other, _, _)) = foreign {
             return Err(Error::DuplicateMessage {
-                stream: append.stream_id.into(),
-                partition: append.partition.into(),
+                stream: append.stream_id.clone(),
+                partition: append.partition.clone(),
                 message_id: id.clone(),
                 existing_stream: other.clone(),
             });
