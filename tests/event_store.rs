@@ -491,6 +491,102 @@ async fn migrate_coexists_with_the_apps_migrator(db: TestDb) {
     assert_eq!(first.last_event_global_position, 1, "fresh starts global positions over");
 }
 
+/// Appends of any size are one append: 10,000 events (SQLite and MySQL insert them in several
+/// statements, below their bound-parameter limits), contiguous, read back whole.
+async fn appends_of_any_size(db: TestDb) {
+    let store = db.store();
+    let events: Vec<Ev> = (1..=10_000).map(deposit).collect();
+    let done = store.append_to_stream("big", events, exact(0)).await.unwrap();
+    assert_eq!(done.next_expected_stream_version, 10_000);
+    let read = store.read_stream::<Ev>("big", ReadOptions::default()).await.unwrap();
+    let positions: Vec<u64> = read.events.iter().map(|e| e.stream_position).collect();
+    assert_eq!(positions, (1..=10_000).collect::<Vec<_>>());
+    assert_eq!(read.events.last().unwrap().global_position, done.last_event_global_position);
+    let globals: BTreeSet<u64> = read.events.iter().map(|e| e.global_position).collect();
+    assert_eq!(globals.len(), 10_000);
+    assert_eq!(store.aggregate_stream("big", balance, || 0, ReadOptions::default()).await.unwrap().state, 50_005_000);
+}
+
+/// The streams of each call of an inline batch handler; fails on a deposit of 13.
+#[derive(Clone, Default)]
+struct Calls(Arc<std::sync::Mutex<Vec<BTreeSet<String>>>>);
+
+#[async_trait::async_trait]
+impl emmett_seaorm::projection::BatchHandler<Ev> for Calls {
+    async fn handle_batch(
+        &self,
+        _: &emmett_seaorm::projection::ProjectionContext<'_>,
+        events: &[&emmett_seaorm::RecordedEvent<Ev>],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.0.lock().unwrap().push(events.iter().map(|e| e.stream_id.clone()).collect());
+        match events.iter().any(|e| e.event == Ev::Deposited { amount: 13 }) {
+            true => Err("unlucky deposit".into()),
+            false => Ok(()),
+        }
+    }
+}
+
+/// Concurrent appends through one store each get their own outcome — success, version
+/// conflict, failing inline projection — also when they share a commit: on SQLite they queue
+/// while another transaction holds the write lock, then commit as a group (the inline handler
+/// sees several appends' streams in one call). A failing member fails alone.
+async fn concurrent_appends_each_get_their_own_outcome(db: TestDb) {
+    let calls = Calls::default();
+    let registry = emmett_seaorm::projection::ProjectionRegistry::new().on_batch([], calls.clone());
+    let store = db.store().inline("calls", registry);
+    store.append_to_stream("taken", [Ev::Closed], exact(0)).await.unwrap();
+    for round in ["ok", "failing"] {
+        let holder = match db.db.get_database_backend() {
+            sea_orm::DbBackend::Sqlite => {
+                let holder = sea_orm::TransactionTrait::begin(&db.db).await.unwrap();
+                holder.execute_unprepared("UPDATE streams SET stream_type = stream_type").await.unwrap();
+                Some(holder)
+            }
+            _ => None,
+        };
+        let tasks: Vec<_> = (0..24)
+            .map(|i| {
+                let store = store.clone();
+                let (stream, amount) = match i % 4 {
+                    0 => ("taken".to_owned(), i),
+                    1 if round == "failing" => (format!("{round}-{i}"), 13),
+                    _ => (format!("{round}-{i}"), i),
+                };
+                tokio::spawn(async move {
+                    let res = store.append_to_stream(&stream, [deposit(amount)], exact(0)).await;
+                    (stream, amount, res)
+                })
+            })
+            .collect();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        if let Some(holder) = holder {
+            holder.rollback().await.unwrap();
+        }
+        for task in tasks {
+            let (stream, amount, res) = task.await.unwrap();
+            let stored = store.read_stream::<Ev>(&stream, ReadOptions::default()).await.unwrap();
+            match (stream.as_str(), amount) {
+                ("taken", _) => {
+                    assert_conflict(res, "taken", ExpectedVersion::Exact(0), 1);
+                    assert_eq!(stored.events.len(), 1);
+                }
+                (_, 13) => {
+                    assert!(matches!(&res, Err(Error::InlineProjection { projection, .. }) if projection == "calls"), "{res:?}");
+                    assert_eq!(stored.current_stream_version, 0, "{stream} was rolled back");
+                }
+                _ => {
+                    assert_eq!(res.unwrap().next_expected_stream_version, 1, "{stream}");
+                    assert_eq!(stored.events.iter().map(|e| e.event.clone()).collect::<Vec<_>>(), [deposit(amount)]);
+                }
+            }
+        }
+    }
+    if db.db.get_database_backend() == sea_orm::DbBackend::Sqlite {
+        let grouped = calls.0.lock().unwrap().iter().map(BTreeSet::len).max();
+        assert!(grouped > Some(1), "no inline call saw several appends: they were not grouped");
+    }
+}
+
 conformance!(
     migrate_coexists_with_the_apps_migrator,
     append_then_read_round_trips,
@@ -504,4 +600,6 @@ conformance!(
     aggregate_folds_a_long_stream_in_pages,
     bad_input_gets_typed_errors_and_writes_nothing,
     migrations_go_down_and_up_again,
+    appends_of_any_size,
+    concurrent_appends_each_get_their_own_outcome,
 );
