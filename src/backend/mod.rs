@@ -4,7 +4,8 @@
 //! - **Append**: PostgreSQL appends in *one statement* (a data-modifying CTE that moves the stream
 //!   row and inserts the messages; one round trip, atomic without an explicit transaction).
 //!   SQLite and MySQL run the same steps as separate statements in one transaction
-//!   (`BEGIN IMMEDIATE` on SQLite, so writers queue instead of failing on lock upgrade).
+//!   (`BEGIN IMMEDIATE` on SQLite, so writers queue instead of failing on lock upgrade), and can
+//!   write several appends in one (SQLite's group commit, `store::group`).
 //! - **Global positions**: a sequence on PostgreSQL, `AUTO_INCREMENT` on MySQL, a one-row
 //!   counter table on SQLite (one writer at a time, so it never contends).
 //! - **Tenant partitions**: real `PARTITION OF` tables on PostgreSQL; nothing elsewhere.
