@@ -44,7 +44,9 @@ impl EventStore {
     /// models change atomically with the events: read-your-writes without waiting for a
     /// runner or daemon. A failing projection rolls the append back with
     /// [`Error::InlineProjection`](crate::Error::InlineProjection) naming it. Appends pay for
-    /// it: one more query, and the projection's own work, per append.
+    /// it: a transaction instead of one statement (PostgreSQL), and the projection's own
+    /// statements (a snapshot projection: two). The projection gets the rows the append wrote,
+    /// nothing is read back.
     ///
     /// ```no_run
     /// # use serde::{Deserialize, Serialize};

@@ -8,7 +8,7 @@ use std::time::Duration;
 use backon::Retryable;
 
 use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect};
 
 use super::ProjectionRegistry;
 use crate::backend;
@@ -278,10 +278,9 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         self.registry.forget(&txn).await?;
         commit(txn).await?;
         let heads = backend::partition_heads(&self.store.executor(), None).await?;
-        let mut report = Progress { partition: String::new(), processed: 0, total: 0 };
-        for (tenant, _) in &heads {
-            report.total += backend::pending(&self.store.executor(), tenant, 0).await?.0.max(0) as u64;
-        }
+        let unarchived = messages::Entity::find().filter(messages::Column::IsArchived.eq(false));
+        let total = unarchived.count(&self.store.executor()).await?;
+        let mut report = Progress { partition: String::new(), processed: 0, total };
         let mut last_processed_position = 0;
         for (tenant, _) in heads {
             let done = self.fill(subscription_id, &tenant, &options, &mut report, &mut progress).await?;
