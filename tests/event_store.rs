@@ -571,7 +571,10 @@ async fn concurrent_appends_each_get_their_own_outcome(db: TestDb) {
                     assert_eq!(stored.events.len(), 1);
                 }
                 (_, 13) => {
-                    assert!(matches!(&res, Err(Error::InlineProjection { projection, .. }) if projection == "calls"), "{res:?}");
+                    assert!(
+                        matches!(&res, Err(Error::InlineProjection { projection, .. }) if projection == "calls"),
+                        "{res:?}"
+                    );
                     assert_eq!(stored.current_stream_version, 0, "{stream} was rolled back");
                 }
                 _ => {

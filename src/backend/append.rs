@@ -52,6 +52,7 @@ const STORED_COLUMNS: [messages::Column; 9] = [
     messages::Column::MessageMetadata,
 ];
 
+/// Rows returned or read back, as the store reads messages.
 fn stored_rows(rows: &[sea_orm::QueryResult]) -> Result<Vec<StoredMessage>, DbErr> {
     rows.iter().map(|row| <StoredMessage as sea_orm::FromQueryResult>::from_query_result(row, "")).collect()
 }
@@ -112,7 +113,10 @@ async fn append_in_one_statement<C: ConnectionTrait>(conn: &C, a: &Append) -> Re
     };
     // The last global position, or every row as stored; `version` is the stream's new version.
     let (returned, select) = match a.returning_rows {
-        false => ("global_position", "SELECT st.stream_position AS version, (SELECT max(global_position) FROM ins) AS global_position"),
+        false => (
+            "global_position",
+            "SELECT st.stream_position AS version, (SELECT max(global_position) FROM ins) AS global_position",
+        ),
         true => (
             "stream_id, stream_position, partition, message_type, message_id, global_position, created, message_data, message_metadata",
             "SELECT st.stream_position AS version, ins.*",
@@ -271,7 +275,11 @@ pub(crate) async fn append_steps(
             Some(g) => {
                 let range = *g..*g + n;
                 *g += n;
-                let rows = if a.returning_rows { range.clone().filter_map(|p| returned.remove(&p)).collect() } else { Vec::new() };
+                let rows = if a.returning_rows {
+                    range.clone().filter_map(|p| returned.remove(&p)).collect()
+                } else {
+                    Vec::new()
+                };
                 (range.end - 1, rows)
             }
             None => read_back(txn, a, version).await?,

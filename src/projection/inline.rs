@@ -30,8 +30,10 @@ impl<E: Event + 'static> Inline for Named<E> {
                 by_partition.entry(event.partition.clone()).or_default().push(event);
             }
         }
-        let batches: Vec<_> =
-            by_partition.iter_mut().map(|(partition, events)| (partition.as_str(), None, std::mem::take(events))).collect();
+        let batches: Vec<_> = by_partition
+            .iter_mut()
+            .map(|(partition, events)| (partition.as_str(), None, std::mem::take(events)))
+            .collect();
         if !batches.is_empty() {
             self.registry.apply(store, None, &batches).await?;
         }
