@@ -507,6 +507,25 @@ async fn appends_of_any_size(db: TestDb) {
     assert_eq!(store.aggregate_stream("big", balance, || 0, ReadOptions::default()).await.unwrap().state, 50_005_000);
 }
 
+/// On SQLite, a transaction holding the write lock, so that appends started meanwhile queue up
+/// and commit as a group once it ends (see `release`); `None` on the servers.
+async fn hold_sqlite_writes(db: &TestDb) -> Option<sea_orm::DatabaseTransaction> {
+    if db.db.get_database_backend() != sea_orm::DbBackend::Sqlite {
+        return None;
+    }
+    let holder = sea_orm::TransactionTrait::begin(&db.db).await.unwrap();
+    holder.execute_unprepared("UPDATE streams SET stream_type = stream_type").await.unwrap();
+    Some(holder)
+}
+
+/// Lets the appends started since `hold_sqlite_writes` queue for 300 ms, then releases the lock.
+async fn release(holder: Option<sea_orm::DatabaseTransaction>) {
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    if let Some(holder) = holder {
+        holder.rollback().await.unwrap();
+    }
+}
+
 /// The streams of each call of an inline batch handler; fails on a deposit of 13.
 #[derive(Clone, Default)]
 struct Calls(Arc<std::sync::Mutex<Vec<BTreeSet<String>>>>);
@@ -536,14 +555,7 @@ async fn concurrent_appends_each_get_their_own_outcome(db: TestDb) {
     let store = db.store().inline("calls", registry);
     store.append_to_stream("taken", [Ev::Closed], exact(0)).await.unwrap();
     for round in ["ok", "failing"] {
-        let holder = match db.db.get_database_backend() {
-            sea_orm::DbBackend::Sqlite => {
-                let holder = sea_orm::TransactionTrait::begin(&db.db).await.unwrap();
-                holder.execute_unprepared("UPDATE streams SET stream_type = stream_type").await.unwrap();
-                Some(holder)
-            }
-            _ => None,
-        };
+        let holder = hold_sqlite_writes(&db).await;
         let tasks: Vec<_> = (0..24)
             .map(|i| {
                 let store = store.clone();
@@ -558,10 +570,7 @@ async fn concurrent_appends_each_get_their_own_outcome(db: TestDb) {
                 })
             })
             .collect();
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        if let Some(holder) = holder {
-            holder.rollback().await.unwrap();
-        }
+        release(holder).await;
         for task in tasks {
             let (stream, amount, res) = task.await.unwrap();
             let stored = store.read_stream::<Ev>(&stream, ReadOptions::default()).await.unwrap();
@@ -590,6 +599,47 @@ async fn concurrent_appends_each_get_their_own_outcome(db: TestDb) {
     }
 }
 
+/// An inline handler that panics on a deposit of 66.
+struct Panicky;
+
+#[async_trait::async_trait]
+impl emmett_seaorm::projection::EventHandler<Ev> for Panicky {
+    async fn handle(
+        &self,
+        _: &emmett_seaorm::projection::ProjectionContext<'_>,
+        e: &emmett_seaorm::RecordedEvent<Ev>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        assert_ne!(e.event, Ev::Deposited { amount: 66 }, "a handler bug");
+        Ok(())
+    }
+}
+
+/// A panicking inline projection panics in its caller's task and writes nothing; concurrent
+/// appends (on SQLite: of the same group) succeed, and the store keeps working.
+async fn a_panicking_inline_projection_fails_its_append_alone(db: TestDb) {
+    let registry = emmett_seaorm::projection::ProjectionRegistry::new().on([], Panicky);
+    let store = db.store().inline("panicky", registry);
+    let holder = hold_sqlite_writes(&db).await;
+    let tasks: Vec<_> = (0..12)
+        .map(|i| {
+            let store = store.clone();
+            let amount = if i == 5 { 66 } else { i };
+            tokio::spawn(async move { store.append_to_stream(&format!("p-{i}"), [deposit(amount)], exact(0)).await })
+        })
+        .collect();
+    release(holder).await;
+    for (i, task) in tasks.into_iter().enumerate() {
+        match task.await {
+            Err(panicked) if i == 5 => assert!(panicked.is_panic()),
+            Ok(res) if i != 5 => assert_eq!(res.unwrap().next_expected_stream_version, 1),
+            other => panic!("append {i}: {other:?}"),
+        }
+        let stored = store.read_stream::<Ev>(&format!("p-{i}"), ReadOptions::default()).await.unwrap();
+        assert_eq!(stored.current_stream_version, if i == 5 { 0 } else { 1 }, "p-{i}");
+    }
+    store.append_to_stream("p-after", [deposit(1)], exact(0)).await.unwrap();
+}
+
 conformance!(
     migrate_coexists_with_the_apps_migrator,
     append_then_read_round_trips,
@@ -605,4 +655,5 @@ conformance!(
     migrations_go_down_and_up_again,
     appends_of_any_size,
     concurrent_appends_each_get_their_own_outcome,
+    a_panicking_inline_projection_fails_its_append_alone,
 );
