@@ -82,7 +82,10 @@ async fn an_idle_daemon_burns_no_transaction_ids(db: TestDb) {
     let daemon = setup(&db).await;
     let last = deposit(&db.store(), "t1", 5).await;
     tokio::time::timeout(Duration::from_secs(10), daemon.caught_up(last)).await.expect("caught up").unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await; // its poll interval backs off to 1 s
+    // Its poll interval backs off to 1 s; and each backend's statistics of the setup reach
+    // `pg_stat_database` within 10 s of going idle (PostgreSQL's PGSTAT_IDLE_INTERVAL), not to
+    // be counted in the window.
+    tokio::time::sleep(Duration::from_secs(11)).await;
     let (before, statements_before) = (next_xid(&db.db).await, statements(&db.db).await);
     tokio::time::sleep(Duration::from_secs(30)).await;
     let (after, statements_after) = (next_xid(&db.db).await, statements(&db.db).await);

@@ -34,7 +34,9 @@ const AGGREGATE_PAGE: u64 = 1_000;
 /// The event store over a SeaORM connection you already have.
 ///
 /// Cheap to clone. Inside [`with_session`](Self::with_session) a clone is bound to the
-/// session's transaction.
+/// session's transaction. On SQLite, concurrent appends through a store and its clones commit
+/// together (one writer at a time: a group shares one transaction), so share one store
+/// rather than creating several over the same database.
 ///
 /// ```no_run
 /// # async fn f() -> emmett_seaorm::Result<()> {
