@@ -659,3 +659,35 @@ conformance!(
     concurrent_appends_each_get_their_own_outcome,
     a_panicking_inline_projection_fails_its_append_alone,
 );
+
+/// SQLite: a store whose group writer was dropped with its runtime (mid-group, its transaction
+/// waiting for a lock another connection held) still appends on another runtime: the next
+/// append starts a new writer.
+#[cfg(feature = "sqlite")]
+#[test]
+fn a_group_writer_dropped_with_its_runtime_is_replaced() {
+    let runtime = || tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let first = runtime();
+    let (url, store, holder) = first.block_on(async {
+        let url = common::sqlite().await;
+        let db = common::connect(&url).await.unwrap();
+        emmett_seaorm::migrate(&db).await.unwrap();
+        let store = EventStore::new(db);
+        let holder = common::connect(&url).await.unwrap();
+        let holder = sea_orm::TransactionTrait::begin(&holder).await.unwrap();
+        holder.execute_unprepared("UPDATE streams SET stream_type = stream_type").await.unwrap();
+        let waiting = store.clone();
+        tokio::spawn(async move { waiting.append_to_stream("stuck", [deposit(1)], exact(0)).await });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        (url, store, holder)
+    });
+    first.shutdown_background();
+    let second = runtime();
+    second.block_on(async {
+        holder.rollback().await.unwrap();
+        let append = store.append_to_stream("next", [deposit(2)], exact(0));
+        let done = tokio::time::timeout(std::time::Duration::from_secs(10), append).await;
+        assert_eq!(done.expect("the store still appends").unwrap().next_expected_stream_version, 1);
+    });
+    let _ = std::fs::remove_file(url.trim_start_matches("sqlite://").trim_end_matches("?mode=rwc"));
+}

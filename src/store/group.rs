@@ -78,11 +78,13 @@ impl GroupCommit {
 
     /// Writes groups until no append waits.
     async fn write(self: Arc<Self>) {
+        let mut writer = Writer(Some(Arc::clone(&self)));
         loop {
             let group: Vec<Request> = {
                 let mut queue = self.queue.lock().expect("not poisoned");
                 if queue.waiting.is_empty() {
                     queue.writing = false;
+                    writer.0 = None;
                     return;
                 }
                 let n = queue.waiting.len().min(MAX_GROUP);
@@ -90,6 +92,20 @@ impl GroupCommit {
             };
             // A panic drops the group's answers: its appends are then written alone.
             let _ = AssertUnwindSafe(write_group(group)).catch_unwind().await;
+        }
+    }
+}
+
+/// The running writer task: if it is dropped before it ends (with its runtime), the next
+/// append starts another.
+struct Writer(Option<Arc<GroupCommit>>);
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Some(commit) = self.0.take()
+            && let Ok(mut queue) = commit.queue.lock()
+        {
+            queue.writing = false;
         }
     }
 }

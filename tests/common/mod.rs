@@ -48,7 +48,7 @@ fn unique_name() -> String {
     format!("emmett_t_{}", uuid::Uuid::now_v7().simple())
 }
 
-async fn connect(url: &str) -> Result<DatabaseConnection, sea_orm::DbErr> {
+pub async fn connect(url: &str) -> Result<DatabaseConnection, sea_orm::DbErr> {
     let mut options = ConnectOptions::new(url);
     // Fail fast on a server that isn't there, instead of waiting out sqlx's 30 s per test.
     options.max_connections(24).connect_timeout(Duration::from_secs(3)).acquire_timeout(Duration::from_secs(10));
