@@ -108,6 +108,11 @@ pub(crate) fn json_column(
 }
 
 impl StoredMessage {
+    /// Rows of `messages` a raw query returned.
+    pub(crate) fn from_rows(rows: &[sea_orm::QueryResult]) -> std::result::Result<Vec<Self>, sea_orm::DbErr> {
+        rows.iter().map(|row| <Self as sea_orm::FromQueryResult>::from_query_result(row, "")).collect()
+    }
+
     /// Decodes the row into a [`RecordedEvent`], naming it precisely when it can't:
     /// [`Error::MalformedEvent`] for a row breaking the schema's rules,
     /// [`Error::UndecodableEvent`] for data that does not match `E`.

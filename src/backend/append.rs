@@ -52,11 +52,6 @@ const STORED_COLUMNS: [messages::Column; 9] = [
     messages::Column::MessageMetadata,
 ];
 
-/// Rows returned or read back, as the store reads messages.
-fn stored_rows(rows: &[sea_orm::QueryResult]) -> Result<Vec<StoredMessage>, DbErr> {
-    rows.iter().map(|row| <StoredMessage as sea_orm::FromQueryResult>::from_query_result(row, "")).collect()
-}
-
 /// Appends, or returns `None` when the expected version does not hold (nothing written).
 pub(crate) async fn append<C: ConnectionTrait + TransactionTrait<Transaction = DatabaseTransaction>>(
     conn: &C,
@@ -137,7 +132,7 @@ async fn append_in_one_statement<C: ConnectionTrait>(conn: &C, a: &Append) -> Re
     let found = conn.query_all_raw(Statement::from_sql_and_values(DbBackend::Postgres, sql, values)).await?;
     let Some(first) = found.first() else { return Ok(None) };
     let next_expected_version = first.try_get::<i64>("", "version")? as u64;
-    let rows = if a.returning_rows { stored_rows(&found)? } else { Vec::new() };
+    let rows = if a.returning_rows { StoredMessage::from_rows(&found)? } else { Vec::new() };
     let last_global_position = match rows.last() {
         Some(last) => last.global_position.unwrap_or_default(),
         None => first.try_get::<i64>("", "global_position")?,
@@ -255,7 +250,7 @@ pub(crate) async fn append_steps(
         }
         if returning {
             insert.returning(Query::returning().columns(STORED_COLUMNS));
-            for row in stored_rows(&txn.query_all(&insert).await?)? {
+            for row in StoredMessage::from_rows(&txn.query_all(&insert).await?)? {
                 returned.insert(row.global_position.unwrap_or_default(), row);
             }
         } else {
@@ -294,11 +289,14 @@ pub(crate) async fn append_steps(
 }
 
 /// MySQL: the last global position of an append that moved its stream to `version`, and its
-/// rows when it returns them.
+/// rows when it returns them (else only the last row's position is read).
 async fn read_back(txn: &DatabaseTransaction, a: &Append, version: i64) -> Result<(i64, Vec<StoredMessage>), DbErr> {
-    let from = if a.returning_rows { version - a.events.len() as i64 + 1 } else { version };
+    let (columns, from): (&[messages::Column], i64) = match a.returning_rows {
+        true => (&STORED_COLUMNS, version - a.events.len() as i64 + 1),
+        false => (&[messages::Column::GlobalPosition], version),
+    };
     let read_back = Query::select()
-        .columns(STORED_COLUMNS)
+        .columns(columns.iter().copied())
         .from(messages::Entity)
         .and_where(Expr::col(messages::Column::StreamId).eq(a.stream_id.as_str()))
         .and_where(Expr::col(messages::Column::Partition).eq(a.partition.as_str()))
@@ -306,12 +304,10 @@ async fn read_back(txn: &DatabaseTransaction, a: &Append, version: i64) -> Resul
         .and_where(Expr::col(messages::Column::StreamPosition).gte(from))
         .order_by(messages::Column::StreamPosition, sea_orm::Order::Asc)
         .to_owned();
-    let mut rows = stored_rows(&txn.query_all(&read_back).await?)?;
-    let last = rows.last().and_then(|row| row.global_position);
-    let last = last.ok_or_else(|| DbErr::RecordNotFound(format!("appended message of stream {}", a.stream_id)))?;
-    if !a.returning_rows {
-        rows.clear();
-    }
+    let found = txn.query_all(&read_back).await?;
+    let missing = || DbErr::RecordNotFound(format!("appended message of stream {}", a.stream_id));
+    let last: i64 = found.last().ok_or_else(missing)?.try_get("", "global_position")?;
+    let rows = if a.returning_rows { StoredMessage::from_rows(&found)? } else { Vec::new() };
     Ok((last, rows))
 }
 

@@ -586,10 +586,7 @@ async fn read_partitions_after(
         query.union(UnionType::All, other);
     }
     let rows = txn.query_all(&query).await?;
-    let mut messages = rows
-        .iter()
-        .map(|row| <StoredMessage as sea_orm::FromQueryResult>::from_query_result(row, ""))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let mut messages = StoredMessage::from_rows(&rows)?;
     messages.sort_by_key(|m| m.global_position);
     Ok(messages)
 }
