@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
-use common::{Ev, TestDb, balances};
+use common::{Ev, Picky, TestDb, balances};
 use emmett_seaorm::cli::{Command, Projections};
 use emmett_seaorm::daemon::Daemon;
-use emmett_seaorm::projection::{EventHandler, ProjectionContext, ProjectionRegistry};
-use emmett_seaorm::{AppendOptions, EventStore, RecordedEvent};
+use emmett_seaorm::projection::ProjectionRegistry;
+use emmett_seaorm::{AppendOptions, EventStore};
 use sea_orm::ConnectionTrait;
 use serde_json::Value;
 
@@ -126,23 +126,6 @@ async fn streams_and_partitions_are_listed_and_read(db: TestDb) {
     assert!(checkpoint < head, "{status:?}");
 }
 
-/// Fails every deposit of 13: the tenant is parked with the error.
-struct Picky;
-
-#[async_trait::async_trait]
-impl EventHandler<Ev> for Picky {
-    async fn handle(
-        &self,
-        _: &ProjectionContext<'_>,
-        e: &RecordedEvent<Ev>,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        match e.event {
-            Ev::Deposited { amount: 13 } => Err("13 is unlucky".into()),
-            _ => Ok(()),
-        }
-    }
-}
-
 async fn projections_and_leases_show_what_the_daemons_do(db: TestDb) {
     let store = db.store();
     store
@@ -154,7 +137,7 @@ async fn projections_and_leases_show_what_the_daemons_do(db: TestDb) {
         .await
         .unwrap();
     let daemon = Daemon::new(EventStore::new(db.second_pool().await))
-        .projection("picky", ProjectionRegistry::new().on(["Deposited"], Picky))
+        .projection("picky", ProjectionRegistry::new().on(["Deposited"], Picky::failing()))
         .backoff(std::time::Duration::from_secs(30), std::time::Duration::from_secs(60))
         .start()
         .await

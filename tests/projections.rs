@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Ev, TestDb};
+use common::{Ev, Picky, TestDb};
 use emmett_seaorm::projection::{
     EventHandler, ProjectionContext, ProjectionRegistry, ProjectionRunner, RunOptions, SnapshotProjection,
     construct_stream_id,
@@ -250,23 +250,6 @@ async fn concurrent_runners_give_one_sequential_fold(db: TestDb) {
     assert_eq!(processed, 15, "every event projected exactly once across the racing runners");
     let expected: Vec<_> = folded(&store, "t1", 12).await.into_iter().filter(|r| r.0 == "acc-11").collect();
     assert_eq!(read_model(&db.db, "accounts_by_stream", "t1").await, expected);
-}
-
-/// Fails on deposits of 13, until told not to.
-struct Picky(Arc<AtomicBool>);
-
-#[async_trait::async_trait]
-impl EventHandler<Ev> for Picky {
-    async fn handle(
-        &self,
-        _: &ProjectionContext<'_>,
-        e: &RecordedEvent<Ev>,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        match (&e.event, self.0.load(Ordering::SeqCst)) {
-            (Ev::Deposited { amount: 13 }, true) => Err("unlucky deposit".into()),
-            _ => Ok(()),
-        }
-    }
 }
 
 async fn handler_failure_rolls_the_batch_back(db: TestDb) {

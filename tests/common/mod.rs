@@ -27,6 +27,31 @@ pub enum Ev {
     Closed,
 }
 
+/// A handler that fails on every deposit of 13 ("13 is unlucky") while its flag is set.
+#[derive(Clone)]
+pub struct Picky(pub std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Picky {
+    /// A `Picky` that always fails.
+    pub fn failing() -> Self {
+        Picky(std::sync::Arc::new(true.into()))
+    }
+}
+
+#[async_trait::async_trait]
+impl emmett_seaorm::projection::EventHandler<Ev> for Picky {
+    async fn handle(
+        &self,
+        _: &emmett_seaorm::projection::ProjectionContext<'_>,
+        e: &emmett_seaorm::RecordedEvent<Ev>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        match (&e.event, self.0.load(std::sync::atomic::Ordering::SeqCst)) {
+            (Ev::Deposited { amount: 13 }, true) => Err("13 is unlucky".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// A fresh, migrated database of one backend.
 pub struct TestDb {
     pub db: DatabaseConnection,
