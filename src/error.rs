@@ -48,7 +48,7 @@ pub enum Error {
     /// A stored event could not be turned into the caller's event type: its type is unknown
     /// to the enum, or its data does not match.
     #[error(
-        "cannot decode stored event '{message_type}' at position {position} of stream '{stream}' in partition '{partition}': {source}"
+        "cannot decode stored event '{message_type}' at position {position} (global {global_position}) of stream '{stream}' in partition '{partition}': {source}"
     )]
     UndecodableEvent {
         /// The stream id.
@@ -57,6 +57,8 @@ pub enum Error {
         partition: String,
         /// The event's stream position.
         position: u64,
+        /// The event's global position.
+        global_position: u64,
         /// The stored `message_type`.
         message_type: String,
         /// What serde said.
@@ -152,10 +154,10 @@ pub enum Error {
         source: sea_orm::DbErr,
     },
 
-    /// A custom projection handler failed; the batch was rolled back and the checkpoint stays
-    /// before this event.
+    /// A projection handler (or a snapshot projection's `evolve` or `extract_keys`) failed or
+    /// panicked on this event; the batch was rolled back and the checkpoint stays before it.
     #[error(
-        "projection handler failed on '{message_type}' at position {position} of stream '{stream}' in partition '{partition}': {source}"
+        "projection handler failed on '{message_type}' at position {position} (global {global_position}) of stream '{stream}' in partition '{partition}': {source}"
     )]
     Handler {
         /// The stream id.
@@ -164,9 +166,11 @@ pub enum Error {
         partition: String,
         /// The event's stream position.
         position: u64,
+        /// The event's global position: a checkpoint there (`projections reset --to`) skips it.
+        global_position: u64,
         /// The event's type.
         message_type: String,
-        /// What the handler returned.
+        /// What the handler returned, or what it panicked with.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
@@ -288,6 +292,22 @@ pub enum Error {
         source: Box<Error>,
     },
 
+    /// A daemon's (projection, tenant) is parked: it failed its daemon's
+    /// [`retries`](crate::daemon::Daemon::retries) in a row, so waiting for it to catch up
+    /// would never end. Fix the cause, then `projections resume` (or `reset --to` past the
+    /// event at `position` to skip it).
+    #[error("projection '{subscription}' is parked in partition '{partition}' at position {position}: {reason}")]
+    ProjectionParked {
+        /// The subscription id.
+        subscription: String,
+        /// The partition (tenant).
+        partition: String,
+        /// The global position of the event it failed on (its checkpoint when no event is named).
+        position: u64,
+        /// The recorded error.
+        reason: String,
+    },
+
     /// A projection daemon's task ended abnormally (it panicked or was aborted).
     #[error("projection daemon '{owner}' ended abnormally: {reason}")]
     DaemonFailed {
@@ -307,11 +327,34 @@ pub enum Error {
 }
 
 impl Error {
+    /// The global position of the stored event this error is about, where it names one: the
+    /// position to move a checkpoint to (`projections reset --to`) to skip that event.
+    pub fn event_position(&self) -> Option<u64> {
+        match self {
+            Error::Handler { global_position, .. } | Error::UndecodableEvent { global_position, .. } => {
+                Some(*global_position)
+            }
+            Error::InlineProjection { source, .. } => source.event_position(),
+            _ => None,
+        }
+    }
+
     /// Whether running the same operation again later may succeed: a busy database or a lost
     /// connection.
     pub fn is_transient(&self) -> bool {
         matches!(self, Error::Busy { .. } | Error::ConnectionLost { .. })
     }
+}
+
+/// What a caught panic carried (its message when it was a string), as a handler's error:
+/// `panicked: <message>`.
+pub(crate) fn panicked(payload: Box<dyn std::any::Any + Send>) -> Box<dyn std::error::Error + Send + Sync> {
+    let message = match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
+        (Some(message), _) => (*message).to_owned(),
+        (_, Some(message)) => message.clone(),
+        _ => "a value that is not a string".to_owned(),
+    };
+    format!("panicked: {message}").into()
 }
 
 /// `Result` with this crate's [`Error`].

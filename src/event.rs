@@ -144,7 +144,14 @@ impl StoredMessage {
         let event = match decode(&message_type, data) {
             Ok(event) => event,
             Err(source) => {
-                return Err(Error::UndecodableEvent { stream: stream_id, partition, position, message_type, source });
+                return Err(Error::UndecodableEvent {
+                    stream: stream_id,
+                    partition,
+                    position,
+                    global_position: global_position as u64,
+                    message_type,
+                    source,
+                });
             }
         };
         Ok(RecordedEvent {

@@ -1,15 +1,16 @@
 //! The daemon's coordination tables and their SQL: lease rows per (subscription, tenant) with an
-//! owner, an epoch (the fencing token) and an expiry, and one row per running instance.
+//! owner and an epoch (the fencing token), and one row per running instance with its expiry.
 //!
 //! Times are milliseconds since the Unix epoch on the *database's* clock, so instances on
 //! machines whose clocks disagree still agree on who holds what.
 //!
-//! On PostgreSQL an instance is also alive while its *presence connection* is open: that
-//! connection (which also listens for appends) carries the instance's name as its
-//! `application_name`, so a lease of a live instance never needs renewing — an idle daemon
-//! writes nothing and burns no transaction ids — while a killed instance's connection closes
-//! with its process and its leases are free at once. Where there is no presence connection
-//! (MySQL, SQLite, or while it reconnects) the instance renews by writing expiries.
+//! A lease is held while its owner is **live**: the owner's instance row has not expired (the
+//! instance renews it every `renew_every`, one write per instance however many leases it
+//! holds) and, on PostgreSQL, its *presence connection* is open. That connection (which also
+//! listens for appends) carries the instance's name as its `application_name`, so a killed
+//! instance's leases are free as soon as its connection closes; a hung or paused instance
+//! (a stuck handler, SIGSTOP, a VM pause) keeps its connection but stops renewing, and loses
+//! its leases when its row expires (TTL). Its batches are then refused by the epoch.
 
 use std::collections::BTreeMap;
 
@@ -101,8 +102,7 @@ pub(crate) struct LeaseRow {
     /// The last failure, and the checkpoint it happened after.
     pub last_error: Option<String>,
     pub error_position: Option<i64>,
-    /// Milliseconds until the lease expires (0 = expired; on PostgreSQL a live instance holds
-    /// expired leases through its presence connection).
+    /// Milliseconds until the owner's registration expires unless it renews it (0 = expired).
     pub expires_in_ms: i64,
 }
 
@@ -124,15 +124,16 @@ pub(crate) async fn leases(conn: &impl ConnectionTrait, subscriptions: &[String]
     let matching =
         if subscriptions.is_empty() { "1 = 0".to_owned() } else { format!("l.subscription_id IN ({marks})") };
     let sql = format!(
-        "SELECT (SELECT count(*) FROM emt_daemons d WHERE d.expires_at >= {now} OR {alive}), {head},
+        "SELECT (SELECT count(*) FROM emt_daemons d WHERE {live}), {head},
                 l.subscription_id, l.{p}, l.owner, l.epoch, CASE WHEN {free} THEN 1 ELSE 0 END,
                 l.failures, CASE WHEN l.retry_at > {now} THEN l.retry_at - {now} ELSE 0 END, l.last_error,
-                l.error_position, CASE WHEN l.expires_at > {now} THEN l.expires_at - {now} ELSE 0 END
-         FROM (SELECT 1 AS one) x LEFT JOIN emt_leases l ON {matching}",
+                l.error_position, CASE WHEN o.expires_at > {now} THEN o.expires_at - {now} ELSE 0 END
+         FROM (SELECT 1 AS one) x LEFT JOIN emt_leases l ON {matching}
+         LEFT JOIN emt_daemons o ON o.owner = l.owner",
         p = partition_column(backend),
         free = free_condition(backend, "l."),
         now = now_ms(backend),
-        alive = alive(backend, "d.owner"),
+        live = live(backend, "d"),
         head = super::horizon::head_sql(backend),
     );
     let values = subscriptions.iter().map(|s| Value::from(s.as_str()));
@@ -188,7 +189,7 @@ pub(crate) async fn claim(
          WHERE subscription_id = $3 AND {p} = $4 AND epoch = $5 AND ({free})",
         now = now_ms(backend),
         p = partition_column(backend),
-        free = free_condition(backend, ""),
+        free = free_condition(backend, "emt_leases."),
     );
     let values: [Value; 5] = [
         owner.into(),
@@ -219,6 +220,40 @@ pub(crate) async fn release(
     let values: [Value; 4] = [subscription.into(), partition.into(), owner.into(), epoch.into()];
     conn.execute_raw(statement(backend, &sql, values)).await?;
     Ok(())
+}
+
+/// Takes the leases of `subscription` (of `partitions`, or all) from whoever holds them, after
+/// an operator changed their checkpoints or failures: the epoch moves on, so a batch in flight
+/// under the old lease can't commit, and the holder's next lease round drops the lease and
+/// claims it again, reading the new checkpoint; `retry_at` is cleared, so it runs at once.
+/// On PostgreSQL the instances are told (on [`LEASES_CHANNEL`], on commit) to look now.
+/// How many leases it took.
+pub(crate) async fn revoke(
+    conn: &impl ConnectionTrait,
+    subscription: &str,
+    partitions: Option<&[&str]>,
+) -> Result<u64, DbErr> {
+    let backend = conn.get_database_backend();
+    let p = partition_column(backend);
+    let only = match partitions {
+        None => String::new(),
+        Some([]) => return Ok(0),
+        Some(partitions) => {
+            let marks = (2..partitions.len() + 2).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+            format!(" AND {p} IN ({marks})")
+        }
+    };
+    let sql = format!(
+        "UPDATE emt_leases SET owner = NULL, expires_at = 0, epoch = epoch + 1, retry_at = 0
+         WHERE subscription_id = $1{only}"
+    );
+    let values = std::iter::once(Value::from(subscription))
+        .chain(partitions.into_iter().flatten().map(|p| Value::from(*p)));
+    let revoked = conn.execute_raw(statement(backend, &sql, values)).await?.rows_affected();
+    if backend == DbBackend::Postgres && revoked > 0 {
+        conn.execute_unprepared(&format!("NOTIFY {LEASES_CHANNEL}")).await?;
+    }
+    Ok(revoked)
 }
 
 /// Parks a lease after a failed run: records the error and where it happened, and when it may
@@ -263,7 +298,7 @@ pub(crate) async fn unpark(txn: &DatabaseTransaction, subscription: &str, partit
     Ok(())
 }
 
-/// Registers the instance (or renews its registration) and renews every lease it holds, for
+/// Registers the instance (or renews its registration), and so every lease it holds, for
 /// `ttl_ms` from now; forgets instances that are long gone.
 pub(crate) async fn heartbeat(conn: &impl ConnectionTrait, owner: &str, ttl_ms: i64) -> Result<(), DbErr> {
     let backend = conn.get_database_backend();
@@ -279,11 +314,13 @@ pub(crate) async fn heartbeat(conn: &impl ConnectionTrait, owner: &str, ttl_ms: 
         ),
     };
     conn.execute_raw(statement(backend, &upsert, [owner.into(), ttl_ms.into()])).await?;
-    let renew = format!("UPDATE emt_leases SET expires_at = {now} + $1 WHERE owner = $2");
-    conn.execute_raw(statement(backend, &renew, [ttl_ms.into(), owner.into()])).await?;
     // Instances gone for a minute (killed: nothing removed them) are forgotten.
-    let forget =
-        format!("DELETE FROM emt_daemons WHERE expires_at < {now} - 60000 AND NOT {}", alive(backend, "owner"));
+    let forget = match backend {
+        DbBackend::Postgres => {
+            format!("DELETE FROM emt_daemons d WHERE d.expires_at < {now} - 60000 AND NOT {}", present("d.owner"))
+        }
+        _ => format!("DELETE FROM emt_daemons WHERE expires_at < {now} - 60000"),
+    };
     conn.execute_unprepared(&forget).await?;
     Ok(())
 }
@@ -348,23 +385,44 @@ fn now_ms(backend: DbBackend) -> &'static str {
     }
 }
 
-/// SQL saying whether the instance named by `owner` has its presence connection open
-/// (PostgreSQL), false elsewhere.
-fn alive(backend: DbBackend, owner: &str) -> String {
+/// SQL saying whether the instance of the `emt_daemons` row aliased `row` is live: its
+/// registration renewed within its TTL or, on PostgreSQL, its presence connection open and
+/// renewed (its `application_name` ends in a deadline, in seconds, that has not passed).
+fn live(backend: DbBackend, row: &str) -> String {
+    let renewed = format!("{row}.expires_at >= {}", now_ms(backend));
     match backend {
-        DbBackend::Postgres => format!(
-            "EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()
-                     AND application_name = '{PRESENCE_PREFIX}' || {owner})"
-        ),
-        _ => "1 = 0".to_owned(),
+        DbBackend::Postgres => format!("({renewed} OR {})", present(&format!("{row}.owner"))),
+        _ => renewed,
     }
 }
 
-/// SQL saying whether a lease row (its columns prefixed by `table`) may be taken.
+/// PostgreSQL: whether the instance named by `owner` has its presence connection open and
+/// renewed (see [`presence_renewal`]).
+fn present(owner: &str) -> String {
+    let name = format!("'{PRESENCE_PREFIX}' || {owner} || ':'");
+    format!(
+        "EXISTS (SELECT 1 FROM (SELECT substr(a.application_name, length({name}) + 1) AS deadline
+                 FROM pg_stat_activity a WHERE a.datname = current_database()
+                 AND left(a.application_name, length({name})) = {name}) p
+                 WHERE CASE WHEN p.deadline ~ '^[0-9]{{1,12}}$' THEN p.deadline::bigint ELSE 0 END * 1000 >= {})",
+        now_ms(DbBackend::Postgres)
+    )
+}
+
+/// PostgreSQL: the statement a presence connection renews itself with: its `application_name`
+/// becomes `emt-daemon:<owner>:<deadline>`, the deadline `$2` milliseconds from now, in seconds
+/// on the database's clock. No write, no transaction id: an idle daemon costs nothing but this.
+#[cfg(feature = "postgres")]
+pub(crate) fn presence_renewal() -> &'static str {
+    "SELECT set_config('application_name',
+       $1 || ':' || ceil(extract(epoch from clock_timestamp()) + $2::bigint / 1000.0)::bigint::text, false)"
+}
+
+/// SQL saying whether a lease row (its columns prefixed by `table`) may be taken: no owner, or
+/// an owner that is not live.
 fn free_condition(backend: DbBackend, table: &str) -> String {
     format!(
-        "{table}owner IS NULL OR ({table}expires_at < {} AND NOT {})",
-        now_ms(backend),
-        alive(backend, &format!("{table}owner"))
+        "{table}owner IS NULL OR NOT EXISTS (SELECT 1 FROM emt_daemons f WHERE f.owner = {table}owner AND {})",
+        live(backend, "f")
     )
 }

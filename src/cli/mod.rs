@@ -179,18 +179,30 @@ pub enum ProjectionsCommand {
         #[arg(long, default_value_t = 500)]
         batch_size: u64,
     },
-    /// Move a tenant's checkpoint back (or past a poison event) and clear its failures: the
-    /// daemon delivers the events after it again. Snapshot projections skip events they have
-    /// folded already; use `rebuild` to rebuild them.
+    /// Move a tenant's checkpoint back, or past a poison event (`--to` the `error_position`
+    /// that `status` shows), and clear its failures. Running daemons give the lease up and take
+    /// it again within a poll interval (at once on PostgreSQL), then deliver the events after
+    /// the new checkpoint; a batch they had in flight is refused. Custom handlers and reactors
+    /// see those events again (reactors repeat their effects). Snapshot projections skip events
+    /// their snapshots have folded already: to re-fold a tenant, use `rebuild --partition`.
     Reset {
         /// The projection's subscription id.
         name: String,
         /// The tenant.
         #[arg(long)]
         partition: String,
-        /// The new checkpoint (a global position).
-        #[arg(long, default_value_t = 0)]
+        /// The new checkpoint (a global position; 0 replays the tenant from its first event).
+        #[arg(long)]
         to: u64,
+    },
+    /// Retry parked tenants now instead of after their backoff (e.g. once a fix is deployed):
+    /// running daemons take the leases again within a poll interval and run them at once.
+    Resume {
+        /// The projection's subscription id.
+        name: String,
+        /// Only this tenant (default: every tenant of the projection).
+        #[arg(long)]
+        partition: Option<String>,
     },
 }
 
@@ -360,6 +372,15 @@ impl Command {
             }
             Command::Projections(ProjectionsCommand::Reset { name, partition, to }) => {
                 ops::reset(db, &name, &partition, to).await
+            }
+            Command::Projections(ProjectionsCommand::Resume { name, partition }) => {
+                let only: Option<[&str; 1]> = partition.as_deref().map(|p| [p]);
+                let resumed = backend::revoke(db, &name, only.as_ref().map(|p| &p[..])).await?;
+                if resumed == 0 {
+                    return Err(CliError::Invalid(format!("projection '{name}' has no such lease")));
+                }
+                println!("projection '{name}': {resumed} lease(s) run again now");
+                Ok(())
             }
             Command::Leases(Leases::List(flag)) => ops::leases(db, flag).await,
             Command::Leases(Leases::Release { owner }) => {

@@ -190,7 +190,12 @@ pub(super) async fn reset(db: &DatabaseConnection, name: &str, partition: &str, 
     backend::lock_checkpoints(&txn, name, &[partition]).await?;
     backend::move_checkpoints(&txn, name, &[(partition, to)]).await?;
     backend::unpark(&txn, name, &[partition]).await?;
+    // Running daemons drop what they knew of this tenant and read the new checkpoint.
+    backend::revoke(&txn, name, Some(&[partition])).await?;
     txn.commit().await?;
-    println!("projection '{name}' in partition '{partition}' goes on after position {to}");
+    println!(
+        "projection '{name}' in partition '{partition}' goes on after position {to}; running daemons pick it up \
+         within a poll interval (snapshot projections skip events already folded: `rebuild --partition` re-folds)"
+    );
     Ok(())
 }

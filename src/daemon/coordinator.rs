@@ -50,7 +50,9 @@ pub(super) async fn balance(
     } else if held.len() < share {
         let ttl_ms = ttl.as_millis() as i64;
         // Spread the instances over the free leases instead of all racing for the first ones.
-        let mut free: Vec<&LeaseRow> = rows.iter().filter(|r| r.free).collect();
+        // (A lease of ours counts as free while our presence is reconnecting: not to be taken again.)
+        let mut free: Vec<&LeaseRow> =
+            rows.iter().filter(|r| r.free && !held.contains_key(&(r.subscription.clone(), r.partition.clone()))).collect();
         free.sort_by_key(|r| order(owner, &r.subscription, &r.partition));
         for row in free {
             if held.len() >= share {

@@ -15,7 +15,10 @@ use crate::error::{Error, Result};
 use crate::projection::{Progress, ProjectPartitionResult};
 
 /// A running daemon. [`stop`](Self::stop) it to hand its work over gracefully; dropping the
-/// handle aborts it like a crash would (its leases are free once they expire).
+/// handle aborts it like a crash would (its leases are free once they expire), so keep it for
+/// as long as the daemon should run, e.g. in the app's state, and await
+/// [`finished`](Self::finished) to learn if it ends on its own.
+#[must_use = "dropping the handle aborts the daemon at once; keep it and call `stop()` to end it"]
 pub struct DaemonHandle {
     pub(super) owner: String,
     pub(super) db: DatabaseConnection,
@@ -54,14 +57,51 @@ impl DaemonHandle {
         }
     }
 
+    /// Whether the daemon still runs: `false` once it failed or was stopped.
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|task| !task.is_finished())
+    }
+
+    /// Waits until the daemon ends on its own (it only does on an error it could not retry
+    /// past) and returns that error; `Ok` if it was already awaited. For an app's
+    /// `tokio::select!` beside its server, so a dead daemon does not go unnoticed.
+    pub async fn finished(&mut self) -> Result<()> {
+        match self.task.as_mut() {
+            Some(task) => {
+                let ended = task.await;
+                self.task = None;
+                ended.map_err(|e| Error::DaemonFailed { owner: self.owner.clone(), reason: e.to_string() })?
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Waits until every projection has processed, for every tenant, every event up to global
     /// `position` (e.g. an append's `last_event_global_position`: read-your-writes). Wrap it in
-    /// `tokio::time::timeout` to bound the wait.
+    /// `tokio::time::timeout` to bound the wait. Fails with [`Error::ProjectionParked`] when a
+    /// tenant it waits for is parked, and with [`Error::DaemonFailed`] when the daemon ended.
     pub async fn caught_up(&self, position: u64) -> Result<()> {
         let mut progress = self.progress.clone();
         loop {
-            if self.behind(position as i64).await?.is_empty() {
+            let behind = self.behind(position as i64).await?;
+            if behind.is_empty() {
                 return Ok(());
+            }
+            if !self.is_running() {
+                let reason = "it is not running (stopped, or ended on an error: see `finished`)".into();
+                return Err(Error::DaemonFailed { owner: self.owner.clone(), reason });
+            }
+            let leases = backend::leases(&self.db, &self.subscriptions).await?.rows;
+            let parked = leases.into_iter().find(|l| {
+                l.failures >= i64::from(self.retries) && behind.contains(&(l.subscription.clone(), l.partition.clone()))
+            });
+            if let Some(l) = parked {
+                return Err(Error::ProjectionParked {
+                    subscription: l.subscription,
+                    partition: l.partition,
+                    position: l.error_position.unwrap_or(0).max(0) as u64,
+                    reason: l.last_error.unwrap_or_default(),
+                });
             }
             let _ = tokio::time::timeout(Duration::from_millis(100), progress.changed()).await;
         }

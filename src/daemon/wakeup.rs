@@ -1,11 +1,13 @@
 //! What wakes the daemon besides its poll timer: appends through the same store (in-process),
 //! and on PostgreSQL its presence connection, which listens for appends and lease hand-overs
-//! and carries the instance's name so the others know it is alive.
+//! and carries the instance's name and a deadline, renewed by the daemon's loop, so the others
+//! know it is alive (a crashed instance's connection closes; a hung one's deadline passes).
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 #[cfg(feature = "postgres")]
-use std::{sync::atomic::Ordering, time::Duration};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use sea_orm::DatabaseConnection;
 use tokio::sync::watch;
@@ -19,6 +21,8 @@ use crate::backend::{APPENDS_CHANNEL, LEASES_CHANNEL, PRESENCE_PREFIX};
 /// reconnect (notifications may have been missed meanwhile).
 pub(super) struct Presence {
     pub up: Arc<AtomicBool>,
+    /// The lease TTL to renew the deadline for, sent by the daemon's loop while it runs.
+    renew: watch::Sender<Duration>,
     pub appended: watch::Receiver<u64>,
     pub leases: watch::Receiver<u64>,
     task: Option<JoinHandle<()>>,
@@ -52,8 +56,9 @@ impl Drop for Presence {
 impl Presence {
     /// Opens the presence connection where the backend has one (listening for appends if
     /// `appends`); elsewhere `up` stays false.
-    pub async fn start(db: &DatabaseConnection, owner: &str, appends: bool) -> Self {
+    pub async fn start(db: &DatabaseConnection, owner: &str, appends: bool, ttl: Duration) -> Self {
         let up = Arc::new(AtomicBool::new(false));
+        let (renew, renewals) = watch::channel(ttl);
         let (appended_tx, appended) = watch::channel(0u64);
         let (leases_tx, leases) = watch::channel(0u64);
         let wake = Wake { appended: appended_tx, leases: leases_tx };
@@ -63,13 +68,20 @@ impl Presence {
             let options =
                 pool.connect_options().as_ref().clone().application_name(&format!("{PRESENCE_PREFIX}{owner}"));
             let ready = Arc::new(tokio::sync::Notify::new());
-            let task = tokio::spawn(listen(options, appends, Arc::clone(&up), wake, Arc::clone(&ready)));
+            let name = format!("{PRESENCE_PREFIX}{owner}");
+            let task = tokio::spawn(listen(options, name, appends, renewals, Arc::clone(&up), wake, Arc::clone(&ready)));
             // Let the first connection come up (briefly) so the instance starts alive.
             let _ = tokio::time::timeout(Duration::from_secs(2), ready.notified()).await;
-            return Self { up, appended, leases, task: Some(task), _idle: None };
+            return Self { up, renew, appended, leases, task: Some(task), _idle: None };
         }
-        let _ = (db, owner, appends);
-        Self { up, appended, leases, task: None, _idle: Some(wake) }
+        let _ = (db, owner, appends, renewals);
+        Self { up, renew, appended, leases, task: None, _idle: Some(wake) }
+    }
+
+    /// Renews the presence connection's deadline to `ttl` from now (done by the daemon's loop,
+    /// so an instance whose loop hangs stops being alive).
+    pub fn renew(&self, ttl: Duration) {
+        self.renew.send_modify(|t| *t = ttl);
     }
 }
 
@@ -77,7 +89,9 @@ impl Presence {
 #[cfg(feature = "postgres")]
 async fn listen(
     options: sea_orm::sqlx::postgres::PgConnectOptions,
+    name: String,
     appends: bool,
+    mut renewals: watch::Receiver<Duration>,
     up: Arc<AtomicBool>,
     wake: Wake,
     ready: Arc<tokio::sync::Notify>,
@@ -92,6 +106,8 @@ async fn listen(
             if appends {
                 listener.listen(APPENDS_CHANNEL).await?;
             }
+            let ttl = *renewals.borrow_and_update();
+            renew(&mut listener, &name, ttl).await?;
             Ok::<_, sea_orm::sqlx::Error>(listener)
         };
         match listener.await {
@@ -101,11 +117,22 @@ async fn listen(
                 pause = Duration::from_millis(100);
                 wake.all();
                 loop {
-                    match listener.try_recv().await {
+                    // (`try_recv` is cancel-safe: a renewal between notifications loses none.)
+                    let received = tokio::select! {
+                        received = listener.try_recv() => received,
+                        Ok(()) = renewals.changed() => {
+                            let ttl = *renewals.borrow_and_update();
+                            match renew(&mut listener, &name, ttl).await {
+                                Ok(()) => continue,
+                                Err(error) => Err(error),
+                            }
+                        }
+                    };
+                    match received {
                         Ok(Some(n)) if n.channel() == LEASES_CHANNEL => wake.leases.send_modify(|n| *n += 1),
                         Ok(Some(_)) => wake.appended.send_modify(|n| *n += 1),
-                        // Lost and reconnected: what was sent meanwhile is lost; catch up.
-                        Ok(None) => wake.all(),
+                        // Lost: a new connection has a new name; make it again.
+                        Ok(None) => break,
                         Err(error) => {
                             tracing::warn!(%error, "daemon presence connection lost; reconnecting");
                             break;
@@ -120,4 +147,15 @@ async fn listen(
         tokio::time::sleep(pause).await;
         pause = Ord::min(pause * 2, Duration::from_secs(5));
     }
+}
+
+/// Names the presence connection with its deadline, `ttl` from now.
+#[cfg(feature = "postgres")]
+async fn renew(
+    listener: &mut sea_orm::sqlx::postgres::PgListener,
+    name: &str,
+    ttl: Duration,
+) -> Result<(), sea_orm::sqlx::Error> {
+    let query = sea_orm::sqlx::query(crate::backend::presence_renewal()).bind(name).bind(ttl.as_millis() as i64);
+    query.execute(listener).await.map(|_| ())
 }

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use std::panic::AssertUnwindSafe;
+
+use futures::{FutureExt, StreamExt};
 use sea_orm::{DatabaseConnection, DbBackend};
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -17,7 +19,7 @@ use super::coordinator::{self, Key};
 use super::telemetry;
 use super::wakeup::Presence;
 use crate::backend;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::projection::RunOptions;
 use crate::store::EventStore;
 
@@ -50,7 +52,8 @@ struct State {
     /// The head up to which every tenant's last position is known.
     seen_head: Option<i64>,
     last_sweep: Instant,
-    last_heartbeat: Option<Instant>,
+    /// When the instance last renewed its registration (or presence deadline).
+    last_renewal: Instant,
     /// When a lease round last succeeded.
     last_coordinated: Instant,
     /// When every partition was last listed, how long that took, and whether events arrived
@@ -58,33 +61,37 @@ struct State {
     last_discovery: Option<Instant>,
     discovery_cost: Duration,
     discovery_due: bool,
+    /// Told once the first round has claimed leases and found the tenants, so `start` returns
+    /// with a `status()` that shows them.
+    ready: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Worker {
     /// Runs until `stop` turns true, then gives its leases back. `ready` is told once the
-    /// instance is registered (its presence connection up where there is one).
+    /// instance is registered and its first lease round and tenant discovery are done.
     pub async fn run(self, mut stop: watch::Receiver<bool>, ready: tokio::sync::oneshot::Sender<()>) -> Result<()> {
         let subscriptions: Vec<String> = self.projections.keys().cloned().collect();
-        let mut presence = Presence::start(&self.db, &self.owner, self.options.notifications).await;
+        let ttl = self.options.lease_ttl;
+        let mut presence = Presence::start(&self.db, &self.owner, self.options.notifications, ttl).await;
         let mut appends = self.store.appends();
         let mut state = State {
             held: BTreeMap::new(),
             known: BTreeSet::new(),
             seen_head: None,
             last_sweep: Instant::now(),
-            last_heartbeat: None,
+            last_renewal: Instant::now(),
             last_coordinated: Instant::now(),
             last_discovery: None,
             discovery_cost: Duration::ZERO,
             discovery_due: self.tenants.is_none(),
+            ready: Some(ready),
         };
         // Registered before the first balance, so the others count this instance at once.
         backend::heartbeat(&self.db, &self.owner, self.options.lease_ttl.as_millis() as i64).await?;
-        state.last_heartbeat = Some(Instant::now());
+        state.last_renewal = Instant::now();
         if let Some(tenants) = &self.tenants {
             self.ensure(&mut state, &subscriptions, tenants.iter().cloned().collect()).await?;
         }
-        let _ = ready.send(());
         let mut delay = self.options.poll_min;
         let mut next_balance = Instant::now();
         while !*stop.borrow() {
@@ -105,13 +112,16 @@ impl Worker {
                 next_balance = Instant::now() + every;
             }
             let span = tracing::debug_span!("daemon_cycle", owner = self.owner);
-            let worked = match self.cycle(&mut state, &subscriptions, head).instrument(span).await {
+            let worked = match self.cycle(&mut state, &subscriptions, head, &presence).instrument(span).await {
                 Ok(worked) => worked,
                 Err(error) => {
                     tracing::warn!(%error, "daemon cycle failed; retrying");
                     false
                 }
             };
+            if let Some(ready) = state.ready.take() {
+                let _ = ready.send(()); // (the first cycle failed: start anyway, it retries)
+            }
             self.progress.send_modify(|n| *n += 1);
             telemetry::coordination(&self.owner, state.held.len(), state.last_coordinated.elapsed());
             delay = if worked { self.options.poll_min } else { Ord::min(delay * 2, self.options.poll_max) };
@@ -134,17 +144,27 @@ impl Worker {
         Ok(())
     }
 
-    /// Renews (where there is no presence connection) and rebalances the leases; returns the
-    /// store's head, read with them.
+    /// Renews and rebalances the leases; returns the store's head, read with them.
     async fn coordinate(&self, state: &mut State, subscriptions: &[String], presence: &Presence) -> Result<i64> {
-        let ttl = self.options.lease_ttl;
-        let renew_due = state.last_heartbeat.is_none_or(|at| at.elapsed() >= self.options.renew_every);
-        if !presence.up.load(Ordering::SeqCst) && renew_due {
-            backend::heartbeat(&self.db, &self.owner, ttl.as_millis() as i64).await?;
-            state.last_heartbeat = Some(Instant::now());
-        }
-        let tenants = self.tenants.as_ref();
+        self.renew(state, presence).await?;
+        let (tenants, ttl) = (self.tenants.as_ref(), self.options.lease_ttl);
         Ok(coordinator::balance(&self.db, &self.owner, subscriptions, tenants, &mut state.held, ttl).await?)
+    }
+
+    /// Renews the instance's hold on its leases when due: its presence connection's deadline
+    /// (PostgreSQL: no write), else its registration row. Only this loop renews, so an instance
+    /// whose loop hangs (a stuck handler, a paused process) loses its leases after the TTL.
+    async fn renew(&self, state: &mut State, presence: &Presence) -> Result<()> {
+        if state.last_renewal.elapsed() < self.options.renew_every {
+            return Ok(());
+        }
+        let ttl = self.options.lease_ttl;
+        match presence.up.load(Ordering::SeqCst) {
+            true => presence.renew(ttl),
+            false => backend::heartbeat(&self.db, &self.owner, ttl.as_millis() as i64).await?,
+        }
+        state.last_renewal = Instant::now();
+        Ok(())
     }
 
     /// Creates the lease rows of new tenants.
@@ -163,7 +183,13 @@ impl Worker {
 
     /// Finds tenants with new events and runs the projections this instance holds for them
     /// (`head`: the store's head if just read). Returns whether it projected anything.
-    async fn cycle(&self, state: &mut State, subscriptions: &[String], head: Option<i64>) -> Result<bool> {
+    async fn cycle(
+        &self,
+        state: &mut State,
+        subscriptions: &[String],
+        head: Option<i64>,
+        presence: &Presence,
+    ) -> Result<bool> {
         let backend_kind = self.db.get_database_backend();
         let head = match head {
             Some(head) => head,
@@ -221,6 +247,9 @@ impl Worker {
                 state.last_sweep = Instant::now();
             }
         }
+        if let Some(ready) = state.ready.take() {
+            let _ = ready.send(());
+        }
         // Where the store has one, the horizon just waited for serves every tenant's run.
         let until = if backend_kind == DbBackend::MySql { None } else { state.seen_head };
         let ready: Vec<(Key, Held)> =
@@ -246,18 +275,30 @@ impl Worker {
                 if self.options.skip_undecodable {
                     options = options.skip_undecodable_events();
                 }
-                let turns = match until {
-                    Some(until) => {
-                        agent::group_turn(projector, &subscription, &self.owner, &tenants, until, options).await
-                    }
-                    None => {
-                        let (tenant, held) = &tenants[0];
-                        let mut options = options.partition(tenant.clone());
-                        options.lease = Some((self.owner.clone(), held.epoch));
-                        let batch_size = self.options.batch_size;
-                        vec![agent::turn(projector, &subscription, tenant, options, batch_size, held.checkpoint).await]
+                let run = async {
+                    match until {
+                        Some(until) => {
+                            agent::group_turn(projector, &subscription, &self.owner, &tenants, until, options).await
+                        }
+                        None => {
+                            let (tenant, held) = &tenants[0];
+                            let mut options = options.partition(tenant.clone());
+                            options.lease = Some((self.owner.clone(), held.epoch));
+                            let batch_size = self.options.batch_size;
+                            vec![agent::turn(projector, &subscription, tenant, options, batch_size, held.checkpoint).await]
+                        }
                     }
                 };
+                // Handlers' panics are caught where they are called; anything else that panics
+                // fails these tenants' turns, never the daemon.
+                let turns = AssertUnwindSafe(run).catch_unwind().await.unwrap_or_else(|panic| {
+                    let reason = crate::error::panicked(panic).to_string();
+                    let failed = |_| Turn::Failed {
+                        checkpoint: None,
+                        error: Error::DaemonFailed { owner: self.owner.clone(), reason: reason.clone() },
+                    };
+                    tenants.iter().map(failed).collect()
+                });
                 telemetry::batch(&subscription, began.elapsed());
                 tenants
                     .into_iter()
@@ -266,7 +307,15 @@ impl Worker {
                     .collect::<Vec<_>>()
             })
             .buffer_unordered(self.options.concurrency);
-        let results: Vec<_> = turns.collect::<Vec<_>>().await.into_iter().flatten().collect();
+        // A long cycle (a catch-up) renews between turns: the instance is working, not hung.
+        let mut turns = std::pin::pin!(turns);
+        let mut results = Vec::new();
+        while let Some(done) = turns.next().await {
+            results.extend(done);
+            if let Err(error) = self.renew(state, presence).await {
+                tracing::warn!(%error, "renewing the instance's leases failed; retrying");
+            }
+        }
         tracing::debug!(leases = results.len(), took = ?started.elapsed(), "daemon: cycle");
         let mut worked = false;
         for (key, held, turn) in results {
@@ -311,7 +360,9 @@ impl Worker {
                 held.failures += 1;
                 let pause = agent::backoff(held.failures, self.options.backoff_min, self.options.backoff_max);
                 held.retry_at = Some(Instant::now() + pause);
-                let position = held.checkpoint.unwrap_or(0);
+                // The failing event's position where the error names one (`reset --to` it skips
+                // the event), else the checkpoint the run failed after.
+                let position = error.event_position().map_or(held.checkpoint.unwrap_or(0), |p| p as i64);
                 let parked = held.failures >= i64::from(self.options.retries);
                 let failures = held.failures;
                 match parked {

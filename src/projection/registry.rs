@@ -1,11 +1,14 @@
 //! Combines snapshot projections and custom handlers; runs them on a batch in registration order.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+
+use futures::FutureExt;
 
 use sea_orm::{DatabaseTransaction, DbBackend};
 
 use super::snapshot::Fold;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, panicked};
 use crate::event::{Event, RecordedEvent, StoredMessage, is_unknown_type};
 use crate::store::EventStore;
 
@@ -252,7 +255,8 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
                     for (partition, epoch, batch) in batches {
                         let ctx = ProjectionContext { txn, store, partition, stream, epoch: *epoch };
                         for event in batch.iter().filter(|e| registered.handles(&e.message_type)) {
-                            handler.handle(&ctx, event).await.map_err(|source| handler_error(event, source))?;
+                            let handled = AssertUnwindSafe(handler.handle(&ctx, event)).catch_unwind().await;
+                            handled.unwrap_or_else(|panic| Err(panicked(panic))).map_err(|e| handler_error(event, e))?;
                         }
                     }
                 }
@@ -262,7 +266,8 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
                         let events: Vec<&RecordedEvent<E>> =
                             batch.iter().filter(|e| registered.handles(&e.message_type)).collect();
                         if let Some(first) = events.first() {
-                            handler.handle_batch(&ctx, &events).await.map_err(|source| handler_error(first, source))?;
+                            let handled = AssertUnwindSafe(handler.handle_batch(&ctx, &events)).catch_unwind().await;
+                            handled.unwrap_or_else(|panic| Err(panicked(panic))).map_err(|e| handler_error(first, e))?;
                         }
                     }
                 }
@@ -278,9 +283,10 @@ fn listed<'a>(event_types: impl IntoIterator<Item = &'a str>) -> Option<Vec<Stri
     (!types.is_empty()).then_some(types)
 }
 
-/// A handler's error as the run reports it: a busy database or a lost connection stays that,
+/// A handler's error as the run reports it (a panic included: it is caught where the handler
+/// is called, so it fails the batch like an error and the daemon parks only its tenant): a busy database or a lost connection stays that,
 /// so the run retries it; anything else names the event.
-fn handler_error<E>(event: &RecordedEvent<E>, source: Box<dyn std::error::Error + Send + Sync>) -> Error {
+pub(crate) fn handler_error<E>(event: &RecordedEvent<E>, source: Box<dyn std::error::Error + Send + Sync>) -> Error {
     if let Some(err) = source.downcast_ref::<sea_orm::DbErr>().map(|db| Error::from(db.clone()))
         && err.is_transient()
     {
@@ -290,6 +296,7 @@ fn handler_error<E>(event: &RecordedEvent<E>, source: Box<dyn std::error::Error 
         stream: event.stream_id.clone(),
         partition: event.partition.clone(),
         position: event.stream_position,
+        global_position: event.global_position,
         message_type: event.message_type.clone(),
         source,
     }

@@ -154,6 +154,13 @@ impl<E, S> SnapshotProjection<E, S> {
     }
 }
 
+/// Runs the domain's code (`evolve`, `extract_keys`) on `event`; a panic becomes the event's
+/// [`Error::Handler`], so it fails the batch (and parks only its tenant in the daemon).
+fn catch<E, T>(event: &RecordedEvent<E>, code: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(code))
+        .map_err(|panic| super::registry::handler_error(event, crate::error::panicked(panic)))
+}
+
 /// The columns that hold the state in legacy (in-table) mode.
 const IN_TABLE_COLUMNS: [&str; 4] = ["snapshot", "stream_id", "last_stream_position", "last_global_position"];
 
@@ -266,7 +273,7 @@ where
     async fn fold(&self, ctx: &ProjectionContext<'_>, events: &[&RecordedEvent<E>]) -> Result<()> {
         let mut rows: BTreeMap<String, Row<'_, E, S>> = BTreeMap::new();
         for &event in events {
-            let keys = (self.extract_keys)(event, &event.partition);
+            let keys = catch(event, || (self.extract_keys)(event, &event.partition))?;
             self.check_key_names(&keys)?;
             let id = construct_stream_id(&keys);
             limits::check_identifier("snapshot id", &id, MAX_SNAPSHOT_ID_CHARS)?;
@@ -292,7 +299,7 @@ where
             }
             for &event in &row.events {
                 if event.global_position as i64 > last_global {
-                    state = (self.evolve)(state, &event.event);
+                    state = catch(event, || (self.evolve)(state, &event.event))?;
                     last_global = event.global_position as i64;
                     row.last = Some(event);
                 }
