@@ -109,7 +109,7 @@ async fn streams_and_partitions_are_listed_and_read(db: TestDb) {
             .contains("'acc-1' not found in partition 't3'")
     );
     assert!(failed(cli(&db, &["projections", "rebuild", "nothing"])).contains("not known to this binary"));
-    assert!(failed(cli(&db, &["projections", "reset", "nothing", "--partition", "t1"])).contains("no checkpoint"));
+    assert!(failed(cli(&db, &["projections", "reset", "nothing", "--partition", "t1", "--to", "0"])).contains("no checkpoint"));
     ok(cli(&db, &["partitions", "add", "t9"]));
     // A projection run by a runner alone (no daemon, no lease) shows with its checkpoint and lag.
     let runner = emmett_seaorm::projection::ProjectionRunner::new(store.clone(), ProjectionRegistry::<Ev>::new());
@@ -162,12 +162,24 @@ async fn projections_and_leases_show_what_the_daemons_do(db: TestDb) {
     assert!(table.starts_with("PROJECTION") && table.contains("13 is unlucky"), "{table}");
     let leases = json_lines(&ok(cli(&db, &["leases", "list", "--json"])));
     assert!(leases.iter().all(|l| l["owner"].as_str() == Some(daemon.owner())), "{leases:?}");
-    // Past the poison event: the checkpoint moves and the failure record is cleared.
-    let poison = bad["head"].as_u64().unwrap().to_string();
-    ok(cli(&db, &["projections", "reset", "picky", "--partition", "bad", "--to", &poison]));
+    // The parked error names the poison event's global position: a reset to it skips it.
+    let poison = bad["error_position"].as_u64().unwrap();
+    assert_eq!(poison, bad["head"].as_u64().unwrap(), "{bad}");
+    // No default checkpoint: a reset that would replay a reactor's effects is never implied.
+    let missing = cli(&db, &["projections", "reset", "picky", "--partition", "bad"]);
+    assert!(!missing.status.success() && String::from_utf8_lossy(&missing.stderr).contains("--to"));
+    ok(cli(&db, &["projections", "reset", "picky", "--partition", "bad", "--to", &poison.to_string()]));
     let status = json_lines(&ok(cli(&db, &["projections", "status", "--json"])));
     let bad = status.iter().find(|s| s["tenant"] == "bad").unwrap();
     assert_eq!((bad["lag"].as_u64(), bad["failures"].as_u64(), &bad["error"]), (Some(0), Some(0), &Value::Null));
+    // The running daemon gave the lease up and took it again (at once, not after its 30 s backoff).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while daemon.status().await.unwrap().get("picky", "bad").and_then(|l| l.owner.clone()).as_deref()
+        != Some(daemon.owner())
+    {
+        assert!(std::time::Instant::now() < deadline, "the daemon did not take the reset lease again");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     // Releasing an instance's leases frees them.
     let released = ok(cli(&db, &["leases", "release", daemon.owner()]));
     assert!(released.contains("released 2 lease(s)"), "{released}");
