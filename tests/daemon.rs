@@ -235,8 +235,8 @@ async fn a_failing_tenant_is_parked_and_resumes_when_fixed(db: TestDb) {
     };
     let (error, position) = parked.last_error.expect("error recorded");
     assert!(error.contains("deposits of 13"), "{error}");
-    assert!(position < poison, "the error's position ({position}) is the checkpoint before the event ({poison})");
-    assert_eq!(parked.checkpoint, position);
+    assert_eq!(position, poison, "the error names the failing event's global position");
+    assert!(parked.checkpoint < poison, "the checkpoint stays before the event: {parked:?}");
     assert!(parked.lag_events >= 2);
     // Fixed: it resumes after its backoff (at most 1 s here) and the record is cleared.
     poisoned.store(false, Ordering::SeqCst);

@@ -165,7 +165,7 @@ async fn a_killed_presence_connection_loses_no_event(db: TestDb) {
     for round in 0..3 {
         // The connection comes up in the daemon's task (and again after each kill).
         let kill = format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'emt-daemon:{}'",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE 'emt-daemon:{}:%'",
             daemon.owner()
         );
         let deadline = Instant::now() + Duration::from_secs(5);

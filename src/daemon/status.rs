@@ -48,8 +48,8 @@ pub struct LeaseStatus {
     pub owner: Option<String>,
     /// Whether another instance may take the lease now (no owner, or one that is gone).
     pub free: bool,
-    /// Time until the lease expires (zero when expired: on PostgreSQL a live instance keeps
-    /// expired leases through its presence connection, without renewing them).
+    /// Time until the owner's registration expires unless renewed (zero when expired: on
+    /// PostgreSQL a live instance renews its presence connection instead, without a write).
     pub expires_in: Duration,
     /// The last global position projected.
     pub checkpoint: u64,
@@ -65,7 +65,8 @@ pub struct LeaseStatus {
     pub parked: bool,
     /// Time left until a parked lease runs again.
     pub retry_in: Duration,
-    /// The last failure, and the checkpoint it happened after.
+    /// The last failure, and the global position of the event it failed on (the checkpoint
+    /// when the error names no event): `projections reset --to` it to skip the event.
     pub last_error: Option<(String, u64)>,
 }
 

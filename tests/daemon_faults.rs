@@ -1,0 +1,144 @@
+//! One tenant's mistake never stops the others, on every backend: a panicking `evolve` and an
+//! erroring handler, each in one tenant of 20, on one instance and across two.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Ev, Picky, TestDb};
+use emmett_seaorm::daemon::{Daemon, DaemonHandle};
+use emmett_seaorm::projection::{ProjectionRegistry, SnapshotProjection};
+use emmett_seaorm::{AppendOptions, Error, EventStore, RecordedEvent, columns, keys};
+use sea_orm::ConnectionTrait;
+
+/// The tenant whose `evolve` panics (on a deposit of 666) and the one whose handler fails (13).
+const PANICS: &str = "t03";
+const FAILS: &str = "t07";
+
+/// Balances per account, folded by an `evolve` that panics on a deposit of 666, beside a handler
+/// that fails on a deposit of 13.
+fn registry() -> ProjectionRegistry<Ev> {
+    let totals = SnapshotProjection::new(
+        "totals",
+        |e: &RecordedEvent<Ev>, tenant: &str| keys! { "tenant_id" => tenant, "account_id" => &e.stream_id },
+        |total: i64, e: &Ev| match e {
+            Ev::Deposited { amount: 666 } => panic!("evolve exploded on 666"),
+            Ev::Deposited { amount } => total + amount,
+            _ => total,
+        },
+        || 0,
+    )
+    .columns(|total: &i64| columns! { "total" => *total });
+    ProjectionRegistry::new().with(totals).on(["Deposited"], Picky::failing())
+}
+
+fn daemon(store: EventStore) -> Daemon {
+    Daemon::new(store)
+        .projection("totals", registry())
+        .lease_ttl(Duration::from_secs(3))
+        .renew_every(Duration::from_millis(500))
+        .poll_interval(Duration::from_millis(5), Duration::from_millis(300))
+        .backoff(Duration::from_millis(100), Duration::from_millis(400))
+        .retries(2)
+}
+
+async fn deposit(store: &EventStore, tenant: &str, amount: i64) -> u64 {
+    let options = AppendOptions::default().partition(tenant);
+    store.append_to_stream("acc", [Ev::Deposited { amount }], options).await.expect("append").last_event_global_position
+}
+
+async fn run(db: TestDb, instances: usize) {
+    let create = "CREATE TABLE totals (tenant_id VARCHAR(100) NOT NULL, account_id VARCHAR(100) NOT NULL, \
+                  total BIGINT, PRIMARY KEY (tenant_id, account_id))";
+    db.db.execute_unprepared(create).await.unwrap();
+    let store = db.store();
+    let tenants: Vec<String> = (0..20).map(|i| format!("t{i:02}")).collect();
+    for t in &tenants {
+        deposit(&store, t, 1).await;
+    }
+    let panic_at = deposit(&store, PANICS, 666).await;
+    let fail_at = deposit(&store, FAILS, 13).await;
+    let mut daemons: Vec<DaemonHandle> = Vec::new();
+    for _ in 0..instances {
+        daemons.push(daemon(EventStore::new(db.second_pool().await)).start().await.expect("start"));
+    }
+    // Load on the 18 good tenants while the bad ones fail.
+    let writing = Arc::new(AtomicBool::new(true));
+    let writer = {
+        let (store, writing, tenants) = (store.clone(), Arc::clone(&writing), tenants.clone());
+        tokio::spawn(async move {
+            let good: Vec<&String> = tenants.iter().filter(|t| *t != PANICS && *t != FAILS).collect();
+            let mut i = 0;
+            while writing.load(Ordering::SeqCst) {
+                deposit(&store, good[i % good.len()], 2).await;
+                i += 1;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    writing.store(false, Ordering::SeqCst);
+    writer.await.unwrap();
+    // Every good tenant reaches its last event; the bad ones are parked with the event's
+    // position and what went wrong.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        let status = daemons[0].status().await.expect("status");
+        let good_done = status.leases.iter().filter(|l| l.tenant != PANICS && l.tenant != FAILS).all(|l| l.lag_events == 0);
+        let parked = [PANICS, FAILS].iter().all(|t| status.get("totals", t).is_some_and(|l| l.parked));
+        if status.leases.len() == 20 && good_done && parked {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "good tenants not caught up or bad ones not parked: {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let panicked = status.get("totals", PANICS).unwrap();
+    let (error, position) = panicked.last_error.clone().expect("the panic is recorded");
+    assert!(error.contains("panicked: evolve exploded on 666"), "{error}");
+    assert_eq!(position, panic_at, "the panic names its event's global position");
+    let failed = status.get("totals", FAILS).unwrap();
+    let (error, position) = failed.last_error.clone().expect("the error is recorded");
+    assert!(error.contains("13 is unlucky") && position == fail_at, "{error} at {position}");
+    // Every instance still runs; waiting on a parked tenant says so instead of hanging.
+    assert!(daemons.iter().all(DaemonHandle::is_running));
+    let last = deposit(&store, "t00", 3).await;
+    let waited = tokio::time::timeout(Duration::from_secs(10), daemons[0].caught_up(last)).await.expect("no hang");
+    assert!(
+        matches!(&waited, Err(Error::ProjectionParked { subscription, partition, .. })
+            if subscription == "totals" && (partition == PANICS || partition == FAILS)),
+        "{waited:?}"
+    );
+    // The good tenants' rows are the fold of their events.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while daemons[0].status().await.unwrap().get("totals", "t00").is_none_or(|l| l.checkpoint < last) {
+        assert!(Instant::now() < deadline, "t00 not caught up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sql = "SELECT tenant_id, total FROM totals ORDER BY tenant_id";
+    let rows = db.db.query_all_raw(sea_orm::Statement::from_string(db.db.get_database_backend(), sql)).await.unwrap();
+    let rows: Vec<(String, i64)> =
+        rows.iter().map(|r| (r.try_get_by_index(0).unwrap(), r.try_get_by_index(1).unwrap())).collect();
+    let mut expected = Vec::new();
+    for t in tenants.iter().filter(|t| *t != PANICS && *t != FAILS) {
+        let read = store.read_stream::<Ev>("acc", emmett_seaorm::ReadOptions::default().partition(t.as_str()));
+        let events = read.await.unwrap().events;
+        let total = events.iter().map(|e| if let Ev::Deposited { amount } = e.event { amount } else { 0 }).sum();
+        expected.push((t.clone(), total));
+    }
+    let good: Vec<(String, i64)> = rows.into_iter().filter(|(t, _)| t != PANICS && t != FAILS).collect();
+    assert_eq!(good, expected);
+    for d in daemons {
+        d.stop().await.expect("stop");
+    }
+}
+
+async fn a_panic_or_an_error_stops_only_its_tenant(db: TestDb) {
+    run(db, 1).await;
+}
+
+async fn across_two_instances_too(db: TestDb) {
+    run(db, 2).await;
+}
+
+conformance!(a_panic_or_an_error_stops_only_its_tenant, across_two_instances_too);
