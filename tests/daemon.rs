@@ -233,7 +233,7 @@ async fn a_failing_tenant_is_parked_and_resumes_when_fixed(db: TestDb) {
         assert!(Instant::now() < deadline, "bad tenant not parked: {status:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let (error, position) = parked.last_error.expect("error recorded");
+    let (error, position) = parked.last_error.clone().expect("error recorded");
     assert!(error.contains("deposits of 13"), "{error}");
     assert_eq!(position, poison, "the error names the failing event's global position");
     assert!(parked.checkpoint < poison, "the checkpoint stays before the event: {parked:?}");
@@ -338,6 +338,91 @@ async fn a_killed_process_tenants_are_taken_over(db: TestDb) {
     assert_eq!(here.status().await.unwrap().held(), 12);
     assert_eq!(seen(&db.db).await, stored(&db.db).await, "every event projected exactly once");
     here.stop().await.expect("stop");
+}
+
+/// A paused instance (SIGSTOP: a stand-in for a handler stuck on an external call or a VM
+/// pause) keeps its connections, presence included, but stops renewing: its tenants are taken
+/// over within the TTL and a second, and after SIGCONT, under load, its late batches are
+/// refused (every event projected exactly once, nothing parked by a duplicate).
+async fn a_paused_instance_tenants_are_taken_over_and_its_late_batches_refused(db: TestDb) {
+    create_seen(&db.db).await;
+    let store = db.store();
+    let tenants: Vec<String> = (0..12).map(|i| format!("p{i:02}")).collect();
+    for t in &tenants {
+        deposit(&store, t, "x", 1).await;
+    }
+    let (mut child, owner) = spawn_child_daemon(&db.url).await;
+    let here = daemon(store.clone(), Arc::default()).start().await.expect("start");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = here.status().await.expect("status");
+        let theirs = status.leases.iter().filter(|l| l.owner.as_deref() == Some(owner.as_str())).count();
+        if status.leases.len() == 12 && theirs >= 4 && status.held() >= 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "work not shared with the child: {status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Under load, so the child is paused in the middle of its work.
+    let writing = Arc::new(AtomicBool::new(true));
+    let writer = {
+        let (store, writing, tenants) = (store.clone(), Arc::clone(&writing), tenants.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while writing.load(Ordering::SeqCst) {
+                deposit(&store, &tenants[i % tenants.len()], "x", 1).await;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = child.0.id() as i32;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let paused = Instant::now();
+    loop {
+        let status = here.status().await.expect("status");
+        if status.leases.iter().all(|l| l.owner.as_deref() == Some(here.owner())) {
+            break;
+        }
+        // The TTL (3 s), a lease round (0.3 s) and slack for a loaded machine.
+        assert!(paused.elapsed() < Duration::from_secs(3 + 2), "not taken over: {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("taken over {:?} after SIGSTOP", paused.elapsed());
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    writing.store(false, Ordering::SeqCst);
+    writer.await.unwrap();
+    let last = *stored(&db.db).await.last().unwrap() as u64;
+    caught_up(&here, last, Duration::from_secs(20)).await;
+    assert_eq!(seen(&db.db).await, stored(&db.db).await, "every event projected exactly once");
+    let status = here.status().await.expect("status");
+    assert!(status.leases.iter().all(|l| l.failures == 0), "a late batch failed instead of being refused: {status:?}");
+    drop(child);
+    here.stop().await.expect("stop");
+}
+
+/// Starts `daemon_child_process` on `url` in another OS process; the child and its owner name.
+async fn spawn_child_daemon(url: &str) -> (KillOnDrop, String) {
+    let mut child = KillOnDrop(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["daemon_child_process", "--exact", "--nocapture", "--test-threads=1"])
+            .env("EMMETT_DAEMON_CHILD_URL", url)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn the child daemon"),
+    );
+    let stdout = std::io::BufReader::new(child.0.stdout.take().unwrap());
+    let owner = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        stdout.lines().map_while(Result::ok).find_map(|l| l.split_once("owner=").map(|(_, o)| o.to_owned()))
+    })
+    .await
+    .unwrap()
+    .expect("the child reports its owner");
+    (child, owner)
 }
 
 /// An event writer that took its position and has not committed yet: the daemon must not move
@@ -795,3 +880,10 @@ conformance!(
     a_failing_tenant_is_parked_and_resumes_when_fixed,
     a_graceful_stop_hands_work_over_at_once,
 );
+
+// A paused process holding SQLite's write lock stops every writer: not a fault one instance
+// can take over from.
+mod paused {
+    use super::a_paused_instance_tenants_are_taken_over_and_its_late_batches_refused;
+    crate::conformance!(servers: a_paused_instance_tenants_are_taken_over_and_its_late_batches_refused);
+}

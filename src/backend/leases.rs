@@ -186,7 +186,14 @@ pub(crate) async fn claim(
     let backend = conn.get_database_backend();
     let sql = format!(
         "UPDATE emt_leases SET owner = $1, epoch = epoch + 1, expires_at = {now} + $2
-         WHERE subscription_id = $3 AND {p} = $4 AND epoch = $5 AND ({free})",
+         WHERE subscription_id = $3 AND {p} = $4 AND epoch = $5 AND ({free}){unlocked}",
+        // A lease row locked by a batch in flight is not waited for (PostgreSQL): the round goes
+        // on with the others, and takes this one later.
+        unlocked = match backend {
+            DbBackend::Postgres => " AND EXISTS (SELECT 1 FROM emt_leases s WHERE s.subscription_id = $3
+                                     AND s.partition = $4 FOR UPDATE SKIP LOCKED)",
+            _ => "",
+        },
         now = now_ms(backend),
         p = partition_column(backend),
         free = free_condition(backend, "emt_leases."),
@@ -348,19 +355,28 @@ pub(crate) async fn lease_subscriptions(conn: &impl ConnectionTrait) -> Result<V
 /// In a projection batch: locks the lease rows of `subscription` for `tenants` and returns those
 /// that `owner` still holds at the given epochs, with their count of failed runs. A takeover's
 /// claim waits for the batch to commit, and a batch after the takeover sees the new epoch: work
-/// commits only under the lease it was started with.
+/// commits only under the lease it was started with. On PostgreSQL, with `idle_timeout`, the
+/// server ends the batch's transaction if its process goes silent that long (paused, hung).
 pub(crate) async fn held_leases(
     txn: &DatabaseTransaction,
     subscription: &str,
     owner: &str,
     tenants: &[(String, i64)],
+    idle_timeout: Option<std::time::Duration>,
 ) -> Result<BTreeMap<String, i64>, DbErr> {
     let backend = txn.get_database_backend();
+    // (Set in the same statement: no extra round trip.)
+    let idle = match (backend, idle_timeout) {
+        (DbBackend::Postgres, Some(ttl)) => {
+            format!(", set_config('idle_in_transaction_session_timeout', '{}', true)", ttl.as_millis())
+        }
+        _ => String::new(),
+    };
     let lock = if backend == DbBackend::Sqlite { "" } else { " ORDER BY 1 FOR UPDATE" };
     let hint = if backend == DbBackend::MySql { super::MYSQL_PRIMARY_KEY_ONLY } else { "" };
     let marks = (2..tenants.len() + 2).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
     let sql = format!(
-        "SELECT {p}, owner, epoch, failures FROM emt_leases {hint} WHERE subscription_id = $1 AND {p} IN ({marks}){lock}",
+        "SELECT {p}, owner, epoch, failures{idle} FROM emt_leases {hint} WHERE subscription_id = $1 AND {p} IN ({marks}){lock}",
         p = partition_column(backend),
     );
     let values = std::iter::once(Value::from(subscription)).chain(tenants.iter().map(|(t, _)| Value::from(t.as_str())));

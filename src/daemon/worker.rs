@@ -272,6 +272,7 @@ impl Worker {
                 let began = Instant::now();
                 let projector = Arc::clone(&self.projections[&subscription]);
                 let mut options = RunOptions::default().batch_size(self.options.batch_size).single_batch();
+                options.lease_ttl = Some(self.options.lease_ttl);
                 if self.options.skip_undecodable {
                     options = options.skip_undecodable_events();
                 }

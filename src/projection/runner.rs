@@ -39,6 +39,9 @@ pub struct RunOptions {
     skip_undecodable: bool,
     /// The daemon's lease `(owner, epoch)`: every batch commits only while it is held.
     pub(crate) lease: Option<(String, i64)>,
+    /// The daemon's lease TTL: on PostgreSQL a batch whose process stops talking (paused,
+    /// hung) for this long is ended by the server, so its locks don't block a takeover.
+    pub(crate) lease_ttl: Option<std::time::Duration>,
     /// A horizon the caller already waited for (the daemon's, for all tenants at once).
     pub(crate) until: Option<i64>,
 }
@@ -51,6 +54,7 @@ impl Default for RunOptions {
             single_batch: false,
             skip_undecodable: false,
             lease: None,
+            lease_ttl: None,
             until: None,
         }
     }
@@ -372,7 +376,8 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         let checkpoint = backend::lock_checkpoint(&txn, subscription, partition).await?;
         tracing::Span::current().record("checkpoint", checkpoint);
         if let Some((owner, epoch)) = &options.lease {
-            let held = backend::held_leases(&txn, subscription, owner, &[(partition.to_owned(), *epoch)]).await?;
+            let held = backend::held_leases(&txn, subscription, owner, &[(partition.to_owned(), *epoch)], options.lease_ttl)
+                    .await?;
             match held.get(partition) {
                 None => {
                     return Err(Error::LeaseLost { subscription: subscription.into(), partition: partition.into() });
@@ -469,7 +474,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         let txn = Arc::new(backend::begin_write(&self.store.executor()).await?);
         let names: Vec<&str> = tenants.iter().map(|(t, _)| t.as_str()).collect();
         let checkpoints = backend::lock_checkpoints(&txn, subscription, &names).await?;
-        let held = backend::held_leases(&txn, subscription, owner, tenants).await?;
+        let held = backend::held_leases(&txn, subscription, owner, tenants, options.lease_ttl).await?;
         let reads: Vec<(&str, i64)> = names
             .iter()
             .filter(|t| held.contains_key(**t))
