@@ -55,7 +55,8 @@ impl TestDatabase {
     }
 
     /// A database at `url`: a SQLite URL is used as it is; on a PostgreSQL or MySQL server (the
-    /// URL's database part is ignored) a new database with a unique name is made.
+    /// URL's database part is ignored) a new database with a unique name is made (on MySQL
+    /// with the exact collation as its default, so the read models' tables get exact keys).
     pub async fn at(url: &str) -> Self {
         let made_on = match url.split_once("://") {
             Some((scheme, rest)) if scheme.starts_with("postgres") || scheme == "mysql" => {
@@ -73,6 +74,9 @@ impl TestDatabase {
         let db = sea_orm::Database::connect(crate::configure(options))
             .await
             .unwrap_or_else(|err| panic!("test database {url}: {err}"));
+        if let Some((_, name)) = &made_on {
+            exact_by_default(&db, name).await;
+        }
         crate::migrate(&db).await.unwrap_or_else(|err| panic!("migrating the test database {url}: {err}"));
         Self { db, made_on }
     }
@@ -281,5 +285,14 @@ impl<'db, E: Event + 'static> ProjectionSpecification<'db, E> {
             run.unwrap_or_else(|err| panic!("projecting tenant {tenant}: {err}"));
         }
         self.db
+    }
+}
+
+/// MySQL: makes the exact collation (see [`crate::migrations::exact_collation`]) the default of
+/// database `name`, so tables created without one compare their keys exactly.
+async fn exact_by_default(db: &DatabaseConnection, name: &str) {
+    if let Some(collation) = crate::migrations::exact_collation(db).await.expect("the server's collations") {
+        let alter = format!("ALTER DATABASE {name} CHARACTER SET utf8mb4 COLLATE {collation}");
+        db.execute_unprepared(&alter).await.unwrap_or_else(|err| panic!("{alter}: {err}"));
     }
 }

@@ -109,7 +109,10 @@ async fn streams_and_partitions_are_listed_and_read(db: TestDb) {
             .contains("'acc-1' not found in partition 't3'")
     );
     assert!(failed(cli(&db, &["projections", "rebuild", "nothing"])).contains("not known to this binary"));
-    assert!(failed(cli(&db, &["projections", "reset", "nothing", "--partition", "t1", "--to", "0"])).contains("no checkpoint"));
+    assert!(
+        failed(cli(&db, &["projections", "reset", "nothing", "--partition", "t1", "--to", "0"]))
+            .contains("no checkpoint")
+    );
     ok(cli(&db, &["partitions", "add", "t9"]));
     // A projection run by a runner alone (no daemon, no lease) shows with its checkpoint and lag.
     let runner = emmett_seaorm::projection::ProjectionRunner::new(store.clone(), ProjectionRegistry::<Ev>::new());

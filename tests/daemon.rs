@@ -351,7 +351,7 @@ async fn a_paused_instance_tenants_are_taken_over_and_its_late_batches_refused(d
     for t in &tenants {
         deposit(&store, t, "x", 1).await;
     }
-    let (mut child, owner) = spawn_child_daemon(&db.url).await;
+    let (child, owner) = spawn_child_daemon(&db.url).await;
     let here = daemon(store.clone(), Arc::default()).start().await.expect("start");
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {

@@ -85,7 +85,8 @@ async fn run(db: TestDb, instances: usize) {
     let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
         let status = daemons[0].status().await.expect("status");
-        let good_done = status.leases.iter().filter(|l| l.tenant != PANICS && l.tenant != FAILS).all(|l| l.lag_events == 0);
+        let good_done =
+            status.leases.iter().filter(|l| l.tenant != PANICS && l.tenant != FAILS).all(|l| l.lag_events == 0);
         let parked = [PANICS, FAILS].iter().all(|t| status.get("totals", t).is_some_and(|l| l.parked));
         if status.leases.len() == 20 && good_done && parked {
             break status;
@@ -141,4 +142,56 @@ async fn across_two_instances_too(db: TestDb) {
     run(db, 2).await;
 }
 
-conformance!(a_panic_or_an_error_stops_only_its_tenant, across_two_instances_too);
+/// MySQL: a read model whose key column can't tell `Acme` from `acme` (a case-insensitive
+/// collation) is refused before anything is written, saying how to fix it; with the exact
+/// collation the two tenants get a row each.
+async fn a_key_column_that_mixes_tenants_is_refused(db: TestDb) {
+    if db.db.get_database_backend() != sea_orm::DbBackend::MySql {
+        return;
+    }
+    let create = "CREATE TABLE totals (tenant_id VARCHAR(100) COLLATE utf8mb4_general_ci NOT NULL, \
+                  account_id VARCHAR(100) NOT NULL, total BIGINT, PRIMARY KEY (tenant_id, account_id))";
+    db.db.execute_unprepared(create).await.unwrap();
+    let store = db.store();
+    for tenant in ["Acme", "acme", "acme "] {
+        deposit(&store, tenant, 1).await;
+    }
+    let runner = emmett_seaorm::projection::ProjectionRunner::new(store.clone(), registry_without_failures());
+    let options = emmett_seaorm::projection::RunOptions::default().partition("Acme");
+    let refused = runner.project_partition("totals", options.clone()).await;
+    assert!(
+        matches!(&refused, Err(Error::InvalidReadModel { reason, .. }) if reason.contains("tenant_id") && reason.contains("utf8mb4_general_ci")),
+        "{refused:?}"
+    );
+    let collation = emmett_seaorm::migrations::exact_collation(&db.db).await.unwrap().unwrap();
+    let fix =
+        format!("ALTER TABLE totals MODIFY tenant_id VARCHAR(100) CHARACTER SET utf8mb4 COLLATE {collation} NOT NULL");
+    db.db.execute_unprepared(&fix).await.unwrap();
+    let runner = emmett_seaorm::projection::ProjectionRunner::new(store.clone(), registry_without_failures());
+    for tenant in ["Acme", "acme", "acme "] {
+        let options = emmett_seaorm::projection::RunOptions::default().partition(tenant);
+        runner.project_partition("totals", options).await.expect("project");
+    }
+    let count =
+        db.db.query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::MySql, "SELECT count(*) FROM totals"));
+    let count: i64 = count.await.unwrap().unwrap().try_get_by_index(0).unwrap();
+    assert_eq!(count, 3, "one row per distinct tenant");
+}
+
+/// The totals projection alone.
+fn registry_without_failures() -> ProjectionRegistry<Ev> {
+    let totals = SnapshotProjection::new(
+        "totals",
+        |e: &RecordedEvent<Ev>, tenant: &str| keys! { "tenant_id" => tenant, "account_id" => &e.stream_id },
+        |total: i64, _: &Ev| total + 1,
+        || 0,
+    )
+    .columns(|total: &i64| columns! { "total" => *total });
+    ProjectionRegistry::new().with(totals)
+}
+
+conformance!(
+    a_panic_or_an_error_stops_only_its_tenant,
+    across_two_instances_too,
+    a_key_column_that_mixes_tenants_is_refused
+);

@@ -190,7 +190,8 @@ pub(crate) async fn claim(
         // A lease row locked by a batch in flight is not waited for (PostgreSQL): the round goes
         // on with the others, and takes this one later.
         unlocked = match backend {
-            DbBackend::Postgres => " AND EXISTS (SELECT 1 FROM emt_leases s WHERE s.subscription_id = $3
+            DbBackend::Postgres =>
+                " AND EXISTS (SELECT 1 FROM emt_leases s WHERE s.subscription_id = $3
                                      AND s.partition = $4 FOR UPDATE SKIP LOCKED)",
             _ => "",
         },
@@ -254,8 +255,8 @@ pub(crate) async fn revoke(
         "UPDATE emt_leases SET owner = NULL, expires_at = 0, epoch = epoch + 1, retry_at = 0
          WHERE subscription_id = $1{only}"
     );
-    let values = std::iter::once(Value::from(subscription))
-        .chain(partitions.into_iter().flatten().map(|p| Value::from(*p)));
+    let values =
+        std::iter::once(Value::from(subscription)).chain(partitions.into_iter().flatten().map(|p| Value::from(*p)));
     let revoked = conn.execute_raw(statement(backend, &sql, values)).await?.rows_affected();
     if backend == DbBackend::Postgres && revoked > 0 {
         conn.execute_unprepared(&format!("NOTIFY {LEASES_CHANNEL}")).await?;

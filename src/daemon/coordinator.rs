@@ -51,8 +51,10 @@ pub(super) async fn balance(
         let ttl_ms = ttl.as_millis() as i64;
         // Spread the instances over the free leases instead of all racing for the first ones.
         // (A lease of ours counts as free while our presence is reconnecting: not to be taken again.)
-        let mut free: Vec<&LeaseRow> =
-            rows.iter().filter(|r| r.free && !held.contains_key(&(r.subscription.clone(), r.partition.clone()))).collect();
+        let mut free: Vec<&LeaseRow> = rows
+            .iter()
+            .filter(|r| r.free && !held.contains_key(&(r.subscription.clone(), r.partition.clone())))
+            .collect();
         free.sort_by_key(|r| order(owner, &r.subscription, &r.partition));
         for row in free {
             if held.len() >= share {

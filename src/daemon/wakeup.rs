@@ -69,7 +69,8 @@ impl Presence {
                 pool.connect_options().as_ref().clone().application_name(&format!("{PRESENCE_PREFIX}{owner}"));
             let ready = Arc::new(tokio::sync::Notify::new());
             let name = format!("{PRESENCE_PREFIX}{owner}");
-            let task = tokio::spawn(listen(options, name, appends, renewals, Arc::clone(&up), wake, Arc::clone(&ready)));
+            let task =
+                tokio::spawn(listen(options, name, appends, renewals, Arc::clone(&up), wake, Arc::clone(&ready)));
             // Let the first connection come up (briefly) so the instance starts alive.
             let _ = tokio::time::timeout(Duration::from_secs(2), ready.notified()).await;
             return Self { up, renew, appended, leases, task: Some(task), _idle: None };

@@ -286,7 +286,10 @@ impl Worker {
                             let mut options = options.partition(tenant.clone());
                             options.lease = Some((self.owner.clone(), held.epoch));
                             let batch_size = self.options.batch_size;
-                            vec![agent::turn(projector, &subscription, tenant, options, batch_size, held.checkpoint).await]
+                            vec![
+                                agent::turn(projector, &subscription, tenant, options, batch_size, held.checkpoint)
+                                    .await,
+                            ]
                         }
                     }
                 };

@@ -256,7 +256,9 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
                         let ctx = ProjectionContext { txn, store, partition, stream, epoch: *epoch };
                         for event in batch.iter().filter(|e| registered.handles(&e.message_type)) {
                             let handled = AssertUnwindSafe(handler.handle(&ctx, event)).catch_unwind().await;
-                            handled.unwrap_or_else(|panic| Err(panicked(panic))).map_err(|e| handler_error(event, e))?;
+                            handled
+                                .unwrap_or_else(|panic| Err(panicked(panic)))
+                                .map_err(|e| handler_error(event, e))?;
                         }
                     }
                 }
@@ -267,7 +269,9 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
                             batch.iter().filter(|e| registered.handles(&e.message_type)).collect();
                         if let Some(first) = events.first() {
                             let handled = AssertUnwindSafe(handler.handle_batch(&ctx, &events)).catch_unwind().await;
-                            handled.unwrap_or_else(|panic| Err(panicked(panic))).map_err(|e| handler_error(first, e))?;
+                            handled
+                                .unwrap_or_else(|panic| Err(panicked(panic)))
+                                .map_err(|e| handler_error(first, e))?;
                         }
                     }
                 }

@@ -376,7 +376,8 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         let checkpoint = backend::lock_checkpoint(&txn, subscription, partition).await?;
         tracing::Span::current().record("checkpoint", checkpoint);
         if let Some((owner, epoch)) = &options.lease {
-            let held = backend::held_leases(&txn, subscription, owner, &[(partition.to_owned(), *epoch)], options.lease_ttl)
+            let held =
+                backend::held_leases(&txn, subscription, owner, &[(partition.to_owned(), *epoch)], options.lease_ttl)
                     .await?;
             match held.get(partition) {
                 None => {

@@ -133,9 +133,17 @@ impl<E, S> SnapshotProjection<E, S> {
                 list(&key_names)
             )));
         }
+        // A key column that can't tell two distinct ids apart (MySQL's default collations: case,
+        // accents, trailing spaces) would let tenants or keys overwrite each other's rows.
         for (column, collation) in &shape.columns {
             if let Some(collation) = collation.as_deref().filter(|c| key_names.contains(column) && !is_exact(c)) {
-                tracing::warn!(table = %self.table, column, collation, "a key column compares text inexactly: keys differing in case or trailing spaces share a row (see migrations::exact_collation)");
+                return Err(invalid(format!(
+                    "key column `{column}` has collation {collation}, under which ids differing only in case, \
+                     accents or trailing spaces are one key, so rows of distinct tenants or keys would overwrite \
+                     each other; make it exact: ALTER TABLE {table} MODIFY {column} VARCHAR(255) CHARACTER SET \
+                     utf8mb4 COLLATE <migrations::exact_collation()> NOT NULL",
+                    table = self.table
+                )));
             }
         }
         let columns = Arc::new(shape.columns.into_keys().collect::<BTreeSet<_>>());

@@ -188,6 +188,11 @@ async fn empty_database(backend: &'static str, var: &str, default: &str) -> Stri
     let admin = admin(backend, var, default).await;
     let name = unique_name();
     admin.execute_unprepared(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+    // MySQL: read-model tables made by the tests get exact keys, as the store requires.
+    if let Some(collation) = emmett_seaorm::migrations::exact_collation(&admin).await.expect("collations") {
+        let alter = format!("ALTER DATABASE {name} CHARACTER SET utf8mb4 COLLATE {collation}");
+        admin.execute_unprepared(&alter).await.expect("exact collation");
+    }
     admin.close().await.ok();
     format!("{}/{name}", server(var, default))
 }
