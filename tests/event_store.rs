@@ -614,8 +614,9 @@ impl emmett_seaorm::projection::EventHandler<Ev> for Panicky {
     }
 }
 
-/// A panicking inline projection panics in its caller's task and writes nothing; concurrent
-/// appends (on SQLite: of the same group) succeed, and the store keeps working.
+/// A panicking inline projection fails its append with a typed error naming the event and the
+/// panic, and writes nothing; concurrent appends (on SQLite: of the same group) succeed, and
+/// the store keeps working.
 async fn a_panicking_inline_projection_fails_its_append_alone(db: TestDb) {
     let registry = emmett_seaorm::projection::ProjectionRegistry::new().on([], Panicky);
     let store = db.store().inline("panicky", registry);
@@ -631,7 +632,12 @@ async fn a_panicking_inline_projection_fails_its_append_alone(db: TestDb) {
     for (i, task) in tasks.into_iter().enumerate() {
         let answered = tokio::time::timeout(std::time::Duration::from_secs(10), task).await;
         match answered.expect("every append is answered") {
-            Err(panicked) if i == 5 => assert!(panicked.is_panic()),
+            Ok(Err(emmett_seaorm::Error::InlineProjection { projection, source })) if i == 5 => {
+                assert_eq!(projection, "panicky");
+                let message = source.to_string();
+                assert!(message.contains("panicked: ") && message.contains("a handler bug"), "{message}");
+                assert!(matches!(*source, emmett_seaorm::Error::Handler { ref stream, .. } if stream == "p-5"));
+            }
             Ok(res) if i != 5 => assert_eq!(res.unwrap().next_expected_stream_version, 1),
             other => panic!("append {i}: {other:?}"),
         }
