@@ -308,6 +308,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// A rebuild could not rebuild these tenants: each kept its previous read model and
+    /// checkpoint (its failure is recorded where `status` shows it); every other tenant was
+    /// rebuilt.
+    #[error("rebuild of '{subscription}' left {} tenant(s) with their previous read model: {}", failed.len(), failed.iter().map(|(t, e)| format!("'{t}': {e}")).collect::<Vec<_>>().join("; "))]
+    RebuildIncomplete {
+        /// The subscription id.
+        subscription: String,
+        /// The tenants not rebuilt, with why.
+        failed: Vec<(String, Error)>,
+    },
+
     /// A projection daemon's task ended abnormally (it panicked or was aborted).
     #[error("projection daemon '{owner}' ended abnormally: {reason}")]
     DaemonFailed {

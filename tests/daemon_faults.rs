@@ -178,6 +178,62 @@ async fn a_key_column_that_mixes_tenants_is_refused(db: TestDb) {
     assert_eq!(count, 3, "one row per distinct tenant");
 }
 
+/// The rows of `totals`: (tenant, total), ordered.
+async fn totals(db: &sea_orm::DatabaseConnection) -> Vec<(String, i64)> {
+    let sql = "SELECT tenant_id, total FROM totals ORDER BY tenant_id";
+    let rows = db.query_all_raw(sea_orm::Statement::from_string(db.get_database_backend(), sql)).await.unwrap();
+    rows.iter().map(|r| (r.try_get_by_index(0).unwrap(), r.try_get_by_index(1).unwrap())).collect()
+}
+
+/// A rebuild with code that fails for one tenant rebuilds every other tenant and leaves that
+/// one with its previous rows and checkpoint, recorded where `status` shows it; a tenant whose
+/// rows were deleted is restored by rebuilding that tenant alone.
+async fn a_failed_rebuild_keeps_the_failing_tenants_read_model(db: TestDb) {
+    let create = "CREATE TABLE totals (tenant_id VARCHAR(100) NOT NULL, account_id VARCHAR(100) NOT NULL, \
+                  total BIGINT, PRIMARY KEY (tenant_id, account_id))";
+    db.db.execute_unprepared(create).await.unwrap();
+    let store = db.store();
+    let tenants = ["r0", "r1", "r2", "r3", "r4"];
+    for (i, t) in tenants.iter().enumerate() {
+        for amount in [5, 7, if i == 2 { 13 } else { 1 }] {
+            deposit(&store, t, amount).await;
+        }
+    }
+    // Version 1 counts the deposits; version 2 sums them but fails on r2's deposit of 13.
+    let v1 = emmett_seaorm::projection::ProjectionRunner::new(store.clone(), registry_without_failures());
+    for t in tenants {
+        v1.project_partition("totals", emmett_seaorm::projection::RunOptions::default().partition(t)).await.unwrap();
+    }
+    let counted: Vec<(String, i64)> = tenants.iter().map(|t| (t.to_string(), 3)).collect();
+    assert_eq!(totals(&db.db).await, counted);
+    let heads = emmett_seaorm::daemon::recorded(&db.db).await.unwrap();
+    assert!(heads.is_empty(), "no daemon ran: {heads:?}");
+    let v2 = emmett_seaorm::projection::ProjectionRunner::new(store.clone(), registry());
+    let mut reports = 0;
+    let failed =
+        v2.rebuild("totals", emmett_seaorm::projection::RunOptions::default().batch_size(2), |_| reports += 1).await;
+    match &failed {
+        Err(Error::RebuildIncomplete { subscription, failed }) => {
+            assert_eq!(subscription, "totals");
+            assert_eq!(failed.len(), 1, "{failed:?}");
+            assert_eq!(failed[0].0, "r2");
+            assert!(failed[0].1.to_string().contains("13 is unlucky"), "{}", failed[0].1);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(reports > 0);
+    let summed: Vec<(String, i64)> = tenants.iter().map(|t| (t.to_string(), if *t == "r2" { 3 } else { 13 })).collect();
+    assert_eq!(totals(&db.db).await, summed, "r2 keeps version 1's row, the others have version 2's");
+    // r2's checkpoint did not move back: nothing is replayed by a daemon over the old rows.
+    let options = emmett_seaorm::projection::RunOptions::default().partition("r2");
+    assert_eq!(v1.project_partition("totals", options).await.unwrap().processed, 0);
+    // Rows deleted by hand come back by rebuilding that tenant alone (others untouched).
+    db.db.execute_unprepared("DELETE FROM totals WHERE tenant_id = 'r0'").await.unwrap();
+    let options = emmett_seaorm::projection::RunOptions::default().partition("r0");
+    v2.rebuild("totals", options, |_| {}).await.expect("rebuild r0");
+    assert_eq!(totals(&db.db).await, summed);
+}
+
 /// The totals projection alone.
 fn registry_without_failures() -> ProjectionRegistry<Ev> {
     let totals = SnapshotProjection::new(
@@ -193,5 +249,6 @@ fn registry_without_failures() -> ProjectionRegistry<Ev> {
 conformance!(
     a_panic_or_an_error_stops_only_its_tenant,
     across_two_instances_too,
-    a_key_column_that_mixes_tenants_is_refused
+    a_key_column_that_mixes_tenants_is_refused,
+    a_failed_rebuild_keeps_the_failing_tenants_read_model
 );

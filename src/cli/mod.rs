@@ -158,11 +158,17 @@ pub enum ProjectionsCommand {
     /// Per projection and tenant: checkpoint, head, lag, lease owner and expiry, parked error
     /// (projections run by a daemon, and those run by a `ProjectionRunner` alone).
     Status(JsonFlag),
-    /// Replay a projection from the first event of every tenant (in-place; needs the app's
-    /// registry: run it from the app's binary).
+    /// Replay a projection from the first event of every tenant, or of one (in place; needs the
+    /// app's registry: run it from the app's binary). Each tenant is rebuilt in one
+    /// transaction: a tenant that fails keeps its previous rows and checkpoint, its error is
+    /// shown by `status`, the others are rebuilt, and the command exits 1 naming it. Running
+    /// daemons go on from each tenant's new checkpoint.
     Rebuild {
         /// The projection's subscription id.
         name: String,
+        /// Only this tenant.
+        #[arg(long)]
+        partition: Option<String>,
         /// Events per batch.
         #[arg(long, default_value_t = 500)]
         batch_size: u64,
@@ -351,11 +357,12 @@ impl Command {
                 ops::read_stream(&store, &stream, &partition, from, json).await
             }
             Command::Projections(ProjectionsCommand::Status(flag)) => ops::status(db, flag).await,
-            Command::Projections(ProjectionsCommand::Rebuild { name, batch_size }) => {
-                projections
-                    .get(&name)?
-                    .replay(store, &name, true, RunOptions::default().batch_size(batch_size))
-                    .await?;
+            Command::Projections(ProjectionsCommand::Rebuild { name, partition, batch_size }) => {
+                let mut options = RunOptions::default().batch_size(batch_size);
+                if let Some(tenant) = partition {
+                    options = options.partition(tenant);
+                }
+                projections.get(&name)?.replay(store, &name, true, options).await?;
                 Ok(())
             }
             Command::Projections(ProjectionsCommand::CatchUp { name, partition, batch_size }) => {

@@ -35,7 +35,7 @@ impl<E: Event + 'static> Inline for Named<E> {
             .map(|(partition, events)| (partition.as_str(), None, std::mem::take(events)))
             .collect();
         if !batches.is_empty() {
-            self.registry.apply(store, None, &batches).await?;
+            self.registry.apply(store, None, &batches, None).await?;
         }
         Ok(())
     }

@@ -21,6 +21,21 @@ pub struct ProjectionContext<'a> {
     /// The stream of a per-stream run (`project_events`); `None` for a partition run.
     pub(crate) stream: Option<&'a str>,
     pub(crate) epoch: Option<i64>,
+    /// In a rebuild: the rows folded again so far (others' stored snapshots are ignored).
+    pub(crate) replay: Option<&'a Replay>,
+}
+
+/// The snapshot ids (per read-model table) a rebuild of one tenant has folded again so far:
+/// a stored snapshot not among them is from before the rebuild, and folding starts over from
+/// the initial state.
+#[derive(Default)]
+pub(crate) struct Replay(std::sync::Mutex<std::collections::BTreeSet<(String, String)>>);
+
+impl Replay {
+    /// Whether `id` of `table` was not folded again yet; it counts as folded from now on.
+    pub(crate) fn first_time(&self, table: &str, id: &str) -> bool {
+        self.0.lock().expect("not poisoned").insert((table.to_owned(), id.to_owned()))
+    }
 }
 
 impl ProjectionContext<'_> {
@@ -217,24 +232,15 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
         }
     }
 
-    /// Forgets the snapshots of every snapshot projection (for a rebuild).
-    pub(crate) async fn forget(&self, txn: &sea_orm::DatabaseTransaction) -> Result<()> {
-        for registered in &self.steps {
-            if let Step::Snapshot(projection) = &registered.step {
-                projection.forget(txn).await?;
-            }
-        }
-        Ok(())
-    }
-
     /// Runs every step, in registration order, on the batches of one transaction: `(partition,
     /// the lease epoch it runs under, its events in global order)` each; `stream` for a
-    /// per-stream run.
+    /// per-stream run; `replay` in a rebuild.
     pub(crate) async fn apply(
         &self,
         store: &EventStore,
         stream: Option<&str>,
         batches: &[TenantBatch<'_, E>],
+        replay: Option<&Replay>,
     ) -> Result<()> {
         let txn = store.transaction().expect("a batch runs on a session store");
         for registered in &self.steps {
@@ -247,13 +253,14 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
                         .flat_map(|(_, _, batch)| batch.iter().filter(|e| registered.handles(&e.message_type)))
                         .collect();
                     if let Some(first) = events.first() {
-                        let ctx = ProjectionContext { txn, store, partition: &first.partition, stream, epoch: None };
+                        let ctx =
+                            ProjectionContext { txn, store, partition: &first.partition, stream, epoch: None, replay };
                         projection.fold(&ctx, &events).await?;
                     }
                 }
                 Step::Custom(handler) => {
                     for (partition, epoch, batch) in batches {
-                        let ctx = ProjectionContext { txn, store, partition, stream, epoch: *epoch };
+                        let ctx = ProjectionContext { txn, store, partition, stream, epoch: *epoch, replay };
                         for event in batch.iter().filter(|e| registered.handles(&e.message_type)) {
                             let handled = AssertUnwindSafe(handler.handle(&ctx, event)).catch_unwind().await;
                             handled
@@ -264,7 +271,7 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
                 }
                 Step::Batch(handler) => {
                     for (partition, epoch, batch) in batches {
-                        let ctx = ProjectionContext { txn, store, partition, stream, epoch: *epoch };
+                        let ctx = ProjectionContext { txn, store, partition, stream, epoch: *epoch, replay };
                         let events: Vec<&RecordedEvent<E>> =
                             batch.iter().filter(|e| registered.handles(&e.message_type)).collect();
                         if let Some(first) = events.first() {

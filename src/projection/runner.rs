@@ -1,7 +1,7 @@
 //! The ProjectionRunner: feeds a registry from the store, one transaction per batch, resuming
 //! from a checkpoint in `subscriptions`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect};
 
 use super::ProjectionRegistry;
+use super::registry::Replay;
 use crate::backend;
 use crate::backend::{is_retried, retry_policy};
 use crate::error::{Error, Result};
@@ -249,14 +250,18 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         self.fill(subscription_id, partition, &options, &mut report, &mut progress).await
     }
 
-    /// Replays a projection from the first event of every tenant: forgets the subscription's
-    /// checkpoints and the snapshots of the registry's snapshot projections (an
-    /// [`in_table`](super::SnapshotProjection::in_table) projection's rows are its snapshots, so
-    /// they are deleted), in one transaction, then projects every tenant, calling `progress`
-    /// after each batch. Rows of snapshot projections are rewritten as their events are
-    /// replayed; custom handlers see every event again (clear their tables first; don't rebuild
-    /// a reactor whose effects must not repeat). For a large read model that must keep
-    /// serving, fill a new version with [`catch_up`](Self::catch_up) instead.
+    /// Replays a projection from the first event of every tenant (of `options.partition` only,
+    /// when set), **one tenant at a time, each in one transaction**: the tenant's checkpoint
+    /// goes back to 0, its events are folded again from the initial state (snapshot
+    /// projections ignore their stored snapshots and rewrite every row the events reach; custom
+    /// handlers see every event again: clear their tables first, and don't rebuild a reactor
+    /// whose effects must not repeat), and the new checkpoint and rows commit together. A
+    /// tenant that fails keeps its previous read model and checkpoint, the failure is recorded
+    /// in its lease (where `status` shows it), and the other tenants are rebuilt: the run then
+    /// fails with [`Error::RebuildIncomplete`] naming them. Running daemons are fenced off each
+    /// tenant while it is rebuilt and go on from its new checkpoint. `progress` is called after
+    /// each batch. For a large read model that must keep serving, fill a new version with
+    /// [`catch_up`](Self::catch_up) instead.
     pub async fn rebuild(
         &self,
         subscription_id: &str,
@@ -264,33 +269,103 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         mut progress: impl FnMut(&Progress),
     ) -> Result<ProjectPartitionResult> {
         limits::check_identifier("subscription id", subscription_id, MAX_IDENTIFIER_CHARS)?;
-        let txn = Arc::new(backend::begin_write(&self.store.executor()).await?);
-        let tenants: Vec<String> = subscriptions::Entity::find()
-            .select_only()
-            .column(subscriptions::Column::Partition)
-            .filter(subscriptions::Column::SubscriptionId.eq(subscription_id))
-            .into_tuple()
-            .all(&*txn)
-            .await?;
-        // Ordered against batches in flight: they commit before, or see no checkpoint after.
-        backend::lock_checkpoints(&txn, subscription_id, &tenants.iter().map(String::as_str).collect::<Vec<_>>())
-            .await?;
-        subscriptions::Entity::delete_many()
-            .filter(subscriptions::Column::SubscriptionId.eq(subscription_id))
-            .exec(&*txn)
-            .await?;
-        self.registry.forget(&txn).await?;
-        commit(txn).await?;
-        let heads = backend::partition_heads(&self.store.executor(), None).await?;
-        let unarchived = messages::Entity::find().filter(messages::Column::IsArchived.eq(false));
-        let total = unarchived.count(&self.store.executor()).await?;
+        let executor = self.store.executor();
+        let (tenants, total) = match &options.partition {
+            Some(tenant) => {
+                check_run(subscription_id, tenant)?;
+                (vec![tenant.clone()], backend::pending(&executor, tenant, 0).await?.0.max(0) as u64)
+            }
+            None => {
+                let mut tenants: BTreeSet<String> =
+                    backend::partition_heads(&executor, None).await?.into_iter().map(|(t, _)| t).collect();
+                let checkpointed: Vec<String> = subscriptions::Entity::find()
+                    .select_only()
+                    .column(subscriptions::Column::Partition)
+                    .filter(subscriptions::Column::SubscriptionId.eq(subscription_id))
+                    .into_tuple()
+                    .all(&executor)
+                    .await?;
+                tenants.extend(checkpointed);
+                let unarchived = messages::Entity::find().filter(messages::Column::IsArchived.eq(false));
+                (tenants.into_iter().collect(), unarchived.count(&executor).await?)
+            }
+        };
         let mut report = Progress { partition: String::new(), processed: 0, total };
-        let mut last_processed_position = 0;
-        for (tenant, _) in heads {
-            let done = self.fill(subscription_id, &tenant, &options, &mut report, &mut progress).await?;
-            last_processed_position = last_processed_position.max(done.last_processed_position);
+        let (mut last_processed_position, mut failed) = (0, Vec::new());
+        for tenant in tenants {
+            report.partition = tenant.clone();
+            let counted = report.processed;
+            let mut pauses = backon::BackoffBuilder::build(retry_policy());
+            let rebuilt = loop {
+                report.processed = counted;
+                match self.rebuild_tenant(subscription_id, &tenant, &options, &mut report, &mut progress).await {
+                    Err(error) if is_retried(&error) => match pauses.next() {
+                        Some(pause) => tokio::time::sleep(pause).await,
+                        None => break Err(error),
+                    },
+                    done => break done,
+                }
+            };
+            match rebuilt {
+                Ok(checkpoint) => last_processed_position = last_processed_position.max(checkpoint),
+                Err(error) => {
+                    tracing::error!(subscription = subscription_id, tenant, %error, "tenant not rebuilt; it keeps its previous read model");
+                    let position = error.event_position().unwrap_or(0) as i64;
+                    let message = error.to_string();
+                    let recorded = backend::park(&executor, subscription_id, &tenant, 1, 0, &message, position);
+                    if let Err(record) = recorded.await {
+                        tracing::warn!(%record, "recording the failed rebuild failed");
+                    }
+                    failed.push((tenant, error));
+                }
+            }
         }
-        Ok(ProjectPartitionResult { processed: report.processed, last_processed_position })
+        match failed.is_empty() {
+            true => Ok(ProjectPartitionResult { processed: report.processed, last_processed_position }),
+            false => Err(Error::RebuildIncomplete { subscription: subscription_id.to_owned(), failed }),
+        }
+    }
+
+    /// Rebuilds one tenant in one transaction (see [`rebuild`](Self::rebuild)); its new
+    /// checkpoint.
+    async fn rebuild_tenant(
+        &self,
+        subscription: &str,
+        tenant: &str,
+        options: &RunOptions,
+        report: &mut Progress,
+        progress: &mut impl FnMut(&Progress),
+    ) -> Result<u64> {
+        let executor = self.store.executor();
+        let Some(until) = backend::horizon(&executor, tenant, 0, CATCH_UP_WAIT).await? else {
+            return Err(Error::Busy { source: sea_orm::DbErr::Custom("events still being written".into()) });
+        };
+        let txn = Arc::new(backend::begin_write(&executor).await?);
+        backend::lock_checkpoints(&txn, subscription, &[tenant]).await?;
+        let replay = Replay::default();
+        let mut checkpoint = 0;
+        loop {
+            let rows = read_after(&txn, tenant, Source::Partition { until }, checkpoint, options.batch_size).await?;
+            let count = rows.len() as u64;
+            let Some(last) = rows.last().and_then(|r| r.global_position) else { break };
+            checkpoint = last;
+            let batch = self.decode(&txn, subscription, rows, options).await?;
+            let session = self.store.bound_to(Arc::clone(&txn));
+            self.registry.apply(&session, None, &[(tenant, None, batch)], Some(&replay)).await?;
+            drop(session);
+            report.processed += count;
+            progress(report);
+            if count < options.batch_size {
+                break;
+            }
+        }
+        backend::move_checkpoints(&txn, subscription, &[(tenant, checkpoint)]).await?;
+        backend::unpark(&txn, subscription, &[tenant]).await?;
+        // Last, so the lease row is locked only for a moment: a daemon's batch of this tenant
+        // waiting for the checkpoint finds its lease gone; its next round takes it again.
+        backend::revoke(&*txn, subscription, Some(&[tenant])).await?;
+        commit(txn).await?;
+        Ok(checkpoint as u64)
     }
 
     /// Projects `partition` up to its horizon, one batch at a time, adding to `report`.
@@ -406,7 +481,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         };
         let epoch = options.lease.as_ref().map(|(_, epoch)| *epoch);
         let session = self.store.bound_to(Arc::clone(&txn));
-        self.registry.apply(&session, stream, &[(partition, epoch, batch)]).await?;
+        self.registry.apply(&session, stream, &[(partition, epoch, batch)], None).await?;
         drop(session);
         subscriptions::Entity::update_many()
             .col_expr(subscriptions::Column::LastProcessedPosition, Expr::value(next_checkpoint))
@@ -513,7 +588,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
             }
         }
         let session = self.store.bound_to(Arc::clone(&txn));
-        self.registry.apply(&session, None, &batches).await?;
+        self.registry.apply(&session, None, &batches, None).await?;
         drop(session);
         backend::move_checkpoints(&txn, subscription, &moved).await?;
         commit(txn).await?;

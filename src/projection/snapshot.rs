@@ -254,9 +254,6 @@ struct Row<'a, E, S> {
 #[async_trait::async_trait]
 pub(crate) trait Fold<E>: Send + Sync {
     async fn fold(&self, ctx: &ProjectionContext<'_>, events: &[&RecordedEvent<E>]) -> Result<()>;
-
-    /// Forgets every snapshot, so the next events fold from the initial state again.
-    async fn forget(&self, txn: &sea_orm::DatabaseTransaction) -> Result<()>;
 }
 
 #[async_trait::async_trait]
@@ -265,19 +262,6 @@ where
     E: Send + Sync,
     S: Serialize + DeserializeOwned + Send + Sync,
 {
-    async fn forget(&self, txn: &sea_orm::DatabaseTransaction) -> Result<()> {
-        match self.storage {
-            Storage::SnapshotTable => {
-                let mine = snapshots::Column::ReadmodelTableName.eq(self.table.as_str());
-                snapshots::Entity::delete_many().filter(mine).exec(txn).await?;
-            }
-            Storage::InTable => {
-                txn.execute(&Query::delete().from_table(Alias::new(self.table.as_str())).to_owned()).await?;
-            }
-        }
-        Ok(())
-    }
-
     async fn fold(&self, ctx: &ProjectionContext<'_>, events: &[&RecordedEvent<E>]) -> Result<()> {
         let mut rows: BTreeMap<String, Row<'_, E, S>> = BTreeMap::new();
         for &event in events {
@@ -298,7 +282,9 @@ where
             Storage::InTable => self.lock_rows(ctx, &rows).await?,
         };
         for (id, row) in rows.iter_mut() {
-            let (mut last_global, mut state) = match stored.remove(id) {
+            // A rebuild folds every row again from the initial state.
+            let stored = stored.remove(id).filter(|_| ctx.replay.is_none_or(|r| !r.first_time(&self.table, id)));
+            let (mut last_global, mut state) = match stored {
                 Some((position, json)) => (position, self.decode(id, json)?),
                 None => (0, (self.initial_state)()),
             };
