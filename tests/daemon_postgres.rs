@@ -86,12 +86,22 @@ async fn an_idle_daemon_burns_no_transaction_ids(db: TestDb) {
     // `pg_stat_database` within 10 s of going idle (PostgreSQL's PGSTAT_IDLE_INTERVAL), not to
     // be counted in the window.
     tokio::time::sleep(Duration::from_secs(11)).await;
-    let (before, statements_before) = (next_xid(&db.db).await, statements(&db.db).await);
-    tokio::time::sleep(Duration::from_secs(30)).await;
-    let (after, statements_after) = (next_xid(&db.db).await, statements(&db.db).await);
-    assert_eq!(after, before, "transaction ids taken while idle");
-    // About one query a second: the coordination round, which reads the head with the leases.
-    let per_second = (statements_after - statements_before - 2) as f64 / 30.0;
+    // Transaction ids are the cluster's: autovacuum analysing what earlier tests wrote in other
+    // databases takes some. A daemon that wrote (a renewal every 2 s) would take
+    // them in every 15 s window; one clean window of three is the proof.
+    let mut windows = Vec::new();
+    let per_second = loop {
+        let (before, statements_before) = (next_xid(&db.db).await, statements(&db.db).await);
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        let (after, statements_after) = (next_xid(&db.db).await, statements(&db.db).await);
+        windows.push(after - before);
+        if after == before {
+            break (statements_after - statements_before - 2) as f64 / 15.0;
+        }
+        assert!(windows.len() < 3, "transaction ids taken while idle, in every window: {windows:?}");
+    };
+    // About one query a second: the coordination round, which reads the head with the leases
+    // (and a renewal of the presence deadline every 2 s, no write).
     println!("idle: {per_second:.2} statements/s");
     assert!(per_second <= 1.5, "{per_second:.2} statements/s while idle");
     // Still awake: an append from another pool is projected.
