@@ -163,6 +163,17 @@ async fn projections_and_leases_show_what_the_daemons_do(db: TestDb) {
     assert_eq!(good["checkpoint"], good["head"]);
     let table = ok(cli(&db, &["projections", "status"]));
     assert!(table.starts_with("PROJECTION") && table.contains("13 is unlucky"), "{table}");
+    // Filters.
+    let tenants = |args: &[&str]| -> Vec<String> {
+        let mut all = vec!["projections", "status", "--json"];
+        all.extend_from_slice(args);
+        json_lines(&ok(cli(&db, &all))).iter().map(|s| s["tenant"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(tenants(&["--lagging"]), ["bad"]);
+    assert_eq!(tenants(&["--partition", "good"]), ["good"]);
+    assert_eq!(tenants(&["--projection", "picky", "--partition", "good"]), ["good"]);
+    assert!(tenants(&["--projection", "other"]).is_empty());
+    assert!(tenants(&["--parked"]).is_empty(), "one failure of 3 retries is not parked yet");
     let leases = json_lines(&ok(cli(&db, &["leases", "list", "--json"])));
     assert!(leases.iter().all(|l| l["owner"].as_str() == Some(daemon.owner())), "{leases:?}");
     // The parked error names the poison event's global position: a reset to it skips it.
@@ -187,6 +198,19 @@ async fn projections_and_leases_show_what_the_daemons_do(db: TestDb) {
     let released = ok(cli(&db, &["leases", "release", daemon.owner()]));
     assert!(released.contains("released 2 lease(s)"), "{released}");
     drop(daemon);
+    // A projection nobody runs any more is retired, with a confirmation.
+    assert!(failed(cli(&db, &["projections", "retire", "picky"])).contains("--yes"));
+    let retired = ok(cli(&db, &["projections", "retire", "picky", "--yes"]));
+    assert!(retired.contains("2 checkpoint(s), 2 lease(s)"), "{retired}");
+    assert!(tenants(&[]).is_empty());
+    assert!(failed(cli(&db, &["projections", "retire", "picky", "--yes"])).contains("no checkpoint or lease"));
+    // Tenant ids that differ only by spaces are told apart in tables.
+    store
+        .append_to_stream("c", [Ev::Deposited { amount: 1 }], AppendOptions::default().partition("good "))
+        .await
+        .unwrap();
+    let table = ok(cli(&db, &["partitions", "list"]));
+    assert!(table.lines().any(|l| l.starts_with("\"good \"")), "{table}");
 }
 
 /// The app's own binary, mounting the commands.

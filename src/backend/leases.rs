@@ -346,6 +346,13 @@ pub(crate) async fn leave(conn: &impl ConnectionTrait, owner: &str) -> Result<u6
     Ok(released)
 }
 
+/// Removes every lease row of `subscription` (retiring it); their number.
+pub(crate) async fn forget_leases(conn: &impl ConnectionTrait, subscription: &str) -> Result<u64, DbErr> {
+    let backend = conn.get_database_backend();
+    let sql = "DELETE FROM emt_leases WHERE subscription_id = $1";
+    Ok(conn.execute_raw(statement(backend, sql, [subscription.into()])).await?.rows_affected())
+}
+
 /// Every subscription with lease rows: the projections daemons have run.
 pub(crate) async fn lease_subscriptions(conn: &impl ConnectionTrait) -> Result<Vec<String>, DbErr> {
     let sql = "SELECT DISTINCT subscription_id FROM emt_leases ORDER BY subscription_id";

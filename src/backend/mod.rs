@@ -37,7 +37,8 @@ pub(crate) use horizon::{
 pub(crate) use leases::{LEASES_CHANNEL, PRESENCE_PREFIX, presence_renewal};
 pub(crate) use leases::{
     LeaseRow, Leases, claim, create_lease_tables, create_owner_index, drop_lease_tables, drop_owner_index,
-    ensure_leases, heartbeat, held_leases, lease_subscriptions, leases, leave, park, release, revoke, unpark,
+    ensure_leases, forget_leases, heartbeat, held_leases, lease_subscriptions, leases, leave, park, release, revoke,
+    unpark,
 };
 pub(crate) use locks::{lock_checkpoint, lock_checkpoints, lock_snapshots, move_checkpoints};
 pub(crate) use schema::{

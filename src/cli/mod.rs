@@ -157,7 +157,7 @@ pub enum Streams {
 pub enum ProjectionsCommand {
     /// Per projection and tenant: checkpoint, head, lag, lease owner and expiry, parked error
     /// (projections run by a daemon, and those run by a `ProjectionRunner` alone).
-    Status(JsonFlag),
+    Status(StatusFilter),
     /// Replay a projection from the first event of every tenant, or of one (in place; needs the
     /// app's registry: run it from the app's binary). Each tenant is rebuilt in one
     /// transaction: a tenant that fails keeps its previous rows and checkpoint, its error is
@@ -201,6 +201,16 @@ pub enum ProjectionsCommand {
         #[arg(long)]
         to: u64,
     },
+    /// Forget a projection nobody runs any more: its checkpoints, leases and skipped-event
+    /// records (its read-model tables and snapshots are the app's to drop). A daemon still
+    /// running it would start it again from the first event.
+    Retire {
+        /// The projection's subscription id.
+        name: String,
+        /// Yes, forget it.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Retry parked tenants now instead of after their backoff (e.g. once a fix is deployed):
     /// running daemons take the leases again within a poll interval and run them at once.
     Resume {
@@ -222,6 +232,26 @@ pub enum Leases {
         /// The instance (the owner column of `leases list`).
         owner: String,
     },
+}
+
+/// `projections status`: which (projection, tenant) pairs to show.
+#[derive(Args, Debug, Clone)]
+pub struct StatusFilter {
+    /// Only parked ones (failed their retries in a row).
+    #[arg(long)]
+    pub parked: bool,
+    /// Only those with events past their checkpoint.
+    #[arg(long)]
+    pub lagging: bool,
+    /// Only this projection (subscription id).
+    #[arg(long)]
+    pub projection: Option<String>,
+    /// Only this tenant.
+    #[arg(long)]
+    pub partition: Option<String>,
+    /// `--json`.
+    #[command(flatten)]
+    pub json: JsonFlag,
 }
 
 /// `--json`: one JSON object per line instead of a table.
@@ -356,7 +386,8 @@ impl Command {
             Command::Streams(Streams::Read { stream, partition, from, json }) => {
                 ops::read_stream(&store, &stream, &partition, from, json).await
             }
-            Command::Projections(ProjectionsCommand::Status(flag)) => ops::status(db, flag).await,
+            Command::Projections(ProjectionsCommand::Status(filter)) => ops::status(db, filter).await,
+            Command::Projections(ProjectionsCommand::Retire { name, yes }) => ops::retire(db, &name, yes).await,
             Command::Projections(ProjectionsCommand::Rebuild { name, partition, batch_size }) => {
                 let mut options = RunOptions::default().batch_size(batch_size);
                 if let Some(tenant) = partition {

@@ -8,9 +8,9 @@ use sea_orm_migration::MigratorTrait;
 use serde_json::json;
 
 use super::report::{self, Table};
-use super::{CliError, JsonFlag, Migrate};
+use super::{CliError, JsonFlag, Migrate, StatusFilter};
 use crate::migrations::{self, Migrator};
-use crate::schema::{streams, subscriptions};
+use crate::schema::{skipped_events, streams, subscriptions};
 use crate::store::{EventStore, ReadOptions};
 use crate::{backend, daemon};
 
@@ -123,7 +123,7 @@ pub(super) async fn read_stream(
 
 /// Every (projection, tenant) with a lease (run by a daemon) or a checkpoint (run by a
 /// `ProjectionRunner` alone), by projection and tenant.
-pub(super) async fn status(db: &DatabaseConnection, flag: JsonFlag) -> Result<(), CliError> {
+pub(super) async fn status(db: &DatabaseConnection, filter: StatusFilter) -> Result<(), CliError> {
     let mut records = BTreeMap::new();
     for l in daemon::recorded(db).await? {
         let (error, error_position) = l.last_error.clone().unzip();
@@ -152,11 +152,46 @@ pub(super) async fn status(db: &DatabaseConnection, flag: JsonFlag) -> Result<()
         records.insert(key, record);
     }
     let columns = ["projection", "tenant", "checkpoint", "head", "lag", "lag_age", "owner", "expires", "error"];
-    let mut table = Table::new(columns).json(flag.json);
-    for record in records.into_values() {
+    let mut table = Table::new(columns).json(filter.json.json);
+    let shown = |r: &serde_json::Value| {
+        (!filter.parked || r["parked"] == true)
+            && (!filter.lagging || r["lag"].as_i64().unwrap_or(0) > 0)
+            && filter.projection.as_deref().is_none_or(|p| r["projection"] == p)
+            && filter.partition.as_deref().is_none_or(|t| r["tenant"] == t)
+    };
+    for record in records.into_values().filter(shown) {
         table.record(record);
     }
     table.print();
+    Ok(())
+}
+
+pub(super) async fn retire(db: &DatabaseConnection, name: &str, yes: bool) -> Result<(), CliError> {
+    if !yes {
+        return Err(CliError::Invalid(format!(
+            "retire forgets every checkpoint and lease of '{name}'; pass --yes to do it"
+        )));
+    }
+    let txn = backend::begin_write(db).await?;
+    let checkpoints = subscriptions::Entity::delete_many()
+        .filter(subscriptions::Column::SubscriptionId.eq(name))
+        .exec(&txn)
+        .await?
+        .rows_affected;
+    let skipped = skipped_events::Entity::delete_many()
+        .filter(skipped_events::Column::SubscriptionId.eq(name))
+        .exec(&txn)
+        .await?
+        .rows_affected;
+    let leases = backend::forget_leases(&txn, name).await?;
+    txn.commit().await?;
+    if checkpoints + leases == 0 {
+        return Err(CliError::Invalid(format!("projection '{name}' has no checkpoint or lease")));
+    }
+    println!(
+        "projection '{name}' retired: {checkpoints} checkpoint(s), {leases} lease(s), {skipped} skipped-event record(s) \
+         removed; drop its read-model tables yourself"
+    );
     Ok(())
 }
 

@@ -62,11 +62,16 @@ impl Table {
     }
 }
 
-/// A JSON value as a table cell: strings bare, nothing as `-`.
+/// A JSON value as a table cell: strings bare — quoted and escaped when bare would hide
+/// something (empty, leading or trailing spaces, control characters: tenant ids that differ
+/// only so) — nothing as `-`.
 fn cell(value: Option<&Value>) -> String {
     match value {
         None | Some(Value::Null) => "-".to_owned(),
-        Some(Value::String(s)) => s.replace('\n', " "),
+        Some(Value::String(s)) if s.is_empty() || s.trim() != s || s.chars().any(char::is_control) => {
+            Value::String(s.clone()).to_string()
+        }
+        Some(Value::String(s)) => s.clone(),
         Some(other) => other.to_string(),
     }
 }
