@@ -273,6 +273,8 @@ fn unreachable_databases_and_bad_urls_are_one_line_errors() {
     assert!(refused.contains("cannot connect to postgres://postgres:***@127.0.0.1:1/db"), "{refused}");
     assert!(!refused.contains("secret"));
     assert!(failed(run("nonsense")).contains("cannot connect to nonsense"));
+    let missing = failed(run("sqlite:///no/such/dir/file.db"));
+    assert!(missing.contains("/no/such/dir/file.db does not exist") && missing.contains("?mode=rwc"), "{missing}");
     let none = Process::new(env!("CARGO_BIN_EXE_emmett-seaorm"))
         .args(["streams", "list"])
         .env_remove("DATABASE_URL")

@@ -276,6 +276,12 @@ pub enum CliError {
         /// Why.
         source: DbErr,
     },
+    /// A SQLite URL names a file that does not exist (and does not ask to create it).
+    #[error("SQLite database file {path} does not exist; to create it, add ?mode=rwc to the URL (sqlite://{path}?mode=rwc)")]
+    NoSuchFile {
+        /// The file.
+        path: String,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] Error),
@@ -339,6 +345,16 @@ impl<E: Event + 'static> Replay for Arc<ProjectionRegistry<E>> {
     }
 }
 
+/// The file of a SQLite URL when it does not exist and the URL does not ask to create it
+/// (`mode=rwc`) or name an in-memory database.
+fn missing_sqlite_file(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let creates_or_memory = query.split('&').any(|p| p == "mode=rwc" || p == "mode=memory");
+    let missing = !creates_or_memory && !path.is_empty() && path != ":memory:" && !std::path::Path::new(path).exists();
+    missing.then(|| path.to_owned())
+}
+
 /// Parses the arguments, runs the command and reports an error as one line on stderr: the whole
 /// `emmett-seaorm` binary, for an app's `main` to call with its projections.
 pub async fn main(projections: &Projections) -> ExitCode {
@@ -360,6 +376,9 @@ impl Command {
 
     /// Connects to `database_url` and runs the command, printing its output on stdout.
     pub async fn run(self, database_url: &str, projections: &Projections) -> Result<(), CliError> {
+        if let Some(path) = missing_sqlite_file(database_url) {
+            return Err(CliError::NoSuchFile { path });
+        }
         let mut options = sea_orm::ConnectOptions::new(database_url);
         options.connect_timeout(Duration::from_secs(5)).acquire_timeout(Duration::from_secs(5)).sqlx_logging(false);
         let db = sea_orm::Database::connect(crate::configure(options))
