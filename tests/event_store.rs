@@ -362,6 +362,32 @@ async fn read_options_select_a_range(db: TestDb) {
     assert_eq!(positions(ReadOptions::default().to(2)).await, [1, 2]);
     assert_eq!(positions(ReadOptions::default().from(2).max_count(3)).await, [2, 3, 4]);
     assert_eq!(positions(ReadOptions::default().from(11)).await, Vec::<u64>::new());
+    assert_eq!(positions(ReadOptions::default().max_count(0)).await, Vec::<u64>::new());
+    // The aggregate folds exactly the events the same options read.
+    for options in [
+        ReadOptions::default().max_count(0),
+        ReadOptions::default().from(2).max_count(3),
+        ReadOptions::default().from(4).to(6),
+        ReadOptions::default().max_count(1),
+    ] {
+        let read: Vec<u64> = positions(options.clone()).await;
+        let folded = store
+            .aggregate_stream(
+                "r",
+                |mut seen: Vec<u64>, e: &Ev| {
+                    seen.push(match e {
+                        Ev::Deposited { amount } => *amount as u64,
+                        _ => 0,
+                    });
+                    seen
+                },
+                Vec::new,
+                options,
+            )
+            .await
+            .unwrap();
+        assert_eq!(folded.state, read, "deposit n is at position n");
+    }
     assert_eq!(positions(ReadOptions::default().to(50)).await.len(), 10);
     let missing = store.read_stream::<Ev>("nope", ReadOptions::default()).await.unwrap();
     assert!(!missing.stream_exists && missing.events.is_empty());

@@ -975,6 +975,53 @@ async fn killed_connections_lose_and_repeat_nothing(db: TestDb) {
     daemon.stop().await.expect("stop");
 }
 
+/// Reads while every connection is killed again and again: a read is retried (it is always safe
+/// to), and one that still fails never says it may have written.
+async fn reads_outlast_killed_connections(db: TestDb) {
+    let store = EventStore::new(db.second_pool().await);
+    store
+        .append_to_stream("r", (1..=20).map(|amount| Ev::Deposited { amount }), AppendOptions::default())
+        .await
+        .unwrap();
+    let killer = sea_orm::Database::connect(&db.url).await.unwrap();
+    let reading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let reader = {
+        let (store, reading) = (store.clone(), std::sync::Arc::clone(&reading));
+        tokio::spawn(async move {
+            let (mut reads, mut failures) = (0, Vec::new());
+            while reading.load(std::sync::atomic::Ordering::SeqCst) {
+                let read = store.read_stream::<Ev>("r", ReadOptions::default()).await.map(|r| r.events.len());
+                let folded = store.aggregate_stream("r", |n: usize, _: &Ev| n + 1, || 0, ReadOptions::default());
+                for done in [read, folded.await.map(|a| a.state)] {
+                    reads += 1;
+                    match done {
+                        Ok(n) => assert_eq!(n, 20),
+                        Err(error) => failures.push(error),
+                    }
+                }
+            }
+            (reads, failures)
+        })
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    let mut killed = 0;
+    while std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        killed += common::kill_connections(&killer, false).await;
+    }
+    reading.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (reads, failures) = reader.await.unwrap();
+    eprintln!("reads under kills: {killed} killed, {reads} reads, {} failed", failures.len());
+    assert!(killed > 5 && reads >= 10, "{killed} kills, {reads} reads");
+    for failure in &failures {
+        assert!(
+            matches!(failure, Error::ConnectionLost { maybe_written: false, .. } | Error::Busy { .. }),
+            "{failure:?}"
+        );
+    }
+    assert!(failures.len() * 20 <= reads, "reads were not retried: {} of {reads} failed", failures.len());
+}
+
 /// A PostgreSQL cluster of the test's own (initdb, pg_ctl), on a port of its own, removed when
 /// dropped: a server the test may restart.
 struct OwnCluster {
@@ -1078,5 +1125,9 @@ async fn a_restarted_server_loses_and_repeats_nothing() {
 
 mod servers {
     use super::*;
-    conformance!(servers: a_tenants_work_never_touches_anothers_rows, killed_connections_lose_and_repeat_nothing);
+    conformance!(
+        servers: a_tenants_work_never_touches_anothers_rows,
+        killed_connections_lose_and_repeat_nothing,
+        reads_outlast_killed_connections
+    );
 }

@@ -277,7 +277,9 @@ pub enum CliError {
         source: DbErr,
     },
     /// A SQLite URL names a file that does not exist (and does not ask to create it).
-    #[error("SQLite database file {path} does not exist; to create it, add ?mode=rwc to the URL (sqlite://{path}?mode=rwc)")]
+    #[error(
+        "SQLite database file {path} does not exist; to create it, add ?mode=rwc to the URL (sqlite://{path}?mode=rwc)"
+    )]
     NoSuchFile {
         /// The file.
         path: String,

@@ -374,7 +374,9 @@ impl EventStore {
     }
 
     /// Folds a stream with the domain's `evolve`, page by page, so a stream of any length folds
-    /// in bounded memory. `options.expected` checks the version before folding.
+    /// in bounded memory: the events [`read_stream`](Self::read_stream) would return with the
+    /// same options (`from`, `to`, `max_count`). `options.expected` checks the version before
+    /// folding.
     pub async fn aggregate_stream<E: Event, S>(
         &self,
         stream_id: &str,
@@ -389,11 +391,14 @@ impl EventStore {
         let to = options.to.map_or(version, |to| to.min(version));
         let mut state = initial_state();
         let mut next = options.from.unwrap_or(1).max(1);
-        while next <= to {
+        // At most `max_count` events, as `read_stream` returns.
+        let mut left = options.max_count.unwrap_or(u64::MAX);
+        while next <= to && left > 0 {
             let page: Vec<RecordedEvent<E>> =
-                self.read_range(stream_id, partition, next, to, Some(AGGREGATE_PAGE)).await?;
+                self.read_range(stream_id, partition, next, to, Some(AGGREGATE_PAGE.min(left))).await?;
             let Some(last) = page.last() else { break };
             next = last.stream_position + 1;
+            left -= page.len() as u64;
             state = page.iter().fold(state, |state, recorded| evolve(state, &recorded.event));
         }
         Ok(AggregateStreamResult { state, current_stream_version: version, stream_exists: version > 0 })
@@ -500,9 +505,9 @@ impl EventStore {
 
     /// The stream's version, 0 when it does not exist.
     pub(crate) async fn stream_version(&self, stream_id: &str, partition: &str) -> Result<u64> {
-        let row = streams::Entity::find_by_id((stream_id.to_owned(), partition.to_owned(), false))
-            .one(&self.executor())
-            .await?;
+        let key = (stream_id.to_owned(), partition.to_owned(), false);
+        let row =
+            reading(|| async { Ok(streams::Entity::find_by_id(key.clone()).one(&self.executor()).await?) }).await?;
         Ok(row.map_or(0, |s| s.stream_position as u64))
     }
 
@@ -527,17 +532,26 @@ impl EventStore {
         to: u64,
         limit: Option<u64>,
     ) -> Result<Vec<RecordedEvent<E>>> {
-        let rows = messages::Entity::find()
+        let query = messages::Entity::find()
             .filter(messages::Column::StreamId.eq(stream_id))
             .filter(messages::Column::Partition.eq(partition))
             .filter(messages::Column::IsArchived.eq(false))
             .filter(messages::Column::StreamPosition.between(limits::clamp(from), limits::clamp(to)))
             .order_by_asc(messages::Column::StreamPosition)
-            .limit(limit.map(|n| limits::clamp(n) as u64))
-            .into_model::<StoredMessage>()
-            .all(&self.executor())
-            .await?;
+            .limit(limit.map(|n| limits::clamp(n) as u64));
+        let rows =
+            reading(|| async { Ok(query.clone().into_model::<StoredMessage>().all(&self.executor()).await?) }).await?;
         rows.into_iter().map(StoredMessage::decode).collect()
+    }
+}
+
+/// Runs a read, again after a lost connection or a busy database (a read is always safe to
+/// repeat; inside a session the transaction is gone and it fails again at once). A read that
+/// still fails never says it may have written.
+async fn reading<T, Fut: Future<Output = Result<T>>>(read: impl FnMut() -> Fut) -> Result<T> {
+    match read.retry(backend::retry_policy()).when(backend::is_retried).await {
+        Err(Error::ConnectionLost { source, .. }) => Err(Error::ConnectionLost { maybe_written: false, source }),
+        done => done,
     }
 }
 
