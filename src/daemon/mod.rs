@@ -56,6 +56,10 @@ use agent::Projector;
 /// Failed runs in a row after which a lease counts as parked, unless [`Daemon::retries`] says.
 const DEFAULT_RETRIES: u32 = 3;
 
+/// How many groups of (projection, tenant) pairs a daemon runs at once, unless
+/// [`Daemon::concurrency`] says.
+pub const DEFAULT_CONCURRENCY: usize = 8;
+
 /// The daemon's settings (see the builder methods of [`Daemon`]).
 #[derive(Debug, Clone)]
 pub(crate) struct Options {
@@ -83,7 +87,7 @@ impl Default for Options {
             backoff_max: Duration::from_secs(300),
             retries: DEFAULT_RETRIES,
             batch_size: 500,
-            concurrency: 8,
+            concurrency: DEFAULT_CONCURRENCY,
             skip_undecodable: false,
             notifications: true,
         }
@@ -172,7 +176,8 @@ impl Daemon {
         self
     }
 
-    /// How many (projection, tenant) pairs run at once (default 4).
+    /// How many groups of (projection, tenant) pairs (up to 16 tenants of one projection in one
+    /// transaction) run at once (default [`DEFAULT_CONCURRENCY`]).
     pub fn concurrency(mut self, concurrency: usize) -> Self {
         self.options.concurrency = concurrency.max(1);
         self

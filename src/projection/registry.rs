@@ -154,9 +154,11 @@ impl<E> Registered<E> {
     }
 }
 
-/// The projections and handlers a [`ProjectionRunner`](super::ProjectionRunner) feeds.
+/// The projections and handlers a [`ProjectionRunner`](super::ProjectionRunner) feeds: the
+/// TypeScript package's `SnapshotProjectionRegistry` (`createSnapshotProjectionRegistry`).
 ///
 /// Handlers run in registration order, all inside the batch's transaction.
+#[doc(alias = "SnapshotProjectionRegistry", alias = "createSnapshotProjectionRegistry")]
 pub struct ProjectionRegistry<E> {
     steps: Vec<Registered<E>>,
 }
