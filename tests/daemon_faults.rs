@@ -234,6 +234,51 @@ async fn a_failed_rebuild_keeps_the_failing_tenants_read_model(db: TestDb) {
     assert_eq!(totals(&db.db).await, summed);
 }
 
+/// An event type the enum no longer knows (renamed or removed) in a stream of the projection's
+/// own aggregate fails the run loudly, naming the event, as `aggregate_stream` does; another
+/// aggregate's events (streams with no type the enum knows) are passed over; a rebuild keeps
+/// the tenant's previous rows and says why.
+async fn an_event_type_the_code_no_longer_knows_is_not_folded_away(db: TestDb) {
+    let create = "CREATE TABLE totals (tenant_id VARCHAR(100) NOT NULL, account_id VARCHAR(100) NOT NULL, \
+                  total BIGINT, PRIMARY KEY (tenant_id, account_id))";
+    db.db.execute_unprepared(create).await.unwrap();
+    let store = db.store();
+    let json = |t: &str| serde_json::json!({ "type": t, "data": {} });
+    for tenant in ["renamed", "other"] {
+        deposit(&store, tenant, 5).await;
+        let options = AppendOptions::default().partition(tenant);
+        store.append_to_stream("customer-1", [json("CustomerRegistered")], options.clone()).await.unwrap();
+    }
+    let runner = emmett_seaorm::projection::ProjectionRunner::new(store.clone(), registry_without_failures());
+    let run = |tenant: &'static str| {
+        let runner = runner.clone();
+        async move {
+            runner.project_partition("totals", emmett_seaorm::projection::RunOptions::default().partition(tenant)).await
+        }
+    };
+    run("renamed").await.expect("before the rename");
+    // `acc` gets an event the enum no longer has a variant for.
+    let voided = store
+        .append_to_stream("acc", [json("AccountVoided")], AppendOptions::default().partition("renamed"))
+        .await
+        .unwrap()
+        .last_event_global_position;
+    let failed = run("renamed").await;
+    assert!(
+        matches!(&failed, Err(Error::UndecodableEvent { stream, message_type, global_position, .. })
+            if stream == "acc" && message_type == "AccountVoided" && *global_position == voided),
+        "{failed:?}"
+    );
+    assert_eq!(run("other").await.expect("another aggregate's events pass").processed, 2);
+    let rebuilt = runner.rebuild("totals", emmett_seaorm::projection::RunOptions::default(), |_| {}).await;
+    assert!(
+        matches!(&rebuilt, Err(Error::RebuildIncomplete { failed, .. })
+            if failed.len() == 1 && failed[0].0 == "renamed" && failed[0].1.to_string().contains("AccountVoided")),
+        "{rebuilt:?}"
+    );
+    assert_eq!(totals(&db.db).await, [("other".to_owned(), 1), ("renamed".to_owned(), 1)]);
+}
+
 /// The totals projection alone.
 fn registry_without_failures() -> ProjectionRegistry<Ev> {
     let totals = SnapshotProjection::new(
@@ -250,5 +295,6 @@ conformance!(
     a_panic_or_an_error_stops_only_its_tenant,
     across_two_instances_too,
     a_key_column_that_mixes_tenants_is_refused,
-    a_failed_rebuild_keeps_the_failing_tenants_read_model
+    a_failed_rebuild_keeps_the_failing_tenants_read_model,
+    an_event_type_the_code_no_longer_knows_is_not_folded_away
 );

@@ -81,9 +81,11 @@ pub(super) struct Held {
 }
 
 impl Held {
-    pub fn new(epoch: i64, failures: i64, retry_in: Duration) -> Self {
-        let retry_at = (!retry_in.is_zero()).then(|| Instant::now() + retry_in);
-        Self { epoch, checkpoint: None, dirty: true, head: 0, behind_since: None, failures, retry_at }
+    /// A lease just claimed. It runs at once, whatever backoff its last holder was waiting out
+    /// (after a restart a fix may have been deployed); a failure then backs off from its count
+    /// of failures in a row.
+    pub fn new(epoch: i64, failures: i64) -> Self {
+        Self { epoch, checkpoint: None, dirty: true, head: 0, behind_since: None, failures, retry_at: None }
     }
 
     /// Whether it should run now.

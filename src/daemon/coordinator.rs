@@ -61,11 +61,7 @@ pub(super) async fn balance(
                 break;
             }
             if let Some(epoch) = backend::claim(conn, row, owner, ttl_ms).await? {
-                let retry_in = Duration::from_millis(row.retry_in_ms.max(0) as u64);
-                held.insert(
-                    (row.subscription.clone(), row.partition.clone()),
-                    Held::new(epoch, row.failures, retry_in),
-                );
+                held.insert((row.subscription.clone(), row.partition.clone()), Held::new(epoch, row.failures));
                 tracing::info!(subscription = row.subscription, tenant = row.partition, epoch, "lease claimed");
             }
         }

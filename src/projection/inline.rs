@@ -6,6 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::ProjectionRegistry;
+use super::registry::Accepted;
 use crate::error::Result;
 use crate::event::{Event, RecordedEvent, StoredMessage};
 use crate::store::EventStore;
@@ -26,7 +27,9 @@ impl<E: Event + 'static> Inline for Named<E> {
     async fn apply(&self, store: &EventStore, rows: Vec<StoredMessage>) -> Result<()> {
         let mut by_partition: BTreeMap<String, Vec<RecordedEvent<E>>> = BTreeMap::new();
         for row in rows {
-            if let Some(event) = self.registry.accept(row)? {
+            // (Appends through a typed store write the enum's types: an unknown one is another
+            // aggregate's, appended as JSON.)
+            if let Accepted::Event(event) = self.registry.accept(row)? {
                 by_partition.entry(event.partition.clone()).or_default().push(event);
             }
         }

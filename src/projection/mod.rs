@@ -24,6 +24,7 @@
 //! ```
 
 mod inline;
+mod own_streams;
 mod registry;
 mod runner;
 mod snapshot;

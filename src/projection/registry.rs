@@ -66,6 +66,16 @@ impl ProjectionContext<'_> {
     }
 }
 
+/// What a registry makes of a stored event.
+pub(crate) enum Accepted<E> {
+    /// Decoded, for the projections.
+    Event(RecordedEvent<E>),
+    /// No projection handles its type.
+    Passed,
+    /// Its type is one the event enum doesn't know (and no projection names).
+    Unknown(Error),
+}
+
 /// The events of one partition in a batch: `(partition, the lease epoch it runs under, its
 /// events in global order)`.
 pub(crate) type TenantBatch<'a, E> = (&'a str, Option<i64>, Vec<RecordedEvent<E>>);
@@ -216,22 +226,25 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
         self.steps.iter().any(|s| s.event_types.as_ref().is_some_and(|types| types.iter().any(|t| t == message_type)))
     }
 
-    /// `row` decoded for the projections: `None` when none handles its type, or when the event
-    /// enum doesn't know the type (another aggregate's event in the tenant) and no projection
-    /// names it; an error when it can't be decoded.
-    pub(crate) fn accept(&self, row: StoredMessage) -> Result<Option<RecordedEvent<E>>> {
+    /// `row` decoded for the projections, passed over when none handles its type, or
+    /// [`Accepted::Unknown`] when the event enum doesn't know its type and no projection names
+    /// it (another aggregate's event, or a type of its own that was renamed or removed: the
+    /// caller tells them apart); an error when it can't be decoded otherwise.
+    pub(crate) fn accept(&self, row: StoredMessage) -> Result<Accepted<E>> {
         if !self.handles(&row.message_type) {
-            return Ok(None);
+            return Ok(Accepted::Passed);
         }
         match row.decode() {
-            Ok(event) => Ok(Some(event)),
-            Err(Error::UndecodableEvent { message_type, source, .. })
-                if is_unknown_type(&source) && !self.names(&message_type) =>
-            {
-                Ok(None)
-            }
+            Ok(event) => Ok(Accepted::Event(event)),
+            Err(err @ Error::UndecodableEvent { .. }) if self.unknown(&err) => Ok(Accepted::Unknown(err)),
             Err(err) => Err(err),
         }
+    }
+
+    /// Whether `err` is about a type the enum doesn't know and no step names.
+    fn unknown(&self, err: &Error) -> bool {
+        matches!(err, Error::UndecodableEvent { message_type, source, .. }
+            if is_unknown_type(source) && !self.names(message_type))
     }
 
     /// Runs every step, in registration order, on the batches of one transaction: `(partition,

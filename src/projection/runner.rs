@@ -11,7 +11,8 @@ use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect};
 
 use super::ProjectionRegistry;
-use super::registry::Replay;
+use super::own_streams::OwnStreams;
+use super::registry::{Accepted, Replay};
 use crate::backend;
 use crate::backend::{is_retried, retry_policy};
 use crate::error::{Error, Result};
@@ -135,11 +136,16 @@ pub struct Progress {
 pub struct ProjectionRunner<E> {
     store: EventStore,
     registry: Arc<ProjectionRegistry<E>>,
+    own_streams: Arc<OwnStreams>,
 }
 
 impl<E> Clone for ProjectionRunner<E> {
     fn clone(&self) -> Self {
-        Self { store: self.store.clone(), registry: Arc::clone(&self.registry) }
+        Self {
+            store: self.store.clone(),
+            registry: Arc::clone(&self.registry),
+            own_streams: Arc::clone(&self.own_streams),
+        }
     }
 }
 
@@ -172,7 +178,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
 
     /// A runner feeding a registry shared with others.
     pub(crate) fn shared(store: EventStore, registry: Arc<ProjectionRegistry<E>>) -> Self {
-        Self { store, registry }
+        Self { store, registry, own_streams: Arc::default() }
     }
 
     /// Projects one stream's events past the checkpoint of `subscription_id` (in the stream's
@@ -495,9 +501,10 @@ impl<E: Event + 'static> ProjectionRunner<E> {
     }
 
     /// The events of `rows` the registry handles, decoded. Another aggregate's events (types
-    /// the event enum doesn't know) are passed over unless a projection names their type;
-    /// undecodable ones fail the batch, or are recorded and skipped with
-    /// [`RunOptions::skip_undecodable_events`].
+    /// the event enum doesn't know, in streams without a type it knows) are passed over unless
+    /// a projection names their type; undecodable ones — an unknown type in a stream of the
+    /// projection's own aggregate too (a variant renamed or removed) — fail the batch, or are
+    /// recorded and skipped with [`RunOptions::skip_undecodable_events`].
     async fn decode(
         &self,
         txn: &DatabaseTransaction,
@@ -509,11 +516,13 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         for row in rows {
             let global_position = row.global_position;
             match self.registry.accept(row) {
-                Ok(event) => batch.extend(event),
-                Err(err) if options.skip_undecodable => {
+                Ok(Accepted::Event(event)) => batch.push(event),
+                Ok(Accepted::Passed) => {}
+                Ok(Accepted::Unknown(err)) if !self.own_streams.holds(txn, &err).await? => {}
+                Ok(Accepted::Unknown(err)) | Err(err) if options.skip_undecodable => {
                     skipped::record(txn, subscription, global_position, &err).await?
                 }
-                Err(err) => return Err(err),
+                Ok(Accepted::Unknown(err)) | Err(err) => return Err(err),
             }
         }
         Ok(batch)
