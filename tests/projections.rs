@@ -752,3 +752,68 @@ conformance!(
     map_to_columns_runs_once_per_written_state,
     late_commit_is_not_skipped,
 );
+
+/// Read models of the same table name in two schemas (PostgreSQL) or databases (MySQL): a
+/// `schema.table` name is accepted, and each keeps snapshots of its own.
+async fn same_named_tables_in_two_schemas_keep_their_own_snapshots(db: TestDb) {
+    let backend = db.db.get_database_backend();
+    let current = match backend {
+        DbBackend::Postgres => "SELECT current_database()",
+        _ => "SELECT DATABASE()",
+    };
+    let row = db.db.query_one_raw(Statement::from_string(backend, current)).await.unwrap().unwrap();
+    let database: String = row.try_get_by_index(0).unwrap();
+    let other = format!("{database}_b");
+    let create_other = match backend {
+        DbBackend::Postgres => format!("CREATE SCHEMA {other}"),
+        _ => {
+            let collation = emmett_seaorm::migrations::exact_collation(&db.db).await.unwrap().unwrap();
+            format!("CREATE DATABASE {other} CHARACTER SET utf8mb4 COLLATE {collation}")
+        }
+    };
+    db.db.execute_unprepared(&create_other).await.unwrap();
+    for table in ["totals".to_owned(), format!("{other}.totals")] {
+        let create = format!(
+            "CREATE TABLE {table} (tenant_id VARCHAR(100) NOT NULL, account_id VARCHAR(100) NOT NULL, \
+             total BIGINT, PRIMARY KEY (tenant_id, account_id))"
+        );
+        db.db.execute_unprepared(&create).await.unwrap();
+    }
+    let projection = |table: String, step: i64| {
+        let totals = SnapshotProjection::new(
+            table,
+            |e: &RecordedEvent<Ev>, tenant: &str| keys! { "tenant_id" => tenant, "account_id" => &e.stream_id },
+            move |total: i64, _: &Ev| total + step,
+            || 0,
+        )
+        .columns(|total: &i64| columns! { "total" => *total });
+        ProjectionRegistry::new().with(totals)
+    };
+    let store = db.store();
+    for _ in 0..3 {
+        store
+            .append_to_stream("acc", [Ev::Deposited { amount: 1 }], AppendOptions::default().partition("t"))
+            .await
+            .unwrap();
+    }
+    let here = ProjectionRunner::new(store.clone(), projection("totals".into(), 1));
+    let there = ProjectionRunner::new(store.clone(), projection(format!("{other}.totals"), 10));
+    here.project_partition("here", RunOptions::default().partition("t")).await.expect("bare name");
+    there.project_partition("there", RunOptions::default().partition("t")).await.expect("qualified name");
+    let total = |table: String| {
+        let db = db.db.clone();
+        async move {
+            let row = db.query_one_raw(Statement::from_string(backend, format!("SELECT total FROM {table}"))).await;
+            row.unwrap().unwrap().try_get_by_index::<i64>(0).unwrap()
+        }
+    };
+    assert_eq!((total("totals".into()).await, total(format!("{other}.totals")).await), (3, 30));
+    if backend == DbBackend::MySql {
+        db.db.execute_unprepared(&format!("DROP DATABASE {other}")).await.unwrap();
+    }
+}
+
+mod servers {
+    use super::*;
+    crate::conformance!(servers: same_named_tables_in_two_schemas_keep_their_own_snapshots);
+}

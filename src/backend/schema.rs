@@ -276,30 +276,47 @@ pub(crate) struct TableShape {
 /// indexes are left out: an upsert can't use them as its conflict target.
 pub(crate) async fn table_shape(conn: &impl ConnectionTrait, table: &str) -> Result<Option<TableShape>, DbErr> {
     let backend = conn.get_database_backend();
+    // `schema.table` names a table of that schema (PostgreSQL), database (MySQL) or attached
+    // database (SQLite); a bare name, one of the connection's current schema.
+    let (schema, table) = match table.split_once('.') {
+        Some((schema, table)) => (Some(schema), table),
+        None => (None, table),
+    };
     let (columns_sql, keys_sql) = match backend {
         DbBackend::Postgres => (
             "SELECT a.attname::text, NULL::text FROM pg_attribute a
-             WHERE a.attrelid = to_regclass(quote_ident($1)) AND a.attnum > 0 AND NOT a.attisdropped",
+             WHERE a.attrelid = to_regclass(coalesce(quote_ident($2) || '.', '') || quote_ident($1))
+               AND a.attnum > 0 AND NOT a.attisdropped",
             "SELECT i.indexrelid::text, a.attname::text FROM pg_index i
              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-             WHERE i.indrelid = to_regclass(quote_ident($1)) AND i.indisunique
+             WHERE i.indrelid = to_regclass(coalesce(quote_ident($2) || '.', '') || quote_ident($1)) AND i.indisunique
                AND i.indpred IS NULL AND i.indexprs IS NULL",
         ),
         DbBackend::MySql => (
             "SELECT COLUMN_NAME, COLLATION_NAME FROM information_schema.COLUMNS
-             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+             WHERE TABLE_NAME = ? AND TABLE_SCHEMA = COALESCE(?, DATABASE())",
             "SELECT INDEX_NAME, COLUMN_NAME FROM information_schema.STATISTICS
-             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND NON_UNIQUE = 0 AND COLUMN_NAME IS NOT NULL",
+             WHERE TABLE_NAME = ? AND TABLE_SCHEMA = COALESCE(?, DATABASE()) AND NON_UNIQUE = 0 AND COLUMN_NAME IS NOT NULL",
+        ),
+        _ if schema.is_some() => (
+            "SELECT name, NULL FROM pragma_table_info(?1, ?2)",
+            "SELECT '' AS key_name, name FROM pragma_table_info(?1, ?2) WHERE pk > 0
+             UNION ALL SELECT il.name, ii.name FROM pragma_index_list(?1, ?2) il, pragma_index_info(il.name, ?2) ii
+             WHERE il.\"unique\" = 1 AND il.partial = 0 AND il.origin <> 'pk'",
         ),
         _ => (
-            "SELECT name, NULL FROM pragma_table_info(?)",
+            "SELECT name, NULL FROM pragma_table_info(?1)",
             // The primary key (a rowid alias has no index), then the unique indexes.
             "SELECT '' AS key_name, name FROM pragma_table_info(?1) WHERE pk > 0
              UNION ALL SELECT il.name, ii.name FROM pragma_index_list(?1) il, pragma_index_info(il.name) ii
              WHERE il.\"unique\" = 1 AND il.partial = 0 AND il.origin <> 'pk'",
         ),
     };
-    let query = |sql: &str| conn.query_all_raw(Statement::from_sql_and_values(backend, sql, [table.into()]));
+    let values: Vec<sea_orm::Value> = match (schema, backend) {
+        (None, DbBackend::Sqlite) => vec![table.into()],
+        (schema, _) => vec![table.into(), schema.map(str::to_owned).into()],
+    };
+    let query = |sql: &str| conn.query_all_raw(Statement::from_sql_and_values(backend, sql, values.clone()));
     let columns: BTreeMap<String, Option<String>> = query(columns_sql)
         .await?
         .iter()

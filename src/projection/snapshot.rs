@@ -98,9 +98,17 @@ impl<E, S> SnapshotProjection<E, S> {
         self
     }
 
-    /// The read model's table.
+    /// The read model's table (`schema.table` when qualified).
     pub fn table(&self) -> &str {
         &self.table
+    }
+
+    /// The table as SQL names it: `schema.table` is a table of that schema.
+    fn table_name(&self) -> sea_orm::sea_query::TableName {
+        match self.table.split_once('.') {
+            Some((schema, table)) => (Alias::new(schema), Alias::new(table)).into(),
+            None => Alias::new(&self.table).into(),
+        }
     }
 
     /// Checks the read-model table on the first batch (again after a failed check): it exists,
@@ -385,7 +393,7 @@ where
             select
                 .expr_as(Expr::col(Alias::new("last_global_position")), Alias::new("last_global_position"))
                 .expr_as(Expr::col(Alias::new("snapshot")), Alias::new("snapshot"))
-                .from(Alias::new(&self.table))
+                .from(self.table_name())
                 .lock(LockType::Update);
             for (name, value) in &row.keys {
                 select.and_where(Expr::col(Alias::new(name)).eq(Expr::val(value.clone())));
@@ -489,7 +497,7 @@ where
         let statements = by_shape.into_iter().map(|(names, rows)| {
             let key_count = rows[0].1.len();
             let mut upsert = Query::insert();
-            upsert.into_table(Alias::new(&self.table)).columns(names.iter().map(Alias::new));
+            upsert.into_table(self.table_name()).columns(names.iter().map(Alias::new));
             for (values, _) in rows {
                 upsert.values_panic(values);
             }
