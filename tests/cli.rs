@@ -176,6 +176,15 @@ async fn projections_and_leases_show_what_the_daemons_do(db: TestDb) {
     assert!(tenants(&["--parked"]).is_empty(), "one failure of 3 retries is not parked yet");
     let leases = json_lines(&ok(cli(&db, &["leases", "list", "--json"])));
     assert!(leases.iter().all(|l| l["owner"].as_str() == Some(daemon.owner())), "{leases:?}");
+    // Resume: retried now, not after its 30 s backoff (it fails again: failures 1 → 2).
+    let resumed = ok(cli(&db, &["projections", "resume", "picky", "--partition", "bad"]));
+    assert!(resumed.contains("1 lease(s)"), "{resumed}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while daemon.status().await.unwrap().get("picky", "bad").is_none_or(|l| l.failures < 2) {
+        assert!(std::time::Instant::now() < deadline, "resume did not retry at once");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(failed(cli(&db, &["projections", "resume", "nothing"])).contains("no such lease"));
     // The parked error names the poison event's global position: a reset to it skips it.
     let poison = bad["error_position"].as_u64().unwrap();
     assert_eq!(poison, bad["head"].as_u64().unwrap(), "{bad}");
