@@ -755,6 +755,7 @@ conformance!(
 
 /// Read models of the same table name in two schemas (PostgreSQL) or databases (MySQL): a
 /// `schema.table` name is accepted, and each keeps snapshots of its own.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 async fn same_named_tables_in_two_schemas_keep_their_own_snapshots(db: TestDb) {
     let backend = db.db.get_database_backend();
     let current = match backend {
@@ -813,6 +814,7 @@ async fn same_named_tables_in_two_schemas_keep_their_own_snapshots(db: TestDb) {
     }
 }
 
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 mod servers {
     use super::*;
     crate::conformance!(servers: same_named_tables_in_two_schemas_keep_their_own_snapshots);

@@ -22,6 +22,7 @@ pub(crate) struct Append {
     pub events: Vec<(String, Value, String)>,
     /// PostgreSQL: wake listening projection daemons when the append commits
     /// (`NOTIFY emt_appends, '<partition>'`).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub notify: bool,
     /// Return the rows as stored (inline projections fold them), read by the append itself
     /// rather than by a query after it.
@@ -29,6 +30,7 @@ pub(crate) struct Append {
 }
 
 /// The channel appends notify on PostgreSQL.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub(crate) const APPENDS_CHANNEL: &str = "emt_appends";
 
 /// What a successful append wrote.
@@ -58,11 +60,13 @@ pub(crate) async fn append<C: ConnectionTrait + TransactionTrait<Transaction = D
     append: &Append,
 ) -> Result<Option<Appended>, DbErr> {
     match conn.get_database_backend() {
+        #[cfg(feature = "postgres")]
         DbBackend::Postgres => append_in_one_statement(conn, append).await,
         _ => append_in_transaction(conn, append).await,
     }
 }
 
+#[cfg(feature = "postgres")]
 /// PostgreSQL: one data-modifying CTE. The stream row update takes the row lock, so a racing
 /// writer with the same expected version re-checks its `WHERE` after we commit and matches nothing.
 async fn append_in_one_statement<C: ConnectionTrait>(conn: &C, a: &Append) -> Result<Option<Appended>, DbErr> {
@@ -169,6 +173,7 @@ pub(crate) async fn append_steps(
     appends: &[&Append],
 ) -> Result<Vec<Option<Appended>>, DbErr> {
     let backend = txn.get_database_backend();
+    #[cfg(feature = "postgres")]
     if backend == DbBackend::Postgres {
         let mut done = Vec::with_capacity(appends.len());
         for a in appends {

@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Statement, Value};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Statement, TransactionTrait, Value};
 
 use super::{partition_column, statement};
 
@@ -176,37 +176,37 @@ pub(crate) async fn ensure_leases(conn: &impl ConnectionTrait, pairs: &[(String,
 }
 
 /// Takes a free lease, if it is still free and at `epoch`: the new epoch, or `None` when
-/// another instance was faster (a compare-and-set; no lock is held afterwards).
-pub(crate) async fn claim(
-    conn: &impl ConnectionTrait,
+/// another instance was faster (a compare-and-set; no lock is held afterwards). A lease row
+/// locked by a batch in flight (its holder paused mid-batch) is not waited for: the round goes
+/// on with the others, and looks at this one again later.
+pub(crate) async fn claim<C: ConnectionTrait + TransactionTrait<Transaction = DatabaseTransaction>>(
+    conn: &C,
     lease: &LeaseRow,
     owner: &str,
     ttl_ms: i64,
 ) -> Result<Option<i64>, DbErr> {
     let backend = conn.get_database_backend();
+    let p = partition_column(backend);
+    let key = [lease.subscription.as_str().into(), lease.partition.as_str().into(), lease.epoch.into()];
+    let txn = conn.begin().await?;
+    if backend != DbBackend::Sqlite {
+        let lock = format!(
+            "SELECT epoch FROM emt_leases WHERE subscription_id = $1 AND {p} = $2 AND epoch = $3 FOR UPDATE SKIP LOCKED"
+        );
+        if txn.query_one_raw(statement(backend, &lock, key.clone())).await?.is_none() {
+            return Ok(None);
+        }
+    }
+    // (Placeholders in the order they appear: MySQL's are positional.)
     let sql = format!(
         "UPDATE emt_leases SET owner = $1, epoch = epoch + 1, expires_at = {now} + $2
-         WHERE subscription_id = $3 AND {p} = $4 AND epoch = $5 AND ({free}){unlocked}",
-        // A lease row locked by a batch in flight is not waited for (PostgreSQL): the round goes
-        // on with the others, and takes this one later.
-        unlocked = match backend {
-            DbBackend::Postgres =>
-                " AND EXISTS (SELECT 1 FROM emt_leases s WHERE s.subscription_id = $3
-                                     AND s.partition = $4 FOR UPDATE SKIP LOCKED)",
-            _ => "",
-        },
+         WHERE subscription_id = $3 AND {p} = $4 AND epoch = $5 AND ({free})",
         now = now_ms(backend),
-        p = partition_column(backend),
         free = free_condition(backend, "emt_leases."),
     );
-    let values: [Value; 5] = [
-        owner.into(),
-        ttl_ms.into(),
-        lease.subscription.as_str().into(),
-        lease.partition.as_str().into(),
-        lease.epoch.into(),
-    ];
-    let done = conn.execute_raw(statement(backend, &sql, values)).await?.rows_affected() == 1;
+    let values = [owner.into(), ttl_ms.into()].into_iter().chain(key);
+    let done = txn.execute_raw(statement(backend, &sql, values)).await?.rows_affected() == 1;
+    txn.commit().await?;
     Ok(done.then_some(lease.epoch + 1))
 }
 
@@ -347,6 +347,7 @@ pub(crate) async fn leave(conn: &impl ConnectionTrait, owner: &str) -> Result<u6
 }
 
 /// Removes every lease row of `subscription` (retiring it); their number.
+#[cfg(feature = "cli")]
 pub(crate) async fn forget_leases(conn: &impl ConnectionTrait, subscription: &str) -> Result<u64, DbErr> {
     let backend = conn.get_database_backend();
     let sql = "DELETE FROM emt_leases WHERE subscription_id = $1";

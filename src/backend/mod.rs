@@ -33,12 +33,13 @@ pub(crate) use failure::{is_retried, retry_policy};
 pub(crate) use horizon::{
     global_horizon, head, horizon, index_order_only, last_position_upto, partition_heads, pending,
 };
+#[cfg(feature = "cli")]
+pub(crate) use leases::forget_leases;
 #[cfg(feature = "postgres")]
 pub(crate) use leases::{LEASES_CHANNEL, PRESENCE_PREFIX, presence_renewal};
 pub(crate) use leases::{
     LeaseRow, Leases, claim, create_lease_tables, create_owner_index, drop_lease_tables, drop_owner_index,
-    ensure_leases, forget_leases, heartbeat, held_leases, lease_subscriptions, leases, leave, park, release, revoke,
-    unpark,
+    ensure_leases, heartbeat, held_leases, lease_subscriptions, leases, leave, park, release, revoke, unpark,
 };
 pub(crate) use locks::{lock_checkpoint, lock_checkpoints, lock_snapshots, move_checkpoints};
 pub(crate) use schema::{

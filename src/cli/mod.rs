@@ -43,7 +43,7 @@ use sea_orm::{DatabaseConnection, DbErr};
 use crate::backend;
 use crate::error::Error;
 use crate::event::Event;
-use crate::projection::{Progress, ProjectionRegistry, ProjectionRunner, RunOptions};
+use crate::projection::{Progress, ProjectionRegistry, ProjectionRunner, Projector, RunOptions};
 use crate::schema::DEFAULT_PARTITION;
 use crate::store::EventStore;
 
@@ -298,8 +298,11 @@ pub enum CliError {
 /// The projections an app can rebuild and catch up in-process, by subscription id.
 #[derive(Default)]
 pub struct Projections {
-    runners: BTreeMap<String, Box<dyn Replay>>,
+    runners: BTreeMap<String, Runner>,
 }
+
+/// A projection's runner on the store a command connects to.
+type Runner = Box<dyn Fn(EventStore) -> Box<dyn Projector> + Send + Sync>;
 
 impl Projections {
     /// No projections: the binary's commands work on what the database records.
@@ -309,12 +312,16 @@ impl Projections {
 
     /// The projection `subscription_id`, fed to `registry`.
     pub fn projection<E: Event + 'static>(mut self, subscription_id: &str, registry: ProjectionRegistry<E>) -> Self {
-        self.runners.insert(subscription_id.to_owned(), Box::new(Arc::new(registry)));
+        let registry = Arc::new(registry);
+        let runner =
+            move |store| Box::new(ProjectionRunner::shared(store, Arc::clone(&registry))) as Box<dyn Projector>;
+        self.runners.insert(subscription_id.to_owned(), Box::new(runner));
         self
     }
 
-    fn get(&self, name: &str) -> Result<&dyn Replay, CliError> {
-        self.runners.get(name).map(|r| r.as_ref()).ok_or_else(|| {
+    /// The runner of projection `name` on `store`.
+    fn runner(&self, name: &str, store: EventStore) -> Result<Box<dyn Projector>, CliError> {
+        self.runners.get(name).map(|runner| runner(store)).ok_or_else(|| {
             let known = self.runners.keys().cloned().collect::<Vec<_>>().join(", ");
             CliError::Invalid(match known.is_empty() {
                 true => format!(
@@ -327,24 +334,16 @@ impl Projections {
     }
 }
 
-/// A registry behind a type-erased face: what rebuild and catch-up need.
-#[async_trait::async_trait]
-trait Replay: Send + Sync {
-    async fn replay(&self, store: EventStore, name: &str, rebuild: bool, options: RunOptions) -> Result<u64, Error>;
-}
-
-#[async_trait::async_trait]
-impl<E: Event + 'static> Replay for Arc<ProjectionRegistry<E>> {
-    async fn replay(&self, store: EventStore, name: &str, rebuild: bool, options: RunOptions) -> Result<u64, Error> {
-        let runner = ProjectionRunner::shared(store, Arc::clone(self));
-        let mut bar = report::ProgressBar::new(name);
-        let done = match rebuild {
-            true => runner.rebuild(name, options, |p: &Progress| bar.update(p)).await?,
-            false => runner.catch_up(name, options, |p: &Progress| bar.update(p)).await?,
-        };
-        bar.finish(done.processed);
-        Ok(done.processed)
-    }
+/// Rebuilds (`rebuild`) or fills `name` with a progress bar; the events it read.
+async fn replay(runner: &dyn Projector, name: &str, rebuild: bool, options: RunOptions) -> Result<u64, Error> {
+    let mut bar = report::ProgressBar::new(name);
+    let mut progress = |p: &Progress| bar.update(p);
+    let done = match rebuild {
+        true => runner.rebuild(name, options, &mut progress).await?,
+        false => runner.catch_up(name, options, &mut progress).await?,
+    };
+    bar.finish(done.processed);
+    Ok(done.processed)
 }
 
 /// The file of a SQLite URL when it does not exist and the URL does not ask to create it
@@ -414,18 +413,18 @@ impl Command {
                 if let Some(tenant) = partition {
                     options = options.partition(tenant);
                 }
-                projections.get(&name)?.replay(store, &name, true, options).await?;
+                replay(&*projections.runner(&name, store)?, &name, true, options).await?;
                 Ok(())
             }
             Command::Projections(ProjectionsCommand::CatchUp { name, partition, batch_size }) => {
-                let replay = projections.get(&name)?;
+                let runner = projections.runner(&name, store)?;
                 let tenants = match partition {
                     Some(p) => vec![p],
                     None => backend::partition_heads(db, None).await?.into_iter().map(|(t, _)| t).collect(),
                 };
                 for tenant in tenants {
                     let options = RunOptions::default().partition(tenant).batch_size(batch_size);
-                    replay.replay(store.clone(), &name, false, options).await?;
+                    replay(&*runner, &name, false, options).await?;
                 }
                 Ok(())
             }

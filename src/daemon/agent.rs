@@ -4,63 +4,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
-
-use crate::error::{Error, Result};
-use crate::event::Event;
-use crate::projection::{GroupProgress, Progress, ProjectPartitionResult, ProjectionRunner, RunOptions};
+use crate::error::Error;
+use crate::projection::{Projector, RunOptions};
 
 /// Batches one lease runs before the daemon turns to the others.
 pub(super) const BATCHES_PER_TURN: usize = 8;
-
-/// A projection runner whatever its event type.
-#[async_trait]
-pub(super) trait Projector: Send + Sync {
-    async fn project_partition(&self, subscription: &str, options: RunOptions) -> Result<ProjectPartitionResult>;
-
-    async fn project_group(
-        &self,
-        subscription: &str,
-        owner: &str,
-        tenants: &[(String, i64)],
-        until: i64,
-        options: &RunOptions,
-    ) -> Result<Vec<GroupProgress>>;
-
-    /// (`for<'p>` spelt out: `async_trait` would name an elided lifetime, and the callback must
-    /// take a report of any lifetime.)
-    async fn rebuild(
-        &self,
-        subscription: &str,
-        progress: &mut (dyn for<'p> FnMut(&'p Progress) + Send),
-    ) -> Result<ProjectPartitionResult>;
-}
-
-#[async_trait]
-impl<E: Event + 'static> Projector for ProjectionRunner<E> {
-    async fn project_partition(&self, subscription: &str, options: RunOptions) -> Result<ProjectPartitionResult> {
-        ProjectionRunner::project_partition(self, subscription, options).await
-    }
-
-    async fn project_group(
-        &self,
-        subscription: &str,
-        owner: &str,
-        tenants: &[(String, i64)],
-        until: i64,
-        options: &RunOptions,
-    ) -> Result<Vec<GroupProgress>> {
-        ProjectionRunner::project_group(self, subscription, owner, tenants, until, options).await
-    }
-
-    async fn rebuild(
-        &self,
-        subscription: &str,
-        progress: &mut (dyn for<'p> FnMut(&'p Progress) + Send),
-    ) -> Result<ProjectPartitionResult> {
-        ProjectionRunner::rebuild(self, subscription, RunOptions::default(), progress).await
-    }
-}
 
 /// What this instance knows of a lease it holds.
 #[derive(Debug, Clone)]

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use sea_orm::{ConnectionTrait, DbErr};
+use sea_orm::{ConnectionTrait, DbErr, TransactionTrait};
 
 use super::agent::Held;
 use crate::backend::{self, LeaseRow};
@@ -17,7 +17,7 @@ pub(super) type Key = (String, String);
 /// One round: updates the leases this instance holds — of `tenants` only, when the daemon runs
 /// only those — and returns the store's head, read with them.
 pub(super) async fn balance(
-    conn: &impl ConnectionTrait,
+    conn: &(impl ConnectionTrait + TransactionTrait<Transaction = sea_orm::DatabaseTransaction>),
     owner: &str,
     subscriptions: &[String],
     tenants: Option<&BTreeSet<String>>,

@@ -8,10 +8,10 @@ use sea_orm::DatabaseConnection;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::agent::Projector;
 use super::status::DaemonStatus;
 use crate::backend;
 use crate::error::{Error, Result};
+use crate::projection::Projector;
 use crate::projection::{Progress, ProjectPartitionResult};
 
 /// A running daemon. [`stop`](Self::stop) it to hand its work over gracefully; dropping the
@@ -156,7 +156,7 @@ impl DaemonHandle {
             .projections
             .get(subscription_id)
             .ok_or_else(|| Error::UnknownProjection { subscription: subscription_id.into() })?;
-        projector.rebuild(subscription_id, &mut progress).await
+        projector.rebuild(subscription_id, crate::projection::RunOptions::default(), &mut progress).await
     }
 
     /// Every (projection, tenant) pair with its checkpoint, lag, owner and last failure, read

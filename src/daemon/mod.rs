@@ -49,9 +49,9 @@ pub use status::{DaemonStatus, LeaseStatus, recorded};
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::limits::{self, MAX_IDENTIFIER_CHARS};
+use crate::projection::Projector;
 use crate::projection::{ProjectionRegistry, ProjectionRunner};
 use crate::store::EventStore;
-use agent::Projector;
 
 /// Failed runs in a row after which a lease counts as parked, unless [`Daemon::retries`] says.
 const DEFAULT_RETRIES: u32 = 3;

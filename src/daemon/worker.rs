@@ -14,12 +14,13 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::Options;
-use super::agent::{self, Held, Projector, Turn};
+use super::agent::{self, Held, Turn};
 use super::coordinator::{self, Key};
 use super::telemetry;
 use super::wakeup::Presence;
 use crate::backend;
 use crate::error::{Error, Result};
+use crate::projection::Projector;
 use crate::projection::RunOptions;
 use crate::store::EventStore;
 

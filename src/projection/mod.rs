@@ -23,6 +23,7 @@
 //! # Ok(()) }
 //! ```
 
+mod erased;
 mod inline;
 mod own_streams;
 mod registry;
@@ -31,6 +32,7 @@ mod snapshot;
 
 use std::collections::BTreeMap;
 
+pub(crate) use erased::Projector;
 pub use registry::{BatchHandler, EventHandler, ProjectionContext, ProjectionRegistry};
 pub(crate) use runner::GroupProgress;
 pub use runner::{Progress, ProjectEventsResult, ProjectPartitionResult, ProjectionRunner, RunOptions};
