@@ -1,18 +1,20 @@
 //! The projection daemon: keeps every projection of every tenant current, continuously, on as
 //! many processes as you run.
 //!
-//! Each (projection, tenant) pair is a **lease row** (`emt_leases`: owner, epoch, expiry). Every
+//! Each (projection, tenant) pair is a **lease row** (`emt_leases`: owner, epoch). Every
 //! instance takes free leases up to its fair share and runs their projections with the
 //! [`ProjectionRunner`]'s batches: the checkpoint moves in the batch's transaction, which also
 //! checks the lease's epoch, so a batch of an instance that lost its lease never commits. A
-//! gracefully stopped instance gives its leases back at once; a crashed one's are free when it
-//! is gone: on PostgreSQL as soon as its presence connection closes (and its lease expired),
-//! elsewhere when its lease expires (TTL, 10 s by default).
+//! gracefully stopped instance gives its leases back at once. Otherwise an instance holds its
+//! leases while it renews them from its loop (one row per instance; on PostgreSQL a deadline in
+//! its presence connection's name, no write): a crashed, hung or paused one loses them after
+//! the TTL (10 s by default), on PostgreSQL a crashed one as soon as its connection closes.
 //!
 //! A tenant whose first event arrives while the daemon runs is picked up within one poll
-//! interval. A failing projection stops only its tenant: retried with exponential backoff,
-//! parked after [`Daemon::retries`] failures in a row, its error recorded where
-//! [`DaemonHandle::status`] shows it.
+//! interval. A failing — or panicking — projection stops only its tenant: retried with
+//! exponential backoff, parked after [`Daemon::retries`] failures in a row, its error and the
+//! event's global position recorded where [`DaemonHandle::status`] shows them. Operators'
+//! resets and resumes reach running instances within a poll interval.
 //!
 //! ```no_run
 //! # use serde::{Deserialize, Serialize};
@@ -132,15 +134,17 @@ impl Daemon {
         self
     }
 
-    /// How long a lease stays valid without renewal (default 10 s): a crashed instance's
-    /// tenants are taken over after it. Renewals happen every [`renew_every`](Self::renew_every).
+    /// How long an instance holds its leases without renewing them (default 10 s): a crashed,
+    /// hung or paused instance's tenants are taken over after it, and its late batches are
+    /// refused. Renewals happen every [`renew_every`](Self::renew_every), from the daemon's loop.
     pub fn lease_ttl(mut self, ttl: Duration) -> Self {
         self.options.lease_ttl = ttl;
         self
     }
 
-    /// How often leases are renewed where that takes a write (default 2 s; on PostgreSQL the
-    /// presence connection makes renewals unnecessary while it is up).
+    /// How often the instance renews its leases (default 2 s; keep it well below the
+    /// [`lease_ttl`](Self::lease_ttl)): one write of its registration row, or on PostgreSQL
+    /// while its presence connection is up a new deadline in that connection's name (no write).
     pub fn renew_every(mut self, every: Duration) -> Self {
         self.options.renew_every = every;
         self

@@ -106,11 +106,12 @@ impl Worker {
                     Err(error) => tracing::warn!(%error, "lease coordination failed; retrying"),
                 }
                 // Without a presence connection no hand-over notice arrives: look twice as often.
+                // And never less often than renewals are due, however long the idle poll.
                 let every = match presence.up.load(Ordering::SeqCst) {
                     true => self.options.poll_max,
                     false => Ord::min(self.options.poll_max, HAND_OVER_POLL),
                 };
-                next_balance = Instant::now() + every;
+                next_balance = Instant::now() + Ord::min(every, self.options.renew_every);
             }
             let span = tracing::debug_span!("daemon_cycle", owner = self.owner);
             let worked = match self.cycle(&mut state, &subscriptions, head, &presence).instrument(span).await {
