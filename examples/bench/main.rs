@@ -213,14 +213,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Creates a carts read-model table (keys, item count, total) if needed.
+/// Creates a carts read-model table (keys, item count, total) if needed; on MySQL its keys
+/// compare exactly, as the store requires of a read model.
 async fn create_carts_table(db: &sea_orm::DatabaseConnection, table: &str) -> Result<(), sea_orm::DbErr> {
+    let collation = emmett_seaorm::migrations::exact_collation(db).await?;
+    let key = |name: &str| {
+        let mut column = ColumnDef::new(Alias::new(name));
+        column.string().not_null();
+        if let Some(collation) = &collation {
+            column.extra(format!("COLLATE {collation}"));
+        }
+        column
+    };
     db.execute(
         Table::create()
             .table(Alias::new(table))
             .if_not_exists()
-            .col(ColumnDef::new(Alias::new("tenant_id")).string().not_null())
-            .col(ColumnDef::new(Alias::new("cart_id")).string().not_null())
+            .col(key("tenant_id"))
+            .col(key("cart_id"))
             .col(ColumnDef::new(Alias::new("item_count")).big_integer())
             .col(ColumnDef::new(Alias::new("total")).big_integer())
             .primary_key(Index::create().col(Alias::new("cart_id")).col(Alias::new("tenant_id"))),
