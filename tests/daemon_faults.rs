@@ -142,16 +142,28 @@ async fn across_two_instances_too(db: TestDb) {
     run(db, 2).await;
 }
 
-/// MySQL: a read model whose key column can't tell `Acme` from `acme` (a case-insensitive
-/// collation) is refused before anything is written, saying how to fix it; with the exact
-/// collation the two tenants get a row each.
+/// A read model whose key column can't tell `Acme` from `acme` — MySQL's default collations,
+/// PostgreSQL's nondeterministic (case-insensitive ICU) collations, SQLite's `COLLATE NOCASE` —
+/// is refused before anything is written, saying how to fix it; with an exact column the
+/// three tenants get a row each.
 async fn a_key_column_that_mixes_tenants_is_refused(db: TestDb) {
-    if db.db.get_database_backend() != sea_orm::DbBackend::MySql {
-        return;
-    }
-    let create = "CREATE TABLE totals (tenant_id VARCHAR(100) COLLATE utf8mb4_general_ci NOT NULL, \
-                  account_id VARCHAR(100) NOT NULL, total BIGINT, PRIMARY KEY (tenant_id, account_id))";
-    db.db.execute_unprepared(create).await.unwrap();
+    let backend = db.db.get_database_backend();
+    let (inexact, named) = match backend {
+        sea_orm::DbBackend::MySql => ("VARCHAR(100) COLLATE utf8mb4_general_ci", "utf8mb4_general_ci"),
+        sea_orm::DbBackend::Postgres => {
+            let ci = "CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false)";
+            db.db.execute_unprepared(ci).await.unwrap();
+            ("VARCHAR(100) COLLATE ci", "ci")
+        }
+        _ => ("VARCHAR(100) COLLATE NOCASE", "NOCASE"),
+    };
+    let create = |tenant_column: &str| {
+        format!(
+            "CREATE TABLE totals (tenant_id {tenant_column} NOT NULL, account_id VARCHAR(100) NOT NULL, \
+             total BIGINT, PRIMARY KEY (tenant_id, account_id))"
+        )
+    };
+    db.db.execute_unprepared(&create(inexact)).await.unwrap();
     let store = db.store();
     for tenant in ["Acme", "acme", "acme "] {
         deposit(&store, tenant, 1).await;
@@ -160,22 +172,22 @@ async fn a_key_column_that_mixes_tenants_is_refused(db: TestDb) {
     let options = emmett_seaorm::projection::RunOptions::default().partition("Acme");
     let refused = runner.project_partition("totals", options.clone()).await;
     assert!(
-        matches!(&refused, Err(Error::InvalidReadModel { reason, .. }) if reason.contains("tenant_id") && reason.contains("utf8mb4_general_ci")),
+        matches!(&refused, Err(Error::InvalidReadModel { reason, .. }) if reason.contains("tenant_id") && reason.contains(named)),
         "{refused:?}"
     );
-    let collation = emmett_seaorm::migrations::exact_collation(&db.db).await.unwrap().unwrap();
-    let fix =
-        format!("ALTER TABLE totals MODIFY tenant_id VARCHAR(100) CHARACTER SET utf8mb4 COLLATE {collation} NOT NULL");
-    db.db.execute_unprepared(&fix).await.unwrap();
+    assert!(totals(&db.db).await.is_empty(), "nothing written");
+    let exact = match emmett_seaorm::migrations::exact_collation(&db.db).await.unwrap() {
+        Some(collation) => format!("VARCHAR(100) CHARACTER SET utf8mb4 COLLATE {collation}"),
+        None => "VARCHAR(100)".to_owned(),
+    };
+    db.db.execute_unprepared("DROP TABLE totals").await.unwrap();
+    db.db.execute_unprepared(&create(&exact)).await.unwrap();
     let runner = emmett_seaorm::projection::ProjectionRunner::new(store.clone(), registry_without_failures());
     for tenant in ["Acme", "acme", "acme "] {
         let options = emmett_seaorm::projection::RunOptions::default().partition(tenant);
         runner.project_partition("totals", options).await.expect("project");
     }
-    let count =
-        db.db.query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::MySql, "SELECT count(*) FROM totals"));
-    let count: i64 = count.await.unwrap().unwrap().try_get_by_index(0).unwrap();
-    assert_eq!(count, 3, "one row per distinct tenant");
+    assert_eq!(totals(&db.db).await.len(), 3, "one row per distinct tenant");
 }
 
 /// The rows of `totals`: (tenant, total), ordered.

@@ -265,11 +265,18 @@ pub(crate) async fn mysql_exact_collation(conn: &impl ConnectionTrait) -> Result
     }
 }
 
-/// What a read-model table looks like: its columns (with their collation where the backend
-/// has one per column) and the column sets of its primary and unique keys.
+/// What a read-model table looks like: its columns (with the collation or type under which a
+/// column compares text inexactly — ids differing in case, accents or trailing spaces equal —
+/// `None` when it compares exactly) and the column sets of its primary and unique keys.
 pub(crate) struct TableShape {
     pub columns: BTreeMap<String, Option<String>>,
     pub unique_keys: Vec<BTreeSet<String>>,
+}
+
+/// Whether MySQL's `collation` compares byte for byte, trailing spaces included (the others'
+/// catalog queries report inexact comparisons only).
+fn is_exact(collation: &str) -> bool {
+    matches!(collation, "binary" | "utf8mb4_0900_bin" | "utf8mb4_nopad_bin")
 }
 
 /// The shape of `table` from the catalog, `None` when it does not exist. Partial and expression
@@ -284,7 +291,11 @@ pub(crate) async fn table_shape(conn: &impl ConnectionTrait, table: &str) -> Res
     };
     let (columns_sql, keys_sql) = match backend {
         DbBackend::Postgres => (
-            "SELECT a.attname::text, NULL::text FROM pg_attribute a
+            // `citext` and nondeterministic (e.g. case-insensitive ICU) collations compare inexactly.
+            "SELECT a.attname::text, CASE WHEN t.typname = 'citext' THEN 'citext'
+                                          WHEN NOT c.collisdeterministic THEN c.collname::text END
+             FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+             LEFT JOIN pg_collation c ON c.oid = a.attcollation
              WHERE a.attrelid = to_regclass(coalesce(quote_ident($2) || '.', '') || quote_ident($1))
                AND a.attnum > 0 AND NOT a.attisdropped",
             "SELECT i.indexrelid::text, a.attname::text FROM pg_index i
@@ -298,14 +309,19 @@ pub(crate) async fn table_shape(conn: &impl ConnectionTrait, table: &str) -> Res
             "SELECT INDEX_NAME, COLUMN_NAME FROM information_schema.STATISTICS
              WHERE TABLE_NAME = ? AND TABLE_SCHEMA = COALESCE(?, DATABASE()) AND NON_UNIQUE = 0 AND COLUMN_NAME IS NOT NULL",
         ),
+        // A column's collation shows in the unique indexes over it (`NOCASE`, `RTRIM`: inexact).
         _ if schema.is_some() => (
-            "SELECT name, NULL FROM pragma_table_info(?1, ?2)",
+            "SELECT t.name, (SELECT x.coll FROM pragma_index_list(?1, ?2) il, pragma_index_xinfo(il.name, ?2) x
+                             WHERE il.\"unique\" = 1 AND x.key = 1 AND x.name = t.name AND x.coll <> 'BINARY')
+             FROM pragma_table_info(?1, ?2) t",
             "SELECT '' AS key_name, name FROM pragma_table_info(?1, ?2) WHERE pk > 0
              UNION ALL SELECT il.name, ii.name FROM pragma_index_list(?1, ?2) il, pragma_index_info(il.name, ?2) ii
              WHERE il.\"unique\" = 1 AND il.partial = 0 AND il.origin <> 'pk'",
         ),
         _ => (
-            "SELECT name, NULL FROM pragma_table_info(?1)",
+            "SELECT t.name, (SELECT x.coll FROM pragma_index_list(?1) il, pragma_index_xinfo(il.name) x
+                             WHERE il.\"unique\" = 1 AND x.key = 1 AND x.name = t.name AND x.coll <> 'BINARY')
+             FROM pragma_table_info(?1) t",
             // The primary key (a rowid alias has no index), then the unique indexes.
             "SELECT '' AS key_name, name FROM pragma_table_info(?1) WHERE pk > 0
              UNION ALL SELECT il.name, ii.name FROM pragma_index_list(?1) il, pragma_index_info(il.name) ii
@@ -320,7 +336,10 @@ pub(crate) async fn table_shape(conn: &impl ConnectionTrait, table: &str) -> Res
     let columns: BTreeMap<String, Option<String>> = query(columns_sql)
         .await?
         .iter()
-        .map(|row| Ok((row.try_get_by_index(0)?, row.try_get_by_index(1)?)))
+        .map(|row| {
+            let collation: Option<String> = row.try_get_by_index(1)?;
+            Ok((row.try_get_by_index(0)?, collation.filter(|c| !is_exact(c))))
+        })
         .collect::<Result<_, DbErr>>()?;
     if columns.is_empty() {
         return Ok(None);

@@ -144,13 +144,20 @@ impl<E, S> SnapshotProjection<E, S> {
         // A key column that can't tell two distinct ids apart (MySQL's default collations: case,
         // accents, trailing spaces) would let tenants or keys overwrite each other's rows.
         for (column, collation) in &shape.columns {
-            if let Some(collation) = collation.as_deref().filter(|c| key_names.contains(column) && !is_exact(c)) {
+            if let Some(collation) = collation.as_deref().filter(|_| key_names.contains(column)) {
+                let table = &self.table;
+                let fix = match ctx.backend() {
+                    DbBackend::MySql => format!(
+                        "ALTER TABLE {table} MODIFY {column} VARCHAR(255) CHARACTER SET utf8mb4 \
+                         COLLATE <migrations::exact_collation()> NOT NULL"
+                    ),
+                    DbBackend::Postgres => format!("ALTER TABLE {table} ALTER {column} TYPE text COLLATE \"C\""),
+                    _ => format!("declare {column} without COLLATE {collation}"),
+                };
                 return Err(invalid(format!(
-                    "key column `{column}` has collation {collation}, under which ids differing only in case, \
+                    "key column `{column}` compares text inexactly ({collation}): ids differing only in case, \
                      accents or trailing spaces are one key, so rows of distinct tenants or keys would overwrite \
-                     each other; make it exact: ALTER TABLE {table} MODIFY {column} VARCHAR(255) CHARACTER SET \
-                     utf8mb4 COLLATE <migrations::exact_collation()> NOT NULL",
-                    table = self.table
+                     each other; make it exact: {fix}"
                 )));
             }
         }
@@ -183,11 +190,6 @@ const IN_TABLE_COLUMNS: [&str; 4] = ["snapshot", "stream_id", "last_stream_posit
 /// `a, b, c`.
 fn list(names: &BTreeSet<String>) -> String {
     names.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
-}
-
-/// Whether a MySQL collation compares text byte for byte, trailing spaces included.
-fn is_exact(collation: &str) -> bool {
-    matches!(collation, "binary" | "utf8mb4_0900_bin" | "utf8mb4_nopad_bin")
 }
 
 /// The keys of one read-model row, encoded exactly like the TypeScript `constructStreamId`:
