@@ -49,6 +49,27 @@ pub struct RecordedEvent<E> {
     pub metadata: Value,
 }
 
+impl<E> RecordedEvent<E> {
+    /// The error of a projection's code (a handler, `evolve`, `extract_keys`) that failed or
+    /// panicked on this event: [`Error::Handler`] naming it — except a busy database or a lost
+    /// connection, which stays that so the run retries it.
+    pub(crate) fn handler_failed(&self, source: Box<dyn std::error::Error + Send + Sync>) -> Error {
+        if let Some(err) = source.downcast_ref::<sea_orm::DbErr>().map(|db| Error::from(db.clone()))
+            && err.is_transient()
+        {
+            return err;
+        }
+        Error::Handler {
+            stream: self.stream_id.clone(),
+            partition: self.partition.clone(),
+            position: self.stream_position,
+            global_position: self.global_position,
+            message_type: self.message_type.clone(),
+            source,
+        }
+    }
+}
+
 /// An event split into the two stored columns.
 pub(crate) struct EncodedEvent {
     pub message_type: String,

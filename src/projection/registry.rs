@@ -280,7 +280,7 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
                             let handled = AssertUnwindSafe(handler.handle(&ctx, event)).catch_unwind().await;
                             handled
                                 .unwrap_or_else(|panic| Err(panicked(panic)))
-                                .map_err(|e| handler_error(event, e))?;
+                                .map_err(|e| event.handler_failed(e))?;
                         }
                     }
                 }
@@ -293,7 +293,7 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
                             let handled = AssertUnwindSafe(handler.handle_batch(&ctx, &events)).catch_unwind().await;
                             handled
                                 .unwrap_or_else(|panic| Err(panicked(panic)))
-                                .map_err(|e| handler_error(first, e))?;
+                                .map_err(|e| first.handler_failed(e))?;
                         }
                     }
                 }
@@ -307,23 +307,4 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
 fn listed<'a>(event_types: impl IntoIterator<Item = &'a str>) -> Option<Vec<String>> {
     let types: Vec<String> = event_types.into_iter().map(str::to_owned).collect();
     (!types.is_empty()).then_some(types)
-}
-
-/// A handler's error as the run reports it (a panic included: it is caught where the handler
-/// is called, so it fails the batch like an error and the daemon parks only its tenant): a busy database or a lost connection stays that,
-/// so the run retries it; anything else names the event.
-pub(crate) fn handler_error<E>(event: &RecordedEvent<E>, source: Box<dyn std::error::Error + Send + Sync>) -> Error {
-    if let Some(err) = source.downcast_ref::<sea_orm::DbErr>().map(|db| Error::from(db.clone()))
-        && err.is_transient()
-    {
-        return err;
-    }
-    Error::Handler {
-        stream: event.stream_id.clone(),
-        partition: event.partition.clone(),
-        position: event.stream_position,
-        global_position: event.global_position,
-        message_type: event.message_type.clone(),
-        source,
-    }
 }

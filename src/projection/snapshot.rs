@@ -181,7 +181,7 @@ impl<E, S> SnapshotProjection<E, S> {
 /// [`Error::Handler`], so it fails the batch (and parks only its tenant in the daemon).
 fn catch<E, T>(event: &RecordedEvent<E>, code: impl FnOnce() -> T) -> Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(code))
-        .map_err(|panic| super::registry::handler_error(event, crate::error::panicked(panic)))
+        .map_err(|panic| event.handler_failed(crate::error::panicked(panic)))
 }
 
 /// The columns that hold the state in legacy (in-table) mode.
