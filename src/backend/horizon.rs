@@ -227,11 +227,7 @@ async fn pg_scalar<T: sea_orm::TryGetable>(
 /// (by its `created` time on the database's clock).
 pub(crate) async fn pending(conn: &impl ConnectionTrait, partition: &str, after: i64) -> Result<(i64, f64), DbErr> {
     let backend = conn.get_database_backend();
-    let age = match backend {
-        DbBackend::Postgres => "extract(epoch from now() - min(created))::float8",
-        DbBackend::MySql => "TIMESTAMPDIFF(MICROSECOND, min(created), NOW(3)) / 1e6",
-        _ => "(julianday('now') - julianday(min(created))) * 86400.0",
-    };
+    let age = age_of_oldest(backend, "created");
     let sql = format!(
         "SELECT count(*), {age} FROM messages WHERE NOT is_archived AND {p} = $1 AND global_position > $2",
         p = partition_column(backend),
@@ -241,6 +237,15 @@ pub(crate) async fn pending(conn: &impl ConnectionTrait, partition: &str, after:
         Some(row) => (row.try_get_by_index(0)?, row.try_get_by_index::<Option<f64>>(1)?.unwrap_or(0.0)),
         None => (0, 0.0),
     })
+}
+
+/// SQL: the age in seconds (on the database's clock) of the oldest of the rows' `created`.
+pub(crate) fn age_of_oldest(backend: DbBackend, created: &str) -> String {
+    match backend {
+        DbBackend::Postgres => format!("extract(epoch from now() - min({created}))::float8"),
+        DbBackend::MySql => format!("TIMESTAMPDIFF(MICROSECOND, min({created}), NOW(3)) / 1e6"),
+        _ => format!("(julianday('now') - julianday(min({created}))) * 86400.0"),
+    }
 }
 
 /// The last global position of `partition` at or below `upto`.

@@ -159,6 +159,77 @@ pub(crate) async fn leases(conn: &impl ConnectionTrait, subscriptions: &[String]
     Ok(leases)
 }
 
+/// A lease row with its projection's progress, as `status` reports it.
+pub(crate) struct LeaseReport {
+    pub lease: LeaseRow,
+    /// The checkpoint (0 before the first batch).
+    pub checkpoint: i64,
+    /// The tenant's last live global position (`None`: no live event).
+    pub head: Option<i64>,
+    /// Live events past the checkpoint, and the age in seconds of the oldest of them.
+    pub lag_events: i64,
+    pub lag_seconds: f64,
+}
+
+/// The lease rows of `subscriptions` with their checkpoints, heads and lag, and the number of
+/// live instances: one statement, however many tenants (each row's figures are index lookups
+/// on the tenant's `(partition, global_position)` range).
+pub(crate) async fn lease_reports(
+    conn: &impl ConnectionTrait,
+    subscriptions: &[String],
+) -> Result<(Vec<LeaseReport>, u64), DbErr> {
+    let backend = conn.get_database_backend();
+    let p = partition_column(backend);
+    let marks = (1..=subscriptions.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+    let matching =
+        if subscriptions.is_empty() { "1 = 0".to_owned() } else { format!("l.subscription_id IN ({marks})") };
+    let past = format!("FROM messages m WHERE m.{p} = l.{p} AND NOT m.is_archived");
+    let checkpoint = "COALESCE(s.last_processed_position, 0)";
+    let sql = format!(
+        "SELECT (SELECT count(*) FROM emt_daemons d WHERE {live}),
+                l.subscription_id, l.{p}, l.owner, l.epoch, CASE WHEN {free} THEN 1 ELSE 0 END,
+                l.failures, CASE WHEN l.retry_at > {now} THEN l.retry_at - {now} ELSE 0 END, l.last_error,
+                l.error_position, CASE WHEN o.expires_at > {now} THEN o.expires_at - {now} ELSE 0 END,
+                {checkpoint}, (SELECT max(m.global_position) {past}),
+                (SELECT count(*) {past} AND m.global_position > {checkpoint}),
+                (SELECT {age} {past} AND m.global_position > {checkpoint})
+         FROM (SELECT 1 AS one) x LEFT JOIN emt_leases l ON {matching}
+         LEFT JOIN emt_daemons o ON o.owner = l.owner
+         LEFT JOIN subscriptions s ON s.subscription_id = l.subscription_id AND s.{p} = l.{p} AND s.version = 1",
+        live = live(backend, "d"),
+        free = free_condition(backend, "l."),
+        now = now_ms(backend),
+        age = super::horizon::age_of_oldest(backend, "m.created"),
+    );
+    let values = subscriptions.iter().map(|s| Value::from(s.as_str()));
+    let rows = conn.query_all_raw(statement(backend, &sql, values)).await?;
+    let mut reports = Vec::with_capacity(rows.len());
+    let mut instances = 0;
+    for row in rows {
+        instances = row.try_get_by_index::<i64>(0)?.max(0) as u64;
+        let Some(subscription) = row.try_get_by_index::<Option<String>>(1)? else { continue };
+        reports.push(LeaseReport {
+            lease: LeaseRow {
+                subscription,
+                partition: row.try_get_by_index(2)?,
+                owner: row.try_get_by_index(3)?,
+                epoch: row.try_get_by_index(4)?,
+                free: row.try_get_by_index::<i32>(5)? == 1,
+                failures: row.try_get_by_index(6)?,
+                retry_in_ms: row.try_get_by_index(7)?,
+                last_error: row.try_get_by_index(8)?,
+                error_position: row.try_get_by_index(9)?,
+                expires_in_ms: row.try_get_by_index(10)?,
+            },
+            checkpoint: row.try_get_by_index(11)?,
+            head: row.try_get_by_index(12)?,
+            lag_events: row.try_get_by_index(13)?,
+            lag_seconds: row.try_get_by_index::<Option<f64>>(14)?.unwrap_or(0.0),
+        });
+    }
+    Ok((reports, instances))
+}
+
 /// Creates the lease rows of (subscription, partition) pairs that have none (unowned).
 pub(crate) async fn ensure_leases(conn: &impl ConnectionTrait, pairs: &[(String, String)]) -> Result<(), DbErr> {
     let backend = conn.get_database_backend();

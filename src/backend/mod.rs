@@ -38,8 +38,9 @@ pub(crate) use leases::forget_leases;
 #[cfg(feature = "postgres")]
 pub(crate) use leases::{LEASES_CHANNEL, PRESENCE_PREFIX, presence_renewal};
 pub(crate) use leases::{
-    LeaseRow, Leases, claim, create_lease_tables, create_owner_index, drop_lease_tables, drop_owner_index,
-    ensure_leases, heartbeat, held_leases, lease_subscriptions, leases, leave, park, release, revoke, unpark,
+    LeaseReport, LeaseRow, Leases, claim, create_lease_tables, create_owner_index, drop_lease_tables, drop_owner_index,
+    ensure_leases, heartbeat, held_leases, lease_reports, lease_subscriptions, leases, leave, park, release, revoke,
+    unpark,
 };
 pub(crate) use locks::{lock_checkpoint, lock_checkpoints, lock_snapshots, move_checkpoints};
 pub(crate) use schema::{

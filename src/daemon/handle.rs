@@ -162,8 +162,8 @@ impl DaemonHandle {
     /// Every (projection, tenant) pair with its checkpoint, lag, owner and last failure, read
     /// from the database: the work of every instance.
     pub async fn status(&self) -> Result<DaemonStatus> {
-        let heads = self.tenant_heads(None).await?;
-        let (leases, instances) = super::status::leases(&self.db, &self.subscriptions, &heads, self.retries).await?;
+        let tenants = self.tenants.as_ref();
+        let (leases, instances) = super::status::leases(&self.db, &self.subscriptions, tenants, self.retries).await?;
         Ok(DaemonStatus { owner: self.owner.clone(), instances, cycles: *self.progress.borrow(), leases })
     }
 }

@@ -1,7 +1,7 @@
 //! What [`DaemonHandle::status`](super::DaemonHandle::status) and [`recorded`] report: the work
 //! of every instance, as the database records it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect};
@@ -83,26 +83,24 @@ pub struct LeaseStatus {
 /// ```
 pub async fn recorded(db: &impl ConnectionTrait) -> Result<Vec<LeaseStatus>> {
     let subscriptions: Vec<String> = backend::lease_subscriptions(db).await?;
-    let heads = backend::partition_heads(db, None).await?;
-    Ok(leases(db, &subscriptions, &heads, super::DEFAULT_RETRIES).await?.0)
+    Ok(leases(db, &subscriptions, None, super::DEFAULT_RETRIES).await?.0)
 }
 
-/// The lease entries of `subscriptions` for the tenants in `heads` (tenant, last global
-/// position), and the number of live instances.
+/// The lease entries of `subscriptions` (of `tenants` only, when given) whose tenant has live
+/// events, and the number of live instances: one query however many tenants.
 pub(super) async fn leases(
     db: &impl ConnectionTrait,
     subscriptions: &[String],
-    heads: &[(String, i64)],
+    tenants: Option<&BTreeSet<String>>,
     retries: u32,
 ) -> Result<(Vec<LeaseStatus>, u64)> {
-    let backend::Leases { rows, instances, .. } = backend::leases(db, subscriptions).await?;
-    let heads: BTreeMap<&str, i64> = heads.iter().map(|(t, h)| (t.as_str(), *h)).collect();
-    let checkpoints = checkpoints(db, subscriptions).await?;
-    let mut leases = Vec::with_capacity(rows.len());
-    for row in rows {
-        let Some(&head) = heads.get(row.partition.as_str()) else { continue };
-        let checkpoint = checkpoint(&checkpoints, &row.subscription, &row.partition);
-        let (lag_events, lag_seconds) = backend::pending(db, &row.partition, checkpoint).await?;
+    let (reports, instances) = backend::lease_reports(db, subscriptions).await?;
+    let mut leases = Vec::with_capacity(reports.len());
+    for backend::LeaseReport { lease: row, checkpoint, head, lag_events, lag_seconds } in reports {
+        let Some(head) = head else { continue };
+        if tenants.is_some_and(|only| !only.contains(&row.partition)) {
+            continue;
+        }
         leases.push(LeaseStatus {
             head: head.max(0) as u64,
             checkpoint: checkpoint.max(0) as u64,
