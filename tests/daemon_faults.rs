@@ -291,6 +291,27 @@ async fn an_event_type_the_code_no_longer_knows_is_not_folded_away(db: TestDb) {
     assert_eq!(totals(&db.db).await, [("other".to_owned(), 1), ("renamed".to_owned(), 1)]);
 }
 
+/// A daemon finds every tenant, past the 1,000 rounds at which MySQL stops a recursive query
+/// (it found 1,001 of 1,100), and `status` shows each.
+async fn every_tenant_is_found_past_a_thousand(db: TestDb) {
+    let store = db.store();
+    for t in 0..1_100 {
+        deposit(&store, &format!("t{t:05}"), 1).await;
+    }
+    let daemon = Daemon::new(store.clone()).projection("counts", ProjectionRegistry::<Ev>::new()).start().await;
+    let daemon = daemon.expect("start");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = daemon.status().await.expect("status");
+        if status.leases.len() == 1_100 && status.leases.iter().all(|l| l.lag_events == 0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{} of 1,100 tenants found", status.leases.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    daemon.stop().await.expect("stop");
+}
+
 /// The totals projection alone.
 fn registry_without_failures() -> ProjectionRegistry<Ev> {
     let totals = SnapshotProjection::new(
@@ -308,5 +329,6 @@ conformance!(
     across_two_instances_too,
     a_key_column_that_mixes_tenants_is_refused,
     a_failed_rebuild_keeps_the_failing_tenants_read_model,
-    an_event_type_the_code_no_longer_knows_is_not_folded_away
+    an_event_type_the_code_no_longer_knows_is_not_folded_away,
+    every_tenant_is_found_past_a_thousand
 );

@@ -150,6 +150,15 @@ pub(crate) async fn partition_heads(
     let backend = conn.get_database_backend();
     let p = partition_column(backend);
     let query = match these {
+        // MySQL stops a recursive CTE after 1,000 rounds (MariaDB's `max_recursive_iterations`,
+        // MySQL's `cte_max_recursion_depth`): it would list 1,001 tenants. Its appends register
+        // every partition in `emt_partitions` (the migration filled it from `streams`).
+        None if backend == DbBackend::MySql => Statement::from_string(
+            backend,
+            "SELECT t.`partition`, (SELECT max(global_position) FROM messages
+                                    WHERE `partition` = t.`partition` AND NOT is_archived)
+             FROM emt_partitions t",
+        ),
         None => Statement::from_string(
             backend,
             format!(
