@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QuerySelect, TransactionTrait,
+};
 
 use crate::backend;
 use crate::error::Result;
@@ -81,7 +83,9 @@ pub struct LeaseStatus {
 /// }
 /// # Ok(()) }
 /// ```
-pub async fn recorded(db: &impl ConnectionTrait) -> Result<Vec<LeaseStatus>> {
+pub async fn recorded(
+    db: &(impl ConnectionTrait + TransactionTrait<Transaction = DatabaseTransaction>),
+) -> Result<Vec<LeaseStatus>> {
     let subscriptions: Vec<String> = backend::lease_subscriptions(db).await?;
     Ok(leases(db, &subscriptions, None, super::DEFAULT_RETRIES).await?.0)
 }
@@ -89,7 +93,7 @@ pub async fn recorded(db: &impl ConnectionTrait) -> Result<Vec<LeaseStatus>> {
 /// The lease entries of `subscriptions` (of `tenants` only, when given) whose tenant has live
 /// events, and the number of live instances: one query however many tenants.
 pub(super) async fn leases(
-    db: &impl ConnectionTrait,
+    db: &(impl ConnectionTrait + TransactionTrait<Transaction = DatabaseTransaction>),
     subscriptions: &[String],
     tenants: Option<&BTreeSet<String>>,
     retries: u32,
