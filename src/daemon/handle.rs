@@ -139,10 +139,12 @@ impl DaemonHandle {
         Ok(heads)
     }
 
-    /// Rebuilds one of the daemon's projections in place, as
+    /// Rebuilds one of the daemon's projections in place, tenant by tenant, as
     /// [`ProjectionRunner::rebuild`](crate::projection::ProjectionRunner::rebuild) does, while
-    /// the daemon goes on (its batches of this projection take turns with the rebuild's through
-    /// the checkpoint locks); `progress` is called after each of the rebuild's batches.
+    /// the daemon goes on (a tenant's batches wait for its rebuild's transaction through the
+    /// checkpoint lock, then go on from its new checkpoint); `progress` is called after each of
+    /// the rebuild's batches. A tenant that fails keeps its previous read model:
+    /// [`Error::RebuildIncomplete`] names it.
     ///
     /// For a new version that must not disturb the one serving, add it to the daemon as another
     /// projection instead: the daemon fills it from the first event, and
