@@ -4,7 +4,6 @@
 //! instance joining or leaving.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DbErr, TransactionTrait};
 
@@ -22,7 +21,6 @@ pub(super) async fn balance(
     subscriptions: &[String],
     tenants: Option<&BTreeSet<String>>,
     held: &mut BTreeMap<Key, Held>,
-    ttl: Duration,
 ) -> Result<i64, DbErr> {
     let backend::Leases { mut rows, instances: live, head } = backend::leases(conn, subscriptions).await?;
     rows.retain(|r| tenants.is_none_or(|only| only.contains(&r.partition)));
@@ -48,7 +46,6 @@ pub(super) async fn balance(
             tracing::info!(subscription = key.0, tenant = key.1, "lease given back to balance the work");
         }
     } else if held.len() < share {
-        let ttl_ms = ttl.as_millis() as i64;
         // Spread the instances over the free leases instead of all racing for the first ones.
         // (A lease of ours counts as free while our presence is reconnecting: not to be taken again.)
         let mut free: Vec<&LeaseRow> = rows
@@ -60,7 +57,7 @@ pub(super) async fn balance(
             if held.len() >= share {
                 break;
             }
-            if let Some(epoch) = backend::claim(conn, row, owner, ttl_ms).await? {
+            if let Some(epoch) = backend::claim(conn, row, owner).await? {
                 held.insert((row.subscription.clone(), row.partition.clone()), Held::new(epoch, row.failures));
                 tracing::info!(subscription = row.subscription, tenant = row.partition, epoch, "lease claimed");
             }

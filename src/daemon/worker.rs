@@ -149,8 +149,7 @@ impl Worker {
     /// Renews and rebalances the leases; returns the store's head, read with them.
     async fn coordinate(&self, state: &mut State, subscriptions: &[String], presence: &Presence) -> Result<i64> {
         self.renew(state, presence).await?;
-        let (tenants, ttl) = (self.tenants.as_ref(), self.options.lease_ttl);
-        Ok(coordinator::balance(&self.db, &self.owner, subscriptions, tenants, &mut state.held, ttl).await?)
+        Ok(coordinator::balance(&self.db, &self.owner, subscriptions, self.tenants.as_ref(), &mut state.held).await?)
     }
 
     /// Renews the instance's hold on its leases when due: its presence connection's deadline
@@ -229,8 +228,8 @@ impl Worker {
             let before = state.known.len();
             self.ensure(state, subscriptions, heads.keys().cloned().collect()).await?;
             if state.known.len() != before {
-                let (tenants, ttl) = (self.tenants.as_ref(), self.options.lease_ttl);
-                coordinator::balance(&self.db, &self.owner, subscriptions, tenants, &mut state.held, ttl).await?;
+                let tenants = self.tenants.as_ref();
+                coordinator::balance(&self.db, &self.owner, subscriptions, tenants, &mut state.held).await?;
             }
             for ((_, tenant), held) in state.held.iter_mut() {
                 held.head = heads.get(tenant).copied().unwrap_or(held.head);

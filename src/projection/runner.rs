@@ -350,15 +350,11 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         backend::lock_checkpoints(&txn, subscription, &[tenant]).await?;
         let replay = Replay::default();
         let mut checkpoint = 0;
-        loop {
-            let rows = read_after(&txn, tenant, Source::Partition { until }, checkpoint, options.batch_size).await?;
-            let count = rows.len() as u64;
-            let Some(last) = rows.last().and_then(|r| r.global_position) else { break };
-            checkpoint = last;
-            let batch = self.decode(&txn, subscription, rows, options).await?;
-            let session = self.store.bound_to(Arc::clone(&txn));
-            self.registry.apply(&session, None, &[(tenant, None, batch)], Some(&replay)).await?;
-            drop(session);
+        let source = Source::Partition { until };
+        while let Some((count, next)) =
+            self.apply_next(&txn, subscription, tenant, source, checkpoint, options, Some(&replay)).await?
+        {
+            checkpoint = next;
             report.processed += count;
             progress(report);
             if count < options.batch_size {
@@ -468,27 +464,12 @@ impl<E: Event + 'static> ProjectionRunner<E> {
                 Some(_) => {}
             }
         }
-        let rows = read_after(&txn, partition, source, checkpoint, options.batch_size).await?;
-        let Some(last) = rows.last() else {
+        let applied = self.apply_next(&txn, subscription, partition, source, checkpoint, options, None).await?;
+        let Some((count, next_checkpoint)) = applied else {
             commit(txn).await?;
             return Ok((0, checkpoint as u64));
         };
-        let next_checkpoint = match source {
-            Source::Stream(_) => last.stream_position,
-            // Rows without a global position are not read in global order.
-            Source::Partition { .. } => last.global_position.unwrap_or(checkpoint),
-        };
-        let count = rows.len() as u64;
         tracing::Span::current().record("events", count);
-        let batch = self.decode(&txn, subscription, rows, options).await?;
-        let stream = match source {
-            Source::Stream(stream) => Some(stream),
-            Source::Partition { .. } => None,
-        };
-        let epoch = options.lease.as_ref().map(|(_, epoch)| *epoch);
-        let session = self.store.bound_to(Arc::clone(&txn));
-        self.registry.apply(&session, stream, &[(partition, epoch, batch)], None).await?;
-        drop(session);
         subscriptions::Entity::update_many()
             .col_expr(subscriptions::Column::LastProcessedPosition, Expr::value(next_checkpoint))
             .filter(subscriptions::Column::SubscriptionId.eq(subscription))
@@ -498,6 +479,36 @@ impl<E: Event + 'static> ProjectionRunner<E> {
             .await?;
         commit(txn).await?;
         Ok((count, next_checkpoint as u64))
+    }
+
+    /// Reads the batch of `partition` after `after` in `txn` and runs the registry on it (under
+    /// the daemon's lease epoch, if any; `replay` in a rebuild): how many rows it read and the
+    /// checkpoint after them (a stream position for a stream, a global position for a
+    /// partition), `None` when there were none.
+    #[allow(clippy::too_many_arguments)] // (what to read, for whom, and how: all distinct)
+    async fn apply_next(
+        &self,
+        txn: &Arc<DatabaseTransaction>,
+        subscription: &str,
+        partition: &str,
+        source: Source<'_>,
+        after: i64,
+        options: &RunOptions,
+        replay: Option<&Replay>,
+    ) -> Result<Option<(u64, i64)>> {
+        let rows = read_after(txn, partition, source, after, options.batch_size).await?;
+        let Some(last) = rows.last() else { return Ok(None) };
+        let (next, stream) = match source {
+            Source::Stream(stream) => (last.stream_position, Some(stream)),
+            // Rows without a global position are not read in global order.
+            Source::Partition { .. } => (last.global_position.unwrap_or(after), None),
+        };
+        let count = rows.len() as u64;
+        let batch = self.decode(txn, subscription, rows, options).await?;
+        let epoch = options.lease.as_ref().map(|(_, epoch)| *epoch);
+        let session = self.store.bound_to(Arc::clone(txn));
+        self.registry.apply(&session, stream, &[(partition, epoch, batch)], replay).await?;
+        Ok(Some((count, next)))
     }
 
     /// The events of `rows` the registry handles, decoded. Another aggregate's events (types
