@@ -293,23 +293,7 @@ async fn a_graceful_stop_hands_work_over_at_once(db: TestDb) {
 async fn a_killed_process_tenants_are_taken_over(db: TestDb) {
     create_seen(&db.db).await;
     let store = db.store();
-    let tenants: Vec<String> = (0..12).map(|i| format!("k{i:02}")).collect();
-    for t in &tenants {
-        deposit(&store, t, "x", 1).await;
-    }
-    // Another OS process runs a daemon (this test binary, re-run as `daemon_child_process`).
-    let (mut child, owner) = spawn_child_daemon(&db.url).await;
-    let here = daemon(store.clone(), Arc::default()).start().await.expect("start");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let status = here.status().await.expect("status");
-        let theirs = status.leases.iter().filter(|l| l.owner.as_deref() == Some(owner.as_str())).count();
-        if status.leases.len() == 12 && theirs >= 4 && status.held() >= 4 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "work not shared with the child: {status:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (mut child, here, tenants) = sharing_with_a_child(&db, &store, "k").await;
     child.0.kill().expect("SIGKILL the child");
     child.0.wait().unwrap();
     let killed = Instant::now();
@@ -332,22 +316,7 @@ async fn a_killed_process_tenants_are_taken_over(db: TestDb) {
 async fn a_paused_instance_tenants_are_taken_over_and_its_late_batches_refused(db: TestDb) {
     create_seen(&db.db).await;
     let store = db.store();
-    let tenants: Vec<String> = (0..12).map(|i| format!("p{i:02}")).collect();
-    for t in &tenants {
-        deposit(&store, t, "x", 1).await;
-    }
-    let (child, owner) = spawn_child_daemon(&db.url).await;
-    let here = daemon(store.clone(), Arc::default()).start().await.expect("start");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let status = here.status().await.expect("status");
-        let theirs = status.leases.iter().filter(|l| l.owner.as_deref() == Some(owner.as_str())).count();
-        if status.leases.len() == 12 && theirs >= 4 && status.held() >= 4 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "work not shared with the child: {status:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (child, here, tenants) = sharing_with_a_child(&db, &store, "p").await;
     // On PostgreSQL under load, so the child is likely paused in the middle of a batch: the
     // server ends its transaction after a TTL of silence, and its locks go with it. MySQL has
     // no such timeout: a batch paused mid-way keeps its tenants' rows locked until it resumes
@@ -401,6 +370,33 @@ fn deposits_until_stopped(
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     })
+}
+
+/// 12 tenants (`<prefix>00`…) with a deposit each, run by a daemon here and one in another OS
+/// process (this test binary, re-run as `daemon_child_process`): returns once each holds at
+/// least 4 of them.
+async fn sharing_with_a_child(
+    db: &TestDb,
+    store: &EventStore,
+    prefix: &str,
+) -> (KillOnDrop, DaemonHandle, Vec<String>) {
+    let tenants: Vec<String> = (0..12).map(|i| format!("{prefix}{i:02}")).collect();
+    for t in &tenants {
+        deposit(store, t, "x", 1).await;
+    }
+    let (child, owner) = spawn_child_daemon(&db.url).await;
+    let here = daemon(store.clone(), Arc::default()).start().await.expect("start");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = here.status().await.expect("status");
+        let theirs = status.leases.iter().filter(|l| l.owner.as_deref() == Some(owner.as_str())).count();
+        if status.leases.len() == 12 && theirs >= 4 && status.held() >= 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "work not shared with the child: {status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (child, here, tenants)
 }
 
 /// Starts `daemon_child_process` on `url` in another OS process; the child and its owner name.
