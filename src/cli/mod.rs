@@ -432,13 +432,7 @@ impl Command {
                 ops::reset(db, &name, &partition, to).await
             }
             Command::Projections(ProjectionsCommand::Resume { name, partition }) => {
-                let only: Option<[&str; 1]> = partition.as_deref().map(|p| [p]);
-                let resumed = backend::revoke(db, &name, only.as_ref().map(|p| &p[..])).await?;
-                if resumed == 0 {
-                    return Err(CliError::Invalid(format!("projection '{name}' has no such lease")));
-                }
-                println!("projection '{name}': {resumed} lease(s) run again now");
-                Ok(())
+                ops::resume(db, &name, partition.as_deref()).await
             }
             Command::Leases(Leases::List(flag)) => ops::leases(db, flag).await,
             Command::Leases(Leases::Release { owner }) => {

@@ -166,6 +166,16 @@ pub(super) async fn status(db: &DatabaseConnection, filter: StatusFilter) -> Res
     Ok(())
 }
 
+pub(super) async fn resume(db: &DatabaseConnection, name: &str, partition: Option<&str>) -> Result<(), CliError> {
+    let only = partition.map(|p| [p]);
+    let resumed = backend::revoke(db, name, only.as_ref().map(|p| &p[..])).await?;
+    if resumed == 0 {
+        return Err(CliError::Invalid(format!("projection '{name}' has no such lease")));
+    }
+    println!("projection '{name}': {resumed} lease(s) run again now");
+    Ok(())
+}
+
 pub(super) async fn retire(db: &DatabaseConnection, name: &str, yes: bool) -> Result<(), CliError> {
     if !yes {
         return Err(CliError::Invalid(format!(
