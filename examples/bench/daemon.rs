@@ -288,3 +288,72 @@ pub async fn idle(args: &Args, run: &str) -> Res {
     daemon.stop().await?;
     Ok(())
 }
+
+/// `daemon-tenants-<N>`: N tenants with one stream of 3 events each, `--tenant-projections`
+/// projections, one daemon finding the tenants itself. Catch-up from cold (pairs of projection
+/// and tenant per second), then idle for 10 s: rows read and written and commits per second on
+/// the database (PostgreSQL's `pg_stat_database`), and the process's resident memory.
+pub async fn tenants_scale(args: &Args, run: &str, count: usize) -> Res {
+    let name = format!("daemon-tenants-{count}");
+    let run = format!("{run}-{name}");
+    let store = EventStore::new(pool(args).await?);
+    let names: Vec<String> = (0..count).map(|i| format!("{run}-t{i:05}")).collect();
+    let mut last = 0;
+    for chunk in names.chunks(8) {
+        let appends = chunk.iter().map(|t| {
+            let events: Vec<CartEvent> = (0..3).map(|e| cart_event(0, e)).collect();
+            store.append_to_stream("cart-0", events, AppendOptions::default().partition(t))
+        });
+        for done in futures::future::join_all(appends).await {
+            last = last.max(done?.last_event_global_position);
+        }
+    }
+    let db = pool(args).await?;
+    let mut daemon = Daemon::new(EventStore::new(pool(args).await?));
+    for p in 0..args.tenant_projections {
+        let table = format!("bench_tenants_{count}_{p}");
+        create_carts_table(&db, &table).await?;
+        daemon = daemon.projection(format!("{run}-p{p}"), carts_projection(&table));
+    }
+    let started = Instant::now();
+    let daemon = daemon.start().await?;
+    tokio::time::timeout(Duration::from_secs(1800), daemon.caught_up(last)).await??;
+    let secs = started.elapsed().as_secs_f64();
+    let pairs = count * args.tenant_projections;
+    let mut idle = String::new();
+    if db.get_database_backend() == DbBackend::Postgres {
+        // Backends flush their statistics within 10 s of going idle: the catch-up's land first.
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        let stats = "SELECT (tup_returned + tup_fetched)::bigint, (tup_inserted + tup_updated + tup_deleted)::bigint,
+                            xact_commit::bigint FROM pg_stat_database WHERE datname = current_database()";
+        let read = || async {
+            let row = db.query_one_raw(Statement::from_string(DbBackend::Postgres, stats)).await?.expect("a row");
+            Ok::<_, sea_orm::DbErr>([
+                row.try_get_by_index::<i64>(0)?,
+                row.try_get_by_index(1)?,
+                row.try_get_by_index(2)?,
+            ])
+        };
+        let before = read().await?;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await; // statistics are flushed once a second
+        let after = read().await?;
+        let per_second = |i: usize| (after[i] - before[i]) as f64 / 11.5;
+        idle = format!(
+            "\tidle_rows_read_s={:.0}\tidle_rows_written_s={:.0}\tidle_commits_s={:.1}",
+            per_second(0),
+            per_second(1),
+            per_second(2)
+        );
+    }
+    let rss_mb = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").to_owned()))
+        })
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(String::new(), |kb| format!("\trss_mb={:.0}", kb / 1024.0));
+    println!("{name}\t{pairs}\tpairs\t{secs:.3}\ts\t{:.0}\tpairs/s{idle}{rss_mb}", pairs as f64 / secs);
+    daemon.stop().await?;
+    Ok(())
+}

@@ -29,7 +29,10 @@
 //! - `daemon-scale`: `daemon-scale-1` and `daemon-scale-3`, 12 tenants × `--scale-events` events
 //!   projected by 1 and by 3 instances;
 //! - `idle` (PostgreSQL): transaction ids (`xids=`) and statements (`queries=`) of an idle daemon
-//!   over `--idle-seconds`.
+//!   over `--idle-seconds`;
+//! - `daemon-tenants` (not in the default list): for each of `--tenant-counts` (100,10000), that
+//!   many tenants of 3 events × `--tenant-projections` (2), caught up from cold by one daemon
+//!   (pairs/s), then idle: rows read and written and commits per second (PostgreSQL), RSS.
 //!
 //! Each run writes to partitions of its own, so runs can repeat on one database.
 
@@ -89,6 +92,12 @@ struct Args {
     /// Duration of `idle`.
     #[arg(long, default_value_t = 60)]
     idle_seconds: u64,
+    /// Tenant counts of `daemon-tenants`, each measured in turn in the same run.
+    #[arg(long, value_delimiter = ',', default_value = "100,10000")]
+    tenant_counts: Vec<usize>,
+    /// Projections of `daemon-tenants`.
+    #[arg(long, default_value_t = 2)]
+    tenant_projections: usize,
 }
 
 /// The Kysely peer's cart state.
@@ -207,6 +216,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 daemon::scale(&args, &partition, 3, &tenants).await?;
             }
             "idle" => daemon::idle(&args, &partition).await?,
+            "daemon-tenants" => {
+                for &count in &args.tenant_counts {
+                    daemon::tenants_scale(&args, &partition, count).await?;
+                }
+            }
             other => return Err(format!("unknown workload {other}").into()),
         }
     }
