@@ -723,3 +723,34 @@ fn a_group_writer_dropped_with_its_runtime_is_replaced() {
     });
     let _ = std::fs::remove_file(url.trim_start_matches("sqlite://").trim_end_matches("?mode=rwc"));
 }
+
+/// SQLite: the runtime stops after an append queued for its group and spawned the group's
+/// writer, before that writer first ran; its caller is gone too. The store still appends on
+/// another runtime, and the cancelled append is not written.
+#[cfg(feature = "sqlite")]
+#[test]
+fn a_group_writer_dropped_before_it_ran_is_replaced() {
+    let first = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (url, store) = first.block_on(async {
+        let url = common::sqlite().await;
+        let db = common::connect(&url).await.unwrap();
+        emmett_seaorm::migrate(&db).await.unwrap();
+        let store = EventStore::new(db);
+        {
+            let mut cancelled = std::pin::pin!(store.append_to_stream("cancelled", [deposit(1)], exact(0)));
+            assert!(futures::poll!(cancelled.as_mut()).is_pending());
+        }
+        assert!(format!("{store:?}").contains("waiting: 1"), "queued, its writer not run yet: {store:?}");
+        (url, store)
+    });
+    drop(first);
+    let second = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    second.block_on(async {
+        let append = store.append_to_stream("next", [deposit(2)], exact(0));
+        let done = tokio::time::timeout(std::time::Duration::from_secs(10), append).await;
+        assert_eq!(done.expect("the store still appends").unwrap().next_expected_stream_version, 1);
+        let read = store.read_stream::<Ev>("cancelled", ReadOptions::default()).await.unwrap();
+        assert!(!read.stream_exists, "a cancelled append is not written");
+    });
+    let _ = std::fs::remove_file(url.trim_start_matches("sqlite://").trim_end_matches("?mode=rwc"));
+}

@@ -65,7 +65,9 @@ impl GroupCommit {
             !std::mem::replace(&mut queue.writing, true)
         };
         if start_writer {
-            tokio::spawn(Arc::clone(self).write());
+            // The guard lives in the task from its creation: a task dropped before it first
+            // runs (its runtime stopping) still hands the writing over.
+            tokio::spawn(Writer(Some(Arc::clone(self))).write());
         }
         match written.await {
             Ok(Some(result)) => result,
@@ -75,16 +77,24 @@ impl GroupCommit {
             Ok(None) | Err(_) => store.append_once(append).await,
         }
     }
+}
 
+/// The writer task of a [`GroupCommit`]: if it is dropped before it ends (with its runtime),
+/// the next append starts another.
+struct Writer(Option<Arc<GroupCommit>>);
+
+impl Writer {
     /// Writes groups until no append waits.
-    async fn write(self: Arc<Self>) {
-        let mut writer = Writer(Some(Arc::clone(&self)));
+    async fn write(mut self) {
+        let commit = Arc::clone(self.0.as_ref().expect("a writer holds its queue"));
         loop {
             let group: Vec<Request> = {
-                let mut queue = self.queue.lock().expect("not poisoned");
+                let mut queue = commit.queue.lock().expect("not poisoned");
+                // An append whose caller went away (cancelled) is not written.
+                queue.waiting.retain(|request| !request.reply.is_closed());
                 if queue.waiting.is_empty() {
                     queue.writing = false;
-                    writer.0 = None;
+                    self.0 = None;
                     return;
                 }
                 let n = queue.waiting.len().min(MAX_GROUP);
@@ -95,10 +105,6 @@ impl GroupCommit {
         }
     }
 }
-
-/// The running writer task: if it is dropped before it ends (with its runtime), the next
-/// append starts another.
-struct Writer(Option<Arc<GroupCommit>>);
 
 impl Drop for Writer {
     fn drop(&mut self) {
