@@ -109,6 +109,31 @@ impl MigrationTrait for M20261128000003IndexLeaseOwners {
     }
 }
 
+/// Creates `emt_segments`: the segments of tenants the daemon's instances hold (owner, epoch),
+/// instead of a hold per (subscription, tenant).
+pub struct M20261206000001CreateDaemonSegments;
+
+impl M20261206000001CreateDaemonSegments {
+    const NAME: &str = "m20261206_000001_create_daemon_segments";
+}
+
+impl MigrationName for M20261206000001CreateDaemonSegments {
+    fn name(&self) -> &str {
+        Self::NAME
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M20261206000001CreateDaemonSegments {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        run(manager, up_sql(self.name(), manager.get_connection()).await?).await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        backend::drop_segment_table(manager.get_connection()).await
+    }
+}
+
 /// Runs `statements` in order.
 async fn run(manager: &SchemaManager<'_>, statements: Vec<String>) -> Result<(), DbErr> {
     for statement in statements {
@@ -128,6 +153,7 @@ async fn up_sql(name: &str, db: &impl ConnectionTrait) -> Result<Vec<String>, Db
         M20261128000001HardenEventStore::NAME => backend::harden_schema(db).await,
         M20261128000002CreateDaemonLeases::NAME => backend::create_lease_tables(db).await,
         M20261128000003IndexLeaseOwners::NAME => backend::create_owner_index(db).await,
+        M20261206000001CreateDaemonSegments::NAME => backend::create_segment_table(db).await,
         other => Err(DbErr::Migration(format!("no migration named {other}"))),
     }
 }
@@ -202,6 +228,7 @@ impl MigratorTrait for Migrator {
             Box::new(M20261128000001HardenEventStore),
             Box::new(M20261128000002CreateDaemonLeases),
             Box::new(M20261128000003IndexLeaseOwners),
+            Box::new(M20261206000001CreateDaemonSegments),
         ]
     }
 

@@ -275,3 +275,29 @@ pub(crate) async fn last_position_upto(
         .await?;
     Ok(row.map(|row| row.try_get::<Option<i64>>("", "last")).transpose()?.flatten())
 }
+
+/// The partitions with events at global positions in `(after, upto]`, each with its last one
+/// there, and how many positions of the range hold an event (archived or not): one range read
+/// of the global position index, costing what happened since `after`, however many partitions
+/// exist. On MySQL a count below `upto - after` means a position of the range is not committed
+/// yet (or never will be).
+pub(crate) async fn changes(
+    conn: &impl ConnectionTrait,
+    after: i64,
+    upto: i64,
+) -> Result<(Vec<(String, i64)>, i64), DbErr> {
+    let backend = conn.get_database_backend();
+    let sql = format!(
+        "SELECT {p}, max(global_position), count(*) FROM messages
+         WHERE global_position > $1 AND global_position <= $2 GROUP BY {p}",
+        p = partition_column(backend),
+    );
+    let rows = conn.query_all_raw(statement(backend, &sql, [after.into(), upto.into()])).await?;
+    let mut found = 0;
+    let mut partitions = Vec::with_capacity(rows.len());
+    for row in rows {
+        found += row.try_get_by_index::<i64>(2)?;
+        partitions.push((row.try_get_by_index(0)?, row.try_get_by_index(1)?));
+    }
+    Ok((partitions, found))
+}

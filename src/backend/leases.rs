@@ -1,22 +1,22 @@
-//! The daemon's coordination tables and their SQL: lease rows per (subscription, tenant) with an
-//! owner and an epoch (the fencing token), and one row per running instance with its expiry.
+//! The daemon's coordination tables and their SQL: a lease row per (subscription, tenant) with
+//! its failures, and one row per running instance with its expiry. What instances hold are
+//! segments of tenants ([`super::segments`]).
 //!
 //! Times are milliseconds since the Unix epoch on the *database's* clock, so instances on
 //! machines whose clocks disagree still agree on who holds what.
 //!
-//! A lease is held while its owner is **live**, which its loop renews every `renew_every` —
+//! A segment is held while its owner is **live**, which its loop renews every `renew_every` —
 //! one renewal per instance however many leases it holds: by writing the expiry of its instance
 //! row, or on PostgreSQL, while its *presence connection* is up, by moving the deadline that
 //! connection carries in its `application_name` (no write). A killed instance's presence
-//! connection closes with it, so its leases are free at once; a hung or paused one (a stuck
+//! connection closes with it, so its segments are free at once; a hung or paused one (a stuck
 //! handler, SIGSTOP, a VM pause) stops renewing and loses them after the TTL. Its batches are
-//! then refused by the epoch. (`emt_leases.expires_at`, which earlier versions renewed per
-//! lease, is no longer read or written.)
-
-use std::collections::BTreeMap;
+//! then refused by the epoch. (`emt_leases.owner`, `epoch` and `expires_at`, which earlier
+//! versions held per tenant, are no longer read or written.)
 
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, Statement, TransactionTrait, Value};
 
+use super::segments::{SegmentRow, Segments, segment_of};
 use super::{partition_column, statement};
 
 /// The `application_name` prefix of a daemon's presence connection on PostgreSQL.
@@ -86,15 +86,13 @@ pub(crate) async fn drop_lease_tables(conn: &impl ConnectionTrait) -> Result<(),
     Ok(())
 }
 
-/// A lease row as the coordinator sees it.
+/// A tenant's lease row, with the owner of its segment.
 #[derive(Debug, Clone)]
 pub(crate) struct LeaseRow {
     pub subscription: String,
     pub partition: String,
+    /// The instance holding the tenant's segment, and whether another may take it now.
     pub owner: Option<String>,
-    pub epoch: i64,
-    /// Whether another instance may take it now: no owner, or an owner that is gone (expired
-    /// and, on PostgreSQL, without a presence connection).
     pub free: bool,
     /// Failed runs in a row (0 = healthy).
     pub failures: i64,
@@ -105,31 +103,6 @@ pub(crate) struct LeaseRow {
     pub error_position: Option<i64>,
     /// Milliseconds until the owner's registration expires unless it renews it (0 = expired).
     pub expires_in_ms: i64,
-}
-
-/// What one coordination round reads, in one statement.
-pub(crate) struct Leases {
-    /// The lease rows of the daemon's subscriptions.
-    pub rows: Vec<LeaseRow>,
-    /// Live instances.
-    pub instances: u64,
-    /// The store's [`head`](super::head) (read in the same statement, so an idle daemon's
-    /// round costs one query).
-    pub head: i64,
-}
-
-/// The lease rows of `subscriptions`, the number of live instances and the store's head.
-pub(crate) async fn leases(conn: &impl ConnectionTrait, subscriptions: &[String]) -> Result<Leases, DbErr> {
-    let backend = conn.get_database_backend();
-    let head = format!(", {}", super::horizon::head_sql(backend));
-    let rows = select_leases(conn, subscriptions, &head, "emt_leases").await?;
-    let mut leases = Leases { rows: Vec::with_capacity(rows.len()), instances: 0, head: 0 };
-    for row in rows {
-        leases.instances = row.try_get_by_index::<i64>(0)?.max(0) as u64;
-        leases.head = row.try_get_by_index::<Option<i64>>(LEASE_COLUMNS)?.unwrap_or(0);
-        leases.rows.extend(lease_row(&row)?);
-    }
-    Ok(leases)
 }
 
 /// A lease row with its projection's progress, as `status` reports it.
@@ -144,13 +117,13 @@ pub(crate) struct LeaseReport {
     pub lag_seconds: f64,
 }
 
-/// The lease rows of `subscriptions` with their checkpoints, heads and lag, and the number of
-/// live instances: one statement, however many tenants (each row's figures are index lookups
+/// The lease rows of `subscriptions` with their checkpoints, heads and lag, and the segments
+/// with the number of live instances: one statement, however many tenants (each row's figures are index lookups
 /// on the tenant's `(partition, global_position)` range).
 pub(crate) async fn lease_reports<C: ConnectionTrait + TransactionTrait<Transaction = DatabaseTransaction>>(
     conn: &C,
     subscriptions: &[String],
-) -> Result<(Vec<LeaseReport>, u64), DbErr> {
+) -> Result<(Vec<LeaseReport>, Segments), DbErr> {
     let backend = conn.get_database_backend();
     let p = partition_column(backend);
     let past = format!("FROM messages m WHERE m.{p} = l.{p} AND NOT m.is_archived");
@@ -177,11 +150,11 @@ pub(crate) async fn lease_reports<C: ConnectionTrait + TransactionTrait<Transact
         txn.execute_unprepared("SET LOCAL jit = off").await?;
     }
     let rows = select_leases(&txn, subscriptions, &progress, &leases).await?;
+    let segments = super::segments::segments(&txn, subscriptions).await?;
     txn.commit().await?;
-    let (mut reports, mut instances) = (Vec::with_capacity(rows.len()), 0);
+    let mut reports = Vec::with_capacity(rows.len());
     for row in rows {
-        instances = row.try_get_by_index::<i64>(0)?.max(0) as u64;
-        let Some(lease) = lease_row(&row)? else { continue };
+        let Some(lease) = lease_row(&row, &segments.rows)? else { continue };
         reports.push(LeaseReport {
             lease,
             checkpoint: row.try_get_by_index(LEASE_COLUMNS)?,
@@ -190,17 +163,20 @@ pub(crate) async fn lease_reports<C: ConnectionTrait + TransactionTrait<Transact
             lag_seconds: row.try_get_by_index::<Option<f64>>(LEASE_COLUMNS + 3)?.unwrap_or(0.0),
         });
     }
-    Ok((reports, instances))
+    Ok((reports, segments))
+}
+
+/// Every tenant's lease row of `subscriptions` (no owners: see [`lease_reports`]).
+pub(crate) async fn lease_rows(conn: &impl ConnectionTrait, subscriptions: &[String]) -> Result<Vec<LeaseRow>, DbErr> {
+    let rows = select_leases(conn, subscriptions, "", "emt_leases").await?;
+    rows.iter().filter_map(|row| lease_row(row, &[]).transpose()).collect()
 }
 
 /// The columns [`select_leases`] reads before the caller's.
-const LEASE_COLUMNS: usize = 11;
+const LEASE_COLUMNS: usize = 6;
 
-/// The number of live instances, then each lease row of `subscriptions` (one row of NULLs when
-/// there is none) from `leases` (`emt_leases` or a derived table over it), with `columns`
-/// (`, …`, over the lease `l`) after [`LEASE_COLUMNS`]. Liveness is evaluated once per
-/// instance, not per lease row: on PostgreSQL each check reads `pg_stat_activity` (per lease
-/// row, half of the 0.93 s `status` took at 2,000 tenants).
+/// Each lease row of `subscriptions` from `leases` (`emt_leases` or a derived table over it),
+/// with `columns` (`, …`, over the lease `l`) after [`LEASE_COLUMNS`].
 async fn select_leases(
     conn: &impl ConnectionTrait,
     subscriptions: &[String],
@@ -212,15 +188,9 @@ async fn select_leases(
     let matching =
         if subscriptions.is_empty() { "1 = 0".to_owned() } else { format!("l.subscription_id IN ({marks})") };
     let sql = format!(
-        "WITH live AS (SELECT d.owner FROM emt_daemons d WHERE {live})
-         SELECT (SELECT count(*) FROM live),
-                l.subscription_id, l.{p}, l.owner, l.epoch,
-                CASE WHEN l.owner IS NULL OR l.owner NOT IN (SELECT owner FROM live) THEN 1 ELSE 0 END,
-                l.failures, CASE WHEN l.retry_at > {now} THEN l.retry_at - {now} ELSE 0 END, l.last_error,
-                l.error_position, CASE WHEN o.expires_at > {now} THEN o.expires_at - {now} ELSE 0 END{columns}
-         FROM (SELECT 1 AS one) x LEFT JOIN {leases} l ON {matching}
-         LEFT JOIN emt_daemons o ON o.owner = l.owner",
-        live = live(backend, "d"),
+        "SELECT l.subscription_id, l.{p}, l.failures, CASE WHEN l.retry_at > {now} THEN l.retry_at - {now} ELSE 0 END,
+                l.last_error, l.error_position{columns}
+         FROM {leases} l WHERE {matching}",
         p = partition_column(backend),
         now = now_ms(backend),
     );
@@ -228,20 +198,22 @@ async fn select_leases(
     conn.query_all_raw(statement(backend, &sql, values)).await
 }
 
-/// The lease of a [`select_leases`] row (`None` for the row of NULLs).
-fn lease_row(row: &sea_orm::QueryResult) -> Result<Option<LeaseRow>, DbErr> {
-    let Some(subscription) = row.try_get_by_index::<Option<String>>(1)? else { return Ok(None) };
+/// The lease of a [`select_leases`] row, with the owner of its segment among `segments`.
+fn lease_row(row: &sea_orm::QueryResult, segments: &[SegmentRow]) -> Result<Option<LeaseRow>, DbErr> {
+    let subscription: String = row.try_get_by_index(0)?;
+    let partition: String = row.try_get_by_index(1)?;
+    let segment = segment_of(&partition);
+    let holder = segments.iter().find(|s| s.subscription == subscription && s.segment == segment);
     Ok(Some(LeaseRow {
+        owner: holder.and_then(|s| s.owner.clone()),
+        free: holder.is_none_or(|s| s.free),
+        expires_in_ms: holder.map_or(0, |s| s.expires_in_ms),
         subscription,
-        partition: row.try_get_by_index(2)?,
-        owner: row.try_get_by_index(3)?,
-        epoch: row.try_get_by_index(4)?,
-        free: row.try_get_by_index::<i32>(5)? == 1,
-        failures: row.try_get_by_index(6)?,
-        retry_in_ms: row.try_get_by_index(7)?,
-        last_error: row.try_get_by_index(8)?,
-        error_position: row.try_get_by_index(9)?,
-        expires_in_ms: row.try_get_by_index(10)?,
+        partition,
+        failures: row.try_get_by_index(2)?,
+        retry_in_ms: row.try_get_by_index(3)?,
+        last_error: row.try_get_by_index(4)?,
+        error_position: row.try_get_by_index(5)?,
     }))
 }
 
@@ -259,93 +231,6 @@ pub(crate) async fn ensure_leases(conn: &impl ConnectionTrait, pairs: &[(String,
         conn.execute_raw(statement(backend, &sql, values)).await?;
     }
     Ok(())
-}
-
-/// Takes a free lease, if it is still free and at `epoch`: the new epoch, or `None` when
-/// another instance was faster (a compare-and-set; no lock is held afterwards). A lease row
-/// locked by a batch in flight (its holder paused mid-batch) is not waited for: the round goes
-/// on with the others, and looks at this one again later.
-pub(crate) async fn claim<C: ConnectionTrait + TransactionTrait<Transaction = DatabaseTransaction>>(
-    conn: &C,
-    lease: &LeaseRow,
-    owner: &str,
-) -> Result<Option<i64>, DbErr> {
-    let backend = conn.get_database_backend();
-    let p = partition_column(backend);
-    let key = [lease.subscription.as_str().into(), lease.partition.as_str().into(), lease.epoch.into()];
-    let txn = conn.begin().await?;
-    if backend != DbBackend::Sqlite {
-        let lock = format!(
-            "SELECT epoch FROM emt_leases WHERE subscription_id = $1 AND {p} = $2 AND epoch = $3 FOR UPDATE SKIP LOCKED"
-        );
-        if txn.query_one_raw(statement(backend, &lock, key.clone())).await?.is_none() {
-            return Ok(None);
-        }
-    }
-    // (Placeholders in the order they appear: MySQL's are positional.)
-    let sql = format!(
-        "UPDATE emt_leases SET owner = $1, epoch = epoch + 1
-         WHERE subscription_id = $2 AND {p} = $3 AND epoch = $4 AND ({free})",
-        free = free_condition(backend, "emt_leases."),
-    );
-    let values = std::iter::once(owner.into()).chain(key);
-    let done = txn.execute_raw(statement(backend, &sql, values)).await?.rows_affected() == 1;
-    txn.commit().await?;
-    Ok(done.then_some(lease.epoch + 1))
-}
-
-/// Gives a lease back (only if `owner` still holds it at `epoch`), so another instance may take
-/// it at once.
-pub(crate) async fn release(
-    conn: &impl ConnectionTrait,
-    subscription: &str,
-    partition: &str,
-    owner: &str,
-    epoch: i64,
-) -> Result<(), DbErr> {
-    let backend = conn.get_database_backend();
-    let sql = format!(
-        "UPDATE emt_leases SET owner = NULL
-         WHERE subscription_id = $1 AND {p} = $2 AND owner = $3 AND epoch = $4",
-        p = partition_column(backend),
-    );
-    let values: [Value; 4] = [subscription.into(), partition.into(), owner.into(), epoch.into()];
-    conn.execute_raw(statement(backend, &sql, values)).await?;
-    Ok(())
-}
-
-/// Takes the leases of `subscription` (of `partitions`, or all) from whoever holds them, after
-/// an operator changed their checkpoints or failures: the epoch moves on, so a batch in flight
-/// under the old lease can't commit, and the holder's next lease round drops the lease and
-/// claims it again, reading the new checkpoint; `retry_at` is cleared, so it runs at once.
-/// On PostgreSQL the instances are told (on [`LEASES_CHANNEL`], on commit) to look now.
-/// How many leases it took.
-pub(crate) async fn revoke(
-    conn: &impl ConnectionTrait,
-    subscription: &str,
-    partitions: Option<&[&str]>,
-) -> Result<u64, DbErr> {
-    let backend = conn.get_database_backend();
-    let p = partition_column(backend);
-    let only = match partitions {
-        None => String::new(),
-        Some([]) => return Ok(0),
-        Some(partitions) => {
-            let marks = (2..partitions.len() + 2).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
-            format!(" AND {p} IN ({marks})")
-        }
-    };
-    let sql = format!(
-        "UPDATE emt_leases SET owner = NULL, epoch = epoch + 1, retry_at = 0
-         WHERE subscription_id = $1{only}"
-    );
-    let values =
-        std::iter::once(Value::from(subscription)).chain(partitions.into_iter().flatten().map(|p| Value::from(*p)));
-    let revoked = conn.execute_raw(statement(backend, &sql, values)).await?.rows_affected();
-    if backend == DbBackend::Postgres && revoked > 0 {
-        conn.execute_unprepared(&format!("NOTIFY {LEASES_CHANNEL}")).await?;
-    }
-    Ok(revoked)
 }
 
 /// Parks a lease after a failed run: records the error and where it happened, and when it may
@@ -417,12 +302,11 @@ pub(crate) async fn heartbeat(conn: &impl ConnectionTrait, owner: &str, ttl_ms: 
     Ok(())
 }
 
-/// Removes the instance and gives back every lease it still holds (their number); on PostgreSQL
-/// it tells the other instances (on [`LEASES_CHANNEL`]) so they take them at once.
+/// Removes the instance and gives back every segment it still holds (their number); on
+/// PostgreSQL it tells the other instances (on [`LEASES_CHANNEL`]) so they take them at once.
 pub(crate) async fn leave(conn: &impl ConnectionTrait, owner: &str) -> Result<u64, DbErr> {
     let backend = conn.get_database_backend();
-    let release = "UPDATE emt_leases SET owner = NULL WHERE owner = $1";
-    let released = conn.execute_raw(statement(backend, release, [owner.into()])).await?.rows_affected();
+    let released = super::segments::release_all(conn, owner).await?;
     conn.execute_raw(statement(backend, "DELETE FROM emt_daemons WHERE owner = $1", [owner.into()])).await?;
     if backend == DbBackend::Postgres {
         conn.execute_unprepared(&format!("NOTIFY {LEASES_CHANNEL}")).await?;
@@ -430,10 +314,12 @@ pub(crate) async fn leave(conn: &impl ConnectionTrait, owner: &str) -> Result<u6
     Ok(released)
 }
 
-/// Removes every lease row of `subscription` (retiring it); their number.
+/// Removes every lease and segment row of `subscription` (retiring it); the number of leases.
 #[cfg(feature = "cli")]
 pub(crate) async fn forget_leases(conn: &impl ConnectionTrait, subscription: &str) -> Result<u64, DbErr> {
     let backend = conn.get_database_backend();
+    let sql = "DELETE FROM emt_segments WHERE subscription_id = $1";
+    conn.execute_raw(statement(backend, sql, [subscription.into()])).await?;
     let sql = "DELETE FROM emt_leases WHERE subscription_id = $1";
     Ok(conn.execute_raw(statement(backend, sql, [subscription.into()])).await?.rows_affected())
 }
@@ -445,48 +331,8 @@ pub(crate) async fn lease_subscriptions(conn: &impl ConnectionTrait) -> Result<V
     rows.iter().map(|row| row.try_get_by_index(0)).collect()
 }
 
-/// In a projection batch: locks the lease rows of `subscription` for `tenants` and returns those
-/// that `owner` still holds at the given epochs, with their count of failed runs. A takeover's
-/// claim waits for the batch to commit, and a batch after the takeover sees the new epoch: work
-/// commits only under the lease it was started with. On PostgreSQL, with `idle_timeout`, the
-/// server ends the batch's transaction if its process goes silent that long (paused, hung).
-pub(crate) async fn held_leases(
-    txn: &DatabaseTransaction,
-    subscription: &str,
-    owner: &str,
-    tenants: &[(String, i64)],
-    idle_timeout: Option<std::time::Duration>,
-) -> Result<BTreeMap<String, i64>, DbErr> {
-    let backend = txn.get_database_backend();
-    // (Set in the same statement: no extra round trip.)
-    let idle = match (backend, idle_timeout) {
-        (DbBackend::Postgres, Some(ttl)) => {
-            format!(", set_config('idle_in_transaction_session_timeout', '{}', true)", ttl.as_millis())
-        }
-        _ => String::new(),
-    };
-    let lock = if backend == DbBackend::Sqlite { "" } else { " ORDER BY 1 FOR UPDATE" };
-    let hint = if backend == DbBackend::MySql { super::MYSQL_PRIMARY_KEY_ONLY } else { "" };
-    let marks = (2..tenants.len() + 2).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
-    let sql = format!(
-        "SELECT {p}, owner, epoch, failures{idle} FROM emt_leases {hint} WHERE subscription_id = $1 AND {p} IN ({marks}){lock}",
-        p = partition_column(backend),
-    );
-    let values = std::iter::once(Value::from(subscription)).chain(tenants.iter().map(|(t, _)| Value::from(t.as_str())));
-    let rows = txn.query_all_raw(statement(backend, &sql, values)).await?;
-    let mut held = BTreeMap::new();
-    for row in rows {
-        let (tenant, holder, epoch): (String, Option<String>, i64) =
-            (row.try_get_by_index(0)?, row.try_get_by_index(1)?, row.try_get_by_index(2)?);
-        if holder.as_deref() == Some(owner) && tenants.iter().any(|(t, e)| *t == tenant && *e == epoch) {
-            held.insert(tenant, row.try_get_by_index(3)?);
-        }
-    }
-    Ok(held)
-}
-
 /// The database's clock, in milliseconds since the Unix epoch.
-fn now_ms(backend: DbBackend) -> &'static str {
+pub(super) fn now_ms(backend: DbBackend) -> &'static str {
     match backend {
         DbBackend::Postgres => "(extract(epoch from clock_timestamp()) * 1000)::bigint",
         DbBackend::MySql => "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)",
@@ -497,7 +343,7 @@ fn now_ms(backend: DbBackend) -> &'static str {
 /// SQL saying whether the instance of the `emt_daemons` row aliased `row` is live: its
 /// registration renewed within its TTL or, on PostgreSQL, its presence connection open and
 /// renewed (its `application_name` ends in a deadline, in seconds, that has not passed).
-fn live(backend: DbBackend, row: &str) -> String {
+pub(super) fn live(backend: DbBackend, row: &str) -> String {
     let renewed = format!("{row}.expires_at >= {}", now_ms(backend));
     match backend {
         DbBackend::Postgres => format!("({renewed} OR {})", present(&format!("{row}.owner"))),
@@ -527,9 +373,9 @@ pub(crate) fn presence_renewal() -> &'static str {
        $1 || ':' || ceil(extract(epoch from clock_timestamp()) + $2::bigint / 1000.0)::bigint::text, false)"
 }
 
-/// SQL saying whether a lease row (its columns prefixed by `table`) may be taken: no owner, or
+/// SQL saying whether a segment row (its columns prefixed by `table`) may be taken: no owner, or
 /// an owner that is not live.
-fn free_condition(backend: DbBackend, table: &str) -> String {
+pub(super) fn free_condition(backend: DbBackend, table: &str) -> String {
     format!(
         "{table}owner IS NULL OR NOT EXISTS (SELECT 1 FROM emt_daemons f WHERE f.owner = {table}owner AND {})",
         live(backend, "f")

@@ -14,7 +14,8 @@
 //!   for on SQLite.
 //!
 //! One file per concern: [`schema`] (DDL, migrations, partitions, the catalog), [`append`],
-//! [`horizon`], [`locks`] (projection batches), [`leases`] (the daemon's coordination) and
+//! [`horizon`], [`locks`] (projection batches), [`leases`] and [`segments`] (the daemon's
+//! coordination) and
 //! [`failure`] (what an error code means).
 
 mod append;
@@ -23,6 +24,7 @@ mod horizon;
 mod leases;
 mod locks;
 mod schema;
+mod segments;
 
 use sea_orm::{DatabaseTransaction, DbBackend, DbErr, Statement, TransactionOptions, TransactionTrait, Value};
 
@@ -31,20 +33,23 @@ pub(crate) use append::APPENDS_CHANNEL;
 pub(crate) use append::{Append, Appended, append, append_steps};
 pub(crate) use failure::{is_retried, retry_policy};
 pub(crate) use horizon::{
-    global_horizon, head, horizon, index_order_only, last_position_upto, partition_heads, pending,
+    changes, global_horizon, head, horizon, index_order_only, last_position_upto, partition_heads, pending,
 };
 #[cfg(feature = "cli")]
 pub(crate) use leases::forget_leases;
 #[cfg(feature = "postgres")]
 pub(crate) use leases::{LEASES_CHANNEL, PRESENCE_PREFIX, presence_renewal};
 pub(crate) use leases::{
-    LeaseReport, LeaseRow, Leases, claim, create_lease_tables, create_owner_index, drop_lease_tables, drop_owner_index,
-    ensure_leases, heartbeat, held_leases, lease_reports, lease_subscriptions, leases, leave, park, release, revoke,
-    unpark,
+    LeaseReport, create_lease_tables, create_owner_index, drop_lease_tables, drop_owner_index, ensure_leases,
+    heartbeat, lease_reports, lease_rows, lease_subscriptions, leave, park, unpark,
 };
 pub(crate) use locks::{lock_checkpoint, lock_checkpoints, lock_snapshots, move_checkpoints};
 pub(crate) use schema::{
     create_partition, create_schema, drop_schema, harden_schema, mysql_exact_collation, soften_schema, table_shape,
+};
+pub(crate) use segments::{
+    SegmentRow, Segments, claim, create_segment_table, drop_segment_table, ensure_segments, held_tenants, release,
+    revoke, segment_of, segments,
 };
 
 /// Begins a write transaction (a savepoint inside a session): `BEGIN IMMEDIATE` on SQLite so

@@ -219,7 +219,7 @@ pub(super) async fn leases(db: &DatabaseConnection, flag: JsonFlag) -> Result<()
 
 pub(super) async fn reset(db: &DatabaseConnection, name: &str, partition: &str, to: u64) -> Result<(), CliError> {
     let to = i64::try_from(to).map_err(|_| CliError::Invalid(format!("checkpoint {to} is out of range")))?;
-    let leased = backend::leases(db, &[name.to_owned()]).await?.rows.iter().any(|l| l.partition == partition);
+    let leased = backend::lease_rows(db, &[name.to_owned()]).await?.iter().any(|l| l.partition == partition);
     let checkpointed = subscriptions::Entity::find()
         .filter(subscriptions::Column::SubscriptionId.eq(name))
         .filter(subscriptions::Column::Partition.eq(partition))

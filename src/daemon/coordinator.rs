@@ -1,76 +1,111 @@
-//! Sharing the (projection, tenant) leases among the live instances: each takes free leases up
-//! to its fair share (the total divided by the live instances, rounded up) and gives back what
-//! it holds beyond it, so work spreads evenly within a coordination round or two of an
-//! instance joining or leaving.
+//! Sharing the segments of every projection among the live instances: each takes free
+//! segments up to its fair share (the total divided by the live instances; see [`fair_share`]) and
+//! gives back what it holds beyond it, so work spreads evenly (±1 segment) within a round or two
+//! of an instance joining or leaving. A round reads [`SEGMENTS`](crate::backend::SEGMENTS) rows
+//! per projection, however many tenants there are.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use sea_orm::{ConnectionTrait, DbErr, TransactionTrait};
 
-use super::agent::Held;
-use crate::backend::{self, LeaseRow};
+use crate::backend::{self, SegmentRow};
 
 /// A (subscription, tenant) pair.
 pub(super) type Key = (String, String);
 
-/// One round: updates the leases this instance holds — of `tenants` only, when the daemon runs
-/// only those — and returns the store's head, read with them.
+/// A (subscription, segment) pair.
+pub(super) type SegmentKey = (String, i64);
+
+/// What a round changed.
+pub(super) struct Round {
+    /// The store's head, read with the segments.
+    pub head: i64,
+    /// Segments claimed in this round, with their epochs.
+    pub claimed: Vec<(SegmentKey, i64)>,
+    /// Segments no longer held (taken over, revoked by an operator, or given back).
+    pub lost: Vec<SegmentKey>,
+}
+
+/// One round over the segments of `subscriptions` (of `wanted` segments only, when the daemon
+/// runs only some tenants): updates `held` (segment → epoch).
 pub(super) async fn balance(
     conn: &(impl ConnectionTrait + TransactionTrait<Transaction = sea_orm::DatabaseTransaction>),
     owner: &str,
     subscriptions: &[String],
-    tenants: Option<&BTreeSet<String>>,
-    held: &mut BTreeMap<Key, Held>,
-) -> Result<i64, DbErr> {
-    let backend::Leases { mut rows, instances: live, head } = backend::leases(conn, subscriptions).await?;
-    rows.retain(|r| tenants.is_none_or(|only| only.contains(&r.partition)));
-    // Leases taken over by another instance (or released by an operator) are no longer ours.
-    let ours: BTreeMap<Key, &LeaseRow> = rows
+    wanted: Option<&BTreeSet<i64>>,
+    held: &mut BTreeMap<SegmentKey, i64>,
+) -> Result<Round, DbErr> {
+    let backend::Segments { mut rows, instances: live, head } = backend::segments(conn, subscriptions).await?;
+    rows.retain(|r| wanted.is_none_or(|only| only.contains(&r.segment)));
+    let mut round = Round { head, claimed: Vec::new(), lost: Vec::new() };
+    // Segments taken over by another instance (or revoked by an operator) are no longer ours.
+    let ours: BTreeMap<SegmentKey, &SegmentRow> = rows
         .iter()
         .filter(|r| r.owner.as_deref() == Some(owner))
-        .map(|r| ((r.subscription.clone(), r.partition.clone()), r))
+        .map(|r| ((r.subscription.clone(), r.segment), r))
         .collect();
-    held.retain(|key, h| {
-        let keep = ours.get(key).is_some_and(|r| r.epoch == h.epoch);
+    held.retain(|key, epoch| {
+        let keep = ours.get(key).is_some_and(|r| r.epoch == *epoch);
         if !keep {
-            tracing::info!(subscription = key.0, tenant = key.1, "lease taken over by another instance");
+            tracing::info!(subscription = key.0, segment = key.1, "segment taken over or revoked");
+            round.lost.push(key.clone());
         }
         keep
     });
-    let share = rows.len().div_ceil(live.max(1) as usize);
+    let share = fair_share(owner, &rows, live);
     if held.len() > share {
-        let extra: Vec<Key> = held.keys().rev().take(held.len() - share).cloned().collect();
+        let extra: Vec<SegmentKey> = held.keys().rev().take(held.len() - share).cloned().collect();
         for key in extra {
-            let h = held.remove(&key).expect("held");
-            backend::release(conn, &key.0, &key.1, owner, h.epoch).await?;
-            tracing::info!(subscription = key.0, tenant = key.1, "lease given back to balance the work");
+            let epoch = held.remove(&key).expect("held");
+            backend::release(conn, &key.0, key.1, owner, epoch).await?;
+            tracing::info!(subscription = key.0, segment = key.1, "segment given back to balance the work");
+            round.lost.push(key);
         }
     } else if held.len() < share {
-        // Spread the instances over the free leases instead of all racing for the first ones.
-        // (A lease of ours counts as free while our presence is reconnecting: not to be taken again.)
-        let mut free: Vec<&LeaseRow> = rows
-            .iter()
-            .filter(|r| r.free && !held.contains_key(&(r.subscription.clone(), r.partition.clone())))
-            .collect();
-        free.sort_by_key(|r| order(owner, &r.subscription, &r.partition));
+        // Spread the instances over the free segments instead of all racing for the first ones.
+        // (A segment of ours counts as free while our presence is reconnecting: not to be taken
+        // again.)
+        let mut free: Vec<&SegmentRow> =
+            rows.iter().filter(|r| r.free && !held.contains_key(&(r.subscription.clone(), r.segment))).collect();
+        free.sort_by_key(|r| order(owner, &r.subscription, r.segment));
         for row in free {
             if held.len() >= share {
                 break;
             }
             if let Some(epoch) = backend::claim(conn, row, owner).await? {
-                held.insert((row.subscription.clone(), row.partition.clone()), Held::new(epoch, row.failures));
-                tracing::info!(subscription = row.subscription, tenant = row.partition, epoch, "lease claimed");
+                let key = (row.subscription.clone(), row.segment);
+                held.insert(key.clone(), epoch);
+                tracing::debug!(subscription = row.subscription, segment = row.segment, epoch, "segment claimed");
+                round.claimed.push((key, epoch));
             }
         }
     }
-    Ok(head)
+    Ok(round)
 }
 
-/// A cheap hash of an instance and a lease, to give each instance its own order of the free
-/// leases.
-fn order(owner: &str, subscription: &str, tenant: &str) -> u64 {
+/// How many of `rows` this instance should hold: `total / live`, or one more for the first
+/// `total % live` instances (by name) that hold more than that — so shares differ by one at
+/// most and settle without instances giving segments to each other back and forth.
+fn fair_share(owner: &str, rows: &[SegmentRow], live: u64) -> usize {
+    let live = live.max(1) as usize;
+    let (base, extra) = (rows.len() / live, rows.len() % live);
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for held in rows.iter().filter(|r| !r.free).filter_map(|r| r.owner.as_deref()) {
+        *counts.entry(held).or_default() += 1;
+    }
+    let above: Vec<&str> = counts.iter().filter(|(_, n)| **n > base).map(|(o, _)| *o).collect();
+    let mine = above.iter().position(|o| *o == owner);
+    match mine {
+        Some(rank) => base + usize::from(rank < extra),
+        None => base + usize::from(above.len() < extra),
+    }
+}
+
+/// A cheap hash of an instance and a segment, to give each instance its own order of the free
+/// segments.
+fn order(owner: &str, subscription: &str, segment: i64) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    (owner, subscription, tenant).hash(&mut hasher);
+    (owner, subscription, segment).hash(&mut hasher);
     hasher.finish()
 }

@@ -91,7 +91,7 @@ impl DaemonHandle {
                 let reason = "it is not running (stopped, or ended on an error: see `finished`)".into();
                 return Err(Error::DaemonFailed { owner: self.owner.clone(), reason });
             }
-            let leases = backend::leases(&self.db, &self.subscriptions).await?.rows;
+            let leases = backend::lease_rows(&self.db, &self.subscriptions).await?;
             let parked = leases.into_iter().find(|l| {
                 l.failures >= i64::from(self.retries) && behind.contains(&(l.subscription.clone(), l.partition.clone()))
             });
@@ -165,7 +165,8 @@ impl DaemonHandle {
     /// from the database: the work of every instance.
     pub async fn status(&self) -> Result<DaemonStatus> {
         let tenants = self.tenants.as_ref();
-        let (leases, instances) = super::status::leases(&self.db, &self.subscriptions, tenants, self.retries).await?;
-        Ok(DaemonStatus { owner: self.owner.clone(), instances, cycles: *self.progress.borrow(), leases })
+        let (leases, instances, segments) =
+            super::status::leases(&self.db, &self.subscriptions, tenants, self.retries).await?;
+        Ok(DaemonStatus { owner: self.owner.clone(), instances, cycles: *self.progress.borrow(), leases, segments })
     }
 }

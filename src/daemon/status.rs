@@ -25,6 +25,9 @@ pub struct DaemonStatus {
     pub cycles: u64,
     /// One entry per (projection, tenant), ordered by projection then tenant.
     pub leases: Vec<LeaseStatus>,
+    /// How many segments each instance holds, over all projections (an instance holds
+    /// segments of tenants, the tenants' entries in [`leases`](Self::leases) name it).
+    pub segments: BTreeMap<String, usize>,
 }
 
 impl DaemonStatus {
@@ -33,7 +36,7 @@ impl DaemonStatus {
         self.leases.iter().find(|l| l.subscription == subscription && l.tenant == tenant)
     }
 
-    /// Leases held by this instance.
+    /// Tenants' entries held by this instance.
     pub fn held(&self) -> usize {
         self.leases.iter().filter(|l| l.owner.as_deref() == Some(self.owner.as_str())).count()
     }
@@ -91,14 +94,19 @@ pub async fn recorded(
 }
 
 /// The lease entries of `subscriptions` (of `tenants` only, when given) whose tenant has live
-/// events, and the number of live instances: one query however many tenants.
+/// events, the number of live instances and the segments each holds: one query however many
+/// tenants.
 pub(super) async fn leases(
     db: &(impl ConnectionTrait + TransactionTrait<Transaction = DatabaseTransaction>),
     subscriptions: &[String],
     tenants: Option<&BTreeSet<String>>,
     retries: u32,
-) -> Result<(Vec<LeaseStatus>, u64)> {
-    let (reports, instances) = backend::lease_reports(db, subscriptions).await?;
+) -> Result<(Vec<LeaseStatus>, u64, BTreeMap<String, usize>)> {
+    let (reports, segments) = backend::lease_reports(db, subscriptions).await?;
+    let mut held = BTreeMap::new();
+    for owner in segments.rows.iter().filter_map(|s| s.owner.clone()) {
+        *held.entry(owner).or_default() += 1;
+    }
     let mut leases = Vec::with_capacity(reports.len());
     for backend::LeaseReport { lease: row, checkpoint, head, lag_events, lag_seconds } in reports {
         let Some(head) = head else { continue };
@@ -122,7 +130,7 @@ pub(super) async fn leases(
         });
     }
     leases.sort_by(|a, b| (&a.subscription, &a.tenant).cmp(&(&b.subscription, &b.tenant)));
-    Ok((leases, instances))
+    Ok((leases, segments.instances, held))
 }
 
 /// The checkpoints of `subscriptions`, by (subscription, tenant).

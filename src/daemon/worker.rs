@@ -15,10 +15,10 @@ use tracing::Instrument;
 
 use super::Options;
 use super::agent::{self, Held, Turn};
-use super::coordinator::{self, Key};
+use super::coordinator::{self, Key, SegmentKey};
 use super::telemetry;
 use super::wakeup::Presence;
-use crate::backend;
+use crate::backend::{self, segment_of};
 use crate::error::{Error, Result};
 use crate::projection::Projector;
 use crate::projection::RunOptions;
@@ -34,6 +34,11 @@ const HAND_OVER_POLL: Duration = Duration::from_millis(500);
 /// How long a cycle waits for PostgreSQL writers in flight before it looks again later.
 const HORIZON_WAIT: Duration = Duration::from_secs(1);
 
+/// MySQL: how long a position below the last committed one may stay missing before the daemon
+/// reads on past it (it was rolled back). A writer that commits later still has its tenant
+/// projected with that tenant's next event.
+const GAP_WAIT: Duration = Duration::from_secs(2);
+
 pub(super) struct Worker {
     pub store: EventStore,
     pub db: DatabaseConnection,
@@ -47,29 +52,31 @@ pub(super) struct Worker {
 
 /// The loop's state.
 struct State {
+    /// The tenants of the segments held, by (subscription, tenant).
     held: BTreeMap<Key, Held>,
-    /// Tenants whose lease rows exist.
-    known: BTreeSet<String>,
-    /// The head up to which every tenant's last position is known.
-    seen_head: Option<i64>,
-    last_sweep: Instant,
+    /// The segments held, with the epochs they were claimed at.
+    segments: BTreeMap<SegmentKey, i64>,
+    /// Segments claimed whose tenants are not looked up yet.
+    unscanned: BTreeSet<SegmentKey>,
+    /// The position up to which changes were read: every event up to it is committed (or will
+    /// never be), and its tenant is marked where its segment is held.
+    scanned: Option<i64>,
+    /// MySQL: since when a position below the last committed one is missing (a writer that
+    /// took it has not committed yet, or rolled back).
+    gap_since: Option<Instant>,
     /// When the instance last renewed its registration (or presence deadline).
     last_renewal: Instant,
-    /// When a lease round last succeeded.
+    /// When a segment round last succeeded, and whether one is due now.
     last_coordinated: Instant,
-    /// When every partition was last listed, how long that took, and whether events arrived
-    /// since.
-    last_discovery: Option<Instant>,
-    discovery_cost: Duration,
-    discovery_due: bool,
-    /// Told once the first round has claimed leases and found the tenants, so `start` returns
-    /// with a `status()` that shows them.
+    round_due: bool,
+    /// Told once the first round has claimed segments and found their tenants, so `start`
+    /// returns with a `status()` that shows them.
     ready: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Worker {
-    /// Runs until `stop` turns true, then gives its leases back. `ready` is told once the
-    /// instance is registered and its first lease round and tenant discovery are done.
+    /// Runs until `stop` turns true, then gives its segments back. `ready` is told once the
+    /// instance is registered and its first round and scan are done.
     pub async fn run(self, mut stop: watch::Receiver<bool>, ready: tokio::sync::oneshot::Sender<()>) -> Result<()> {
         let subscriptions: Vec<String> = self.projections.keys().cloned().collect();
         let ttl = self.options.lease_ttl;
@@ -77,33 +84,37 @@ impl Worker {
         let mut appends = self.store.appends();
         let mut state = State {
             held: BTreeMap::new(),
-            known: BTreeSet::new(),
-            seen_head: None,
-            last_sweep: Instant::now(),
+            segments: BTreeMap::new(),
+            unscanned: BTreeSet::new(),
+            scanned: None,
+            gap_since: None,
             last_renewal: Instant::now(),
             last_coordinated: Instant::now(),
-            last_discovery: None,
-            discovery_cost: Duration::ZERO,
-            discovery_due: self.tenants.is_none(),
+            round_due: true,
             ready: Some(ready),
         };
         // Registered before the first balance, so the others count this instance at once.
         backend::heartbeat(&self.db, &self.owner, self.options.lease_ttl.as_millis() as i64).await?;
         state.last_renewal = Instant::now();
+        backend::ensure_segments(&self.db, &subscriptions).await?;
         if let Some(tenants) = &self.tenants {
-            self.ensure(&mut state, &subscriptions, tenants.iter().cloned().collect()).await?;
+            let pairs: Vec<(String, String)> =
+                subscriptions.iter().flat_map(|s| tenants.iter().map(move |t| (s.clone(), t.clone()))).collect();
+            backend::ensure_leases(&self.db, &pairs).await?;
         }
+        let wanted: Option<BTreeSet<i64>> = self.tenants.as_ref().map(|t| t.iter().map(|t| segment_of(t)).collect());
         let mut delay = self.options.poll_min;
         let mut next_balance = Instant::now();
         while !*stop.borrow() {
             let mut head = None;
-            if Instant::now() >= next_balance {
-                match self.coordinate(&mut state, &subscriptions, &presence).await {
+            if Instant::now() >= next_balance || state.round_due {
+                match self.coordinate(&mut state, &subscriptions, wanted.as_ref(), &presence).await {
                     Ok(h) => {
                         head = Some(h);
                         state.last_coordinated = Instant::now();
+                        state.round_due = false;
                     }
-                    Err(error) => tracing::warn!(%error, "lease coordination failed; retrying"),
+                    Err(error) => tracing::warn!(%error, "segment coordination failed; retrying"),
                 }
                 // Without a presence connection no hand-over notice arrives: look twice as often.
                 // And never less often than renewals are due, however long the idle poll.
@@ -114,7 +125,7 @@ impl Worker {
                 next_balance = Instant::now() + Ord::min(every, self.options.renew_every);
             }
             let span = tracing::debug_span!("daemon_cycle", owner = self.owner);
-            let worked = match self.cycle(&mut state, &subscriptions, head, &presence).instrument(span).await {
+            let worked = match self.cycle(&mut state, head, &presence).instrument(span).await {
                 Ok(worked) => worked,
                 Err(error) => {
                     tracing::warn!(%error, "daemon cycle failed; retrying");
@@ -133,7 +144,7 @@ impl Worker {
                 _ = appends.changed() => {}
                 _ = presence.appended.changed() => {}
                 woke = presence.leases.changed() => {
-                    // A hand-over or a reconnect: look at the leases again now.
+                    // A hand-over or a reconnect: look at the segments again now.
                     if woke.is_ok() { next_balance = Instant::now(); }
                 }
                 _ = tokio::time::sleep(sleep) => {}
@@ -142,19 +153,34 @@ impl Worker {
         // Graceful: batches have finished (cycles run to the end); hand everything over.
         drop(presence);
         backend::leave(&self.db, &self.owner).await?;
-        tracing::info!(owner = self.owner, "projection daemon stopped; leases released");
+        tracing::info!(owner = self.owner, "projection daemon stopped; segments released");
         Ok(())
     }
 
-    /// Renews and rebalances the leases; returns the store's head, read with them.
-    async fn coordinate(&self, state: &mut State, subscriptions: &[String], presence: &Presence) -> Result<i64> {
+    /// Renews and rebalances the segments; returns the store's head, read with them.
+    async fn coordinate(
+        &self,
+        state: &mut State,
+        subscriptions: &[String],
+        wanted: Option<&BTreeSet<i64>>,
+        presence: &Presence,
+    ) -> Result<i64> {
         self.renew(state, presence).await?;
-        Ok(coordinator::balance(&self.db, &self.owner, subscriptions, self.tenants.as_ref(), &mut state.held).await?)
+        let round = coordinator::balance(&self.db, &self.owner, subscriptions, wanted, &mut state.segments).await?;
+        for lost in &round.lost {
+            state.unscanned.remove(lost);
+            state.held.retain(|(s, t), _| !(*s == lost.0 && segment_of(t) == lost.1));
+        }
+        for (claimed, _) in round.claimed {
+            state.held.retain(|(s, t), _| !(*s == claimed.0 && segment_of(t) == claimed.1));
+            state.unscanned.insert(claimed);
+        }
+        Ok(round.head)
     }
 
-    /// Renews the instance's hold on its leases when due: its presence connection's deadline
+    /// Renews the instance's hold on its segments when due: its presence connection's deadline
     /// (PostgreSQL: no write), else its registration row. Only this loop renews, so an instance
-    /// whose loop hangs (a stuck handler, a paused process) loses its leases after the TTL.
+    /// whose loop hangs (a stuck handler, a paused process) loses its segments after the TTL.
     async fn renew(&self, state: &mut State, presence: &Presence) -> Result<()> {
         if state.last_renewal.elapsed() < self.options.renew_every {
             return Ok(());
@@ -168,91 +194,132 @@ impl Worker {
         Ok(())
     }
 
-    /// Creates the lease rows of new tenants.
-    async fn ensure(&self, state: &mut State, subscriptions: &[String], tenants: Vec<String>) -> Result<()> {
-        let new: Vec<String> = tenants.into_iter().filter(|t| !state.known.contains(t)).collect();
-        if new.is_empty() {
-            return Ok(());
+    /// Whether the daemon runs `tenant`.
+    fn runs(&self, tenant: &str) -> bool {
+        self.tenants.as_ref().is_none_or(|only| only.contains(tenant))
+    }
+
+    /// Looks up the tenants of segments just claimed: every tenant's last position, checkpoint
+    /// and failures (one read each for all of them: a claim's cost, not a cycle's).
+    async fn scan(&self, state: &mut State) -> Result<()> {
+        let segments = std::mem::take(&mut state.unscanned);
+        let subscriptions: Vec<String> =
+            segments.iter().map(|(s, _)| s.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+        let heads = backend::partition_heads(&self.db, None).await?;
+        let checkpoints = super::status::checkpoints(&self.db, &subscriptions).await?;
+        let failures: BTreeMap<Key, i64> = backend::lease_rows(&self.db, &subscriptions)
+            .await?
+            .into_iter()
+            .map(|l| ((l.subscription, l.partition), l.failures))
+            .collect();
+        let mut missing = Vec::new();
+        for (tenant, head) in heads {
+            if !self.runs(&tenant) {
+                continue;
+            }
+            let segment = segment_of(&tenant);
+            for subscription in &subscriptions {
+                let key = (subscription.clone(), segment);
+                let Some(&epoch) = state.segments.get(&key).filter(|_| segments.contains(&key)) else { continue };
+                let key = (subscription.clone(), tenant.clone());
+                let checkpoint = super::status::checkpoint(&checkpoints, subscription, &tenant);
+                let failures = match failures.get(&key) {
+                    Some(&failures) => failures,
+                    None => {
+                        missing.push(key.clone());
+                        0
+                    }
+                };
+                let mut held = Held::new(epoch, failures);
+                (held.checkpoint, held.head, held.dirty) = (Some(checkpoint), head, checkpoint < head);
+                held.behind_since = held.dirty.then(Instant::now);
+                state.held.insert(key, held);
+            }
         }
-        let pairs: Vec<(String, String)> =
-            subscriptions.iter().flat_map(|s| new.iter().map(move |t| (s.clone(), t.clone()))).collect();
-        backend::ensure_leases(&self.db, &pairs).await?;
-        tracing::info!(count = new.len(), first = ?new.iter().take(5).collect::<Vec<_>>(), "tenants found");
-        state.known.extend(new);
+        backend::ensure_leases(&self.db, &missing).await?;
+        tracing::debug!(segments = segments.len(), tenants = state.held.len(), "segments scanned");
+        Ok(())
+    }
+
+    /// Marks the tenants with events in `(state.scanned, upto]` whose segment is held; a tenant
+    /// seen for the first time gets its lease row.
+    async fn mark_changes(&self, state: &mut State, upto: i64) -> Result<()> {
+        let after = state.scanned.expect("a cursor");
+        let (changed, found) = backend::changes(&self.db, after, upto).await?;
+        let mut new = Vec::new();
+        for (tenant, last) in changed {
+            if !self.runs(&tenant) {
+                continue;
+            }
+            let segment = segment_of(&tenant);
+            let subscriptions: Vec<(String, i64)> = state
+                .segments
+                .iter()
+                .filter(|((_, s), _)| *s == segment)
+                .map(|((subscription, _), epoch)| (subscription.clone(), *epoch))
+                .collect();
+            for (subscription, epoch) in subscriptions {
+                let key = (subscription, tenant.clone());
+                let held = state.held.entry(key.clone()).or_insert_with(|| {
+                    new.push(key);
+                    Held::new(epoch, 0)
+                });
+                held.head = held.head.max(last);
+                if held.checkpoint.is_none_or(|c| c < held.head) {
+                    held.dirty = true;
+                    held.behind_since.get_or_insert_with(Instant::now);
+                }
+            }
+        }
+        if !new.is_empty() {
+            backend::ensure_leases(&self.db, &new).await?;
+            tracing::info!(count = new.len(), first = ?new.iter().take(5).collect::<Vec<_>>(), "tenants found");
+        }
+        // MySQL: a position of the range not visible yet belongs to a writer still running (or
+        // one that rolled back): read the range again until it shows, for up to a poll interval.
+        let complete = found >= upto - after;
+        match self.db.get_database_backend() {
+            DbBackend::MySql if !complete && state.gap_since.is_none_or(|at| at.elapsed() < GAP_WAIT) => {
+                state.gap_since.get_or_insert_with(Instant::now);
+            }
+            _ => (state.scanned, state.gap_since) = (Some(upto), None),
+        }
         Ok(())
     }
 
     /// Finds tenants with new events and runs the projections this instance holds for them
     /// (`head`: the store's head if just read). Returns whether it projected anything.
-    async fn cycle(
-        &self,
-        state: &mut State,
-        subscriptions: &[String],
-        head: Option<i64>,
-        presence: &Presence,
-    ) -> Result<bool> {
+    async fn cycle(&self, state: &mut State, head: Option<i64>, presence: &Presence) -> Result<bool> {
         let backend_kind = self.db.get_database_backend();
         let head = match head {
             Some(head) => head,
             None => backend::head(&self.db).await?,
         };
-        // MySQL's probe sees committed positions only, so a late commit below it changes
-        // nothing there: every lease is looked at again each poll interval.
-        let sweep = backend_kind == DbBackend::MySql && state.last_sweep.elapsed() >= self.options.poll_max;
         let started = Instant::now();
-        let changed = state.seen_head != Some(head) || sweep;
-        // Listing every partition finds new tenants. Its cost grows with the number of tenants,
-        // so it takes at most a tenth of the daemon's time; between, only held tenants are
-        // looked at.
-        state.discovery_due |= changed && self.tenants.is_none();
-        let discover =
-            state.discovery_due && state.last_discovery.is_none_or(|at| at.elapsed() >= state.discovery_cost * 10);
-        if changed || discover {
-            let safe = backend::global_horizon(&self.db, HORIZON_WAIT).await?;
-            let waited = started.elapsed();
-            let heads: BTreeMap<String, i64> = if discover {
-                let listing = Instant::now();
-                let heads = backend::partition_heads(&self.db, None).await?.into_iter().collect();
-                (state.last_discovery, state.discovery_cost) = (Some(Instant::now()), listing.elapsed());
-                state.discovery_due = false;
-                heads
-            } else {
-                let held: BTreeSet<String> = state.held.keys().map(|(_, t)| t.clone()).collect();
-                let held: Vec<String> = held.into_iter().collect();
-                match held.is_empty() {
-                    true => BTreeMap::new(),
-                    false => backend::partition_heads(&self.db, Some(&held)).await?.into_iter().collect(),
-                }
+        if state.scanned.is_none_or(|s| s < head) || (state.scanned.is_none() && !state.unscanned.is_empty()) {
+            // Every event up to the horizon is committed: PostgreSQL waits for the writers in
+            // flight (a second at most; else it looks again next cycle); SQLite has one writer at
+            // a time; MySQL's head is its last committed position (see `mark_changes`).
+            let horizon = match backend_kind {
+                DbBackend::Postgres => backend::global_horizon(&self.db, HORIZON_WAIT).await?,
+                _ => Some(head),
             };
-            tracing::debug!(head, ?safe, ?waited, scanned = ?started.elapsed(), tenants = heads.len(), discover, "daemon: new events");
-            let before = state.known.len();
-            self.ensure(state, subscriptions, heads.keys().cloned().collect()).await?;
-            if state.known.len() != before {
-                let tenants = self.tenants.as_ref();
-                coordinator::balance(&self.db, &self.owner, subscriptions, tenants, &mut state.held).await?;
-            }
-            for ((_, tenant), held) in state.held.iter_mut() {
-                held.head = heads.get(tenant).copied().unwrap_or(held.head);
-                if sweep || held.checkpoint.is_none_or(|c| c < held.head) {
-                    held.dirty = true;
-                    held.behind_since.get_or_insert_with(Instant::now);
-                }
-            }
-            // Without a new horizon (a writer still running after a second) the last one stays:
-            // every event up to it is committed, and the next cycle looks again.
-            match backend_kind {
-                DbBackend::MySql => state.seen_head = Some(head),
-                _ => state.seen_head = safe.or(state.seen_head),
-            }
-            if sweep {
-                state.last_sweep = Instant::now();
+            match (state.scanned, horizon) {
+                // The first cursor: the segments' scans see every event up to it.
+                (None, Some(horizon)) => state.scanned = Some(horizon),
+                (Some(scanned), Some(horizon)) if scanned < horizon => self.mark_changes(state, horizon).await?,
+                _ => {}
             }
         }
+        if !state.unscanned.is_empty() && state.scanned.is_some() {
+            self.scan(state).await?;
+        }
+        tracing::debug!(head, scanned = ?state.scanned, took = ?started.elapsed(), "daemon: changes read");
         if let Some(ready) = state.ready.take() {
             let _ = ready.send(());
         }
         // Where the store has one, the horizon just waited for serves every tenant's run.
-        let until = if backend_kind == DbBackend::MySql { None } else { state.seen_head };
+        let until = if backend_kind == DbBackend::MySql { None } else { state.scanned };
         let ready: Vec<(Key, Held)> =
             state.held.iter().filter(|(_, h)| h.ready()).map(|(k, h)| (k.clone(), h.clone())).collect();
         if ready.is_empty() {
@@ -274,6 +341,8 @@ impl Worker {
                 let projector = Arc::clone(&self.projections[&subscription]);
                 let mut options = RunOptions::default().batch_size(self.options.batch_size).single_batch();
                 options.lease_ttl = Some(self.options.lease_ttl);
+                options.recovering =
+                    tenants.iter().filter(|(_, held)| held.failures > 0).map(|(t, _)| t.clone()).collect();
                 if self.options.skip_undecodable {
                     options = options.skip_undecodable_events();
                 }
@@ -352,7 +421,9 @@ impl Worker {
                 Ok(processed > 0)
             }
             Turn::Lost => {
+                // Its segment was taken over or revoked: the next round tells which.
                 state.held.remove(&key);
+                state.round_due = true;
                 Ok(false)
             }
             Turn::Interrupted { checkpoint, reason } => {

@@ -46,6 +46,8 @@ pub struct RunOptions {
     pub(crate) lease_ttl: Option<std::time::Duration>,
     /// A horizon the caller already waited for (the daemon's, for all tenants at once).
     pub(crate) until: Option<i64>,
+    /// The daemon's tenants with failures on record: cleared in their next batch's transaction.
+    pub(crate) recovering: BTreeSet<String>,
 }
 
 impl Default for RunOptions {
@@ -58,6 +60,7 @@ impl Default for RunOptions {
             lease: None,
             lease_ttl: None,
             until: None,
+            recovering: BTreeSet::new(),
         }
     }
 }
@@ -453,15 +456,13 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         let checkpoint = backend::lock_checkpoint(&txn, subscription, partition).await?;
         tracing::Span::current().record("checkpoint", checkpoint);
         if let Some((owner, epoch)) = &options.lease {
-            let held =
-                backend::held_leases(&txn, subscription, owner, &[(partition.to_owned(), *epoch)], options.lease_ttl)
-                    .await?;
-            match held.get(partition) {
-                None => {
-                    return Err(Error::LeaseLost { subscription: subscription.into(), partition: partition.into() });
-                }
-                Some(&failures) if failures > 0 => backend::unpark(&txn, subscription, &[partition]).await?,
-                Some(_) => {}
+            let lease = [(partition.to_owned(), *epoch)];
+            if backend::held_tenants(&txn, subscription, owner, &lease, options.lease_ttl).await?.is_empty() {
+                return Err(Error::LeaseLost { subscription: subscription.into(), partition: partition.into() });
+            }
+            // A tenant recovering from failures: its record goes with this batch's progress.
+            if options.recovering.contains(partition) {
+                backend::unpark(&txn, subscription, &[partition]).await?;
             }
         }
         let applied = self.apply_next(&txn, subscription, partition, source, checkpoint, options, None).await?;
@@ -570,14 +571,14 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         let txn = Arc::new(backend::begin_write(&self.store.executor()).await?);
         let names: Vec<&str> = tenants.iter().map(|(t, _)| t.as_str()).collect();
         let checkpoints = backend::lock_checkpoints(&txn, subscription, &names).await?;
-        let held = backend::held_leases(&txn, subscription, owner, tenants, options.lease_ttl).await?;
+        let held = backend::held_tenants(&txn, subscription, owner, tenants, options.lease_ttl).await?;
         let reads: Vec<(&str, i64)> = names
             .iter()
-            .filter(|t| held.contains_key(**t))
+            .filter(|t| held.contains(**t))
             .map(|t| (*t, checkpoints.get(*t).copied().unwrap_or(0)))
             .collect();
         // Tenants recovering from failures: their records go with this batch's progress.
-        let recovering: Vec<&str> = held.iter().filter(|(_, f)| **f > 0).map(|(t, _)| t.as_str()).collect();
+        let recovering: Vec<&str> = reads.iter().map(|(t, _)| *t).filter(|t| options.recovering.contains(*t)).collect();
         backend::unpark(&txn, subscription, &recovering).await?;
         backend::index_order_only(&txn, true).await?;
         let rows = read_partitions_after(&txn, &reads, until, options.batch_size).await?;
@@ -612,7 +613,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         drop(session);
         backend::move_checkpoints(&txn, subscription, &moved).await?;
         commit(txn).await?;
-        progress.extend(names.iter().filter(|t| !held.contains_key(**t)).map(|t| GroupProgress {
+        progress.extend(names.iter().filter(|t| !held.contains(**t)).map(|t| GroupProgress {
             tenant: t.to_string(),
             processed: 0,
             checkpoint: checkpoints.get(*t).copied().unwrap_or(0),

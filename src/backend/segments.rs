@@ -1,0 +1,310 @@
+//! Segments: what the daemon's instances claim. A projection's tenants fall into [`SEGMENTS`]
+//! segments by a fixed hash of their id; an instance holds segments (`emt_segments`: owner,
+//! epoch) and projects every tenant in them. What instances coordinate on is then a fixed
+//! number of rows per projection however many tenants there are, and a batch commits only
+//! while its instance holds the tenants' segments at the epoch it claimed them with (it
+//! share-locks their rows, so a takeover's claim waits for it; a batch after a takeover sees the
+//! new epoch).
+//!
+//! Per-tenant rows of `emt_leases` keep what is per tenant: failed runs in a row, the last
+//! error and when to retry.
+
+use std::collections::BTreeSet;
+
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, TransactionTrait, Value};
+
+use super::leases::{LEASES_CHANNEL, free_condition, live, now_ms};
+use super::{partition_column, statement};
+
+/// Segments per projection. Fixed: every instance, of every version, must put a tenant in the
+/// same segment. Work spreads over up to this many instances per projection.
+pub(crate) const SEGMENTS: i64 = 64;
+
+/// The segment of `tenant`: FNV-1a (64-bit) of its UTF-8 bytes, modulo [`SEGMENTS`] — a hash
+/// fixed by its definition, the same on every platform and Rust version.
+pub(crate) fn segment_of(tenant: &str) -> i64 {
+    let hash = tenant.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    (hash % SEGMENTS as u64) as i64
+}
+
+/// DDL of the segments table (a migration), not run; on PostgreSQL also an index on global
+/// positions, which the daemon reads "what changed since" by (SQLite and MySQL have a unique
+/// one). (On a large `messages` table building it takes a while and holds appends back: a
+/// partitioned table's index can't be built concurrently.)
+pub(crate) async fn create_segment_table(conn: &impl ConnectionTrait) -> Result<Vec<String>, DbErr> {
+    let backend = conn.get_database_backend();
+    let (text, bigint, table) = match backend {
+        DbBackend::MySql => {
+            let collation = super::mysql_exact_collation(conn).await?;
+            ("VARCHAR(255)", "BIGINT", format!("DEFAULT CHARACTER SET utf8mb4 COLLATE {collation}"))
+        }
+        DbBackend::Postgres => ("text", "bigint", String::new()),
+        _ => ("TEXT", "INTEGER", String::new()),
+    };
+    let mut ddl = vec![format!(
+        "CREATE TABLE IF NOT EXISTS emt_segments (
+           subscription_id {text} NOT NULL, segment {bigint} NOT NULL, owner {text},
+           epoch {bigint} NOT NULL DEFAULT 0, PRIMARY KEY (subscription_id, segment)) {table}"
+    )];
+    if backend == DbBackend::Postgres {
+        ddl.push("CREATE INDEX IF NOT EXISTS idx_messages_global_position ON messages (global_position)".to_owned());
+    }
+    Ok(ddl)
+}
+
+/// Drops the segments table (and PostgreSQL's index on global positions).
+pub(crate) async fn drop_segment_table(conn: &impl ConnectionTrait) -> Result<(), DbErr> {
+    if conn.get_database_backend() == DbBackend::Postgres {
+        conn.execute_unprepared("DROP INDEX IF EXISTS idx_messages_global_position").await?;
+    }
+    conn.execute_unprepared("DROP TABLE IF EXISTS emt_segments").await.map(|_| ())
+}
+
+/// A segment row as the coordinator and `status` see it.
+#[derive(Debug, Clone)]
+pub(crate) struct SegmentRow {
+    pub subscription: String,
+    pub segment: i64,
+    pub owner: Option<String>,
+    pub epoch: i64,
+    /// Whether another instance may take it now: no owner, or an owner that is not live.
+    pub free: bool,
+    /// Milliseconds until the owner's registration expires unless it renews it (0 = expired).
+    pub expires_in_ms: i64,
+}
+
+/// What one coordination round reads, in one statement.
+pub(crate) struct Segments {
+    /// The segment rows of the daemon's subscriptions.
+    pub rows: Vec<SegmentRow>,
+    /// Live instances.
+    pub instances: u64,
+    /// The store's [`head`](super::head).
+    pub head: i64,
+}
+
+/// Creates the segment rows of `subscriptions` that do not exist yet (unowned). Their epochs
+/// start above every epoch the subscription's per-tenant leases reached (earlier versions
+/// fenced per tenant), so the epoch a handler sees never goes back.
+pub(crate) async fn ensure_segments(conn: &impl ConnectionTrait, subscriptions: &[String]) -> Result<(), DbErr> {
+    let backend = conn.get_database_backend();
+    for subscription in subscriptions {
+        let sql = "SELECT count(*), (SELECT coalesce(max(epoch), 0) FROM emt_leases WHERE subscription_id = $1)
+                   FROM emt_segments WHERE subscription_id = $2";
+        let values = [subscription.as_str().into(), subscription.as_str().into()];
+        let row = conn.query_one_raw(statement(backend, sql, values)).await?;
+        let (count, epoch): (i64, i64) = match row {
+            Some(row) => (row.try_get_by_index(0)?, row.try_get_by_index(1)?),
+            None => (0, 0),
+        };
+        if count >= SEGMENTS {
+            continue;
+        }
+        let rows = (0..SEGMENTS).map(|s| format!("(${}, {s}, {epoch})", s + 1)).collect::<Vec<_>>().join(", ");
+        let sql = match backend {
+            DbBackend::MySql => {
+                format!("INSERT IGNORE INTO emt_segments (subscription_id, segment, epoch) VALUES {rows}")
+            }
+            _ => format!(
+                "INSERT INTO emt_segments (subscription_id, segment, epoch) VALUES {rows} ON CONFLICT DO NOTHING"
+            ),
+        };
+        let values = (0..SEGMENTS).map(|_| Value::from(subscription.as_str()));
+        conn.execute_raw(statement(backend, &sql, values)).await?;
+    }
+    Ok(())
+}
+
+/// The segment rows of `subscriptions`, the number of live instances and the store's head: an
+/// idle daemon's coordination round, one statement reading [`SEGMENTS`] rows per projection.
+pub(crate) async fn segments(conn: &impl ConnectionTrait, subscriptions: &[String]) -> Result<Segments, DbErr> {
+    let backend = conn.get_database_backend();
+    let marks = (1..=subscriptions.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+    let matching =
+        if subscriptions.is_empty() { "1 = 0".to_owned() } else { format!("s.subscription_id IN ({marks})") };
+    let sql = format!(
+        "WITH live AS (SELECT d.owner FROM emt_daemons d WHERE {live})
+         SELECT (SELECT count(*) FROM live), {head}, s.subscription_id, s.segment, s.owner, s.epoch,
+                CASE WHEN s.owner IS NULL OR s.owner NOT IN (SELECT owner FROM live) THEN 1 ELSE 0 END,
+                CASE WHEN o.expires_at > {now} THEN o.expires_at - {now} ELSE 0 END
+         FROM (SELECT 1 AS one) x LEFT JOIN emt_segments s ON {matching}
+         LEFT JOIN emt_daemons o ON o.owner = s.owner",
+        live = live(backend, "d"),
+        head = super::horizon::head_sql(backend),
+        now = now_ms(backend),
+    );
+    let values = subscriptions.iter().map(|s| Value::from(s.as_str()));
+    let rows = conn.query_all_raw(statement(backend, &sql, values)).await?;
+    let mut segments = Segments { rows: Vec::with_capacity(rows.len()), instances: 0, head: 0 };
+    for row in rows {
+        segments.instances = row.try_get_by_index::<i64>(0)?.max(0) as u64;
+        segments.head = row.try_get_by_index::<Option<i64>>(1)?.unwrap_or(0);
+        let Some(subscription) = row.try_get_by_index::<Option<String>>(2)? else { continue };
+        segments.rows.push(SegmentRow {
+            subscription,
+            segment: row.try_get_by_index(3)?,
+            owner: row.try_get_by_index(4)?,
+            epoch: row.try_get_by_index(5)?,
+            free: row.try_get_by_index::<i32>(6)? == 1,
+            expires_in_ms: row.try_get_by_index(7)?,
+        });
+    }
+    Ok(segments)
+}
+
+/// Takes a free segment, if it is still free and at its epoch: the new epoch, or `None` when
+/// another instance was faster (a compare-and-set; no lock is held afterwards). A segment
+/// share-locked by a batch in flight (its holder paused mid-batch) is not waited for: the round
+/// goes on with the others, and looks at this one again later.
+pub(crate) async fn claim<C: ConnectionTrait + TransactionTrait<Transaction = DatabaseTransaction>>(
+    conn: &C,
+    segment: &SegmentRow,
+    owner: &str,
+) -> Result<Option<i64>, DbErr> {
+    let backend = conn.get_database_backend();
+    let key = [segment.subscription.as_str().into(), segment.segment.into(), segment.epoch.into()];
+    let txn = conn.begin().await?;
+    if backend != DbBackend::Sqlite {
+        let lock = "SELECT epoch FROM emt_segments WHERE subscription_id = $1 AND segment = $2 AND epoch = $3
+                    FOR UPDATE SKIP LOCKED";
+        if txn.query_one_raw(statement(backend, lock, key.clone())).await?.is_none() {
+            return Ok(None);
+        }
+    }
+    // (Placeholders in the order they appear: MySQL's are positional.)
+    let sql = format!(
+        "UPDATE emt_segments SET owner = $1, epoch = epoch + 1
+         WHERE subscription_id = $2 AND segment = $3 AND epoch = $4 AND ({free})",
+        free = free_condition(backend, "emt_segments."),
+    );
+    let values = std::iter::once(owner.into()).chain(key);
+    let done = txn.execute_raw(statement(backend, &sql, values)).await?.rows_affected() == 1;
+    txn.commit().await?;
+    Ok(done.then_some(segment.epoch + 1))
+}
+
+/// Gives a segment back (only if `owner` still holds it at `epoch`), so another instance may
+/// take it at once.
+pub(crate) async fn release(
+    conn: &impl ConnectionTrait,
+    subscription: &str,
+    segment: i64,
+    owner: &str,
+    epoch: i64,
+) -> Result<(), DbErr> {
+    let backend = conn.get_database_backend();
+    let sql = "UPDATE emt_segments SET owner = NULL
+               WHERE subscription_id = $1 AND segment = $2 AND owner = $3 AND epoch = $4";
+    let values: [Value; 4] = [subscription.into(), segment.into(), owner.into(), epoch.into()];
+    conn.execute_raw(statement(backend, sql, values)).await?;
+    Ok(())
+}
+
+/// Gives back every segment `owner` holds (their number).
+pub(crate) async fn release_all(conn: &impl ConnectionTrait, owner: &str) -> Result<u64, DbErr> {
+    let backend = conn.get_database_backend();
+    let sql = "UPDATE emt_segments SET owner = NULL WHERE owner = $1";
+    Ok(conn.execute_raw(statement(backend, sql, [owner.into()])).await?.rows_affected())
+}
+
+/// Takes the segments of `subscription`'s tenants (of `partitions`, or all) from whoever holds
+/// them, after an operator changed their checkpoints or failures: the epoch moves on, so a batch
+/// in flight under the old epoch can't commit, and the holder's next round drops the segment and
+/// claims it again, reading the new checkpoints; the tenants' `retry_at` is cleared, so they run
+/// at once. On PostgreSQL the instances are told (on [`LEASES_CHANNEL`], on commit) to look now.
+/// How many tenants' leases it reset.
+pub(crate) async fn revoke(
+    conn: &impl ConnectionTrait,
+    subscription: &str,
+    partitions: Option<&[&str]>,
+) -> Result<u64, DbErr> {
+    let backend = conn.get_database_backend();
+    let p = partition_column(backend);
+    let (segments, tenants) = match partitions {
+        None => (String::new(), String::new()),
+        Some([]) => return Ok(0),
+        Some(partitions) => {
+            let mut segments: Vec<i64> = partitions.iter().map(|t| segment_of(t)).collect();
+            segments.sort_unstable();
+            segments.dedup();
+            let list = segments.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
+            let marks = (2..partitions.len() + 2).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+            (format!(" AND segment IN ({list})"), format!(" AND {p} IN ({marks})"))
+        }
+    };
+    let sql = format!("UPDATE emt_segments SET owner = NULL, epoch = epoch + 1 WHERE subscription_id = $1{segments}");
+    conn.execute_raw(statement(backend, &sql, [subscription.into()])).await?;
+    let sql = format!("UPDATE emt_leases SET retry_at = 0 WHERE subscription_id = $1{tenants}");
+    let values =
+        std::iter::once(Value::from(subscription)).chain(partitions.into_iter().flatten().map(|p| Value::from(*p)));
+    let revoked = conn.execute_raw(statement(backend, &sql, values)).await?.rows_affected();
+    if backend == DbBackend::Postgres {
+        conn.execute_unprepared(&format!("NOTIFY {LEASES_CHANNEL}")).await?;
+    }
+    Ok(revoked)
+}
+
+/// In a projection batch: share-locks the segment rows of `tenants` (with the epochs they were
+/// claimed at) and returns the tenants whose segment `owner` still holds at that epoch. A
+/// takeover's claim waits for the batch to commit, and a batch after the takeover sees the new
+/// epoch: work commits only under the segment it was started with; batches of one segment don't
+/// wait for each other. On PostgreSQL, with `idle_timeout`, the server ends the batch's
+/// transaction if its process goes silent that long (paused, hung).
+pub(crate) async fn held_tenants(
+    txn: &DatabaseTransaction,
+    subscription: &str,
+    owner: &str,
+    tenants: &[(String, i64)],
+    idle_timeout: Option<std::time::Duration>,
+) -> Result<BTreeSet<String>, DbErr> {
+    let backend = txn.get_database_backend();
+    // (Set in the same statement: no extra round trip.)
+    let idle = match (backend, idle_timeout) {
+        (DbBackend::Postgres, Some(ttl)) => {
+            format!(", set_config('idle_in_transaction_session_timeout', '{}', true)", ttl.as_millis())
+        }
+        _ => String::new(),
+    };
+    let lock = match backend {
+        DbBackend::Postgres => " ORDER BY segment FOR SHARE",
+        DbBackend::MySql => " ORDER BY segment LOCK IN SHARE MODE",
+        _ => "",
+    };
+    let mut segments: Vec<i64> = tenants.iter().map(|(t, _)| segment_of(t)).collect();
+    segments.sort_unstable();
+    segments.dedup();
+    let list = segments.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
+    // (MySQL: by primary key ranges only, so only these rows are locked; see
+    // `MYSQL_PRIMARY_KEY_ONLY`.)
+    let hint = if backend == DbBackend::MySql { super::MYSQL_PRIMARY_KEY_ONLY } else { "" };
+    let sql = format!(
+        "SELECT segment, owner, epoch{idle} FROM emt_segments {hint}
+         WHERE subscription_id = $1 AND segment IN ({list}){lock}"
+    );
+    let rows = txn.query_all_raw(statement(backend, &sql, [subscription.into()])).await?;
+    let mut held = BTreeSet::new();
+    for row in rows {
+        let (segment, holder, epoch): (i64, Option<String>, i64) =
+            (row.try_get_by_index(0)?, row.try_get_by_index(1)?, row.try_get_by_index(2)?);
+        if holder.as_deref() != Some(owner) {
+            continue;
+        }
+        held.extend(tenants.iter().filter(|(t, e)| *e == epoch && segment_of(t) == segment).map(|(t, _)| t.clone()));
+    }
+    Ok(held)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_are_fixed_by_definition() {
+        // FNV-1a 64 of the bytes: these values must never change (instances of every version
+        // must agree).
+        assert_eq!(segment_of(""), (0xcbf2_9ce4_8422_2325_u64 % 64) as i64);
+        assert_eq!(segment_of("a"), (0xaf63_dc4c_8601_ec8c_u64 % 64) as i64);
+        let spread: std::collections::BTreeSet<i64> = (0..1000).map(|i| segment_of(&format!("t{i}"))).collect();
+        assert_eq!(spread.len(), SEGMENTS as usize, "1,000 tenants fall in every segment");
+    }
+}
