@@ -227,7 +227,8 @@ pub enum ProjectionsCommand {
 pub enum Leases {
     /// Every lease: owner, expiry, failures.
     List(JsonFlag),
-    /// Give back every lease of an instance (one that is gone, or to move its work).
+    /// Give back every segment of tenants an instance holds (one that is gone, or to move its
+    /// work).
     Release {
         /// The instance (the owner column of `leases list`).
         owner: String,
@@ -437,7 +438,7 @@ impl Command {
             Command::Leases(Leases::List(flag)) => ops::leases(db, flag).await,
             Command::Leases(Leases::Release { owner }) => {
                 let released = backend::leave(db, &owner).await?;
-                println!("released {released} lease(s) of {owner}");
+                println!("released {released} segment(s) of {owner}");
                 Ok(())
             }
         }
