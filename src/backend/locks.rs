@@ -84,6 +84,29 @@ pub(crate) async fn move_checkpoints(
     if moves.is_empty() {
         return Ok(());
     }
+    let backend = txn.get_database_backend();
+    // PostgreSQL and SQLite: the moves as one JSON parameter joined by key, one statement text
+    // whatever their number (a `CASE` over the moves made each row scanned test every move:
+    // 70–100 ms for 128 tenants).
+    let json = |moves: &[(&str, i64)]| serde_json::to_string(moves).map_err(|e| DbErr::Custom(e.to_string()));
+    let sql = match backend {
+        DbBackend::Postgres => Some(
+            "UPDATE subscriptions s SET last_processed_position = (v.e ->> 1)::bigint
+             FROM json_array_elements($2::json) AS v(e)
+             WHERE s.subscription_id = $1 AND s.partition = v.e ->> 0 AND s.version = 1",
+        ),
+        DbBackend::Sqlite => Some(
+            "UPDATE subscriptions SET last_processed_position = v.pos
+             FROM (SELECT value ->> 0 AS p, value ->> 1 AS pos FROM json_each($2)) AS v
+             WHERE subscription_id = $1 AND partition = v.p AND version = 1",
+        ),
+        _ => None,
+    };
+    if let Some(sql) = sql {
+        let values = [subscription.into(), json(moves)?.into()];
+        txn.execute_raw(super::statement(backend, sql, values)).await?;
+        return Ok(());
+    }
     let mut position = sea_orm::sea_query::CaseStatement::new();
     for (partition, to) in moves {
         position = position.case(Expr::col(subscriptions::Column::Partition).eq(*partition), *to);

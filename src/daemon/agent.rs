@@ -83,9 +83,7 @@ pub(super) async fn group_turn(
             .iter()
             .map(|(tenant, _)| match progress.iter().find(|p| &p.tenant == tenant) {
                 Some(p) if p.lost => Turn::Lost,
-                Some(p) => {
-                    Turn::Ran { checkpoint: p.checkpoint, processed: p.processed, more: p.processed >= batch_size }
-                }
+                Some(p) => Turn::Ran { checkpoint: p.checkpoint, processed: p.processed, more: p.full },
                 None => Turn::Interrupted { checkpoint: None, reason: "left out of its group's batch".into() },
             })
             .collect(),

@@ -24,8 +24,8 @@ use crate::projection::Projector;
 use crate::projection::RunOptions;
 use crate::store::EventStore;
 
-/// Tenants of one projection projected in one transaction.
-const GROUP: usize = 16;
+/// Tenants of one projection projected in one transaction (sharing its batch size).
+const GROUP: usize = 128;
 
 /// The longest pause between lease rounds where no notification tells of hand-overs, so a
 /// gracefully stopped instance's work is taken over within a second.

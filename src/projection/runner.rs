@@ -160,6 +160,8 @@ pub(crate) struct GroupProgress {
     pub processed: u64,
     /// The checkpoint after the batch.
     pub checkpoint: i64,
+    /// Whether the batch read as many of its events as it could take: more may wait.
+    pub full: bool,
     /// The lease was no longer held: nothing was done.
     pub lost: bool,
 }
@@ -581,7 +583,9 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         let recovering: Vec<&str> = reads.iter().map(|(t, _)| *t).filter(|t| options.recovering.contains(*t)).collect();
         backend::unpark(&txn, subscription, &recovering).await?;
         backend::index_order_only(&txn, true).await?;
-        let rows = read_partitions_after(&txn, &reads, until, options.batch_size).await?;
+        // The batch's events shared among its tenants (a few each at least).
+        let limit = (options.batch_size / reads.len().max(1) as u64).max(MIN_GROUP_SHARE);
+        let rows = read_partitions_after(&txn, &reads, until, limit).await?;
         backend::index_order_only(&txn, false).await?;
         tracing::Span::current().record("events", rows.len());
         let mut by_tenant: BTreeMap<&str, Vec<StoredMessage>> = BTreeMap::new();
@@ -600,6 +604,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
                 tenant: tenant.to_string(),
                 processed: rows.len() as u64,
                 checkpoint: next,
+                full: rows.len() as u64 >= limit,
                 lost: false,
             });
             if !rows.is_empty() {
@@ -617,11 +622,16 @@ impl<E: Event + 'static> ProjectionRunner<E> {
             tenant: t.to_string(),
             processed: 0,
             checkpoint: checkpoints.get(*t).copied().unwrap_or(0),
+            full: false,
             lost: true,
         }));
         Ok(progress)
     }
 }
+
+/// The fewest events a group batch reads of each of its tenants, however many tenants share
+/// its batch size.
+const MIN_GROUP_SHARE: u64 = 16;
 
 /// [`Error::InvalidIdentifier`] unless the subscription id and partition can be stored.
 fn check_run(subscription: &str, partition: &str) -> Result<()> {
