@@ -100,13 +100,17 @@ pub(crate) async fn move_checkpoints(
         ),
         DbBackend::Sqlite => Some(
             "UPDATE subscriptions SET last_processed_position = v.pos
-             FROM (SELECT value ->> 0 AS p, value ->> 1 AS pos FROM json_each($2)) AS v
-             WHERE subscription_id = $1 AND partition = v.p AND version = 1",
+             FROM (SELECT value ->> 0 AS p, value ->> 1 AS pos FROM json_each($1)) AS v
+             WHERE subscription_id = $2 AND partition = v.p AND version = 1",
         ),
         _ => None,
     };
     if let Some(sql) = sql {
-        let values = [subscription.into(), json(moves)?.into()];
+        // (In the order of the placeholders' first use: SQLite's are positional.)
+        let values: [sea_orm::Value; 2] = match backend {
+            DbBackend::Sqlite => [json(moves)?.into(), subscription.into()],
+            _ => [subscription.into(), json(moves)?.into()],
+        };
         txn.execute_raw(super::statement(backend, sql, values)).await?;
         return Ok(());
     }

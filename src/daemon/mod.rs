@@ -1,14 +1,17 @@
 //! The projection daemon: keeps every projection of every tenant current, continuously, on as
 //! many processes as you run.
 //!
-//! Each (projection, tenant) pair is a **lease row** (`emt_leases`: owner, epoch). Every
-//! instance takes free leases up to its fair share and runs their projections with the
-//! [`ProjectionRunner`]'s batches: the checkpoint moves in the batch's transaction, which also
-//! checks the lease's epoch, so a batch of an instance that lost its lease never commits. A
-//! gracefully stopped instance gives its leases back at once. Otherwise an instance holds its
-//! leases while it renews them from its loop (one row per instance; on PostgreSQL a deadline in
-//! its presence connection's name, no write): a crashed, hung or paused one loses them after
-//! the TTL (10 s by default), on PostgreSQL a crashed one as soon as its connection closes.
+//! A projection's tenants fall into 64 **segments** by a fixed hash of their id;
+//! each segment is a row (`emt_segments`: owner, epoch). Every instance takes free segments up to
+//! its fair share and runs the projections of their tenants with the [`ProjectionRunner`]'s
+//! batches: a tenant's checkpoint moves in the batch's transaction, which also checks its
+//! segment's epoch, so a batch of an instance that lost the segment never commits. What an
+//! instance reads per second does not grow with the number of tenants: the segment rows, and
+//! "which tenants have events since the last horizon" from the global-position index. A
+//! gracefully stopped instance gives its segments back at once. Otherwise an instance holds them
+//! while it renews them from its loop (one row per instance; on PostgreSQL a deadline in its
+//! presence connection's name, no write): a crashed, hung or paused one loses them after the TTL
+//! (10 s by default), on PostgreSQL a crashed one as soon as its connection closes.
 //!
 //! A tenant whose first event arrives while the daemon runs is picked up within one poll
 //! interval. A failing — or panicking — projection stops only its tenant: retried with
@@ -180,7 +183,7 @@ impl Daemon {
         self
     }
 
-    /// How many groups of (projection, tenant) pairs (up to 16 tenants of one projection in one
+    /// How many groups of (projection, tenant) pairs (up to 128 tenants of one projection in one
     /// transaction) run at once (default [`DEFAULT_CONCURRENCY`]).
     pub fn concurrency(mut self, concurrency: usize) -> Self {
         self.options.concurrency = concurrency.max(1);
