@@ -10,6 +10,15 @@
 //!   `setsockopt`). Remove [`nodelay`] once sqlx ships the fix.
 //! - **SQLite**: WAL (readers never block the writer, nor it them), `synchronous = NORMAL`
 //!   (durable at checkpoints, no fsync per commit) and a 5 s busy timeout.
+//! - **Behind a transaction-mode pooler** (PgBouncer `pool_mode = transaction`, and the managed
+//!   poolers built on it): say so in the URL with `pooler=transaction`
+//!   (`postgres://app@pgbouncer:6432/app?pooler=transaction`). The pool then keeps no prepared
+//!   statements between transactions (sqlx's statement cache is off: the pooler may hand the next
+//!   transaction another server), the store runs each of its statements inside a transaction
+//!   (a statement outside one is prepared and executed in two exchanges the pooler may route to
+//!   two servers), and the daemon wakes up by polling instead of `LISTEN` (see
+//!   [`Daemon::listen_url`](crate::daemon::Daemon::listen_url)). The README lists the PgBouncer
+//!   settings this needs.
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), sea_orm::DbErr> {
@@ -24,9 +33,20 @@
 
 use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr};
 
-/// Connects to `url` with [`configure`]'s settings.
+/// Connects to `url` with [`configure`]'s settings (`pooler=transaction` in a PostgreSQL URL:
+/// through a transaction-mode pooler, see the [module](self) docs).
 pub async fn connect(url: impl Into<String>) -> Result<DatabaseConnection, DbErr> {
-    Database::connect(configure(ConnectOptions::new(url))).await
+    Database::connect(configure(options(&url.into()))).await
+}
+
+/// Options for `url`, its `pooler=transaction` written as sqlx's own `statement-cache-capacity=0`
+/// (what [`configure`] sets for it), so that sqlx does not warn of a parameter it doesn't know.
+pub(crate) fn options(url: &str) -> ConnectOptions {
+    #[cfg(feature = "postgres")]
+    if let Some(rest) = pooler::strip(url) {
+        return ConnectOptions::new(pooler::with_param(&rest, "statement-cache-capacity=0"));
+    }
+    ConnectOptions::new(url)
 }
 
 /// Applies the store's connection settings to options you built: `TCP_NODELAY` on PostgreSQL
@@ -42,7 +62,26 @@ pub async fn connect(url: impl Into<String>) -> Result<DatabaseConnection, DbErr
 /// replacing one set before through `map_sqlx_postgres_pool_opts` / `map_sqlx_mysql_pool_opts`
 /// (and SeaORM's `set_schema_search_path`), and SQLite's options through `map_sqlx_sqlite_opts`
 /// and `map_sqlx_sqlite_pool_opts`.
+///
+/// A PostgreSQL URL with `pooler=transaction` (or sqlx's `statement-cache-capacity=0`) is taken
+/// as reaching the server through a transaction-mode pooler: sqlx's statement cache is turned
+/// off (through `map_sqlx_postgres_opts`; sqlx logs that it ignores the `pooler` parameter,
+/// which [`connect`] avoids) and `TCP_NODELAY` is set without asking the server.
 pub fn configure(mut options: ConnectOptions) -> ConnectOptions {
+    #[cfg(feature = "postgres")]
+    if let Some(pooler_port) = pooler::port(options.get_url()) {
+        options.map_sqlx_postgres_opts(|pg| pg.statement_cache_capacity(0));
+        // The server sees the pooler's port, not ours: set it on the sockets to the pooler.
+        options.map_sqlx_postgres_pool_opts(move |pool| {
+            pool.after_connect(move |_, _| {
+                Box::pin(async move {
+                    nodelay::set_towards(pooler_port);
+                    Ok(())
+                })
+            })
+        });
+        return options;
+    }
     #[cfg(feature = "postgres")]
     options.map_sqlx_postgres_pool_opts(|pool| {
         pool.after_connect(|conn, _| {
@@ -83,6 +122,53 @@ pub fn configure(mut options: ConnectOptions) -> ConnectOptions {
     options
 }
 
+/// Whether `db` reaches PostgreSQL through a transaction-mode pooler (its statement cache is
+/// off, as [`configure`] sets it for `pooler=transaction`).
+pub(crate) fn behind_pooler(db: &DatabaseConnection) -> bool {
+    #[cfg(feature = "postgres")]
+    if db.get_database_backend() == sea_orm::DbBackend::Postgres {
+        // sqlx has no getter for the capacity; its `Debug` shows it (tested in tests/pooler.rs).
+        let options = format!("{:?}", db.get_postgres_connection_pool().connect_options());
+        return options.contains("statement_cache_capacity: 0,");
+    }
+    let _ = db;
+    false
+}
+
+/// The `pooler=transaction` URL parameter.
+#[cfg(feature = "postgres")]
+mod pooler {
+    /// `url` without `pooler=transaction` if it has it.
+    pub fn strip(url: &str) -> Option<String> {
+        let (base, query) = url.split_once('?')?;
+        let params: Vec<&str> = query.split('&').collect();
+        let kept: Vec<&str> = params.iter().copied().filter(|p| *p != "pooler=transaction").collect();
+        if kept.len() == params.len() {
+            return None;
+        }
+        Some(if kept.is_empty() { base.to_owned() } else { format!("{base}?{}", kept.join("&")) })
+    }
+
+    /// `url` with one more query parameter.
+    pub fn with_param(url: &str, param: &str) -> String {
+        format!("{url}{}{param}", if url.contains('?') { '&' } else { '?' })
+    }
+
+    /// The pooler's port if the PostgreSQL `url` says it goes through a transaction pooler.
+    pub fn port(url: &str) -> Option<u16> {
+        if !url.starts_with("postgres") {
+            return None;
+        }
+        let url = match strip(url) {
+            Some(url) => url,
+            None if url.contains("statement-cache-capacity=0") => url.to_owned(),
+            None => return None,
+        };
+        let options: sea_orm::sqlx::postgres::PgConnectOptions = url.parse().ok()?;
+        Some(options.get_port())
+    }
+}
+
 /// `TCP_NODELAY` on the process's TCP socket bound to a local port — until sqlx sets it itself.
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 pub(crate) mod nodelay {
@@ -97,22 +183,21 @@ pub(crate) mod nodelay {
                 tracing::debug!(port, "no socket with this local port: TCP_NODELAY not set");
             }
             for fd in sockets {
-                let on: libc::c_int = 1;
-                // SAFETY: a plain setsockopt on a descriptor number; if it was closed meanwhile
-                // the call fails with EBADF and changes nothing.
-                let done = unsafe {
-                    libc::setsockopt(
-                        fd,
-                        libc::IPPROTO_TCP,
-                        libc::TCP_NODELAY,
-                        (&on as *const libc::c_int).cast(),
-                        size_of::<libc::c_int>() as libc::socklen_t,
-                    )
-                };
-                if done != 0 {
-                    tracing::debug!(fd, "could not set TCP_NODELAY: {}", std::io::Error::last_os_error());
-                }
+                on(fd);
             }
+        }
+        #[cfg(not(unix))]
+        let _ = port;
+    }
+
+    /// Sets `TCP_NODELAY` on every TCP socket of the process connected to remote `port` (a
+    /// pooler's: the server can't tell which of them is the new connection; setting it on the
+    /// others again is harmless).
+    #[cfg(feature = "postgres")]
+    pub fn set_towards(port: u16) {
+        #[cfg(unix)]
+        for fd in descriptors().filter(|&fd| address(fd, libc::getpeername) == Some(port)) {
+            on(fd);
         }
         #[cfg(not(unix))]
         let _ = port;
@@ -121,7 +206,7 @@ pub(crate) mod nodelay {
     /// The descriptors of the process's TCP sockets bound to local `port`.
     #[cfg(unix)]
     fn find(port: u16) -> Vec<libc::c_int> {
-        descriptors().filter(|&fd| local_port(fd) == Some(port)).collect()
+        descriptors().filter(|&fd| address(fd, libc::getsockname) == Some(port)).collect()
     }
 
     /// The process's open descriptors: `/proc/self/fd` where it exists, else the first 4,096.
@@ -133,14 +218,38 @@ pub(crate) mod nodelay {
         listed.unwrap_or_else(|| (0..4096).collect()).into_iter()
     }
 
-    /// The local port of `fd` if it is an IPv4 or IPv6 socket.
+    /// Sets `TCP_NODELAY` on `fd`.
     #[cfg(unix)]
-    fn local_port(fd: libc::c_int) -> Option<u16> {
-        // SAFETY: sockaddr_storage is plain data, large enough for any address getsockname writes.
+    fn on(fd: libc::c_int) {
+        let on: libc::c_int = 1;
+        // SAFETY: a plain setsockopt on a descriptor number; if it was closed meanwhile the call
+        // fails with EBADF and changes nothing.
+        let done = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                (&on as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if done != 0 {
+            tracing::debug!(fd, "could not set TCP_NODELAY: {}", std::io::Error::last_os_error());
+        }
+    }
+
+    /// The port of `fd`'s local (`getsockname`) or remote (`getpeername`) address if it is an
+    /// IPv4 or IPv6 socket.
+    #[cfg(unix)]
+    fn address(
+        fd: libc::c_int,
+        get: unsafe extern "C" fn(libc::c_int, *mut libc::sockaddr, *mut libc::socklen_t) -> libc::c_int,
+    ) -> Option<u16> {
+        // SAFETY: sockaddr_storage is plain data, large enough for any address the call writes.
         let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
         let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        // SAFETY: getsockname writes at most `len` bytes into `addr`.
-        if unsafe { libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_storage).cast(), &mut len) } != 0 {
+        // SAFETY: getsockname/getpeername write at most `len` bytes into `addr`.
+        if unsafe { get(fd, (&mut addr as *mut libc::sockaddr_storage).cast(), &mut len) } != 0 {
             return None;
         }
         // SAFETY: the family says which sockaddr the storage holds.

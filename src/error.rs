@@ -332,6 +332,19 @@ pub enum Error {
     #[error("JSON error: {0}")]
     Json(#[from] serde_json::Error),
 
+    /// A pooler between the app and PostgreSQL handed a prepared statement to a server that
+    /// doesn't have it, or one that has another of that name: a transaction-mode pooler the
+    /// connection was not told of, or one that keeps prepared statements across transactions.
+    #[error(
+        "a transaction-mode pooler mixed up prepared statements: connect with `pooler=transaction` in the URL, \
+         and set PgBouncer's server_reset_query = DEALLOCATE ALL and server_reset_query_always = 1 \
+         (see the README): {source}"
+    )]
+    Pooler {
+        /// The database's error.
+        source: sea_orm::DbErr,
+    },
+
     /// The database reported an error.
     #[error("database error: {0}")]
     Database(sea_orm::DbErr),

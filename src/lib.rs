@@ -10,6 +10,7 @@ mod backend;
 #[cfg(feature = "cli")]
 pub mod cli;
 mod command;
+mod conn;
 mod connect;
 pub mod daemon;
 mod error;

@@ -3,7 +3,9 @@
 //! Add [`Migrator`]'s migrations to your own migrator, or run the `migration` crate of this
 //! repository: `sea-orm-cli migrate up -d migration -u $DATABASE_URL`.
 
-use sea_orm::DatabaseConnection;
+use sea_orm::{DatabaseConnection, TransactionTrait};
+
+use crate::conn::Conn;
 use sea_orm_migration::prelude::*;
 
 use crate::backend;
@@ -177,7 +179,7 @@ pub async fn pending_sql(db: &DatabaseConnection) -> Result<Vec<(String, Vec<Str
     let mut plans = Vec::new();
     for (name, applied) in status(db).await? {
         if !applied {
-            plans.push((name.clone(), up_sql(&name, db).await?));
+            plans.push((name.clone(), up_sql(&name, &Conn::pool(db.clone())).await?));
         }
     }
     Ok(plans)
@@ -186,15 +188,18 @@ pub async fn pending_sql(db: &DatabaseConnection) -> Result<Vec<(String, Vec<Str
 /// Every migration of the store's schema, in order, and whether it is applied on `db`
 /// (recorded in `emt_migrations`). Only reads: a database never migrated has none applied.
 pub async fn status(db: &DatabaseConnection) -> Result<Vec<(String, bool)>, DbErr> {
+    // In one transaction: a consistent view, and one server behind a transaction pooler.
+    let txn = db.begin().await?;
     let table = Migrator::migration_table_name().to_string();
-    let applied: Vec<String> = match SchemaManager::new(db).has_table(&table).await? {
+    let applied: Vec<String> = match SchemaManager::new(&txn).has_table(&table).await? {
         false => Vec::new(),
         true => {
             let sql = format!("SELECT version FROM {table}");
-            let rows = db.query_all_raw(sea_orm::Statement::from_string(db.get_database_backend(), sql)).await?;
+            let rows = txn.query_all_raw(sea_orm::Statement::from_string(db.get_database_backend(), sql)).await?;
             rows.iter().map(|row| row.try_get_by_index(0)).collect::<Result<_, _>>()?
         }
     };
+    txn.commit().await?;
     Ok(Migrator::migrations().iter().map(|m| (m.name().to_owned(), applied.iter().any(|a| a == m.name()))).collect())
 }
 
@@ -246,7 +251,13 @@ impl MigratorTrait for Migrator {
 /// # Ok(()) }
 /// ```
 pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
-    Migrator::up(db, None).await
+    if !crate::connect::behind_pooler(db) {
+        return Migrator::up(db, None).await;
+    }
+    // Behind a transaction pooler every statement must run in a transaction: all in one.
+    let txn = db.begin().await?;
+    Migrator::up(&txn, None).await?;
+    txn.commit().await
 }
 
 /// The collation under which MySQL compares text exactly — byte for byte, trailing spaces

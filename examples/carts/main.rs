@@ -57,9 +57,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("database: {url}");
     let db = emmett_seaorm::connect(&url).await?;
     emmett_seaorm::migrate(&db).await?;
-    read_model::create_table(&db).await?;
     // The read model changes with each append, in its transaction.
-    let store = EventStore::new(db.clone()).inline("carts", ProjectionRegistry::new().with(read_model::projection()));
+    let store = EventStore::new(db).inline("carts", ProjectionRegistry::new().with(read_model::projection()));
+    // The store runs SeaORM statements too: behind a transaction pooler, each in a transaction.
+    read_model::create_table(&store).await?;
 
     // Each run adds a new cart per tenant, so re-running shows the runner resuming.
     let run = store
@@ -115,7 +116,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rows = read_model::Entity::find()
         .order_by_asc(read_model::Column::TenantId)
         .order_by_asc(read_model::Column::CartId)
-        .all(&db)
+        .all(&store)
         .await?;
     for row in rows {
         println!(

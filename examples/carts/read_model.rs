@@ -2,8 +2,8 @@
 
 use emmett_seaorm::projection::SnapshotProjection;
 use emmett_seaorm::{columns, keys};
+use sea_orm::Schema;
 use sea_orm::entity::prelude::*;
-use sea_orm::{DatabaseConnection, Schema};
 
 use crate::domain::{Cart, CartEvent, Status, evolve};
 
@@ -32,7 +32,7 @@ impl ActiveModelBehavior for ActiveModel {}
 /// Creates the table if needed. MySQL compares text case-, accent- and trailing-space-
 /// insensitively by default: the keys of a read model need the exact collation the store's own
 /// id columns have.
-pub async fn create_table(db: &DatabaseConnection) -> Result<(), DbErr> {
+pub async fn create_table(db: &impl ConnectionTrait) -> Result<(), DbErr> {
     db.execute(Schema::new(db.get_database_backend()).create_table_from_entity(Entity).if_not_exists()).await?;
     if let Some(collation) = emmett_seaorm::migrations::exact_collation(db).await? {
         let exact = |column: Column| format!("MODIFY {} VARCHAR(255) COLLATE {collation} NOT NULL", column.as_str());

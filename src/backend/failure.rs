@@ -13,6 +13,8 @@ pub(crate) enum Failure {
     Busy,
     /// The connection broke or could not be had; `maybe_written` unless it never reached the server.
     Connection { maybe_written: bool },
+    /// A prepared statement a transaction pooler routed to the wrong server.
+    Pooler,
     /// Anything else.
     Other,
 }
@@ -52,6 +54,8 @@ pub(crate) fn classify(err: &DbErr) -> Failure {
         };
     }
     match db.code().as_deref() {
+        // Not found, or found another's: sqlx's statement names met the wrong server.
+        Some("26000" | "42P05") if db.message().contains("\"sqlx_s_") => Failure::Pooler,
         Some("40001" | "40P01" | "517") => Failure::Retry,
         Some("55P03" | "5" | "6" | "261" | "262" | "773") => Failure::Busy,
         Some("57P01" | "57P02" | "57P03") => Failure::Connection { maybe_written: true },
@@ -73,6 +77,7 @@ impl From<sea_orm::DbErr> for Error {
         match classify(&source) {
             Failure::Busy | Failure::Retry => Error::Busy { source },
             Failure::Connection { maybe_written } => Error::ConnectionLost { maybe_written, source },
+            Failure::Pooler => Error::Pooler { source },
             Failure::Other => Error::Database(source),
         }
     }

@@ -40,6 +40,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use sea_orm::{DatabaseConnection, DbErr};
 
+use crate::conn::Conn;
+
 use crate::backend;
 use crate::error::Error;
 use crate::event::Event;
@@ -381,7 +383,7 @@ impl Command {
         if let Some(path) = missing_sqlite_file(database_url) {
             return Err(CliError::NoSuchFile { path });
         }
-        let mut options = sea_orm::ConnectOptions::new(database_url);
+        let mut options = crate::connect::options(database_url);
         options.connect_timeout(Duration::from_secs(5)).acquire_timeout(Duration::from_secs(5)).sqlx_logging(false);
         let db = sea_orm::Database::connect(crate::configure(options))
             .await
@@ -393,6 +395,7 @@ impl Command {
 
     async fn run_on(self, db: &DatabaseConnection, projections: &Projections) -> Result<(), CliError> {
         let store = EventStore::new(db.clone());
+        let conn = Conn::pool(db.clone());
         match self {
             Command::Migrate(m) => ops::migrate(db, m).await,
             Command::Partitions(Partitions::Add { tenant }) => {
@@ -400,15 +403,15 @@ impl Command {
                 println!("partition '{tenant}' ready");
                 Ok(())
             }
-            Command::Partitions(Partitions::List(flag)) => ops::partitions(db, flag).await,
+            Command::Partitions(Partitions::List(flag)) => ops::partitions(&conn, flag).await,
             Command::Streams(Streams::List { partition, stream_type, limit, json }) => {
-                ops::list_streams(db, partition, stream_type, limit, json).await
+                ops::list_streams(&conn, partition, stream_type, limit, json).await
             }
             Command::Streams(Streams::Read { stream, partition, from, json }) => {
                 ops::read_stream(&store, &stream, &partition, from, json).await
             }
-            Command::Projections(ProjectionsCommand::Status(filter)) => ops::status(db, filter).await,
-            Command::Projections(ProjectionsCommand::Retire { name, yes }) => ops::retire(db, &name, yes).await,
+            Command::Projections(ProjectionsCommand::Status(filter)) => ops::status(&conn, filter).await,
+            Command::Projections(ProjectionsCommand::Retire { name, yes }) => ops::retire(&conn, &name, yes).await,
             Command::Projections(ProjectionsCommand::Rebuild { name, partition, batch_size }) => {
                 let mut options = RunOptions::default().batch_size(batch_size);
                 if let Some(tenant) = partition {
@@ -421,7 +424,7 @@ impl Command {
                 let runner = projections.runner(&name, store)?;
                 let tenants = match partition {
                     Some(p) => vec![p],
-                    None => backend::partition_heads(db, None).await?.into_iter().map(|(t, _)| t).collect(),
+                    None => backend::partition_heads(&conn, None).await?.into_iter().map(|(t, _)| t).collect(),
                 };
                 for tenant in tenants {
                     let options = RunOptions::default().partition(tenant).batch_size(batch_size);
@@ -430,14 +433,14 @@ impl Command {
                 Ok(())
             }
             Command::Projections(ProjectionsCommand::Reset { name, partition, to }) => {
-                ops::reset(db, &name, &partition, to).await
+                ops::reset(&conn, &name, &partition, to).await
             }
             Command::Projections(ProjectionsCommand::Resume { name, partition }) => {
-                ops::resume(db, &name, partition.as_deref()).await
+                ops::resume(&conn, &name, partition.as_deref()).await
             }
-            Command::Leases(Leases::List(flag)) => ops::leases(db, flag).await,
+            Command::Leases(Leases::List(flag)) => ops::leases(&conn, flag).await,
             Command::Leases(Leases::Release { owner }) => {
-                let released = backend::leave(db, &owner).await?;
+                let released = backend::leave(&conn, &owner).await?;
                 println!("released {released} segment(s) of {owner}");
                 Ok(())
             }

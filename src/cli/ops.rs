@@ -3,18 +3,19 @@
 
 use std::collections::BTreeMap;
 
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use sea_orm_migration::MigratorTrait;
 use serde_json::json;
 
 use super::report::{self, Table};
 use super::{CliError, JsonFlag, Migrate, StatusFilter};
+use crate::conn::Conn;
 use crate::migrations::{self, Migrator};
 use crate::schema::{skipped_events, streams, subscriptions};
 use crate::store::{EventStore, ReadOptions};
 use crate::{backend, daemon};
 
-pub(super) async fn migrate(db: &DatabaseConnection, command: Migrate) -> Result<(), CliError> {
+pub(super) async fn migrate(db: &sea_orm::DatabaseConnection, command: Migrate) -> Result<(), CliError> {
     match command {
         Migrate::Up => Migrator::up(db, None).await?,
         Migrate::Down { steps } => Migrator::down(db, Some(steps)).await?,
@@ -45,7 +46,7 @@ pub(super) async fn migrate(db: &DatabaseConnection, command: Migrate) -> Result
     Ok(())
 }
 
-pub(super) async fn partitions(db: &DatabaseConnection, flag: JsonFlag) -> Result<(), CliError> {
+pub(super) async fn partitions(db: &Conn, flag: JsonFlag) -> Result<(), CliError> {
     let counts: Vec<(String, i64)> = streams::Entity::find()
         .select_only()
         .column(streams::Column::Partition)
@@ -67,7 +68,7 @@ pub(super) async fn partitions(db: &DatabaseConnection, flag: JsonFlag) -> Resul
 }
 
 pub(super) async fn list_streams(
-    db: &DatabaseConnection,
+    db: &Conn,
     partition: Option<String>,
     stream_type: Option<String>,
     limit: u64,
@@ -123,7 +124,7 @@ pub(super) async fn read_stream(
 
 /// Every (projection, tenant) with a lease (run by a daemon) or a checkpoint (run by a
 /// `ProjectionRunner` alone), by projection and tenant.
-pub(super) async fn status(db: &DatabaseConnection, filter: StatusFilter) -> Result<(), CliError> {
+pub(super) async fn status(db: &Conn, filter: StatusFilter) -> Result<(), CliError> {
     let mut records = BTreeMap::new();
     for l in daemon::recorded(db).await? {
         let (error, error_position) = l.last_error.clone().unzip();
@@ -166,7 +167,7 @@ pub(super) async fn status(db: &DatabaseConnection, filter: StatusFilter) -> Res
     Ok(())
 }
 
-pub(super) async fn resume(db: &DatabaseConnection, name: &str, partition: Option<&str>) -> Result<(), CliError> {
+pub(super) async fn resume(db: &Conn, name: &str, partition: Option<&str>) -> Result<(), CliError> {
     let only = partition.map(|p| [p]);
     let resumed = backend::revoke(db, name, only.as_ref().map(|p| &p[..])).await?;
     if resumed == 0 {
@@ -176,7 +177,7 @@ pub(super) async fn resume(db: &DatabaseConnection, name: &str, partition: Optio
     Ok(())
 }
 
-pub(super) async fn retire(db: &DatabaseConnection, name: &str, yes: bool) -> Result<(), CliError> {
+pub(super) async fn retire(db: &Conn, name: &str, yes: bool) -> Result<(), CliError> {
     if !yes {
         return Err(CliError::Invalid(format!(
             "retire forgets every checkpoint and lease of '{name}'; pass --yes to do it"
@@ -205,7 +206,7 @@ pub(super) async fn retire(db: &DatabaseConnection, name: &str, yes: bool) -> Re
     Ok(())
 }
 
-pub(super) async fn leases(db: &DatabaseConnection, flag: JsonFlag) -> Result<(), CliError> {
+pub(super) async fn leases(db: &Conn, flag: JsonFlag) -> Result<(), CliError> {
     let mut table = Table::new(["projection", "tenant", "owner", "expires", "failures", "retry_in"]).json(flag.json);
     for l in daemon::recorded(db).await? {
         table.record(json!({
@@ -217,7 +218,7 @@ pub(super) async fn leases(db: &DatabaseConnection, flag: JsonFlag) -> Result<()
     Ok(())
 }
 
-pub(super) async fn reset(db: &DatabaseConnection, name: &str, partition: &str, to: u64) -> Result<(), CliError> {
+pub(super) async fn reset(db: &Conn, name: &str, partition: &str, to: u64) -> Result<(), CliError> {
     let to = i64::try_from(to).map_err(|_| CliError::Invalid(format!("checkpoint {to} is out of range")))?;
     let leased = backend::lease_rows(db, &[name.to_owned()]).await?.iter().any(|l| l.partition == partition);
     let checkpointed = subscriptions::Entity::find()

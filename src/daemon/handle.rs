@@ -4,12 +4,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sea_orm::DatabaseConnection;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::status::DaemonStatus;
 use crate::backend;
+use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::projection::Projector;
 use crate::projection::{Progress, ProjectPartitionResult};
@@ -21,7 +21,8 @@ use crate::projection::{Progress, ProjectPartitionResult};
 #[must_use = "dropping the handle aborts the daemon at once; keep it and call `stop()` to end it"]
 pub struct DaemonHandle {
     pub(super) owner: String,
-    pub(super) db: DatabaseConnection,
+    pub(super) db: Conn,
+    pub(super) wake_ups: super::WakeUps,
     pub(super) subscriptions: Vec<String>,
     pub(super) projections: BTreeMap<String, Arc<dyn Projector>>,
     pub(super) tenants: Option<BTreeSet<String>>,
@@ -171,6 +172,7 @@ impl DaemonHandle {
         let tenants = self.tenants.as_ref();
         let (leases, instances, segments) =
             super::status::leases(&self.db, &self.subscriptions, tenants, self.retries).await?;
-        Ok(DaemonStatus { owner: self.owner.clone(), instances, cycles: *self.progress.borrow(), leases, segments })
+        let cycles = *self.progress.borrow();
+        Ok(DaemonStatus { owner: self.owner.clone(), instances, cycles, leases, segments, wake_ups: self.wake_ups })
     }
 }

@@ -28,6 +28,8 @@ pub struct DaemonStatus {
     /// How many segments each instance holds, over all projections (an instance holds
     /// segments of tenants, the tenants' entries in [`leases`](Self::leases) name it).
     pub segments: BTreeMap<String, usize>,
+    /// How this instance learns of other processes' appends.
+    pub wake_ups: super::WakeUps,
 }
 
 impl DaemonStatus {
@@ -89,8 +91,12 @@ pub struct LeaseStatus {
 pub async fn recorded(
     db: &(impl ConnectionTrait + TransactionTrait<Transaction = DatabaseTransaction>),
 ) -> Result<Vec<LeaseStatus>> {
-    let subscriptions: Vec<String> = backend::lease_subscriptions(db).await?;
-    Ok(leases(db, &subscriptions, None, super::DEFAULT_RETRIES).await?.0)
+    // In one transaction: one server behind a transaction pooler.
+    let txn = db.begin().await?;
+    let subscriptions: Vec<String> = backend::lease_subscriptions(&txn).await?;
+    let (leases, ..) = leases(&txn, &subscriptions, None, super::DEFAULT_RETRIES).await?;
+    txn.commit().await?;
+    Ok(leases)
 }
 
 /// The lease entries of `subscriptions` (of `tenants` only, when given) whose tenant has live

@@ -9,12 +9,35 @@ use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use sea_orm::DatabaseConnection;
+use sea_orm::ConnectionTrait;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 #[cfg(feature = "postgres")]
 use crate::backend::{APPENDS_CHANNEL, LEASES_CHANNEL, PRESENCE_PREFIX};
+use crate::conn::Conn;
+
+/// How a daemon learns of appends made by other processes ([`DaemonStatus::wake_ups`](super::DaemonStatus::wake_ups)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WakeUps {
+    /// PostgreSQL `LISTEN` on a connection of its own: to the server, or to the
+    /// [`listen_url`](super::Daemon::listen_url) behind a transaction pooler.
+    Listening,
+    /// Polling, every [`poll_interval`](super::Daemon::poll_interval) while idle: on SQLite and
+    /// MySQL, with notifications off, or behind a transaction pooler without a `listen_url`
+    /// (which cannot carry `LISTEN`). Appends through the daemon's own store wake it at once.
+    Polling,
+}
+
+impl WakeUps {
+    /// The wake-ups of a daemon on `conn`.
+    pub(super) fn of(conn: &Conn, listen_url: Option<&str>, notifications: bool) -> Self {
+        let listens = conn.get_database_backend() == sea_orm::DbBackend::Postgres
+            && notifications
+            && (listen_url.is_some() || !conn.pooled());
+        if listens { WakeUps::Listening } else { WakeUps::Polling }
+    }
+}
 
 /// The presence connection (PostgreSQL only): `up` while it is connected. `appended` changes
 /// when an append notifies, `leases` when an instance hands leases over; both change after a
@@ -55,18 +78,17 @@ impl Drop for Presence {
 
 impl Presence {
     /// Opens the presence connection where the backend has one (listening for appends if
-    /// `appends`); elsewhere `up` stays false.
-    pub async fn start(db: &DatabaseConnection, owner: &str, appends: bool, ttl: Duration) -> Self {
+    /// `appends`): to `listen_url` if given, else like the pool's connections unless those go
+    /// through a transaction pooler. Without one, `up` stays false.
+    pub async fn start(conn: &Conn, listen_url: Option<&str>, owner: &str, appends: bool, ttl: Duration) -> Self {
         let up = Arc::new(AtomicBool::new(false));
         let (renew, renewals) = watch::channel(ttl);
         let (appended_tx, appended) = watch::channel(0u64);
         let (leases_tx, leases) = watch::channel(0u64);
         let wake = Wake { appended: appended_tx, leases: leases_tx };
         #[cfg(feature = "postgres")]
-        if db.get_database_backend() == sea_orm::DbBackend::Postgres {
-            let pool = db.get_postgres_connection_pool();
-            let options =
-                pool.connect_options().as_ref().clone().application_name(&format!("{PRESENCE_PREFIX}{owner}"));
+        if let Some(options) = presence_options(conn, listen_url) {
+            let options = options.application_name(&format!("{PRESENCE_PREFIX}{owner}"));
             let ready = Arc::new(tokio::sync::Notify::new());
             let name = format!("{PRESENCE_PREFIX}{owner}");
             let task =
@@ -75,7 +97,7 @@ impl Presence {
             let _ = tokio::time::timeout(Duration::from_secs(2), ready.notified()).await;
             return Self { up, renew, appended, leases, task: Some(task), _idle: None };
         }
-        let _ = (db, owner, appends, renewals);
+        let _ = (conn, listen_url, owner, appends, renewals);
         Self { up, renew, appended, leases, task: None, _idle: Some(wake) }
     }
 
@@ -83,6 +105,24 @@ impl Presence {
     /// so an instance whose loop hangs stops being alive).
     pub fn renew(&self, ttl: Duration) {
         self.renew.send_modify(|t| *t = ttl);
+    }
+}
+
+/// The connect options of a presence connection on `conn`: `listen_url`'s, or the pool's unless
+/// it goes through a transaction pooler (`None` then, and off PostgreSQL).
+#[cfg(feature = "postgres")]
+fn presence_options(conn: &Conn, listen_url: Option<&str>) -> Option<sea_orm::sqlx::postgres::PgConnectOptions> {
+    let db = conn.database().filter(|db| db.get_database_backend() == sea_orm::DbBackend::Postgres)?;
+    match listen_url {
+        Some(url) => match url.parse() {
+            Ok(options) => Some(options),
+            Err(error) => {
+                tracing::error!(%error, "the daemon's listen URL is not a PostgreSQL URL: polling instead");
+                None
+            }
+        },
+        None if conn.pooled() => None,
+        None => Some(db.get_postgres_connection_pool().connect_options().as_ref().clone()),
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use std::panic::AssertUnwindSafe;
 
 use futures::{FutureExt, StreamExt};
-use sea_orm::{DatabaseConnection, DbBackend};
+use sea_orm::{ConnectionTrait, DbBackend};
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -19,6 +19,7 @@ use super::coordinator::{self, Key, SegmentKey};
 use super::telemetry;
 use super::wakeup::Presence;
 use crate::backend::{self, segment_of};
+use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::projection::Projector;
 use crate::projection::RunOptions;
@@ -41,7 +42,7 @@ const GAP_WAIT: Duration = Duration::from_secs(2);
 
 pub(super) struct Worker {
     pub store: EventStore,
-    pub db: DatabaseConnection,
+    pub db: Conn,
     pub projections: BTreeMap<String, Arc<dyn Projector>>,
     pub tenants: Option<BTreeSet<String>>,
     pub options: Options,
@@ -80,7 +81,9 @@ impl Worker {
     pub async fn run(self, mut stop: watch::Receiver<bool>, ready: tokio::sync::oneshot::Sender<()>) -> Result<()> {
         let subscriptions: Vec<String> = self.projections.keys().cloned().collect();
         let ttl = self.options.lease_ttl;
-        let mut presence = Presence::start(&self.db, &self.owner, self.options.notifications, ttl).await;
+        let mut presence =
+            Presence::start(&self.db, self.options.listen_url.as_deref(), &self.owner, self.options.notifications, ttl)
+                .await;
         let mut appends = self.store.appends();
         let mut state = State {
             held: BTreeMap::new(),

@@ -256,7 +256,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         let partition = options.partition.as_deref().unwrap_or(DEFAULT_PARTITION);
         check_run(subscription_id, partition)?;
         let checkpoint = self.checkpoint(subscription_id, partition).await?;
-        let (total, _) = backend::pending(&self.store.executor(), partition, checkpoint).await?;
+        let (total, _) = backend::pending(self.store.executor(), partition, checkpoint).await?;
         let mut report = Progress { partition: partition.to_owned(), processed: 0, total: total.max(0) as u64 };
         self.fill(subscription_id, partition, &options, &mut report, &mut progress).await
     }
@@ -284,21 +284,21 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         let (tenants, total) = match &options.partition {
             Some(tenant) => {
                 check_run(subscription_id, tenant)?;
-                (vec![tenant.clone()], backend::pending(&executor, tenant, 0).await?.0.max(0) as u64)
+                (vec![tenant.clone()], backend::pending(executor, tenant, 0).await?.0.max(0) as u64)
             }
             None => {
                 let mut tenants: BTreeSet<String> =
-                    backend::partition_heads(&executor, None).await?.into_iter().map(|(t, _)| t).collect();
+                    backend::partition_heads(executor, None).await?.into_iter().map(|(t, _)| t).collect();
                 let checkpointed: Vec<String> = subscriptions::Entity::find()
                     .select_only()
                     .column(subscriptions::Column::Partition)
                     .filter(subscriptions::Column::SubscriptionId.eq(subscription_id))
                     .into_tuple()
-                    .all(&executor)
+                    .all(executor)
                     .await?;
                 tenants.extend(checkpointed);
                 let unarchived = messages::Entity::find().filter(messages::Column::IsArchived.eq(false));
-                (tenants.into_iter().collect(), unarchived.count(&executor).await?)
+                (tenants.into_iter().collect(), unarchived.count(executor).await?)
             }
         };
         let mut report = Progress { partition: String::new(), processed: 0, total };
@@ -323,7 +323,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
                     tracing::error!(subscription = subscription_id, tenant, %error, "tenant not rebuilt; it keeps its previous read model");
                     let position = error.event_position().unwrap_or(0) as i64;
                     let message = error.to_string();
-                    let recorded = backend::park(&executor, subscription_id, &tenant, 1, 0, &message, position);
+                    let recorded = backend::park(executor, subscription_id, &tenant, 1, 0, &message, position);
                     if let Err(record) = recorded.await {
                         tracing::warn!(%record, "recording the failed rebuild failed");
                     }
@@ -348,10 +348,10 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         progress: &mut impl FnMut(&Progress),
     ) -> Result<u64> {
         let executor = self.store.executor();
-        let Some(until) = backend::horizon(&executor, tenant, 0, CATCH_UP_WAIT).await? else {
+        let Some(until) = backend::horizon(executor, tenant, 0, CATCH_UP_WAIT).await? else {
             return Err(Error::Busy { source: sea_orm::DbErr::Custom("events still being written".into()) });
         };
-        let txn = Arc::new(backend::begin_write(&executor).await?);
+        let txn = Arc::new(backend::begin_write(executor).await?);
         backend::lock_checkpoints(&txn, subscription, &[tenant]).await?;
         let replay = Replay::default();
         let mut checkpoint = 0;
@@ -403,7 +403,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
     /// The checkpoint of `subscription` in `partition` (0 before its first batch).
     async fn checkpoint(&self, subscription: &str, partition: &str) -> Result<i64> {
         let row = subscriptions::Entity::find_by_id((subscription.to_owned(), 1, partition.to_owned()))
-            .one(&self.store.executor())
+            .one(self.store.executor())
             .await?;
         Ok(row.map_or(0, |s| s.last_processed_position))
     }
@@ -436,7 +436,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
     /// [`CATCH_UP_WAIT`]; the checkpoint when transactions still running hide what follows it.
     async fn horizon(&self, subscription: &str, partition: &str) -> Result<i64> {
         let checkpoint = self.checkpoint(subscription, partition).await?;
-        match backend::horizon(&self.store.executor(), partition, checkpoint, CATCH_UP_WAIT).await? {
+        match backend::horizon(self.store.executor(), partition, checkpoint, CATCH_UP_WAIT).await? {
             Some(horizon) => Ok(horizon),
             None => {
                 tracing::warn!(subscription, partition, checkpoint, "events still hidden by in-flight transactions");
@@ -454,7 +454,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         source: Source<'_>,
         options: &RunOptions,
     ) -> Result<(u64, u64)> {
-        let txn = Arc::new(backend::begin_write(&self.store.executor()).await?);
+        let txn = Arc::new(backend::begin_write(self.store.executor()).await?);
         let checkpoint = backend::lock_checkpoint(&txn, subscription, partition).await?;
         tracing::Span::current().record("checkpoint", checkpoint);
         if let Some((owner, epoch)) = &options.lease {
@@ -570,7 +570,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         until: i64,
         options: &RunOptions,
     ) -> Result<Vec<GroupProgress>> {
-        let txn = Arc::new(backend::begin_write(&self.store.executor()).await?);
+        let txn = Arc::new(backend::begin_write(self.store.executor()).await?);
         let names: Vec<&str> = tenants.iter().map(|(t, _)| t.as_str()).collect();
         let checkpoints = backend::lock_checkpoints(&txn, subscription, &names).await?;
         let held = backend::held_tenants(&txn, subscription, owner, tenants, options.lease_ttl).await?;

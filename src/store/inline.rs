@@ -44,7 +44,7 @@ impl InlineProjections {
     /// projection's failure rolls everything back: [`Error::InlineProjection`], unless it is a
     /// busy database or a lost connection, which the store retries as such.
     pub async fn append(&self, store: &EventStore, append: &Append) -> Result<Option<Appended>> {
-        let txn = Arc::new(backend::begin_write(&store.executor()).await?);
+        let txn = Arc::new(backend::begin_write(store.executor()).await?);
         let Some(mut done) = backend::append_steps(&txn, &[append]).await?.pop().flatten() else { return Ok(None) };
         self.run(&store.bound_to(Arc::clone(&txn)), std::mem::take(&mut done.rows)).await?;
         Arc::into_inner(txn).ok_or(Error::SessionStillInUse)?.commit().await?;

@@ -11,14 +11,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use backon::Retryable;
 
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseExecutor, DatabaseTransaction, DbBackend, DbErr,
-    EntityTrait, ExecResult, QueryFilter, QueryOrder, QueryResult, QuerySelect, SqlErr, Statement, sea_query::Expr,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityTrait, ExecResult,
+    QueryFilter, QueryOrder, QueryResult, QuerySelect, SqlErr, Statement, sea_query::Expr,
 };
 use serde_json::Value;
 
 pub use options::{AggregateStreamResult, AppendOptions, AppendResult, ReadOptions, ReadStreamResult};
 
 use crate::backend::{self, Append};
+use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::event::{Event, RecordedEvent, StoredMessage, encode};
 use crate::expected_version::ExpectedVersion;
@@ -104,12 +105,6 @@ impl Signals {
     }
 }
 
-#[derive(Clone, Debug)]
-enum Conn {
-    Pool(DatabaseConnection),
-    Session(Arc<DatabaseTransaction>),
-}
-
 impl EventStore {
     /// An event store over `db`. Run [`migrate`](crate::migrate) (or the migration crate) first.
     ///
@@ -125,7 +120,7 @@ impl EventStore {
             last_notify: u64::MAX.into(),
             started: std::time::Instant::now(),
         };
-        Self { conn: Conn::Pool(db), signals: Arc::new(signals), inline: Default::default(), group: Default::default() }
+        Self { conn: Conn::pool(db), signals: Arc::new(signals), inline: Default::default(), group: Default::default() }
     }
 
     /// Adds a projection run in every append's transaction ([`EventStore::inline`]).
@@ -161,17 +156,14 @@ impl EventStore {
     /// The transaction of a session store.
     pub(crate) fn transaction(&self) -> Option<&DatabaseTransaction> {
         match &self.conn {
-            Conn::Pool(_) => None,
+            Conn::Pool { .. } => None,
             Conn::Session(txn) => Some(txn),
         }
     }
 
     /// The pool this store works on (`None` inside a session).
     pub(crate) fn pool(&self) -> Option<&DatabaseConnection> {
-        match &self.conn {
-            Conn::Pool(db) => Some(db),
-            Conn::Session(_) => None,
-        }
+        self.conn.database()
     }
 
     /// Tells in-process listeners that an append committed.
@@ -180,11 +172,8 @@ impl EventStore {
     }
 
     /// The connection (or the session's transaction) this store works on.
-    pub(crate) fn executor(&self) -> DatabaseExecutor<'_> {
-        match &self.conn {
-            Conn::Pool(db) => db.into(),
-            Conn::Session(txn) => txn.as_ref().into(),
-        }
+    pub(crate) fn executor(&self) -> &Conn {
+        &self.conn
     }
 
     /// Appends `events` to a stream, creating it if needed, in one transaction.
@@ -258,7 +247,7 @@ impl EventStore {
         let appended = self.write(&append, options.idempotency_key.is_some()).await?;
         if let Some(done) = &appended {
             tracing::Span::current().record("events", count).record("position", done.last_global_position);
-            if matches!(self.conn, Conn::Pool(_)) {
+            if matches!(self.conn, Conn::Pool { .. }) {
                 self.committed();
             }
         }
@@ -278,7 +267,7 @@ impl EventStore {
     /// is then found by its message ids. Inside a session nothing is retried or looked up: a
     /// failed statement may have aborted the caller's transaction.
     async fn write(&self, append: &Arc<Append>, keyed: bool) -> Result<Option<backend::Appended>> {
-        let pooled = matches!(self.conn, Conn::Pool(_));
+        let pooled = matches!(self.conn, Conn::Pool { .. });
         let grouped = pooled && self.executor().get_database_backend() == DbBackend::Sqlite;
         let may_exist = AtomicBool::new(keyed);
         let attempt = || async {
@@ -317,7 +306,7 @@ impl EventStore {
     /// where it takes a savepoint), with the store's inline projections.
     async fn append_once(&self, append: &Append) -> Result<Option<backend::Appended>> {
         match self.inline.is_empty() {
-            true => backend::append(&self.executor(), append).await.map_err(Error::from),
+            true => backend::append(self.executor(), append).await.map_err(Error::from),
             false => self.inline.append(self, append).await,
         }
     }
@@ -337,7 +326,7 @@ impl EventStore {
             .filter(messages::Column::Partition.eq(&append.partition))
             .filter(messages::Column::MessageId.is_in(ids))
             .into_tuple::<(String, String, i64, i64)>()
-            .all(&self.executor())
+            .all(self.executor())
             .await?;
         if rows.is_empty() {
             return Ok(None);
@@ -423,7 +412,7 @@ impl EventStore {
     /// fails with [`Error::AlreadyArchived`].
     pub async fn archive_stream(&self, stream_id: &str, partition: &str) -> Result<bool> {
         check_stream(stream_id, partition)?;
-        let txn = backend::begin_write(&self.executor()).await?;
+        let txn = backend::begin_write(self.executor()).await?;
         let archived =
             streams::Entity::find_by_id((stream_id.to_owned(), partition.to_owned(), true)).one(&txn).await?;
         if archived.is_some() {
@@ -483,7 +472,7 @@ impl EventStore {
         Fut: Future<Output = Result<T, E>>,
         E: From<Error>,
     {
-        let txn = Arc::new(backend::begin_write(&self.executor()).await.map_err(Error::from)?);
+        let txn = Arc::new(backend::begin_write(self.executor()).await.map_err(Error::from)?);
         let outcome = work(self.bound_to(Arc::clone(&txn))).await;
         // A clone kept alive by `work` holds the transaction; it rolls back when dropped.
         let txn = Arc::into_inner(txn).ok_or(Error::SessionStillInUse)?;
@@ -506,14 +495,14 @@ impl EventStore {
     /// on SQLite and MySQL.
     pub async fn create_partition(&self, partition: &str) -> Result<()> {
         limits::check_identifier("partition", partition, MAX_IDENTIFIER_CHARS)?;
-        Ok(backend::create_partition(&self.executor(), partition).await?)
+        Ok(backend::create_partition(self.executor(), partition).await?)
     }
 
     /// The stream's version, 0 when it does not exist.
     pub(crate) async fn stream_version(&self, stream_id: &str, partition: &str) -> Result<u64> {
         let key = (stream_id.to_owned(), partition.to_owned(), false);
         let row =
-            reading(|| async { Ok(streams::Entity::find_by_id(key.clone()).one(&self.executor()).await?) }).await?;
+            reading(|| async { Ok(streams::Entity::find_by_id(key.clone()).one(self.executor()).await?) }).await?;
         Ok(row.map_or(0, |s| s.stream_position as u64))
     }
 
@@ -546,7 +535,7 @@ impl EventStore {
             .order_by_asc(messages::Column::StreamPosition)
             .limit(limit.map(|n| limits::clamp(n) as u64));
         let rows =
-            reading(|| async { Ok(query.clone().into_model::<StoredMessage>().all(&self.executor()).await?) }).await?;
+            reading(|| async { Ok(query.clone().into_model::<StoredMessage>().all(self.executor()).await?) }).await?;
         rows.into_iter().map(StoredMessage::decode).collect()
     }
 }
