@@ -86,9 +86,14 @@ pub fn configure(mut options: ConnectOptions) -> ConnectOptions {
     options.map_sqlx_postgres_pool_opts(|pool| {
         pool.after_connect(|conn, _| {
             Box::pin(async move {
-                let port: Option<i32> =
-                    sea_orm::sqlx::query_scalar("SELECT inet_client_port()").fetch_one(&mut *conn).await?;
-                nodelay::set(port.and_then(|p| u16::try_from(p).ok()));
+                match sea_orm::sqlx::query_scalar::<_, Option<i32>>("SELECT inet_client_port()").fetch_one(&mut *conn).await {
+                    Ok(port) => nodelay::set(port.and_then(|p| u16::try_from(p).ok())),
+                    // Statements fail with `Error::Pooler` saying what to do; the option waits.
+                    Err(error) if statements_mixed_up(&error) => {
+                        tracing::warn!(%error, "the server is behind a transaction-mode pooler: add pooler=transaction to the URL");
+                    }
+                    Err(error) => return Err(error),
+                }
                 Ok(())
             })
         })
@@ -133,6 +138,15 @@ pub(crate) fn behind_pooler(db: &DatabaseConnection) -> bool {
     }
     let _ = db;
     false
+}
+
+/// Whether `error` is a transaction pooler's mixing up of prepared statements: one prepared on a
+/// server, executed on another (not found there, or found another's of that name).
+#[cfg(feature = "postgres")]
+pub(crate) fn statements_mixed_up(error: &sea_orm::sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .is_some_and(|db| matches!(db.code().as_deref(), Some("26000" | "42P05")) && db.message().contains("\"sqlx_s_"))
 }
 
 /// The `pooler=transaction` URL parameter.

@@ -251,12 +251,32 @@ impl MigratorTrait for Migrator {
 /// # Ok(()) }
 /// ```
 pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
-    if !crate::connect::behind_pooler(db) {
-        return Migrator::up(db, None).await;
+    change(db, Change::Up).await
+}
+
+/// What [`change`] does to the schema.
+#[cfg_attr(not(feature = "cli"), allow(dead_code))]
+pub(crate) enum Change {
+    Up,
+    Down(u32),
+    Fresh,
+}
+
+/// Applies `what` to `db`; behind a transaction pooler, in one transaction (every statement must
+/// run in one there).
+pub(crate) async fn change(db: &DatabaseConnection, what: Change) -> Result<(), DbErr> {
+    async fn on<'c, C: sea_orm_migration::IntoSchemaManagerConnection<'c>>(db: C, what: Change) -> Result<(), DbErr> {
+        match what {
+            Change::Up => Migrator::up(db, None).await,
+            Change::Down(steps) => Migrator::down(db, Some(steps)).await,
+            Change::Fresh => Migrator::fresh(db).await,
+        }
     }
-    // Behind a transaction pooler every statement must run in a transaction: all in one.
+    if !crate::connect::behind_pooler(db) {
+        return on(db, what).await;
+    }
     let txn = db.begin().await?;
-    Migrator::up(&txn, None).await?;
+    on(&txn, what).await?;
     txn.commit().await
 }
 

@@ -41,6 +41,8 @@ pub(crate) fn classify(err: &DbErr) -> Failure {
         Sqlx::Io(_) | Sqlx::Tls(_) | Sqlx::Protocol(_) | Sqlx::WorkerCrashed => {
             return Failure::Connection { maybe_written: true };
         }
+        #[cfg(feature = "postgres")]
+        sqlx if crate::connect::statements_mixed_up(sqlx) => return Failure::Pooler,
         Sqlx::Database(db) => db,
         _ => return Failure::Other,
     };
@@ -54,8 +56,6 @@ pub(crate) fn classify(err: &DbErr) -> Failure {
         };
     }
     match db.code().as_deref() {
-        // Not found, or found another's: sqlx's statement names met the wrong server.
-        Some("26000" | "42P05") if db.message().contains("\"sqlx_s_") => Failure::Pooler,
         Some("40001" | "40P01" | "517") => Failure::Retry,
         Some("55P03" | "5" | "6" | "261" | "262" | "773") => Failure::Busy,
         Some("57P01" | "57P02" | "57P03") => Failure::Connection { maybe_written: true },

@@ -4,25 +4,24 @@
 use std::collections::BTreeMap;
 
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
-use sea_orm_migration::MigratorTrait;
 use serde_json::json;
 
 use super::report::{self, Table};
 use super::{CliError, JsonFlag, Migrate, StatusFilter};
 use crate::conn::Conn;
-use crate::migrations::{self, Migrator};
+use crate::migrations::{self, Change};
 use crate::schema::{skipped_events, streams, subscriptions};
 use crate::store::{EventStore, ReadOptions};
 use crate::{backend, daemon};
 
 pub(super) async fn migrate(db: &sea_orm::DatabaseConnection, command: Migrate) -> Result<(), CliError> {
     match command {
-        Migrate::Up => Migrator::up(db, None).await?,
-        Migrate::Down { steps } => Migrator::down(db, Some(steps)).await?,
+        Migrate::Up => migrations::change(db, Change::Up).await?,
+        Migrate::Down { steps } => migrations::change(db, Change::Down(steps)).await?,
         Migrate::Fresh { yes: false } => {
             return Err(CliError::Invalid("fresh drops every table of the database; pass --yes to do it".into()));
         }
-        Migrate::Fresh { yes: true } => Migrator::fresh(db).await?,
+        Migrate::Fresh { yes: true } => migrations::change(db, Change::Fresh).await?,
         Migrate::Sql => {
             let pending = migrations::pending_sql(db).await?;
             if pending.is_empty() {

@@ -1,0 +1,272 @@
+//! PostgreSQL through PgBouncer: the store, the runners, the daemon and the CLI through a
+//! transaction-mode pooler (`pooler=transaction`), and through a session-mode one as through a
+//! direct connection. Test databases are made and checked over a direct connection.
+//!
+//! The poolers come from `EMMETT_TEST_POOLER_URL` (transaction mode, default
+//! `postgres://postgres@127.0.0.1:6432`) and `EMMETT_TEST_SESSION_POOLER_URL` (session mode,
+//! default port 6433): server URLs without a database, in front of the server of
+//! `EMMETT_TEST_POSTGRES_URL`. `scripts/services` starts both as the README sets them up.
+#![cfg(all(feature = "postgres", feature = "cli"))]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Ev, balances};
+use emmett_seaorm::daemon::{Daemon, WakeUps};
+use emmett_seaorm::projection::{ProjectionRunner, RunOptions};
+use emmett_seaorm::{AppendOptions, Error, EventStore, ExpectedVersion, ReadOptions};
+use sea_orm::{ConnectionTrait, DatabaseConnection};
+
+/// A fresh database: its direct connection and its URL through the pooler of `var`.
+async fn through(var: &str, default: &str, params: &str) -> (DatabaseConnection, String) {
+    let direct_url = common::empty_postgres().await;
+    let name = direct_url.rsplit('/').next().expect("a database name");
+    let pooler = std::env::var(var).unwrap_or_else(|_| default.to_owned());
+    let direct = common::connect(&direct_url).await.expect("direct connection");
+    (direct, format!("{pooler}/{name}{params}"))
+}
+
+/// A fresh database behind the transaction-mode pooler, migrated through it.
+async fn transaction_pooled() -> (DatabaseConnection, EventStore, String) {
+    let (direct, url) =
+        through("EMMETT_TEST_POOLER_URL", "postgres://postgres@127.0.0.1:6432", "?pooler=transaction").await;
+    let pooled = reach(&url).await;
+    emmett_seaorm::migrate(&pooled).await.expect("migrate through the pooler");
+    balances::create_table(&direct).await;
+    (direct, EventStore::new(pooled), url)
+}
+
+/// A pool on `url`, failing the test within seconds if the pooler isn't there.
+async fn reach(url: &str) -> DatabaseConnection {
+    let connected = tokio::time::timeout(Duration::from_secs(10), emmett_seaorm::connect(url)).await;
+    match connected {
+        Ok(Ok(db)) => db,
+        Ok(Err(e)) => common::unavailable(&format!("PgBouncer at {url}"), e, "run scripts/services, which starts it"),
+        Err(e) => common::unavailable(&format!("PgBouncer at {url}"), e, "run scripts/services, which starts it"),
+    }
+}
+
+/// Appends race through the pooler: one stream with expected versions (every winner takes its
+/// own version, the losers get the typed conflict), sessions, inline projections, reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_store_works_through_a_transaction_pooler() {
+    let (direct, store, _) = transaction_pooled().await;
+    let store = store.inline("balances", balances::registry());
+    // 12 writers race for the versions of one stream.
+    let racers = (0..12).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut won = Vec::new();
+            for _ in 0..10 {
+                let version = store.read_stream::<Ev>("acc-0", ReadOptions::default().partition("t1")).await.unwrap();
+                let options = AppendOptions::default()
+                    .partition("t1")
+                    .expected(ExpectedVersion::Exact(version.current_stream_version));
+                match store.append_to_stream("acc-0", [Ev::Deposited { amount: 1 }], options).await {
+                    Ok(done) => won.push(done.next_expected_stream_version),
+                    Err(Error::ExpectedVersionConflict { .. }) => {}
+                    Err(other) => panic!("through the pooler: {other}"),
+                }
+            }
+            won
+        })
+    });
+    let mut versions: Vec<u64> = Vec::new();
+    for racer in racers.collect::<Vec<_>>() {
+        versions.extend(racer.await.unwrap());
+    }
+    versions.sort();
+    assert_eq!(versions, (1..=versions.len() as u64).collect::<Vec<_>>(), "each winner took its own version");
+    // Plain appends from many tasks, and a session writing two streams at once.
+    let writers = (0..8).map(|w| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for i in 0..25 {
+                balances::deposit(&store, w * 25 + i, 10).await;
+            }
+        })
+    });
+    for writer in writers.collect::<Vec<_>>() {
+        writer.await.unwrap();
+    }
+    store
+        .with_session(|s| async move {
+            for account in ["acc-1", "acc-2"] {
+                s.append_to_stream(account, [Ev::Deposited { amount: 5 }], AppendOptions::default().partition("t2"))
+                    .await?;
+            }
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(balances::rows(&direct).await, balances::folded(&store).await, "the inline read model is the fold");
+    let acc0 = balances::rows(&direct).await.into_iter().find(|r| r.0 == "t1" && r.1 == "acc-0").unwrap();
+    // `deposit(i)` writes t1/acc-0 for every i divisible by 3 and 7.
+    let deposits = versions.len() + (0..200).filter(|i| i % 21 == 0).count();
+    assert_eq!(acc0.3 as usize, deposits, "no deposit lost or doubled");
+}
+
+/// The partition runner catches up and rebuilds through the pooler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_runner_catches_up_and_rebuilds_through_a_transaction_pooler() {
+    let (direct, store, _) = transaction_pooled().await;
+    for i in 0..60 {
+        balances::deposit(&store, i, i as i64).await;
+    }
+    let runner = ProjectionRunner::new(store.clone(), balances::registry());
+    for tenant in ["t1", "t2", "t3"] {
+        runner.catch_up("balances", RunOptions::default().partition(tenant).batch_size(7), |_| {}).await.unwrap();
+    }
+    assert_eq!(balances::rows(&direct).await, balances::folded(&store).await);
+    balances::corrupt(&direct).await;
+    runner.rebuild("balances", RunOptions::default().batch_size(7), |_| {}).await.unwrap();
+    assert_eq!(balances::rows(&direct).await, balances::folded(&store).await, "rebuilt");
+}
+
+/// Two daemons share the tenants through the pooler, polling (no `LISTEN` there); one that
+/// stops renewing (its task aborted, as a killed process would) loses its segments to the other
+/// within the TTL and a second, and every event is projected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_daemons_through_a_transaction_pooler_and_a_killed_one_is_replaced_within_the_ttl() {
+    let (direct, store, _) = transaction_pooled().await;
+    let ttl = Duration::from_secs(2);
+    let start = |owner: &str| {
+        Daemon::new(store.clone())
+            .projection("balances", balances::registry())
+            .owner(owner)
+            .lease_ttl(ttl)
+            .renew_every(Duration::from_millis(400))
+            .poll_interval(Duration::from_millis(10), Duration::from_millis(200))
+            .start()
+    };
+    let (first, second) = (start("first").await.unwrap(), start("second").await.unwrap());
+    let mut last = 0;
+    for i in 0..90 {
+        last = balances::deposit(&store, i, 3).await;
+    }
+    first.caught_up(last).await.unwrap();
+    let status = first.status().await.unwrap();
+    assert_eq!(status.wake_ups, WakeUps::Polling, "no LISTEN through a transaction pooler");
+    assert_eq!(status.segments.values().sum::<usize>(), 64);
+    assert!(status.segments.len() == 2, "both instances hold segments: {:?}", status.segments);
+
+    drop(second);
+    let killed = Instant::now();
+    loop {
+        let status = first.status().await.unwrap();
+        if status.segments.get("first") == Some(&64) {
+            break;
+        }
+        assert!(killed.elapsed() < ttl + Duration::from_secs(1), "not taken over: {:?}", status.segments);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 90..150 {
+        last = balances::deposit(&store, i, 3).await;
+    }
+    first.caught_up(last).await.unwrap();
+    first.stop().await.unwrap();
+    assert_eq!(balances::rows(&direct).await, balances::folded(&store).await);
+}
+
+/// Given a direct URL for its listening connection, a daemon behind the pooler wakes on
+/// another process's append at once instead of at its next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_daemon_behind_a_transaction_pooler_listens_on_its_listen_url() {
+    let (direct, store, _) = transaction_pooled().await;
+    let direct_url = {
+        let server = std::env::var("EMMETT_TEST_POSTGRES_URL").unwrap_or("postgres://postgres@127.0.0.1:5432".into());
+        let name: String = direct
+            .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, "SELECT current_database()"))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get_by_index(0)
+            .unwrap();
+        format!("{server}/{name}")
+    };
+    let daemon = Daemon::new(store.clone())
+        .projection("balances", balances::registry())
+        .listen_url(direct_url)
+        .poll_interval(Duration::from_millis(10), Duration::from_secs(30))
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(daemon.status().await.unwrap().wake_ups, WakeUps::Listening);
+    // Idle long enough for its poll interval to have grown past what the test waits.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Another process's append: a store of its own, so nothing wakes the daemon in-process.
+    let other = EventStore::new(direct.clone());
+    let appended = Instant::now();
+    let last = balances::deposit(&other, 0, 42).await;
+    tokio::time::timeout(Duration::from_secs(2), daemon.caught_up(last))
+        .await
+        .expect("woken by the notification, not by its 30 s poll")
+        .unwrap();
+    assert!(appended.elapsed() < Duration::from_secs(2));
+    daemon.stop().await.unwrap();
+    assert_eq!(balances::rows(&direct).await, balances::folded(&store).await);
+}
+
+/// A transaction pooler the URL doesn't mention fails the store's statements with the typed
+/// error that says what to do (`configure`'s pools and pools made without it alike).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transaction_pooler_the_url_does_not_mention_fails_with_what_to_do() {
+    let (_, store, url) = transaction_pooled().await;
+    let unaware_url = url.replace("?pooler=transaction", "");
+    let pools =
+        [emmett_seaorm::connect(&unaware_url).await.unwrap(), sea_orm::Database::connect(&unaware_url).await.unwrap()];
+    for pool in pools {
+        let unaware = EventStore::new(pool);
+        let appended = unaware.append_to_stream("acc", [Ev::Deposited { amount: 1 }], AppendOptions::default()).await;
+        match appended {
+            Err(error @ Error::Pooler { .. }) => assert!(error.to_string().contains("pooler=transaction"), "{error}"),
+            other => panic!("expected Error::Pooler, got {other:?}"),
+        }
+        let read = unaware.read_stream::<Ev>("acc", ReadOptions::default()).await;
+        assert!(matches!(read, Err(Error::Pooler { .. })), "{read:?}");
+    }
+    // Told, the same pooler works.
+    store.append_to_stream("acc", [Ev::Deposited { amount: 1 }], AppendOptions::default()).await.unwrap();
+}
+
+/// The operator's CLI through the pooler: migrate, status, streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cli_works_through_a_transaction_pooler() {
+    let (_, store, url) = transaction_pooled().await;
+    balances::deposit(&store, 0, 5).await;
+    for args in [
+        &["migrate", "status"][..],
+        &["migrate", "up"],
+        &["streams", "list", "--partition", "t1"],
+        &["projections", "status", "--json"],
+        &["leases", "list"],
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_emmett-seaorm"))
+            .args(args)
+            .env("DATABASE_URL", &url)
+            .output()
+            .expect("run the binary");
+        let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(output.status.success(), "{args:?} through the pooler: {stderr}{stdout}");
+    }
+}
+
+/// A session-mode pooler is a direct connection as far as the store knows: the daemon listens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_store_and_daemon_work_through_a_session_pooler() {
+    let (direct, url) = through("EMMETT_TEST_SESSION_POOLER_URL", "postgres://postgres@127.0.0.1:6433", "").await;
+    let pooled = reach(&url).await;
+    emmett_seaorm::migrate(&pooled).await.unwrap();
+    balances::create_table(&direct).await;
+    let store = EventStore::new(pooled);
+    let daemon = Daemon::new(store.clone()).projection("balances", balances::registry()).start().await.unwrap();
+    assert_eq!(daemon.status().await.unwrap().wake_ups, WakeUps::Listening);
+    let mut last = 0;
+    for i in 0..40 {
+        last = balances::deposit(&store, i, 2).await;
+    }
+    daemon.caught_up(last).await.unwrap();
+    daemon.stop().await.unwrap();
+    assert_eq!(balances::rows(&direct).await, balances::folded(&store).await);
+}
