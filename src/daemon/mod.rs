@@ -244,11 +244,11 @@ impl Daemon {
         }
         let db = self.store.executor().clone();
         #[cfg(feature = "postgres")]
-        if let Some(url) = &self.options.listen_url {
-            if let Err(error) = url.parse::<sea_orm::sqlx::postgres::PgConnectOptions>() {
-                let reason = error.to_string();
-                return Err(Error::InvalidIdentifier { what: "listen URL", value: url.clone(), reason });
-            }
+        if let Some(url) = &self.options.listen_url
+            && let Err(error) = url.parse::<sea_orm::sqlx::postgres::PgConnectOptions>()
+        {
+            let reason = error.to_string();
+            return Err(Error::InvalidIdentifier { what: "listen URL", value: url.clone(), reason });
         }
         let wake_ups = WakeUps::of(&db, self.options.listen_url.as_deref(), self.options.notifications);
         tracing::info!(?wake_ups, "projection daemon starting");
