@@ -169,7 +169,7 @@ async fn commands_in_a_session_commit_with_it(db: TestDb) {
     assert_eq!(store.read_stream::<Ev>("a", ReadOptions::default()).await.unwrap().current_stream_version, 2);
 }
 
-conformance!(
+conformance!(with_pooler:
     racing_commands_each_land_exactly_once,
     without_retry_the_loser_gets_the_conflict,
     decisions_errors_and_stale_expectations,

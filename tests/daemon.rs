@@ -677,15 +677,17 @@ async fn reactor_daemon(store: EventStore, url: &str, hang: bool) -> Daemon {
         .backoff(Duration::from_millis(200), Duration::from_secs(1))
 }
 
-/// Where reactions' side effects go: the test database, except on SQLite, whose one writer is
-/// busy with the reaction's own batch — there another database file plays the outside system.
+/// Where reactions' side effects go: the test database (directly, not through a pooler),
+/// except on SQLite, whose one writer is busy with the reaction's own batch — there another
+/// database file plays the outside system.
 fn outside_url(url: &str) -> String {
+    let url = common::direct_url(url);
     match url.strip_prefix("sqlite://") {
         Some(rest) => {
             let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
             format!("sqlite://{path}-outside.db?{query}")
         }
-        None => url.to_owned(),
+        None => url,
     }
 }
 
@@ -864,7 +866,7 @@ async fn a_projection_is_rebuilt_while_the_daemon_runs_it(db: TestDb) {
     daemon.stop().await.expect("stop");
 }
 
-conformance!(
+conformance!(with_pooler:
     a_projection_is_rebuilt_while_the_daemon_runs_it,
     start_reports_what_keeps_a_daemon_from_running,
     batch_handlers_get_a_tenants_events_at_once,

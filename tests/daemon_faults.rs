@@ -328,7 +328,7 @@ fn registry_without_failures() -> ProjectionRegistry<Ev> {
     ProjectionRegistry::new().with(totals)
 }
 
-conformance!(
+conformance!(with_pooler:
     a_panic_or_an_error_stops_only_its_tenant,
     across_two_instances_too,
     a_key_column_that_mixes_tenants_is_refused,

@@ -674,7 +674,7 @@ async fn a_panicking_inline_projection_fails_its_append_alone(db: TestDb) {
     tokio::time::timeout(std::time::Duration::from_secs(10), after).await.expect("the store still appends").unwrap();
 }
 
-conformance!(
+conformance!(with_pooler:
     migrate_coexists_with_the_apps_migrator,
     append_then_read_round_trips,
     every_expected_version_case,

@@ -735,7 +735,7 @@ async fn a_failing_inline_projection_rejects_the_append(db: TestDb) {
     assert_eq!(read_model(&db.db, "accounts", "t1").await, vec![("a".into(), 13, 1)]);
 }
 
-conformance!(
+conformance!(with_pooler:
     inline_projections_change_read_models_with_the_append,
     inline_projections_see_events_as_stored,
     a_failing_inline_projection_rejects_the_append,

@@ -855,7 +855,7 @@ async fn killed_projectors_lose_and_repeat_nothing(db: TestDb) {
     }
 }
 
-conformance!(
+conformance!(with_pooler:
     exact_version_races_lose_and_duplicate_nothing,
     any_version_races_store_every_event_once,
     killed_projectors_lose_and_repeat_nothing,

@@ -54,13 +54,17 @@ impl emmett_seaorm::projection::EventHandler<Ev> for Picky {
 
 /// A fresh, migrated database of one backend.
 pub struct TestDb {
+    /// A pool for the test's own statements (direct, also when the stores go through a pooler).
     pub db: DatabaseConnection,
+    /// The URL the stores connect to.
     pub url: String,
+    /// Behind a transaction pooler (`postgres_pooled`): the pool the stores use.
+    pub pooled: Option<DatabaseConnection>,
 }
 
 impl TestDb {
     pub fn store(&self) -> EventStore {
-        EventStore::new(self.db.clone())
+        EventStore::new(self.pooled.clone().unwrap_or_else(|| self.db.clone()))
     }
 
     /// Another pool on the same database: separate connections, as another process would have.
@@ -74,6 +78,8 @@ fn unique_name() -> String {
 }
 
 pub async fn connect(url: &str) -> Result<DatabaseConnection, sea_orm::DbErr> {
+    // (What `emmett_seaorm::connect` does with `pooler=transaction`.)
+    let url = url.replace("pooler=transaction", "statement-cache-capacity=0");
     let mut options = ConnectOptions::new(url);
     // Fail fast on a server that isn't there, instead of waiting out sqlx's 30 s per test.
     options.max_connections(24).connect_timeout(Duration::from_secs(3)).acquire_timeout(Duration::from_secs(10));
@@ -82,9 +88,40 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, sea_orm::DbErr> {
 }
 
 async fn migrated(url: String) -> TestDb {
-    let db = connect(&url).await.expect("connect to the test database");
-    emmett_seaorm::migrate(&db).await.expect("migrate");
-    TestDb { db, url }
+    let Some((direct_url, pooled_url)) = url.split_once(' ') else {
+        let db = connect(&url).await.expect("connect to the test database");
+        emmett_seaorm::migrate(&db).await.expect("migrate");
+        return TestDb { db, url, pooled: None };
+    };
+    let db = connect(direct_url).await.expect("connect to the test database");
+    let pooled = match tokio::time::timeout(Duration::from_secs(10), connect(pooled_url)).await {
+        Ok(Ok(pooled)) => pooled,
+        Ok(Err(e)) => unavailable(&format!("PgBouncer at {pooled_url}"), e, POOLER_HOW),
+        Err(e) => unavailable(&format!("PgBouncer at {pooled_url}"), e, POOLER_HOW),
+    };
+    emmett_seaorm::migrate(&pooled).await.expect("migrate through the pooler");
+    TestDb { db, url: pooled_url.to_owned(), pooled: Some(pooled) }
+}
+
+/// `url`, or for a URL through the pooler of [`postgres_pooled`], the same database's direct URL
+/// (what another system, the test's stand-in for one, would use).
+pub fn direct_url(url: &str) -> String {
+    match url.strip_suffix("?pooler=transaction") {
+        Some(pooled) => format!("{}/{}", server(POSTGRES.0, POSTGRES.1), pooled.rsplit('/').next().expect("a name")),
+        None => url.to_owned(),
+    }
+}
+
+const POOLER_HOW: &str = "run scripts/services (it starts PgBouncer), or point EMMETT_TEST_POOLER_URL at one";
+
+/// A fresh, empty PostgreSQL database reached through a transaction-mode pooler
+/// (`EMMETT_TEST_POOLER_URL`, default PgBouncer on 127.0.0.1:6432): its direct URL and its URL
+/// through the pooler, separated by a space.
+pub async fn postgres_pooled() -> String {
+    let direct = empty_postgres().await;
+    let name = direct.rsplit('/').next().expect("a database name").to_owned();
+    let pooler = server("EMMETT_TEST_POOLER_URL", "postgres://postgres@127.0.0.1:6432");
+    format!("{direct} {pooler}/{name}?pooler=transaction")
 }
 
 /// Fails the test, saying what is missing and how to provide it — a missing server or tool is
@@ -237,10 +274,13 @@ pub async fn drop_database(url: &str) {
 /// Runs `test` on a fresh migrated database at `url`, then drops the database.
 pub async fn run<F: std::future::Future<Output = ()>>(url: String, test: impl FnOnce(TestDb) -> F) {
     let db = migrated(url.clone()).await;
-    let pool = db.db.clone();
+    let pools = (db.db.clone(), db.pooled.clone());
     test(db).await;
-    pool.close().await.ok();
-    drop_database(&url).await;
+    pools.0.close().await.ok();
+    if let Some(pooled) = pools.1 {
+        pooled.close().await.ok();
+    }
+    drop_database(url.split(' ').next().expect("a URL")).await;
 }
 
 /// Generates one `#[tokio::test]` per backend for each listed `async fn name(db: TestDb)`
@@ -258,6 +298,12 @@ macro_rules! conformance {
         $crate::conformance!(@backend mysql; $($name),*);
     };
     // Tests of what only a server has (row locks, killed connections): PostgreSQL and MySQL.
+    // And on PostgreSQL through a transaction-mode pooler (the test's `db.db` stays direct).
+    (with_pooler: $($name:ident),* $(,)?) => {
+        $crate::conformance!($($name),*);
+        #[cfg(feature = "postgres")]
+        $crate::conformance!(@backend postgres_pooled; $($name),*);
+    };
     (servers: $($name:ident),* $(,)?) => {
         #[cfg(feature = "postgres")]
         $crate::conformance!(@backend postgres; $($name),*);
