@@ -53,12 +53,15 @@ mod carts {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let db = emmett_seaorm::connect("sqlite://quickstart.db?mode=rwc").await?;
+    // Embedded SQLite; or `DATABASE_URL=postgres://…` (`…?pooler=transaction` behind PgBouncer).
+    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://quickstart.db?mode=rwc".into());
+    let db = emmett_seaorm::connect(url).await?;
     emmett_seaorm::migrate(&db).await?; // the store's tables
-    // The read model's table, from its entity (in an app: one of your migrations).
-    let schema = Schema::new(db.get_database_backend());
-    db.execute(schema.create_table_from_entity(carts::Entity).if_not_exists()).await?;
     let store = EventStore::new(db);
+    // The read model's table, from its entity (in an app: one of your migrations). The store
+    // is a SeaORM connection too.
+    let schema = Schema::new(store.get_database_backend());
+    store.execute(schema.create_table_from_entity(carts::Entity).if_not_exists()).await?;
 
     // A command: fold the stream, decide, append at exactly the version it was folded at.
     let tenant = "tenant-a";

@@ -141,12 +141,12 @@ pub(crate) fn behind_pooler(db: &DatabaseConnection) -> bool {
 }
 
 /// Whether `error` is a transaction pooler's mixing up of prepared statements: one prepared on a
-/// server, executed on another (not found there, or found another's of that name).
+/// server, executed on another (not found there, or found another's of that name). Nothing ran.
 #[cfg(feature = "postgres")]
 pub(crate) fn statements_mixed_up(error: &sea_orm::sqlx::Error) -> bool {
-    error
-        .as_database_error()
-        .is_some_and(|db| matches!(db.code().as_deref(), Some("26000" | "42P05")) && db.message().contains("\"sqlx_s_"))
+    error.as_database_error().is_some_and(|db| {
+        matches!(db.code().as_deref(), Some("26000" | "42P05")) && db.message().contains("\"sqlx_s_")
+    })
 }
 
 /// The `pooler=transaction` URL parameter.

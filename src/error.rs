@@ -332,13 +332,14 @@ pub enum Error {
     #[error("JSON error: {0}")]
     Json(#[from] serde_json::Error),
 
-    /// A pooler between the app and PostgreSQL handed a prepared statement to a server that
-    /// doesn't have it, or one that has another of that name: a transaction-mode pooler the
-    /// connection was not told of, or one that keeps prepared statements across transactions.
+    /// A pooler between the app and PostgreSQL routed a prepared statement to a server that
+    /// doesn't have it, or to one that has another of that name (nothing was run): a
+    /// transaction-mode pooler the URL did not mention, or one that keeps server sessions'
+    /// statements from one client to the next.
     #[error(
-        "a transaction-mode pooler mixed up prepared statements: connect with `pooler=transaction` in the URL, \
-         and set PgBouncer's server_reset_query = DEALLOCATE ALL and server_reset_query_always = 1 \
-         (see the README): {source}"
+        "a pooler mixed up prepared statements: behind a transaction-mode pooler put `pooler=transaction` in the \
+         URL, and set PgBouncer's server_reset_query = DISCARD ALL and server_reset_query_always = 1 (see the \
+         README): {source}"
     )]
     Pooler {
         /// The database's error.

@@ -75,14 +75,21 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let db = emmett_seaorm::connect(url).await?;
     emmett_seaorm::migrate(&db).await?;
-    read_model::create_table(&db).await?;
+    let store = EventStore::new(db);
+    read_model::create_table(&store).await?;
 
-    let daemon = Daemon::new(EventStore::new(db))
+    let mut daemon = Daemon::new(store);
+    // Behind a transaction pooler, `LISTEN_URL` (a direct URL) lets it listen instead of polling.
+    if let Ok(listen) = std::env::var("LISTEN_URL") {
+        daemon = daemon.listen_url(listen);
+    }
+    let daemon = daemon
         .projection(CARTS, ProjectionRegistry::new().with(read_model::projection()))
         .projection(ORDERS, orders::reactor())
         .start()
         .await?;
-    println!("worker {} running on {url}; Ctrl-C to stop", daemon.owner());
+    let wake_ups = daemon.status().await?.wake_ups;
+    println!("worker {} running on {url} ({wake_ups:?}); Ctrl-C to stop", daemon.owner());
 
     let mut report =
         tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(10), Duration::from_secs(10));

@@ -53,6 +53,8 @@ async fn handle(store: &EventStore, tenant: &str, cart_id: &str, command: CartCo
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Logs with RUST_LOG (e.g. `RUST_LOG=emmett_seaorm=debug`).
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://carts.db?mode=rwc".into());
     println!("database: {url}");
     let db = emmett_seaorm::connect(&url).await?;

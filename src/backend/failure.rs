@@ -13,7 +13,7 @@ pub(crate) enum Failure {
     Busy,
     /// The connection broke or could not be had; `maybe_written` unless it never reached the server.
     Connection { maybe_written: bool },
-    /// A prepared statement a transaction pooler routed to the wrong server.
+    /// A prepared statement a transaction pooler routed to the wrong server (nothing ran).
     Pooler,
     /// Anything else.
     Other,
@@ -37,12 +37,12 @@ pub(crate) fn classify(err: &DbErr) -> Failure {
         _ => return Failure::Other,
     };
     let db = match sqlx {
+        #[cfg(feature = "postgres")]
+        sqlx if crate::connect::statements_mixed_up(sqlx) => return Failure::Pooler,
         Sqlx::PoolTimedOut | Sqlx::PoolClosed => return Failure::Connection { maybe_written: false },
         Sqlx::Io(_) | Sqlx::Tls(_) | Sqlx::Protocol(_) | Sqlx::WorkerCrashed => {
             return Failure::Connection { maybe_written: true };
         }
-        #[cfg(feature = "postgres")]
-        sqlx if crate::connect::statements_mixed_up(sqlx) => return Failure::Pooler,
         Sqlx::Database(db) => db,
         _ => return Failure::Other,
     };
