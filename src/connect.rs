@@ -36,12 +36,21 @@ use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr};
 /// Connects to `url` with [`configure`]'s settings (`pooler=transaction` in a PostgreSQL URL:
 /// through a transaction-mode pooler, see the [module](self) docs).
 pub async fn connect(url: impl Into<String>) -> Result<DatabaseConnection, DbErr> {
-    Database::connect(configure(options(&url.into()))).await
+    Database::connect(configure(connect_options(&url.into()))).await
 }
 
-/// Options for `url`, its `pooler=transaction` written as sqlx's own `statement-cache-capacity=0`
-/// (what [`configure`] sets for it), so that sqlx does not warn of a parameter it doesn't know.
-pub(crate) fn options(url: &str) -> ConnectOptions {
+/// `ConnectOptions::new(url)`, its `pooler=transaction` (if any) written as sqlx's own
+/// `statement-cache-capacity=0`, which [`configure`] reads the same way, so that sqlx does not
+/// warn of a parameter it doesn't know. For your own pool settings behind a pooler:
+///
+/// ```no_run
+/// # async fn f() -> Result<(), sea_orm::DbErr> {
+/// let mut options = emmett_seaorm::connect_options("postgres://app@pgbouncer:6432/app?pooler=transaction");
+/// options.max_connections(32);
+/// let db = sea_orm::Database::connect(emmett_seaorm::configure(options)).await?;
+/// # Ok(()) }
+/// ```
+pub fn connect_options(url: &str) -> ConnectOptions {
     #[cfg(feature = "postgres")]
     if let Some(rest) = pooler::strip(url) {
         return ConnectOptions::new(pooler::with_param(&rest, "statement-cache-capacity=0"));
@@ -144,9 +153,9 @@ pub(crate) fn behind_pooler(db: &DatabaseConnection) -> bool {
 /// server, executed on another (not found there, or found another's of that name). Nothing ran.
 #[cfg(feature = "postgres")]
 pub(crate) fn statements_mixed_up(error: &sea_orm::sqlx::Error) -> bool {
-    error.as_database_error().is_some_and(|db| {
-        matches!(db.code().as_deref(), Some("26000" | "42P05")) && db.message().contains("\"sqlx_s_")
-    })
+    error
+        .as_database_error()
+        .is_some_and(|db| matches!(db.code().as_deref(), Some("26000" | "42P05")) && db.message().contains("\"sqlx_s_"))
 }
 
 /// The `pooler=transaction` URL parameter.

@@ -29,7 +29,7 @@ pub use backon;
 pub use sea_orm;
 
 pub use command::{CommandHandler, Handled};
-pub use connect::{configure, connect};
+pub use connect::{configure, connect, connect_options};
 pub use error::{Error, Result};
 pub use event::{Event, RecordedEvent};
 pub use expected_version::ExpectedVersion;

@@ -17,7 +17,7 @@ type Res<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
 /// A new pool on the benchmark's database.
 async fn pool(args: &Args) -> Res<DatabaseConnection> {
-    let mut options = sea_orm::ConnectOptions::new(&args.database_url);
+    let mut options = emmett_seaorm::connect_options(&args.database_url);
     options.max_connections(8).sqlx_logging(false);
     Ok(sea_orm::Database::connect(emmett_seaorm::configure(options)).await?)
 }
@@ -47,7 +47,7 @@ pub async fn lag(args: &Args, run: &str, notifications: bool) -> Res {
     let run = format!("{run}-{name}");
     let tenants = tenants(&run, args.lag_tenants);
     let table = format!("bench_lag_{}", notifications as u8);
-    create_carts_table(&pool(args).await?, &table).await?;
+    create_carts_table(&EventStore::new(pool(args).await?), &table).await?;
     let daemon = start(args, &run, &table, &tenants, |d| d.notifications(notifications)).await?;
     // Measured once the daemon holds its leases (a start-up is not the steady state).
     let warm = Instant::now() + Duration::from_secs(10);
@@ -55,7 +55,7 @@ pub async fn lag(args: &Args, run: &str, notifications: bool) -> Res {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let writer = EventStore::new(pool(args).await?);
-    let reader = pool(args).await?;
+    let reader = EventStore::new(pool(args).await?);
 
     // (tenant, position, committed at) of appends not yet seen projected.
     let pending: Arc<Mutex<Vec<(usize, u64, Instant)>>> = Arc::default();
@@ -131,7 +131,8 @@ pub async fn lag(args: &Args, run: &str, notifications: bool) -> Res {
     let at = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
     let unseen = pending.lock().unwrap().len();
     println!(
-        "{name}\t{events}\tevents\t{secs:.3}\ts\t{}\tevents/s\tp50_ms={:.1}\tp99_ms={:.1}\tmax_ms={:.1}\tunseen={unseen}",
+        "{}\t{events}\tevents\t{secs:.3}\ts\t{}\tevents/s\tp50_ms={:.1}\tp99_ms={:.1}\tmax_ms={:.1}\tunseen={unseen}",
+        crate::label(name),
         (events as f64 / secs).round(),
         at(0.5),
         at(0.99),
@@ -150,7 +151,7 @@ pub async fn takeover(args: &Args, run: &str, kill: bool) -> Res {
     let tenants = tenants(&run, 12);
     let table = format!("bench_takeover_{}", kill as u8);
     let writer = EventStore::new(pool(args).await?);
-    create_carts_table(&pool(args).await?, &table).await?;
+    create_carts_table(&EventStore::new(pool(args).await?), &table).await?;
     for t in &tenants {
         writer.append_to_stream("cart-0", [cart_event(0, 0)], AppendOptions::default().partition(t)).await?;
     }
@@ -183,7 +184,8 @@ pub async fn takeover(args: &Args, run: &str, kill: bool) -> Res {
     tokio::time::timeout(Duration::from_secs(60), staying.caught_up(last)).await??;
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "{name}\t{}\tevents\t{secs:.3}\ts\t{}\tevents/s\tseconds={secs:.2}\ttenants={}",
+        "{}\t{}\tevents\t{secs:.3}\ts\t{}\tevents/s\tseconds={secs:.2}\ttenants={}",
+        crate::label(name),
         theirs.len(),
         (theirs.len() as f64 / secs).round(),
         theirs.len()
@@ -198,9 +200,9 @@ pub async fn scale(args: &Args, run: &str, instances: usize, tenants_of_run: &[S
     let name = format!("daemon-scale-{instances}");
     let subscription = format!("{run}-{name}");
     let table = format!("bench_scale_{instances}");
-    create_carts_table(&pool(args).await?, &table).await?;
+    create_carts_table(&EventStore::new(pool(args).await?), &table).await?;
     let last = {
-        let db = pool(args).await?;
+        let db = EventStore::new(pool(args).await?);
         let row = db
             .query_one_raw(Statement::from_string(
                 db.get_database_backend(),
@@ -217,7 +219,7 @@ pub async fn scale(args: &Args, run: &str, instances: usize, tenants_of_run: &[S
     tokio::time::timeout(Duration::from_secs(600), daemons[0].caught_up(last)).await??;
     let secs = started.elapsed().as_secs_f64();
     let events = tenants_of_run.len() as u64 * args.scale_events;
-    println!("{name}\t{events}\tevents\t{secs:.3}\ts\t{}\tevents/s", (events as f64 / secs).round());
+    println!("{}\t{events}\tevents\t{secs:.3}\ts\t{}\tevents/s", crate::label(&name), (events as f64 / secs).round());
     for d in daemons {
         d.stop().await?;
     }
@@ -255,7 +257,7 @@ pub async fn load_scale(args: &Args, run: &str) -> Res<Vec<String>> {
 /// `idle`: one caught-up daemon doing nothing for `--idle-seconds`; PostgreSQL transaction ids
 /// taken (`xids=`) and statements run on the database (`queries=`) meanwhile.
 pub async fn idle(args: &Args, run: &str) -> Res {
-    let db = pool(args).await?;
+    let db = EventStore::new(pool(args).await?);
     if db.get_database_backend() != DbBackend::Postgres {
         eprintln!("idle: PostgreSQL only (transaction ids and statement counts come from its statistics)");
         return Ok(());
@@ -284,7 +286,11 @@ pub async fn idle(args: &Args, run: &str) -> Res {
     let xids = scalar(xid).await? - xids_before;
     tokio::time::sleep(Duration::from_millis(1500)).await; // statistics are flushed once a second
     let queries = scalar(statements).await? - statements_before - 3; // the reads of this measure
-    println!("idle\t0\tevents\t{}\ts\t0\tevents/s\txids={xids}\tqueries={queries}", args.idle_seconds);
+    println!(
+        "{}\t0\tevents\t{}\ts\t0\tevents/s\txids={xids}\tqueries={queries}",
+        crate::label("idle"),
+        args.idle_seconds
+    );
     daemon.stop().await?;
     Ok(())
 }
@@ -308,7 +314,7 @@ pub async fn tenants_scale(args: &Args, run: &str, count: usize) -> Res {
             last = last.max(done?.last_event_global_position);
         }
     }
-    let db = pool(args).await?;
+    let db = EventStore::new(pool(args).await?);
     let mut daemon = Daemon::new(EventStore::new(pool(args).await?));
     for p in 0..args.tenant_projections {
         let table = format!("bench_tenants_{count}_{p}");
@@ -353,7 +359,11 @@ pub async fn tenants_scale(args: &Args, run: &str, count: usize) -> Res {
         })
         .and_then(|kb| kb.parse::<f64>().ok())
         .map_or(String::new(), |kb| format!("\trss_mb={:.0}", kb / 1024.0));
-    println!("{name}\t{pairs}\tpairs\t{secs:.3}\ts\t{:.0}\tpairs/s{idle}{rss_mb}", pairs as f64 / secs);
+    println!(
+        "{}\t{pairs}\tpairs\t{secs:.3}\ts\t{:.0}\tpairs/s{idle}{rss_mb}",
+        crate::label(&name),
+        pairs as f64 / secs
+    );
     daemon.stop().await?;
     Ok(())
 }

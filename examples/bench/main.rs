@@ -46,11 +46,15 @@ use clap::Parser;
 use emmett_seaorm::projection::{ProjectionRegistry, ProjectionRunner, RunOptions, SnapshotProjection};
 use emmett_seaorm::{AppendOptions, EventStore, ExpectedVersion, ReadOptions, columns, keys};
 use sea_orm::sea_query::{Alias, ColumnDef, Index, Table};
-use sea_orm::{ConnectOptions, ConnectionTrait, Database};
+use sea_orm::{ConnectionTrait, Database};
 use serde::{Deserialize, Serialize};
 
 #[derive(Parser)]
 struct Args {
+    /// Appended to every workload name printed, to tell runs over another connection apart
+    /// (`-pgbouncer` through a pooler, `-tls` with `sslmode=require`).
+    #[arg(long, default_value = "")]
+    suffix: String,
     /// Database to benchmark (migrated on start).
     #[arg(long, env = "DATABASE_URL", default_value = "sqlite://bench.db?mode=rwc")]
     database_url: String,
@@ -151,24 +155,33 @@ enum CartEvent {
     },
 }
 
+/// Appended to every workload name printed (`--suffix`).
+static SUFFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// `workload` as a result line names it: with the run's `--suffix`.
+fn label(workload: &str) -> String {
+    format!("{workload}{}", SUFFIX.get().map_or("", String::as_str))
+}
+
 fn report(workload: &str, events: u64, started: Instant) {
     let secs = started.elapsed().as_secs_f64();
-    println!("{workload}\t{events}\tevents\t{secs:.3}\ts\t{}\tevents/s", (events as f64 / secs).round());
+    println!("{}\t{events}\tevents\t{secs:.3}\ts\t{}\tevents/s", label(workload), (events as f64 / secs).round());
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    SUFFIX.set(args.suffix.clone()).expect("set once");
     // `RUST_LOG=emmett_seaorm=debug` shows what the store and the daemon do.
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
-    let mut options = ConnectOptions::new(&args.database_url);
+    let mut options = emmett_seaorm::connect_options(&args.database_url);
     options.max_connections(args.concurrency as u32).min_connections(args.concurrency as u32).sqlx_logging(false);
     let db = Database::connect(emmett_seaorm::configure(options)).await?;
     emmett_seaorm::migrate(&db).await?;
-    for table in ["bench_carts", "bench_carts_interleaved", "bench_carts_inline"] {
-        create_carts_table(&db, table).await?;
-    }
     let store = EventStore::new(db.clone());
+    for table in ["bench_carts", "bench_carts_interleaved", "bench_carts_inline"] {
+        create_carts_table(&store, table).await?;
+    }
     let partition = format!("bench-{}", uuid::Uuid::now_v7().simple());
     let mut appended = false;
 
@@ -229,7 +242,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// Creates a carts read-model table (keys, item count, total) if needed; on MySQL its keys
 /// compare exactly, as the store requires of a read model.
-async fn create_carts_table(db: &sea_orm::DatabaseConnection, table: &str) -> Result<(), sea_orm::DbErr> {
+async fn create_carts_table(db: &impl ConnectionTrait, table: &str) -> Result<(), sea_orm::DbErr> {
     let collation = emmett_seaorm::migrations::exact_collation(db).await?;
     let key = |name: &str| {
         let mut column = ColumnDef::new(Alias::new(name));
@@ -267,7 +280,8 @@ async fn append_n(store: &EventStore, partition: &str) -> Result<(), Box<dyn std
         took.sort_by(f64::total_cmp);
         let median = took[APPENDS / 2];
         println!(
-            "append-n{n}\t{n}\tevents\t{median:.6}\ts\t{}\tevents/s\tmedian_ms={:.2}",
+            "{}\t{n}\tevents\t{median:.6}\ts\t{}\tevents/s\tmedian_ms={:.2}",
+            label(&format!("append-n{n}")),
             (n as f64 / median).round(),
             median * 1000.0
         );

@@ -383,7 +383,7 @@ impl Command {
         if let Some(path) = missing_sqlite_file(database_url) {
             return Err(CliError::NoSuchFile { path });
         }
-        let mut options = crate::connect::options(database_url);
+        let mut options = crate::connect_options(database_url);
         options.connect_timeout(Duration::from_secs(5)).acquire_timeout(Duration::from_secs(5)).sqlx_logging(false);
         let db = sea_orm::Database::connect(crate::configure(options))
             .await
