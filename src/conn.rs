@@ -1,12 +1,14 @@
 //! The connection the crate runs its statements on: a pool, or a session's transaction.
 //!
 //! Behind a transaction-mode pooler ([`crate::connect`]: `pooler=transaction`) a statement
-//! outside a transaction is not safe: sqlx prepares it and executes it in two exchanges, and the
-//! pooler may give each to another server (`prepared statement "sqlx_s_1" does not exist`, or
-//! another client's statement of that name). There a [`Conn`] runs each statement outside a
-//! transaction in a transaction of its own, so one server sees both exchanges. Statements sent
-//! without parameters by [`ConnectionTrait::execute_unprepared`] take one exchange and stay as
-//! they are. Everywhere else a [`Conn`] is the pool itself.
+//! outside a transaction is not safe as sqlx sends it: it prepares the statement and executes it
+//! in two exchanges, and the pooler may give each to another server (`prepared statement
+//! "sqlx_s_1" does not exist`, or another client's statement of that name). There a [`Conn`]
+//! writes the statement's values into its SQL (sea-query's escaping, as `Statement`'s `Display`
+//! does) and sends it by the simple protocol: one exchange, one server, no prepared statement,
+//! and one round trip instead of a transaction's four. (Statements inside transactions are
+//! prepared and executed on the transaction's one server.) Everywhere else a [`Conn`] is the
+//! pool itself.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -45,21 +47,29 @@ impl Conn {
     }
 }
 
-/// `$call` with `$c` bound to the pool, to a transaction of its own behind a transaction pooler,
-/// or to the session's transaction.
+/// `$call` on the pool or the session's transaction, or `$pooled` for a pool behind a
+/// transaction pooler.
 macro_rules! on {
-    ($conn:expr, $c:ident => $call:expr) => {
+    ($conn:expr, $c:ident => $call:expr, $db:ident => $pooled:expr) => {
         match $conn {
-            Conn::Pool { db: $c, pooled: false } => $call.await,
-            Conn::Pool { db, pooled: true } => {
-                let $c = db.begin().await?;
-                let done = $call.await?;
-                $c.commit().await?;
-                Ok(done)
-            }
+            #[cfg(feature = "postgres")]
+            Conn::Pool { db: $db, pooled: true } => $pooled,
+            Conn::Pool { db: $c, .. } => $call.await,
             Conn::Session($c) => $call.await,
         }
     };
+}
+
+/// `stmt` for the simple protocol: its values written into its SQL.
+#[cfg(feature = "postgres")]
+fn simple(stmt: &Statement) -> sea_orm::sqlx::RawSql {
+    sea_orm::sqlx::raw_sql(sea_orm::sqlx::AssertSqlSafe(stmt.to_string()))
+}
+
+/// A query error as SeaORM reports sqlx's.
+#[cfg(feature = "postgres")]
+fn query_error(error: sea_orm::sqlx::Error) -> DbErr {
+    DbErr::Query(sea_orm::RuntimeErr::SqlxError(Arc::new(error)))
 }
 
 #[async_trait::async_trait]
@@ -72,7 +82,10 @@ impl ConnectionTrait for Conn {
     }
 
     async fn execute_raw(&self, stmt: Statement) -> Result<ExecResult, DbErr> {
-        on!(self, c => c.execute_raw(stmt))
+        on!(self, c => c.execute_raw(stmt), db => {
+            let done = simple(&stmt).execute(db.get_postgres_connection_pool()).await;
+            done.map(ExecResult::from).map_err(|e| DbErr::Exec(sea_orm::RuntimeErr::SqlxError(Arc::new(e))))
+        })
     }
 
     /// One exchange (no parameters, the simple protocol): safe behind a pooler as it is.
@@ -84,11 +97,17 @@ impl ConnectionTrait for Conn {
     }
 
     async fn query_one_raw(&self, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {
-        on!(self, c => c.query_one_raw(stmt))
+        on!(self, c => c.query_one_raw(stmt), db => {
+            let row = simple(&stmt).fetch_optional(db.get_postgres_connection_pool()).await;
+            row.map(|row| row.map(QueryResult::from)).map_err(query_error)
+        })
     }
 
     async fn query_all_raw(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
-        on!(self, c => c.query_all_raw(stmt))
+        on!(self, c => c.query_all_raw(stmt), db => {
+            let rows = simple(&stmt).fetch_all(db.get_postgres_connection_pool()).await;
+            rows.map(|rows| rows.into_iter().map(QueryResult::from).collect()).map_err(query_error)
+        })
     }
 
     fn support_returning(&self) -> bool {

@@ -80,9 +80,11 @@ pub fn configure(mut options: ConnectOptions) -> ConnectOptions {
     #[cfg(feature = "postgres")]
     if let Some(pooler_port) = pooler::port(options.get_url()) {
         options.map_sqlx_postgres_opts(|pg| pg.statement_cache_capacity(0));
-        // The server sees the pooler's port, not ours: set it on the sockets to the pooler.
+        // No ping on checkout: the pooler keeps the server connections (a broken connection to
+        // it fails its statement, which the store retries). The server sees the pooler's port,
+        // not ours: `TCP_NODELAY` goes on the sockets to the pooler.
         options.map_sqlx_postgres_pool_opts(move |pool| {
-            pool.after_connect(move |_, _| {
+            pool.test_before_acquire(false).after_connect(move |_, _| {
                 Box::pin(async move {
                     nodelay::set_towards(pooler_port);
                     Ok(())

@@ -338,8 +338,8 @@ pub enum Error {
     /// statements from one client to the next.
     #[error(
         "a pooler mixed up prepared statements: behind a transaction-mode pooler put `pooler=transaction` in the \
-         URL, and set PgBouncer's server_reset_query = DISCARD ALL and server_reset_query_always = 1 (see the \
-         README): {source}"
+         URL, and set PgBouncer's server_reset_query = DEALLOCATE ALL and server_reset_query_always = 1 (see \
+         the README): {source}"
     )]
     Pooler {
         /// The database's error.
