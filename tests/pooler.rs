@@ -1,4 +1,4 @@
-//! PostgreSQL through PgBouncer: the store, the runners, the daemon and the CLI through a
+//! PostgreSQL through PgBouncer, and over TLS: the store, the runners, the daemon and the CLI through a
 //! transaction-mode pooler (`pooler=transaction`), and through a session-mode one as through a
 //! direct connection. Test databases are made and checked over a direct connection.
 //!
@@ -269,4 +269,129 @@ async fn the_store_and_daemon_work_through_a_session_pooler() {
     daemon.caught_up(last).await.unwrap();
     daemon.stop().await.unwrap();
     assert_eq!(balances::rows(&direct).await, balances::folded(&store).await);
+}
+
+/// `sslmode=verify-full` with a certificate this test makes (its own CA, a server certificate
+/// for `localhost`), served by a PgBouncer of its own in front of the test server: the store
+/// works over it, and a client that trusts another CA is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_verify_full_with_a_certificate_the_test_makes() {
+    let direct_url = common::empty_postgres().await;
+    let name = direct_url.rsplit('/').next().unwrap().to_owned();
+    let dir = std::env::temp_dir().join(format!("emmett-tls-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, other_ca) = (authority(&dir, "ca"), authority(&dir, "other"));
+    server_certificate(&dir, "ca");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let _bouncer = TlsBouncer::start(&dir, port);
+    let url = |ca: &std::path::Path| {
+        format!("postgres://postgres@localhost:{port}/{name}?sslmode=verify-full&sslrootcert={}", ca.display())
+    };
+    let mut connected = Err(sea_orm::DbErr::Custom("not tried".into()));
+    for _ in 0..50 {
+        connected = emmett_seaorm::connect(url(&ca)).await;
+        if connected.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let db = connected.expect("connect with verify-full");
+    emmett_seaorm::migrate(&db).await.unwrap();
+    let store = EventStore::new(db);
+    store.append_to_stream("acc", [Ev::Deposited { amount: 7 }], AppendOptions::default()).await.unwrap();
+    assert_eq!(store.read_stream::<Ev>("acc", ReadOptions::default()).await.unwrap().events.len(), 1);
+    let refused = emmett_seaorm::connect(url(&other_ca)).await.expect_err("a CA the server's certificate is not from");
+    assert!(refused.to_string().to_lowercase().contains("certificate"), "{refused}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Runs `openssl` with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let done = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("run openssl");
+    assert!(done.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&done.stderr));
+}
+
+/// A certificate authority `<name>.crt` / `<name>.key` in `dir`; the certificate's path.
+fn authority(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let (crt, key, subject) = (format!("{name}.crt"), format!("{name}.key"), format!("/CN=emmett test {name}"));
+    openssl(
+        dir,
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", &subject, "-keyout", &key, "-out",
+            &crt,
+        ],
+    );
+    dir.join(crt)
+}
+
+/// `server.crt` / `server.key` in `dir` for `localhost` and 127.0.0.1, signed by authority `ca`.
+fn server_certificate(dir: &std::path::Path, ca: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    );
+    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+    let (crt, key) = (format!("{ca}.crt"), format!("{ca}.key"));
+    let sign = ["x509", "-req", "-in", "server.csr", "-CA", &crt, "-CAkey", &key, "-CAcreateserial", "-days", "2"];
+    openssl(dir, &[&sign[..], &["-extfile", "san.ext", "-out", "server.crt"]].concat());
+}
+
+/// A PgBouncer (session mode) serving TLS with `dir`'s `server.crt` on `port`, in front of the
+/// test server; stopped when dropped.
+struct TlsBouncer(std::process::Child);
+
+impl TlsBouncer {
+    fn start(dir: &std::path::Path, port: u16) -> Self {
+        let server = std::env::var("EMMETT_TEST_POSTGRES_URL").unwrap_or("postgres://postgres@127.0.0.1:5432".into());
+        let target = server.rsplit('@').next().unwrap().replace(':', " port=");
+        std::fs::write(dir.join("users.txt"), "\"postgres\" \"\"\n").unwrap();
+        let config = format!(
+            "[databases]\n* = host={target}\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+             unix_socket_dir =\nauth_type = trust\nauth_file = {dir}/users.txt\npool_mode = session\n\
+             ignore_startup_parameters = extra_float_digits\nclient_tls_sslmode = require\n\
+             client_tls_key_file = {dir}/server.key\nclient_tls_cert_file = {dir}/server.crt\n",
+            dir = dir.display()
+        );
+        std::fs::write(dir.join("pgbouncer.ini"), config).unwrap();
+        // PgBouncer refuses to run as root: then as the server's user.
+        let mut command = std::process::Command::new(
+            ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+                .into_iter()
+                .find(|p| std::path::Path::new(p).exists())
+                .unwrap_or("pgbouncer"),
+        );
+        if unsafe { libc::geteuid() } == 0 {
+            use std::os::unix::fs::PermissionsExt;
+            for entry in std::fs::read_dir(dir).unwrap() {
+                std::fs::set_permissions(entry.unwrap().path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+            }
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            command.args(["-u", "postgres"]);
+        }
+        let child = command
+            .arg(dir.join("pgbouncer.ini"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| common::unavailable("pgbouncer", e, "run scripts/services, which installs it"));
+        TlsBouncer(child)
+    }
+}
+
+impl Drop for TlsBouncer {
+    fn drop(&mut self) {
+        self.0.kill().ok();
+        self.0.wait().ok();
+    }
 }
