@@ -14,6 +14,7 @@ pub(crate) enum Failure {
     /// The connection broke or could not be had; `maybe_written` unless it never reached the server.
     Connection { maybe_written: bool },
     /// A prepared statement a transaction pooler routed to the wrong server (nothing ran).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     Pooler,
     /// Anything else.
     Other,
