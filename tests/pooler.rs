@@ -27,6 +27,13 @@ async fn through(var: &str, default: &str, params: &str) -> (DatabaseConnection,
     (direct, format!("{pooler}/{name}{params}"))
 }
 
+/// Drops the test database `url` (through a pooler or not) names, once its test passed.
+async fn drop_database(url: &str) {
+    let name = url.rsplit('/').next().unwrap().split('?').next().unwrap();
+    let server = std::env::var("EMMETT_TEST_POSTGRES_URL").unwrap_or("postgres://postgres@127.0.0.1:5432".into());
+    common::drop_database(&format!("{server}/{name}")).await;
+}
+
 /// A fresh database behind the transaction-mode pooler, migrated through it.
 async fn transaction_pooled() -> (DatabaseConnection, EventStore, String) {
     let (direct, url) =
@@ -51,7 +58,7 @@ async fn reach(url: &str) -> DatabaseConnection {
 /// own version, the losers get the typed conflict), sessions, inline projections, reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_store_works_through_a_transaction_pooler() {
-    let (direct, store, _) = transaction_pooled().await;
+    let (direct, store, url) = transaction_pooled().await;
     let store = store.inline("balances", balances::registry());
     // 12 writers race for the versions of one stream.
     let racers = (0..12).map(|_| {
@@ -105,12 +112,13 @@ async fn the_store_works_through_a_transaction_pooler() {
     // `deposit(i)` writes t1/acc-0 for every i divisible by 3 and 7.
     let deposits = versions.len() + (0..200).filter(|i| i % 21 == 0).count();
     assert_eq!(acc0.3 as usize, deposits, "no deposit lost or doubled");
+    drop_database(&url).await;
 }
 
 /// The partition runner catches up and rebuilds through the pooler.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_runner_catches_up_and_rebuilds_through_a_transaction_pooler() {
-    let (direct, store, _) = transaction_pooled().await;
+    let (direct, store, url) = transaction_pooled().await;
     for i in 0..60 {
         balances::deposit(&store, i, i as i64).await;
     }
@@ -122,6 +130,7 @@ async fn a_runner_catches_up_and_rebuilds_through_a_transaction_pooler() {
     balances::corrupt(&direct).await;
     runner.rebuild("balances", RunOptions::default().batch_size(7), |_| {}).await.unwrap();
     assert_eq!(balances::rows(&direct).await, balances::folded(&store).await, "rebuilt");
+    drop_database(&url).await;
 }
 
 /// Two daemons share the tenants through the pooler, polling (no `LISTEN` there); one that
@@ -129,7 +138,7 @@ async fn a_runner_catches_up_and_rebuilds_through_a_transaction_pooler() {
 /// within the TTL and a second, and every event is projected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_daemons_through_a_transaction_pooler_and_a_killed_one_is_replaced_within_the_ttl() {
-    let (direct, store, _) = transaction_pooled().await;
+    let (direct, store, url) = transaction_pooled().await;
     let ttl = Duration::from_secs(2);
     let start = |owner: &str| {
         Daemon::new(store.clone())
@@ -167,13 +176,14 @@ async fn two_daemons_through_a_transaction_pooler_and_a_killed_one_is_replaced_w
     first.caught_up(last).await.unwrap();
     first.stop().await.unwrap();
     assert_eq!(balances::rows(&direct).await, balances::folded(&store).await);
+    drop_database(&url).await;
 }
 
 /// Given a direct URL for its listening connection, a daemon behind the pooler wakes on
 /// another process's append at once instead of at its next poll.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_daemon_behind_a_transaction_pooler_listens_on_its_listen_url() {
-    let (direct, store, _) = transaction_pooled().await;
+    let (direct, store, url) = transaction_pooled().await;
     let direct_url = {
         let server = std::env::var("EMMETT_TEST_POSTGRES_URL").unwrap_or("postgres://postgres@127.0.0.1:5432".into());
         let name: String = direct
@@ -206,6 +216,7 @@ async fn a_daemon_behind_a_transaction_pooler_listens_on_its_listen_url() {
     assert!(appended.elapsed() < Duration::from_secs(2));
     daemon.stop().await.unwrap();
     assert_eq!(balances::rows(&direct).await, balances::folded(&store).await);
+    drop_database(&url).await;
 }
 
 /// A transaction pooler the URL doesn't mention fails the store's statements with the typed
@@ -228,6 +239,7 @@ async fn a_transaction_pooler_the_url_does_not_mention_fails_with_what_to_do() {
     }
     // Told, the same pooler works.
     store.append_to_stream("acc", [Ev::Deposited { amount: 1 }], AppendOptions::default()).await.unwrap();
+    drop_database(&url).await;
 }
 
 /// The operator's CLI through the pooler: migrate, status, streams.
@@ -250,6 +262,7 @@ async fn the_cli_works_through_a_transaction_pooler() {
         let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
         assert!(output.status.success(), "{args:?} through the pooler: {stderr}{stdout}");
     }
+    drop_database(&url).await;
 }
 
 /// A session-mode pooler is a direct connection as far as the store knows: the daemon listens.
@@ -269,6 +282,7 @@ async fn the_store_and_daemon_work_through_a_session_pooler() {
     daemon.caught_up(last).await.unwrap();
     daemon.stop().await.unwrap();
     assert_eq!(balances::rows(&direct).await, balances::folded(&store).await);
+    drop_database(&url).await;
 }
 
 /// `sslmode=verify-full` with a certificate this test makes (its own CA, a server certificate
@@ -282,8 +296,13 @@ async fn tls_verify_full_with_a_certificate_the_test_makes() {
     std::fs::create_dir_all(&dir).unwrap();
     let (ca, other_ca) = (authority(&dir, "ca"), authority(&dir, "other"));
     server_certificate(&dir, "ca");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let _bouncer = TlsBouncer::start(&dir, port);
+    let port = free_port();
+    let tls = format!(
+        "pool_mode = session\nclient_tls_sslmode = require\nclient_tls_key_file = {0}/server.key\n\
+         client_tls_cert_file = {0}/server.crt",
+        dir.display()
+    );
+    let _bouncer = OwnBouncer::start(&dir, port, &tls);
     let url = |ca: &std::path::Path| {
         format!("postgres://postgres@localhost:{port}/{name}?sslmode=verify-full&sslrootcert={}", ca.display())
     };
@@ -303,6 +322,7 @@ async fn tls_verify_full_with_a_certificate_the_test_makes() {
     let refused = emmett_seaorm::connect(url(&other_ca)).await.expect_err("a CA the server's certificate is not from");
     assert!(refused.to_string().to_lowercase().contains("certificate"), "{refused}");
     std::fs::remove_dir_all(&dir).ok();
+    drop_database(&name).await;
 }
 
 /// Runs `openssl` with `args` in `dir`.
@@ -347,51 +367,242 @@ fn server_certificate(dir: &std::path::Path, ca: &str) {
     openssl(dir, &[&sign[..], &["-extfile", "san.ext", "-out", "server.crt"]].concat());
 }
 
-/// A PgBouncer (session mode) serving TLS with `dir`'s `server.crt` on `port`, in front of the
-/// test server; stopped when dropped.
-struct TlsBouncer(std::process::Child);
+/// A PgBouncer of the test's own on `port`, in front of the test server, with `settings` (lines
+/// of its `[pgbouncer]` section) and its files in `dir`; killed when dropped.
+struct OwnBouncer {
+    child: std::process::Child,
+    config: std::path::PathBuf,
+}
 
-impl TlsBouncer {
-    fn start(dir: &std::path::Path, port: u16) -> Self {
+impl OwnBouncer {
+    fn start(dir: &std::path::Path, port: u16, settings: &str) -> Self {
         let server = std::env::var("EMMETT_TEST_POSTGRES_URL").unwrap_or("postgres://postgres@127.0.0.1:5432".into());
         let target = server.rsplit('@').next().unwrap().replace(':', " port=");
         std::fs::write(dir.join("users.txt"), "\"postgres\" \"\"\n").unwrap();
         let config = format!(
             "[databases]\n* = host={target}\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
-             unix_socket_dir =\nauth_type = trust\nauth_file = {dir}/users.txt\npool_mode = session\n\
-             ignore_startup_parameters = extra_float_digits\nclient_tls_sslmode = require\n\
-             client_tls_key_file = {dir}/server.key\nclient_tls_cert_file = {dir}/server.crt\n",
-            dir = dir.display()
+             unix_socket_dir =\nauth_type = trust\nauth_file = {}/users.txt\n\
+             ignore_startup_parameters = extra_float_digits\n{settings}\n",
+            dir.display()
         );
-        std::fs::write(dir.join("pgbouncer.ini"), config).unwrap();
-        // PgBouncer refuses to run as root: then as the server's user.
-        let mut command = std::process::Command::new(
-            ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
-                .into_iter()
-                .find(|p| std::path::Path::new(p).exists())
-                .unwrap_or("pgbouncer"),
-        );
+        let path = dir.join(format!("pgbouncer-{port}.ini"));
+        std::fs::write(&path, config).unwrap();
         if unsafe { libc::geteuid() } == 0 {
             use std::os::unix::fs::PermissionsExt;
             for entry in std::fs::read_dir(dir).unwrap() {
                 std::fs::set_permissions(entry.unwrap().path(), std::fs::Permissions::from_mode(0o644)).unwrap();
             }
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let mut bouncer = OwnBouncer { child: Self::spawn(&path), config: path };
+        bouncer.wait_for(port);
+        bouncer
+    }
+
+    fn spawn(config: &std::path::Path) -> std::process::Child {
+        let binary =
+            ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"].into_iter().find(|p| std::path::Path::new(p).exists());
+        let mut command = std::process::Command::new(binary.unwrap_or("pgbouncer"));
+        // PgBouncer refuses to run as root: then as the server's user.
+        if unsafe { libc::geteuid() } == 0 {
             command.args(["-u", "postgres"]);
         }
-        let child = command
-            .arg(dir.join("pgbouncer.ini"))
+        command
+            .arg(config)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| common::unavailable("pgbouncer", e, "run scripts/services, which installs it"));
-        TlsBouncer(child)
+            .unwrap_or_else(|e| common::unavailable("pgbouncer", e, "run scripts/services, which installs it"))
+    }
+
+    /// Waits until it accepts connections on `port`.
+    fn wait_for(&mut self, port: u16) {
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the test's PgBouncer did not start on port {port}");
+    }
+
+    /// Kills it (SIGKILL: every client connection breaks) and starts it again on `port`.
+    fn restart(&mut self, port: u16) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+        self.child = Self::spawn(&self.config);
+        self.wait_for(port);
     }
 }
 
-impl Drop for TlsBouncer {
+impl Drop for OwnBouncer {
     fn drop(&mut self) {
-        self.0.kill().ok();
-        self.0.wait().ok();
+        self.child.kill().ok();
+        self.child.wait().ok();
     }
+}
+
+/// A free local port.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A fresh database's direct connection and name, and a temporary directory.
+async fn own_setup() -> (DatabaseConnection, String, std::path::PathBuf) {
+    let direct_url = common::empty_postgres().await;
+    let name = direct_url.rsplit('/').next().unwrap().to_owned();
+    let dir = std::env::temp_dir().join(format!("emmett-bouncer-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    (common::connect(&direct_url).await.unwrap(), name, dir)
+}
+
+/// PgBouncer's settings for transaction mode, as the README gives them.
+const TRANSACTION_MODE: &str = "pool_mode = transaction\nserver_reset_query = DEALLOCATE ALL\nserver_reset_query_always = 1\nserver_login_retry = 1";
+
+/// A pooler with 2 server connections under an app pool of 16: statements queue at the pooler
+/// (each transaction is short) and all complete; nothing hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pooler_with_fewer_servers_than_the_pool_queues_and_nothing_hangs() {
+    let (direct, name, dir) = own_setup().await;
+    let port = free_port();
+    let _bouncer = OwnBouncer::start(&dir, port, &format!("{TRANSACTION_MODE}\ndefault_pool_size = 2"));
+    let mut options =
+        emmett_seaorm::connect_options(&format!("postgres://postgres@127.0.0.1:{port}/{name}?pooler=transaction"));
+    options.max_connections(16).acquire_timeout(Duration::from_secs(10));
+    let db = sea_orm::Database::connect(emmett_seaorm::configure(options)).await.unwrap();
+    emmett_seaorm::migrate(&db).await.unwrap();
+    balances::create_recorded_tables(&direct).await;
+    let store = EventStore::new(db).inline("balances", balances::registry());
+    // A daemon through the same two servers, its batches' transactions among the appends'.
+    let seen = Daemon::new(store.clone()).projection("seen", balances::seen_registry()).start().await.unwrap();
+    let writers = (0..16).map(|w| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for i in 0..15 {
+                balances::deposit(&store, w * 15 + i, 1).await;
+            }
+        })
+    });
+    let all = futures::future::join_all(writers);
+    tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("no append hangs")
+        .into_iter()
+        .for_each(|w| w.unwrap());
+    assert_eq!(balances::rows(&direct).await, balances::folded(&store).await);
+    let head = balances::deposit(&store, 0, 1).await;
+    tokio::time::timeout(Duration::from_secs(60), seen.caught_up(head))
+        .await
+        .expect("the daemon does not hang")
+        .unwrap();
+    seen.stop().await.unwrap();
+    let (seen, stored) = balances::seen_and_stored(&direct).await;
+    assert_eq!(seen, stored, "every event seen once");
+    std::fs::remove_dir_all(&dir).ok();
+    drop_database(&name).await;
+}
+
+/// The pooler killed and restarted under load: appends that fail say so with a typed error
+/// (`ConnectionLost`), none reported done is missing, and a daemon running through it catches up
+/// by itself to a read model equal to the fold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pooler_restarting_under_load_loses_nothing_and_the_daemon_recovers() {
+    let (direct, name, dir) = own_setup().await;
+    let port = free_port();
+    let mut bouncer = OwnBouncer::start(&dir, port, TRANSACTION_MODE);
+    let db = emmett_seaorm::connect(format!("postgres://postgres@127.0.0.1:{port}/{name}?pooler=transaction"))
+        .await
+        .unwrap();
+    emmett_seaorm::migrate(&db).await.unwrap();
+    balances::create_table(&direct).await;
+    let store = EventStore::new(db);
+    let daemon = Daemon::new(store.clone())
+        .projection("balances", balances::registry())
+        .poll_interval(Duration::from_millis(10), Duration::from_millis(200))
+        .backoff(Duration::from_millis(100), Duration::from_millis(500))
+        .start()
+        .await
+        .unwrap();
+    let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writers = (0..4).map(|w| {
+        let (store, writing) = (store.clone(), writing.clone());
+        tokio::spawn(async move {
+            let (mut done, mut lost) = (Vec::new(), 0);
+            let mut i = 0;
+            while writing.load(std::sync::atomic::Ordering::SeqCst) {
+                let account = format!("w{w}-{}", i % 5);
+                match store.append_to_stream(&account, [Ev::Deposited { amount: i }], AppendOptions::default()).await {
+                    Ok(_) => done.push((account, i)),
+                    Err(Error::ConnectionLost { .. }) => lost += 1,
+                    Err(other) => panic!("not a typed outcome of a lost pooler: {other}"),
+                }
+                i += 1;
+            }
+            (done, lost)
+        })
+    });
+    let writers: Vec<_> = writers.collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let restarter = tokio::task::spawn_blocking(move || {
+        bouncer.restart(port);
+        bouncer
+    });
+    let _bouncer = restarter.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    writing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut acknowledged = 0;
+    for writer in writers {
+        let (done, _lost) = writer.await.unwrap();
+        acknowledged += done.len();
+        for (account, amount) in done {
+            let stream = store.read_stream::<Ev>(&account, ReadOptions::default()).await.unwrap();
+            assert!(
+                stream.events.iter().any(|e| e.event == Ev::Deposited { amount }),
+                "{account}: acknowledged deposit {amount} is missing"
+            );
+        }
+    }
+    assert!(acknowledged > 0);
+    let head: i64 = direct
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT max(global_position) FROM messages",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get_by_index(0)
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), daemon.caught_up(head as u64))
+        .await
+        .expect("the daemon recovers")
+        .unwrap();
+    daemon.stop().await.unwrap();
+    let folded = {
+        let mut expected = Vec::new();
+        for account in (0..4).flat_map(|w| (0..5).map(move |a| format!("w{w}-{a}"))) {
+            let stream = store.read_stream::<Ev>(&account, ReadOptions::default()).await.unwrap();
+            if stream.stream_exists {
+                let total: i64 = stream
+                    .events
+                    .iter()
+                    .map(|e| match e.event {
+                        Ev::Deposited { amount } => amount,
+                        _ => 0,
+                    })
+                    .sum();
+                expected.push((
+                    emmett_seaorm::DEFAULT_PARTITION.to_owned(),
+                    account,
+                    total,
+                    stream.events.len() as i64,
+                ));
+            }
+        }
+        expected.sort();
+        expected
+    };
+    assert_eq!(balances::rows(&direct).await, folded);
+    std::fs::remove_dir_all(&dir).ok();
+    drop_database(&name).await;
 }
