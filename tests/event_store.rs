@@ -693,12 +693,13 @@ conformance!(with_pooler:
 );
 
 /// SQLite: a store whose group writer was dropped with its runtime (mid-group, its transaction
-/// waiting for a lock another connection held) still appends on another runtime: the next
-/// append starts a new writer.
+/// waiting for a lock another connection held) while an append from another runtime waited in
+/// its queue: that append is written (alone, by its caller), and the next starts a new writer.
 #[cfg(feature = "sqlite")]
 #[test]
 fn a_group_writer_dropped_with_its_runtime_is_replaced() {
     let runtime = || tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let queued = |store: &EventStore, n: usize| format!("{store:?}").contains(&format!("waiting: {n}, writing: true"));
     let first = runtime();
     let (url, store, holder) = first.block_on(async {
         let url = common::sqlite().await;
@@ -710,14 +711,28 @@ fn a_group_writer_dropped_with_its_runtime_is_replaced() {
         holder.execute_unprepared("UPDATE streams SET stream_type = stream_type").await.unwrap();
         let waiting = store.clone();
         tokio::spawn(async move { waiting.append_to_stream("stuck", [deposit(1)], exact(0)).await });
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        // Its writer took it from the queue and waits for the lock.
+        while !queued(&store, 0) {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         (url, store, holder)
     });
-    first.shutdown_background();
     let second = runtime();
+    let next = {
+        let store = store.clone();
+        second.spawn(async move { store.append_to_stream("next", [deposit(2)], exact(0)).await })
+    };
+    while !queued(&store, 1) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    drop(first);
     second.block_on(async {
         holder.rollback().await.unwrap();
-        let append = store.append_to_stream("next", [deposit(2)], exact(0));
+        let done = tokio::time::timeout(std::time::Duration::from_secs(10), next).await;
+        let done = done.expect("the append queued behind the dropped writer is written").unwrap();
+        assert_eq!(done.unwrap().next_expected_stream_version, 1);
+        let append = store.append_to_stream("after", [deposit(3)], exact(0));
         let done = tokio::time::timeout(std::time::Duration::from_secs(10), append).await;
         assert_eq!(done.expect("the store still appends").unwrap().next_expected_stream_version, 1);
     });

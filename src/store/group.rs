@@ -34,8 +34,9 @@ pub(super) struct GroupCommit {
 
 impl std::fmt::Debug for GroupCommit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let waiting = self.queue.lock().map(|queue| queue.waiting.len()).unwrap_or_default();
-        f.debug_struct("GroupCommit").field("waiting", &waiting).finish()
+        let (waiting, writing) =
+            self.queue.lock().map(|queue| (queue.waiting.len(), queue.writing)).unwrap_or_default();
+        f.debug_struct("GroupCommit").field("waiting", &waiting).field("writing", &writing).finish()
     }
 }
 
@@ -107,12 +108,19 @@ impl Writer {
 }
 
 impl Drop for Writer {
+    /// Ended before the queue was empty (its runtime stopped): the appends still waiting, some
+    /// perhaps queued by callers on another runtime, get no answer (their channels close) and
+    /// are written alone by their callers; the next append starts a new writer.
     fn drop(&mut self) {
-        if let Some(commit) = self.0.take()
-            && let Ok(mut queue) = commit.queue.lock()
-        {
-            queue.writing = false;
-        }
+        let Some(commit) = self.0.take() else { return };
+        let stranded = match commit.queue.lock() {
+            Ok(mut queue) => {
+                queue.writing = false;
+                std::mem::take(&mut queue.waiting)
+            }
+            Err(_) => return,
+        };
+        drop(stranded);
     }
 }
 
