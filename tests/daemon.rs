@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -574,6 +574,85 @@ async fn several_projections_run_side_by_side(db: TestDb) {
     daemon.stop().await.expect("stop");
 }
 
+/// Segments held per (projection, owner), from the table.
+async fn holders(db: &DatabaseConnection) -> BTreeMap<(String, Option<String>), i64> {
+    let sql = "SELECT subscription_id, owner, count(*) FROM emt_segments GROUP BY subscription_id, owner";
+    let rows = db.query_all_raw(sea_orm::Statement::from_string(db.get_database_backend(), sql)).await.unwrap();
+    rows.iter()
+        .map(|r| ((r.try_get_by_index(0).unwrap(), r.try_get_by_index(1).unwrap()), r.try_get_by_index(2).unwrap()))
+        .collect()
+}
+
+/// Instances running different sets of projections share each projection among those running
+/// it, and leave no segment without a live owner: A runs `recorder` and `counter`, B `recorder`
+/// only, then C `counter` only joins and takes its half of `counter` from A.
+async fn instances_running_different_projections_leave_no_segment_free(db: TestDb) {
+    create_seen(&db.db).await;
+    db.db
+        .execute_unprepared("CREATE TABLE counts (tenant VARCHAR(255) NOT NULL PRIMARY KEY, n BIGINT NOT NULL)")
+        .await
+        .unwrap();
+    let store = db.store();
+    let counter = |d: Daemon| d.projection("counter", ProjectionRegistry::new().on(["Deposited"], Counter));
+    let a = counter(daemon(store.clone(), Arc::default()).owner("a")).start().await.expect("start a");
+    let b = daemon(EventStore::new(db.second_pool().await), Arc::default()).owner("b").start().await.expect("start b");
+    let split = |held: &BTreeMap<(String, Option<String>), i64>, projection: &str, owners: &[&str]| {
+        let counts: Vec<i64> = owners
+            .iter()
+            .map(|o| held.get(&(projection.to_owned(), Some(o.to_string()))).copied().unwrap_or(0))
+            .collect();
+        counts.iter().sum::<i64>() == 64
+            && counts.iter().all(|n| (64 / owners.len() as i64 - 1..=64 / owners.len() as i64 + 1).contains(n))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let held = holders(&db.db).await;
+        if split(&held, "recorder", &["a", "b"]) && split(&held, "counter", &["a"]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "recorder not split a/b, or counter not all a's: {held:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let c = counter(Daemon::new(EventStore::new(db.second_pool().await)))
+        .owner("c")
+        .lease_ttl(Duration::from_secs(3))
+        .renew_every(Duration::from_millis(500))
+        .poll_interval(Duration::from_millis(5), Duration::from_millis(300))
+        .start()
+        .await
+        .expect("start c");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let held = holders(&db.db).await;
+        if split(&held, "recorder", &["a", "b"]) && split(&held, "counter", &["a", "c"]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "counter not split a/c once c joined: {held:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut last = 0;
+    for i in 0..40 {
+        last = deposit(&store, &format!("t{}", i % 20), "x", 1).await;
+    }
+    for instance in [&a, &b, &c] {
+        caught_up(instance, last, Duration::from_secs(10)).await;
+    }
+    assert_eq!(seen(&db.db).await, stored(&db.db).await);
+    let counts = "SELECT count(*), min(n), max(n) FROM counts";
+    let row = db
+        .db
+        .query_one_raw(sea_orm::Statement::from_string(db.db.get_database_backend(), counts))
+        .await
+        .unwrap()
+        .unwrap();
+    let (tenants, min, max): (i64, i64, i64) =
+        (row.try_get_by_index(0).unwrap(), row.try_get_by_index(1).unwrap(), row.try_get_by_index(2).unwrap());
+    assert_eq!((tenants, min, max), (20, 2, 2), "every tenant counted exactly twice");
+    for instance in [a, b, c] {
+        instance.stop().await.expect("stop");
+    }
+}
+
 /// Archived streams' events are not projected, and do not count as waiting: the daemon is
 /// caught up and shows no lag when a tenant's last events belong to an archived stream.
 async fn archived_events_are_not_waited_for(db: TestDb) {
@@ -880,6 +959,7 @@ conformance!(with_pooler:
     instances_split_tenants_and_take_over_a_crashed_ones_work,
     a_failing_tenant_is_parked_and_resumes_when_fixed,
     a_graceful_stop_hands_work_over_at_once,
+    instances_running_different_projections_leave_no_segment_free,
 );
 
 // A paused process holding SQLite's write lock stops every writer: not a fault one instance

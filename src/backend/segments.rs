@@ -152,14 +152,17 @@ pub(crate) async fn segments(conn: &impl ConnectionTrait, subscriptions: &[Strin
     Ok(segments)
 }
 
-/// Takes a free segment, if it is still free and at its epoch: the new epoch, or `None` when
-/// another instance was faster (a compare-and-set; no lock is held afterwards). A segment
+/// Takes a segment, if it is still at its epoch and free (or held by anyone, with `from_live`:
+/// an instance with none of a projection's segments while none is free takes one, so the others
+/// count it): the new epoch, or `None` when another instance was faster (a compare-and-set; no
+/// lock is held afterwards; a live holder's batches are then refused by the epoch). A segment
 /// share-locked by a batch in flight (its holder paused mid-batch) is not waited for: the round
 /// goes on with the others, and looks at this one again later.
 pub(crate) async fn claim<C: ConnectionTrait + TransactionTrait<Transaction = DatabaseTransaction>>(
     conn: &C,
     segment: &SegmentRow,
     owner: &str,
+    from_live: bool,
 ) -> Result<Option<i64>, DbErr> {
     let backend = conn.get_database_backend();
     let key = [segment.subscription.as_str().into(), segment.segment.into(), segment.epoch.into()];
@@ -175,7 +178,7 @@ pub(crate) async fn claim<C: ConnectionTrait + TransactionTrait<Transaction = Da
     let sql = format!(
         "UPDATE emt_segments SET owner = $1, epoch = epoch + 1
          WHERE subscription_id = $2 AND segment = $3 AND epoch = $4 AND ({free})",
-        free = free_condition(backend, "emt_segments."),
+        free = if from_live { "1 = 1".to_owned() } else { free_condition(backend, "emt_segments.") },
     );
     let values = std::iter::once(owner.into()).chain(key);
     let done = txn.execute_raw(statement(backend, &sql, values)).await?.rows_affected() == 1;
