@@ -167,16 +167,9 @@ impl TransactionTrait for Conn {
         T: Send,
         E: std::fmt::Display + std::fmt::Debug + Send,
     {
-        let txn = self.begin_with_config(isolation_level, access_mode).await.map_err(TransactionError::Connection)?;
-        match callback(&txn).await {
-            Ok(done) => {
-                txn.commit().await.map_err(TransactionError::Connection)?;
-                Ok(done)
-            }
-            Err(error) => {
-                txn.rollback().await.map_err(TransactionError::Connection)?;
-                Err(TransactionError::Transaction(error))
-            }
+        match self {
+            Conn::Pool { db, .. } => db.transaction_with_config(callback, isolation_level, access_mode).await,
+            Conn::Session(txn) => txn.transaction_with_config(callback, isolation_level, access_mode).await,
         }
     }
 }

@@ -75,7 +75,8 @@ pub fn connect_options(url: &str) -> ConnectOptions {
 /// A PostgreSQL URL with `pooler=transaction` (or sqlx's `statement-cache-capacity=0`) is taken
 /// as reaching the server through a transaction-mode pooler: sqlx's statement cache is turned
 /// off (through `map_sqlx_postgres_opts`; sqlx logs that it ignores the `pooler` parameter,
-/// which [`connect`] avoids) and `TCP_NODELAY` is set without asking the server.
+/// which [`connect`] avoids), there is no ping on checkout, and `TCP_NODELAY` is set without
+/// asking the server.
 pub fn configure(mut options: ConnectOptions) -> ConnectOptions {
     #[cfg(feature = "postgres")]
     if let Some(pooler_port) = pooler::port(options.get_url()) {

@@ -176,10 +176,10 @@ async fn up_sql(name: &str, db: &impl ConnectionTrait) -> Result<Vec<String>, Db
 /// # Ok(()) }
 /// ```
 pub async fn pending_sql(db: &DatabaseConnection) -> Result<Vec<(String, Vec<String>)>, DbErr> {
-    let mut plans = Vec::new();
+    let (conn, mut plans) = (Conn::pool(db.clone()), Vec::new());
     for (name, applied) in status(db).await? {
         if !applied {
-            plans.push((name.clone(), up_sql(&name, &Conn::pool(db.clone())).await?));
+            plans.push((name.clone(), up_sql(&name, &conn).await?));
         }
     }
     Ok(plans)

@@ -472,6 +472,12 @@ impl EventHandler<Ev> for Counter {
     }
 }
 
+/// The table [`Counter`] counts each tenant's deposits in.
+async fn create_counts(db: &DatabaseConnection) {
+    let sql = "CREATE TABLE counts (tenant VARCHAR(255) NOT NULL PRIMARY KEY, n BIGINT NOT NULL)";
+    db.execute_unprepared(sql).await.unwrap();
+}
+
 /// Records each call it gets: (tenant, events, first position) into `calls`.
 struct Bulk;
 
@@ -543,10 +549,7 @@ async fn batch_handlers_get_a_tenants_events_at_once(db: TestDb) {
 /// model, and both follow every tenant.
 async fn several_projections_run_side_by_side(db: TestDb) {
     create_seen(&db.db).await;
-    db.db
-        .execute_unprepared("CREATE TABLE counts (tenant VARCHAR(255) NOT NULL PRIMARY KEY, n BIGINT NOT NULL)")
-        .await
-        .unwrap();
+    create_counts(&db.db).await;
     let store = db.store();
     let daemon = daemon(store.clone(), Arc::default())
         .projection("counter", ProjectionRegistry::new().on(["Deposited"], Counter))
@@ -588,10 +591,7 @@ async fn holders(db: &DatabaseConnection) -> BTreeMap<(String, Option<String>), 
 /// only, then C `counter` only joins and takes its half of `counter` from A.
 async fn instances_running_different_projections_leave_no_segment_free(db: TestDb) {
     create_seen(&db.db).await;
-    db.db
-        .execute_unprepared("CREATE TABLE counts (tenant VARCHAR(255) NOT NULL PRIMARY KEY, n BIGINT NOT NULL)")
-        .await
-        .unwrap();
+    create_counts(&db.db).await;
     let store = db.store();
     let counter = |d: Daemon| d.projection("counter", ProjectionRegistry::new().on(["Deposited"], Counter));
     let a = counter(daemon(store.clone(), Arc::default()).owner("a")).start().await.expect("start a");

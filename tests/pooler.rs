@@ -30,28 +30,17 @@ async fn through(var: &str, default: &str, params: &str) -> (DatabaseConnection,
 /// Drops the test database `url` (through a pooler or not) names, once its test passed.
 async fn drop_database(url: &str) {
     let name = url.rsplit('/').next().unwrap().split('?').next().unwrap();
-    let server = std::env::var("EMMETT_TEST_POSTGRES_URL").unwrap_or("postgres://postgres@127.0.0.1:5432".into());
-    common::drop_database(&format!("{server}/{name}")).await;
+    common::drop_database(&common::postgres_database(name)).await;
 }
 
 /// A fresh database behind the transaction-mode pooler, migrated through it.
 async fn transaction_pooled() -> (DatabaseConnection, EventStore, String) {
     let (direct, url) =
         through("EMMETT_TEST_POOLER_URL", "postgres://postgres@127.0.0.1:6432", "?pooler=transaction").await;
-    let pooled = reach(&url).await;
+    let pooled = common::reach_pooler(&url).await;
     emmett_seaorm::migrate(&pooled).await.expect("migrate through the pooler");
     balances::create_table(&direct).await;
     (direct, EventStore::new(pooled), url)
-}
-
-/// A pool on `url`, failing the test within seconds if the pooler isn't there.
-async fn reach(url: &str) -> DatabaseConnection {
-    let connected = tokio::time::timeout(Duration::from_secs(10), emmett_seaorm::connect(url)).await;
-    match connected {
-        Ok(Ok(db)) => db,
-        Ok(Err(e)) => common::unavailable(&format!("PgBouncer at {url}"), e, "run scripts/services, which starts it"),
-        Err(e) => common::unavailable(&format!("PgBouncer at {url}"), e, "run scripts/services, which starts it"),
-    }
 }
 
 /// Appends race through the pooler: one stream with expected versions (every winner takes its
@@ -184,17 +173,7 @@ async fn two_daemons_through_a_transaction_pooler_and_a_killed_one_is_replaced_w
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_daemon_behind_a_transaction_pooler_listens_on_its_listen_url() {
     let (direct, store, url) = transaction_pooled().await;
-    let direct_url = {
-        let server = std::env::var("EMMETT_TEST_POSTGRES_URL").unwrap_or("postgres://postgres@127.0.0.1:5432".into());
-        let name: String = direct
-            .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, "SELECT current_database()"))
-            .await
-            .unwrap()
-            .unwrap()
-            .try_get_by_index(0)
-            .unwrap();
-        format!("{server}/{name}")
-    };
+    let direct_url = common::direct_url(&url);
     let daemon = Daemon::new(store.clone())
         .projection("balances", balances::registry())
         .listen_url(direct_url)
@@ -269,7 +248,7 @@ async fn the_cli_works_through_a_transaction_pooler() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_store_and_daemon_work_through_a_session_pooler() {
     let (direct, url) = through("EMMETT_TEST_SESSION_POOLER_URL", "postgres://postgres@127.0.0.1:6433", "").await;
-    let pooled = reach(&url).await;
+    let pooled = common::reach_pooler(&url).await;
     emmett_seaorm::migrate(&pooled).await.unwrap();
     balances::create_table(&direct).await;
     let store = EventStore::new(pooled);
@@ -290,10 +269,7 @@ async fn the_store_and_daemon_work_through_a_session_pooler() {
 /// works over it, and a client that trusts another CA is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tls_verify_full_with_a_certificate_the_test_makes() {
-    let direct_url = common::empty_postgres().await;
-    let name = direct_url.rsplit('/').next().unwrap().to_owned();
-    let dir = std::env::temp_dir().join(format!("emmett-tls-{}", uuid::Uuid::now_v7().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let (_, name, dir) = own_setup().await;
     let (ca, other_ca) = (authority(&dir, "ca"), authority(&dir, "other"));
     server_certificate(&dir, "ca");
     let port = free_port();
@@ -306,15 +282,8 @@ async fn tls_verify_full_with_a_certificate_the_test_makes() {
     let url = |ca: &std::path::Path| {
         format!("postgres://postgres@localhost:{port}/{name}?sslmode=verify-full&sslrootcert={}", ca.display())
     };
-    let mut connected = Err(sea_orm::DbErr::Custom("not tried".into()));
-    for _ in 0..50 {
-        connected = emmett_seaorm::connect(url(&ca)).await;
-        if connected.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let db = connected.expect("connect with verify-full");
+    // (`OwnBouncer::start` returns once it accepts connections.)
+    let db = emmett_seaorm::connect(url(&ca)).await.expect("connect with verify-full");
     emmett_seaorm::migrate(&db).await.unwrap();
     let store = EventStore::new(db);
     store.append_to_stream("acc", [Ev::Deposited { amount: 7 }], AppendOptions::default()).await.unwrap();
@@ -376,8 +345,7 @@ struct OwnBouncer {
 
 impl OwnBouncer {
     fn start(dir: &std::path::Path, port: u16, settings: &str) -> Self {
-        let server = std::env::var("EMMETT_TEST_POSTGRES_URL").unwrap_or("postgres://postgres@127.0.0.1:5432".into());
-        let target = server.rsplit('@').next().unwrap().replace(':', " port=");
+        let target = common::postgres_server().rsplit('@').next().unwrap().replace(':', " port=");
         std::fs::write(dir.join("users.txt"), "\"postgres\" \"\"\n").unwrap();
         let config = format!(
             "[databases]\n* = host={target}\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\

@@ -32,11 +32,14 @@ pub enum WakeUps {
 impl WakeUps {
     /// The wake-ups of a daemon on `conn`.
     pub(super) fn of(conn: &Conn, listen_url: Option<&str>, notifications: bool) -> Self {
-        let listens = conn.get_database_backend() == sea_orm::DbBackend::Postgres
-            && notifications
-            && (listen_url.is_some() || !conn.pooled());
-        if listens { WakeUps::Listening } else { WakeUps::Polling }
+        if notifications && has_presence(conn, listen_url) { WakeUps::Listening } else { WakeUps::Polling }
     }
+}
+
+/// Whether a daemon on `conn` has a presence connection: on PostgreSQL, to `listen_url`, or
+/// like the pool's connections unless those go through a transaction pooler.
+fn has_presence(conn: &Conn, listen_url: Option<&str>) -> bool {
+    conn.get_database_backend() == sea_orm::DbBackend::Postgres && (listen_url.is_some() || !conn.pooled())
 }
 
 /// The presence connection (PostgreSQL only): `up` while it is connected. `appended` changes
@@ -112,17 +115,13 @@ impl Presence {
 /// it goes through a transaction pooler (`None` then, and off PostgreSQL).
 #[cfg(feature = "postgres")]
 fn presence_options(conn: &Conn, listen_url: Option<&str>) -> Option<sea_orm::sqlx::postgres::PgConnectOptions> {
-    let db = conn.database().filter(|db| db.get_database_backend() == sea_orm::DbBackend::Postgres)?;
+    if !has_presence(conn, listen_url) {
+        return None;
+    }
     match listen_url {
-        Some(url) => match url.parse() {
-            Ok(options) => Some(options),
-            Err(error) => {
-                tracing::error!(%error, "the daemon's listen URL is not a PostgreSQL URL: polling instead");
-                None
-            }
-        },
-        None if conn.pooled() => None,
-        None => Some(db.get_postgres_connection_pool().connect_options().as_ref().clone()),
+        // (`Daemon::start` refused a URL that doesn't parse.)
+        Some(url) => url.parse().ok(),
+        None => Some(conn.database()?.get_postgres_connection_pool().connect_options().as_ref().clone()),
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use emmett_seaorm::EventStore;
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 use serde::{Deserialize, Serialize};
 
 /// The events of the suites' bank-account domain.
@@ -78,9 +78,7 @@ fn unique_name() -> String {
 }
 
 pub async fn connect(url: &str) -> Result<DatabaseConnection, sea_orm::DbErr> {
-    // (What `emmett_seaorm::connect` does with `pooler=transaction`.)
-    let url = url.replace("pooler=transaction", "statement-cache-capacity=0");
-    let mut options = ConnectOptions::new(url);
+    let mut options = emmett_seaorm::connect_options(url);
     // Fail fast on a server that isn't there, instead of waiting out sqlx's 30 s per test.
     options.max_connections(24).connect_timeout(Duration::from_secs(3)).acquire_timeout(Duration::from_secs(10));
     options.sqlx_logging(false);
@@ -94,11 +92,7 @@ async fn migrated(url: String) -> TestDb {
         return TestDb { db, url, pooled: None };
     };
     let db = connect(direct_url).await.expect("connect to the test database");
-    let pooled = match tokio::time::timeout(Duration::from_secs(10), connect(pooled_url)).await {
-        Ok(Ok(pooled)) => pooled,
-        Ok(Err(e)) => unavailable(&format!("PgBouncer at {pooled_url}"), e, POOLER_HOW),
-        Err(e) => unavailable(&format!("PgBouncer at {pooled_url}"), e, POOLER_HOW),
-    };
+    let pooled = reach_pooler(pooled_url).await;
     emmett_seaorm::migrate(&pooled).await.expect("migrate through the pooler");
     TestDb { db, url: pooled_url.to_owned(), pooled: Some(pooled) }
 }
@@ -107,12 +101,34 @@ async fn migrated(url: String) -> TestDb {
 /// (what another system, the test's stand-in for one, would use).
 pub fn direct_url(url: &str) -> String {
     match url.strip_suffix("?pooler=transaction") {
-        Some(pooled) => format!("{}/{}", server(POSTGRES.0, POSTGRES.1), pooled.rsplit('/').next().expect("a name")),
+        Some(pooled) => postgres_database(pooled.rsplit('/').next().expect("a name")),
         None => url.to_owned(),
     }
 }
 
-const POOLER_HOW: &str = "run scripts/services (it starts PgBouncer), or point EMMETT_TEST_POOLER_URL at one";
+/// A pool on `url` through a pooler, failing the test within seconds, saying what to start, if
+/// the pooler isn't there.
+pub async fn reach_pooler(url: &str) -> DatabaseConnection {
+    let connected = tokio::time::timeout(Duration::from_secs(10), connect(url)).await;
+    match connected.map_err(|e| e.to_string()).and_then(|c| c.map_err(|e| e.to_string())) {
+        Ok(pooled) => pooled,
+        Err(e) => unavailable(
+            &format!("PgBouncer at {url}"),
+            e,
+            "run scripts/services (it starts PgBouncer), or point EMMETT_TEST_POOLER_URL (transaction mode) or EMMETT_TEST_SESSION_POOLER_URL (session mode) at one",
+        ),
+    }
+}
+
+/// The PostgreSQL server's URL (`EMMETT_TEST_POSTGRES_URL`, without a database).
+pub fn postgres_server() -> String {
+    server(POSTGRES.0, POSTGRES.1)
+}
+
+/// The direct URL of the test database `name` on the PostgreSQL server.
+pub fn postgres_database(name: &str) -> String {
+    format!("{}/{name}", postgres_server())
+}
 
 /// A fresh, empty PostgreSQL database reached through a transaction-mode pooler
 /// (`EMMETT_TEST_POOLER_URL`, default PgBouncer on 127.0.0.1:6432): its direct URL and its URL
