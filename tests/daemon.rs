@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Ev, TestDb, balances};
@@ -246,6 +246,68 @@ async fn a_failing_tenant_is_parked_and_resumes_when_fixed(db: TestDb) {
     assert_eq!(seen(&db.db).await, stored(&db.db).await);
     let bad = daemon.status().await.expect("status").get("recorder", "bad").cloned().expect("bad");
     assert_eq!((bad.failures, bad.last_error), (0, None));
+    daemon.stop().await.expect("stop");
+}
+
+/// Counts the recorder's calls for events of tenants other than `zz-bad`, rolled back or not.
+struct Counting {
+    recorder: Recorder,
+    calls: Arc<AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl EventHandler<Ev> for Counting {
+    async fn handle(
+        &self,
+        ctx: &ProjectionContext<'_>,
+        e: &RecordedEvent<Ev>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if e.partition != "zz-bad" {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+        }
+        self.recorder.handle(ctx, e).await
+    }
+}
+
+/// A tenant failing again and again among 300 busy ones (named to be applied last in a group):
+/// once it has failed, its retries run alone, so no other tenant's batch is rolled back and run again with it (each healthy event
+/// reaches the handler exactly once), and the others keep up.
+async fn a_failing_tenant_among_many_runs_alone(db: TestDb) {
+    create_seen(&db.db).await;
+    let store = db.store();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let recorder = Recorder { poisoned: Arc::new(AtomicBool::new(true)) };
+    let registry = ProjectionRegistry::new().on(["Deposited"], Counting { recorder, calls: Arc::clone(&calls) });
+    deposit(&store, "zz-bad", "b", 13).await;
+    let daemon = Daemon::new(store.clone())
+        .projection("recorder", registry)
+        .poll_interval(Duration::from_millis(5), Duration::from_millis(100))
+        .backoff(Duration::from_millis(20), Duration::from_millis(40))
+        .start()
+        .await
+        .expect("start");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while daemon.status().await.expect("status").get("recorder", "zz-bad").is_none_or(|l| l.failures == 0) {
+        assert!(Instant::now() < deadline, "the bad tenant never failed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let tenants: Vec<String> = (0..300).map(|i| format!("tenant-{i:03}")).collect();
+    let mut healthy = 0;
+    for round in 0..4 {
+        for chunk in tenants.chunks(25) {
+            futures::future::join_all(chunk.iter().map(|t| deposit(&store, t, "a", round))).await;
+            healthy += chunk.len();
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await; // a retry of the bad tenant or two
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen(&db.db).await.len() < healthy {
+        assert!(Instant::now() < deadline, "healthy tenants not projected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let bad = daemon.status().await.expect("status").get("recorder", "zz-bad").cloned().expect("zz-bad");
+    assert!(bad.failures >= 3, "the bad tenant kept failing: {bad:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), healthy, "a healthy tenant's events were handled again");
     daemon.stop().await.expect("stop");
 }
 
@@ -958,6 +1020,7 @@ conformance!(with_pooler:
     projects_tenants_found_while_running_and_resumes_after_restart,
     instances_split_tenants_and_take_over_a_crashed_ones_work,
     a_failing_tenant_is_parked_and_resumes_when_fixed,
+    a_failing_tenant_among_many_runs_alone,
     a_graceful_stop_hands_work_over_at_once,
     instances_running_different_projections_leave_no_segment_free,
 );

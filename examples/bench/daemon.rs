@@ -3,7 +3,7 @@
 //!
 //! Every daemon and writer gets a pool of its own, as separate processes would have.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,17 +54,55 @@ pub async fn lag(args: &Args, run: &str, notifications: bool) -> Res {
     while daemon.status().await?.held() < tenants.len() && Instant::now() < warm {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let lag = follow(args, &[run.clone()], &tenants, args.lag_rate, args.lag_seconds).await?;
+    println!("{}", lag.line(name, args.lag_seconds));
+    daemon.stop().await?;
+    Ok(())
+}
+
+/// What [`follow`] measured.
+struct Lag {
+    events: u64,
+    /// Milliseconds from an append's commit until every checkpoint covered it, sorted.
+    latencies: Vec<f64>,
+    /// Appends not seen projected by the end.
+    unseen: usize,
+}
+
+impl Lag {
+    /// The DESIGN.md line of workload `name` over `secs`.
+    fn line(&self, name: &str, secs: u64) -> String {
+        let at = |q: f64| {
+            let last = self.latencies.len() as f64 - 1.0;
+            self.latencies.get((last * q).round() as usize).copied().unwrap_or(f64::NAN)
+        };
+        format!(
+            "{}\t{}\tevents\t{secs}.000\ts\t{}\tevents/s\tp50_ms={:.1}\tp99_ms={:.1}\tmax_ms={:.1}\tunseen={}",
+            crate::label(name),
+            self.events,
+            (self.events as f64 / secs as f64).round(),
+            at(0.5),
+            at(0.99),
+            at(1.0),
+            self.unseen
+        )
+    }
+}
+
+/// Appends single events at `rate` per second spread over `tenants` for `seconds`, from a pool
+/// of its own, and measures how long after each commit the checkpoints of every subscription in
+/// `subscriptions` cover it (watched every 2 ms: only the tenants with appends not yet seen).
+async fn follow(args: &Args, subscriptions: &[String], tenants: &[String], rate: u64, seconds: u64) -> Res<Lag> {
     let writer = EventStore::new(pool(args).await?);
     let reader = EventStore::new(pool(args).await?);
-
     // (tenant, position, committed at) of appends not yet seen projected.
     let pending: Arc<Mutex<Vec<(usize, u64, Instant)>>> = Arc::default();
     let writers = 8usize;
-    let period = Duration::from_secs_f64(writers as f64 / args.lag_rate as f64);
-    let deadline = Instant::now() + Duration::from_secs(args.lag_seconds);
+    let period = Duration::from_secs_f64(writers as f64 / rate as f64);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
     let tasks: Vec<_> = (0..writers)
         .map(|w| {
-            let (writer, pending, tenants) = (writer.clone(), Arc::clone(&pending), tenants.clone());
+            let (writer, pending, tenants) = (writer.clone(), Arc::clone(&pending), tenants.to_vec());
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(period);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -72,7 +110,8 @@ pub async fn lag(args: &Args, run: &str, notifications: bool) -> Res {
                 let mut appended = 0u64;
                 while Instant::now() < deadline {
                     tick.tick().await;
-                    let t = i % tenants.len();
+                    // (A stride coprime with most counts: consecutive appends go to far-apart tenants.)
+                    let t = (i * 7919) % tenants.len();
                     let options = AppendOptions::default().partition(&tenants[t]);
                     let stream = format!("cart-{}", i % 10);
                     let done = writer.append_to_stream(&stream, [cart_event(1, 1)], options).await?;
@@ -84,39 +123,46 @@ pub async fn lag(args: &Args, run: &str, notifications: bool) -> Res {
             })
         })
         .collect();
-
-    // Watches the checkpoints every 2 ms, until the writers are done and every append is seen
-    // (or 30 s more have passed).
-    let sql = format!("SELECT partition, last_processed_position FROM subscriptions WHERE subscription_id = '{run}'");
-    let sql = match reader.get_database_backend() {
-        DbBackend::MySql => sql.replace("partition", "`partition`"),
-        _ => sql,
-    };
+    let backend = reader.get_database_backend();
+    let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    let subscription_list = subscriptions.iter().map(|s| quote(s)).collect::<Vec<_>>().join(", ");
     let index: BTreeMap<&str, usize> = tenants.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
     let mut latencies = Vec::new();
-    let backend = reader.get_database_backend();
     loop {
-        let rows = reader.query_all_raw(Statement::from_string(backend, sql.clone())).await?;
-        let now = Instant::now();
-        let mut checkpoints = vec![0u64; tenants.len()];
-        for row in rows {
-            let tenant: String = row.try_get_by_index(0)?;
-            if let Some(&i) = index.get(tenant.as_str()) {
-                checkpoints[i] = row.try_get_by_index::<i64>(1)? as u64;
+        let waiting: BTreeSet<usize> = pending.lock().unwrap().iter().map(|(t, _, _)| *t).collect();
+        // Each waiting tenant's lowest checkpoint over the subscriptions (none yet: 0).
+        let mut checkpoints: BTreeMap<usize, u64> = BTreeMap::new();
+        if !waiting.is_empty() {
+            let tenant_list = waiting.iter().map(|&t| quote(&tenants[t])).collect::<Vec<_>>().join(", ");
+            let sql = format!(
+                "SELECT partition, min(last_processed_position), count(*) FROM subscriptions
+                 WHERE subscription_id IN ({subscription_list}) AND partition IN ({tenant_list}) GROUP BY partition"
+            );
+            let sql = match backend {
+                DbBackend::MySql => sql.replace("partition", "`partition`"),
+                _ => sql,
+            };
+            for row in reader.query_all_raw(Statement::from_string(backend, sql)).await? {
+                let tenant: String = row.try_get_by_index(0)?;
+                let covered = row.try_get_by_index::<i64>(2)? as usize == subscriptions.len();
+                if let (Some(&i), true) = (index.get(tenant.as_str()), covered) {
+                    checkpoints.insert(i, row.try_get_by_index::<i64>(1)? as u64);
+                }
             }
         }
-        let waiting = {
-            let mut waiting = pending.lock().unwrap();
-            waiting.retain(|&(t, position, at)| {
-                let seen = checkpoints[t] >= position;
+        let now = Instant::now();
+        let left = {
+            let mut pending = pending.lock().unwrap();
+            pending.retain(|&(t, position, at)| {
+                let seen = checkpoints.get(&t).is_some_and(|&c| c >= position);
                 if seen {
                     latencies.push(now.duration_since(at).as_secs_f64() * 1000.0);
                 }
                 !seen
             });
-            waiting.len()
+            pending.len()
         };
-        let done = waiting == 0 && tasks.iter().all(|t| t.is_finished());
+        let done = left == 0 && tasks.iter().all(|t| t.is_finished());
         if done || Instant::now() > deadline + Duration::from_secs(30) {
             break;
         }
@@ -126,20 +172,9 @@ pub async fn lag(args: &Args, run: &str, notifications: bool) -> Res {
     for task in tasks {
         events += task.await??;
     }
-    let secs = args.lag_seconds as f64;
     latencies.sort_by(f64::total_cmp);
-    let at = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
     let unseen = pending.lock().unwrap().len();
-    println!(
-        "{}\t{events}\tevents\t{secs:.3}\ts\t{}\tevents/s\tp50_ms={:.1}\tp99_ms={:.1}\tmax_ms={:.1}\tunseen={unseen}",
-        crate::label(name),
-        (events as f64 / secs).round(),
-        at(0.5),
-        at(0.99),
-        at(1.0)
-    );
-    daemon.stop().await?;
-    Ok(())
+    Ok(Lag { events, latencies, unseen })
 }
 
 /// `takeover-kill` / `takeover-stop`: two instances share 12 tenants; one is killed (aborted,
@@ -298,7 +333,9 @@ pub async fn idle(args: &Args, run: &str) -> Res {
 /// `daemon-tenants-<N>`: N tenants with one stream of 3 events each, `--tenant-projections`
 /// projections, one daemon finding the tenants itself. Catch-up from cold (pairs of projection
 /// and tenant per second), then idle for 10 s: rows read and written and commits per second on
-/// the database (PostgreSQL's `pg_stat_database`), and the process's resident memory.
+/// the database (PostgreSQL's `pg_stat_database`), and the process's resident memory; then the
+/// lag of single appends spread over all tenants at each of `--tenant-lag-rates`
+/// (`daemon-tenants-<N>-lag-<rate>`: p50/p99 from commit until both projections covered it).
 pub async fn tenants_scale(args: &Args, run: &str, count: usize) -> Res {
     let name = format!("daemon-tenants-{count}");
     let run = format!("{run}-{name}");
@@ -364,6 +401,11 @@ pub async fn tenants_scale(args: &Args, run: &str, count: usize) -> Res {
         crate::label(&name),
         pairs as f64 / secs
     );
+    let subscriptions: Vec<String> = (0..args.tenant_projections).map(|p| format!("{run}-p{p}")).collect();
+    for &rate in &args.tenant_lag_rates {
+        let lag = follow(args, &subscriptions, &names, rate, args.tenant_lag_seconds).await?;
+        println!("{}", lag.line(&format!("{name}-lag-{rate}"), args.tenant_lag_seconds));
+    }
     daemon.stop().await?;
     Ok(())
 }

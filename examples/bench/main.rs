@@ -32,7 +32,9 @@
 //!   over `--idle-seconds`;
 //! - `daemon-tenants` (not in the default list): for each of `--tenant-counts` (100,10000), that
 //!   many tenants of 3 events × `--tenant-projections` (2), caught up from cold by one daemon
-//!   (pairs/s), then idle: rows read and written and commits per second (PostgreSQL), RSS.
+//!   (pairs/s), then idle: rows read and written and commits per second (PostgreSQL), RSS, then
+//!   `daemon-tenants-<N>-lag-<rate>` for each of `--tenant-lag-rates` (50,2000) events/s over
+//!   all tenants for `--tenant-lag-seconds` (10): p50/p99 from commit to both checkpoints.
 //!
 //! Each run writes to partitions of its own, so runs can repeat on one database.
 
@@ -102,6 +104,12 @@ struct Args {
     /// Projections of `daemon-tenants`.
     #[arg(long, default_value_t = 2)]
     tenant_projections: usize,
+    /// Rates (events/s) of the lag phases of `daemon-tenants`.
+    #[arg(long, value_delimiter = ',', default_value = "50,2000")]
+    tenant_lag_rates: Vec<u64>,
+    /// Duration of each lag phase of `daemon-tenants`.
+    #[arg(long, default_value_t = 10)]
+    tenant_lag_seconds: u64,
 }
 
 /// The Kysely peer's cart state.

@@ -273,7 +273,8 @@ pub(crate) async fn held_tenants(
         DbBackend::MySql => " ORDER BY segment LOCK IN SHARE MODE",
         _ => "",
     };
-    let mut segments: Vec<i64> = tenants.iter().map(|(t, _)| segment_of(t)).collect();
+    let of: Vec<i64> = tenants.iter().map(|(t, _)| segment_of(t)).collect();
+    let mut segments = of.clone();
     segments.sort_unstable();
     segments.dedup();
     let list = segments.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
@@ -285,16 +286,16 @@ pub(crate) async fn held_tenants(
          WHERE subscription_id = $1 AND segment IN ({list}){lock}"
     );
     let rows = txn.query_all_raw(statement(backend, &sql, [subscription.into()])).await?;
-    let mut held = BTreeSet::new();
+    let mut epochs = std::collections::HashMap::new();
     for row in rows {
         let (segment, holder, epoch): (i64, Option<String>, i64) =
             (row.try_get_by_index(0)?, row.try_get_by_index(1)?, row.try_get_by_index(2)?);
-        if holder.as_deref() != Some(owner) {
-            continue;
+        if holder.as_deref() == Some(owner) {
+            epochs.insert(segment, epoch);
         }
-        held.extend(tenants.iter().filter(|(t, e)| *e == epoch && segment_of(t) == segment).map(|(t, _)| t.clone()));
     }
-    Ok(held)
+    let held = tenants.iter().zip(of).filter(|((_, e), segment)| epochs.get(segment) == Some(e));
+    Ok(held.map(|((t, _), _)| t.clone()).collect())
 }
 
 #[cfg(test)]

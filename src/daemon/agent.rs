@@ -1,11 +1,12 @@
 //! Running leases: a group of tenants of one projection in one transaction, or one tenant for a
 //! few batches; a failing one is parked with exponential backoff by the worker.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
-use crate::projection::{Projector, RunOptions};
+use crate::projection::{GroupProgress, Projector, RunOptions};
 
 /// Batches one lease runs before the daemon turns to the others.
 pub(super) const BATCHES_PER_TURN: usize = 8;
@@ -79,14 +80,17 @@ pub(super) async fn group_turn(
     let leases: Vec<(String, i64)> = tenants.iter().map(|(t, h)| (t.clone(), h.epoch)).collect();
     let batch_size = options.batch_size_value();
     match projector.project_group(subscription, owner, &leases, until, &options).await {
-        Ok(progress) => tenants
-            .iter()
-            .map(|(tenant, _)| match progress.iter().find(|p| &p.tenant == tenant) {
-                Some(p) if p.lost => Turn::Lost,
-                Some(p) => Turn::Ran { checkpoint: p.checkpoint, processed: p.processed, more: p.full },
-                None => Turn::Interrupted { checkpoint: None, reason: "left out of its group's batch".into() },
-            })
-            .collect(),
+        Ok(progress) => {
+            let progress: HashMap<&str, &GroupProgress> = progress.iter().map(|p| (p.tenant.as_str(), p)).collect();
+            tenants
+                .iter()
+                .map(|(tenant, _)| match progress.get(tenant.as_str()) {
+                    Some(p) if p.lost => Turn::Lost,
+                    Some(p) => Turn::Ran { checkpoint: p.checkpoint, processed: p.processed, more: p.full },
+                    None => Turn::Interrupted { checkpoint: None, reason: "left out of its group's batch".into() },
+                })
+                .collect()
+        }
         Err(error) if error.is_transient() => {
             let reason = error.to_string();
             tenants.iter().map(|_| Turn::Interrupted { checkpoint: None, reason: reason.clone() }).collect()

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -27,7 +27,7 @@ pub struct DaemonHandle {
     pub(super) projections: BTreeMap<String, Arc<dyn Projector>>,
     pub(super) tenants: Option<BTreeSet<String>>,
     pub(super) retries: u32,
-    pub(super) progress: watch::Receiver<u64>,
+    pub(super) progress: watch::Receiver<super::worker::Cycles>,
     pub(super) stop: watch::Sender<bool>,
     pub(super) task: Option<JoinHandle<Result<()>>>,
 }
@@ -84,11 +84,14 @@ impl DaemonHandle {
     pub async fn caught_up(&self, position: u64) -> Result<()> {
         let mut progress = self.progress.clone();
         loop {
-            let checking = std::time::Instant::now();
+            let checking = Instant::now();
             let behind = self.behind(position as i64).await?;
-            // Each look reads every tenant's position: between looks, at least twice as long as
-            // one took, so waiting never takes more than a third of a connection from the work.
-            let pause = Ord::max(Duration::from_millis(100), checking.elapsed() * 2);
+            // Each look reads every tenant's position, so the next waits until this instance has
+            // nothing left to run up to `position` (its tenants are done: maybe all are), at
+            // least twice as long as this look took and at most ten times (other instances' work).
+            let took = checking.elapsed();
+            let (pause, longest) =
+                (Ord::max(Duration::from_millis(100), took * 2), Ord::max(Duration::from_secs(1), took * 10));
             if behind.is_empty() {
                 return Ok(());
             }
@@ -108,7 +111,9 @@ impl DaemonHandle {
                     reason: l.last_error.unwrap_or_default(),
                 });
             }
-            let _ = tokio::time::timeout(pause.saturating_sub(checking.elapsed()), progress.changed()).await;
+            tokio::time::sleep(pause.saturating_sub(checking.elapsed())).await;
+            let idle = progress.wait_for(|c| c.idle_at.is_some_and(|at| at >= position as i64));
+            let _ = tokio::time::timeout(longest.saturating_sub(checking.elapsed()), idle).await;
         }
     }
 
@@ -172,7 +177,7 @@ impl DaemonHandle {
         let tenants = self.tenants.as_ref();
         let (leases, instances, segments) =
             super::status::leases(&self.db, &self.subscriptions, tenants, self.retries).await?;
-        let cycles = *self.progress.borrow();
+        let cycles = self.progress.borrow().count;
         Ok(DaemonStatus { owner: self.owner.clone(), instances, cycles, leases, segments, wake_ups: self.wake_ups })
     }
 }

@@ -254,7 +254,7 @@ impl Daemon {
         tracing::info!(?wake_ups, "projection daemon starting");
         let owner = self.owner.unwrap_or_else(default_owner);
         limits::check_identifier("daemon owner", &owner, 40)?;
-        let (progress, progress_rx) = watch::channel(0);
+        let (progress, progress_rx) = watch::channel(worker::Cycles::default());
         let (stop, stop_rx) = watch::channel(false);
         let subscriptions: Vec<String> = self.projections.keys().cloned().collect();
         let projections = self.projections.clone();

@@ -26,7 +26,7 @@ use crate::projection::RunOptions;
 use crate::store::EventStore;
 
 /// Tenants of one projection projected in one transaction (sharing its batch size).
-const GROUP: usize = 128;
+const GROUP: usize = 512;
 
 /// The longest pause between lease rounds where no notification tells of hand-overs, so a
 /// gracefully stopped instance's work is taken over within a second.
@@ -47,8 +47,19 @@ pub(super) struct Worker {
     pub tenants: Option<BTreeSet<String>>,
     pub options: Options,
     pub owner: String,
-    /// Bumped after every cycle: what `caught_up` waits on.
-    pub progress: watch::Sender<u64>,
+    /// Told after every cycle: what `caught_up` waits on.
+    pub progress: watch::Sender<Cycles>,
+}
+
+/// What the loop tells after each cycle.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Cycles {
+    /// Cycles run so far.
+    pub count: u64,
+    /// When the last cycle left no tenant of this instance ready to run: the position up to
+    /// which every event was looked at (its tenants' events up to it are projected, or they
+    /// wait out a failure's backoff).
+    pub idle_at: Option<i64>,
 }
 
 /// The loop's state.
@@ -128,17 +139,18 @@ impl Worker {
                 next_balance = Instant::now() + Ord::min(every, self.options.renew_every);
             }
             let span = tracing::debug_span!("daemon_cycle", owner = self.owner);
-            let worked = match self.cycle(&mut state, head, &presence).instrument(span).await {
-                Ok(worked) => worked,
+            let (worked, idle) = match self.cycle(&mut state, head, &presence).instrument(span).await {
+                Ok(worked) => (worked, !state.held.values().any(Held::ready)),
                 Err(error) => {
                     tracing::warn!(%error, "daemon cycle failed; retrying");
-                    false
+                    (false, false)
                 }
             };
             if let Some(ready) = state.ready.take() {
                 let _ = ready.send(()); // (the first cycle failed: start anyway, it retries)
             }
-            self.progress.send_modify(|n| *n += 1);
+            let idle_at = state.scanned.filter(|_| idle && state.unscanned.is_empty());
+            self.progress.send_modify(|c| (c.count, c.idle_at) = (c.count + 1, idle_at));
             telemetry::coordination(&self.owner, state.held.len(), state.last_coordinated.elapsed());
             delay = if worked { self.options.poll_min } else { Ord::min(delay * 2, self.options.poll_max) };
             let sleep = Ord::min(delay, next_balance.saturating_duration_since(Instant::now()));
@@ -329,12 +341,21 @@ impl Worker {
             return Ok(false);
         }
         // Where the horizon is known, tenants of one projection run in groups, one
-        // transaction each; elsewhere (MySQL: a horizon per tenant) one by one.
+        // transaction each; elsewhere (MySQL: a horizon per tenant) one by one. A tenant that
+        // failed last time runs alone: were it to fail again, its group would not be run again
+        // tenant by tenant to find it.
         let group = if until.is_some() { GROUP } else { 1 };
         let mut jobs: Vec<(String, Vec<(String, Held)>)> = Vec::new();
         for ((subscription, tenant), held) in ready {
             match jobs.last_mut() {
-                Some((s, tenants)) if *s == subscription && tenants.len() < group => tenants.push((tenant, held)),
+                Some((s, tenants))
+                    if *s == subscription
+                        && tenants.len() < group
+                        && held.failures == 0
+                        && tenants[0].1.failures == 0 =>
+                {
+                    tenants.push((tenant, held))
+                }
                 _ => jobs.push((subscription, vec![(tenant, held)])),
             }
         }
