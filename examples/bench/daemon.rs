@@ -54,7 +54,7 @@ pub async fn lag(args: &Args, run: &str, notifications: bool) -> Res {
     while daemon.status().await?.held() < tenants.len() && Instant::now() < warm {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let lag = follow(args, &[run.clone()], &tenants, args.lag_rate, args.lag_seconds).await?;
+    let lag = follow(args, std::slice::from_ref(&run), &tenants, args.lag_rate, args.lag_seconds).await?;
     println!("{}", lag.line(name, args.lag_seconds));
     daemon.stop().await?;
     Ok(())
@@ -63,6 +63,8 @@ pub async fn lag(args: &Args, run: &str, notifications: bool) -> Res {
 /// What [`follow`] measured.
 struct Lag {
     events: u64,
+    /// Appends refused as busy (SQLite past its one writer's capacity).
+    busy: u64,
     /// Milliseconds from an append's commit until every checkpoint covered it, sorted.
     latencies: Vec<f64>,
     /// Appends not seen projected by the end.
@@ -77,14 +79,15 @@ impl Lag {
             self.latencies.get((last * q).round() as usize).copied().unwrap_or(f64::NAN)
         };
         format!(
-            "{}\t{}\tevents\t{secs}.000\ts\t{}\tevents/s\tp50_ms={:.1}\tp99_ms={:.1}\tmax_ms={:.1}\tunseen={}",
+            "{}\t{}\tevents\t{secs}.000\ts\t{}\tevents/s\tp50_ms={:.1}\tp99_ms={:.1}\tmax_ms={:.1}\tunseen={}\tbusy={}",
             crate::label(name),
             self.events,
             (self.events as f64 / secs as f64).round(),
             at(0.5),
             at(0.99),
             at(1.0),
-            self.unseen
+            self.unseen,
+            self.busy
         )
     }
 }
@@ -107,19 +110,25 @@ async fn follow(args: &Args, subscriptions: &[String], tenants: &[String], rate:
                 let mut tick = tokio::time::interval(period);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut i = w;
-                let mut appended = 0u64;
+                let (mut appended, mut busy) = (0u64, 0u64);
                 while Instant::now() < deadline {
                     tick.tick().await;
                     // (A stride coprime with most counts: consecutive appends go to far-apart tenants.)
                     let t = (i * 7919) % tenants.len();
                     let options = AppendOptions::default().partition(&tenants[t]);
                     let stream = format!("cart-{}", i % 10);
-                    let done = writer.append_to_stream(&stream, [cart_event(1, 1)], options).await?;
-                    pending.lock().unwrap().push((t, done.last_event_global_position, Instant::now()));
                     i += writers;
-                    appended += 1;
+                    match writer.append_to_stream(&stream, [cart_event(1, 1)], options).await {
+                        Ok(done) => {
+                            pending.lock().unwrap().push((t, done.last_event_global_position, Instant::now()));
+                            appended += 1;
+                        }
+                        // An overloaded SQLite file: counted, not fatal.
+                        Err(emmett_seaorm::Error::Busy { .. }) => busy += 1,
+                        Err(error) => return Err(error),
+                    }
                 }
-                Ok::<_, emmett_seaorm::Error>(appended)
+                Ok::<_, emmett_seaorm::Error>((appended, busy))
             })
         })
         .collect();
@@ -168,13 +177,14 @@ async fn follow(args: &Args, subscriptions: &[String], tenants: &[String], rate:
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let mut events = 0;
+    let (mut events, mut busy) = (0, 0);
     for task in tasks {
-        events += task.await??;
+        let (appended, refused) = task.await??;
+        (events, busy) = (events + appended, busy + refused);
     }
     latencies.sort_by(f64::total_cmp);
     let unseen = pending.lock().unwrap().len();
-    Ok(Lag { events, latencies, unseen })
+    Ok(Lag { events, busy, latencies, unseen })
 }
 
 /// `takeover-kill` / `takeover-stop`: two instances share 12 tenants; one is killed (aborted,
