@@ -748,3 +748,26 @@ async fn commit(txn: Arc<DatabaseTransaction>) -> Result<()> {
     Arc::into_inner(txn).ok_or(Error::SessionStillInUse)?.commit().await?;
     Ok(())
 }
+
+#[cfg(all(test, feature = "sqlite"))]
+mod tests {
+    use super::*;
+    use crate::AppendOptions;
+
+    /// A group read of any number of tenants is one batch's read, on SQLite too (where one
+    /// `UNION ALL` of more than 500 parts is refused).
+    #[tokio::test]
+    async fn a_group_read_takes_any_number_of_tenants() {
+        let db = crate::testing::TestDatabase::at("sqlite::memory:").await;
+        let store = EventStore::new(db.connection().clone());
+        let tenants: Vec<String> = (0..700).map(|i| format!("t{i:03}")).collect();
+        for tenant in &tenants {
+            let noted = serde_json::json!({"type": "Noted", "data": {}});
+            store.append_to_stream("s", [noted], AppendOptions::default().partition(tenant)).await.expect("append");
+        }
+        let txn = backend::begin_write(store.executor()).await.expect("begin");
+        let reads: Vec<(&str, i64)> = tenants.iter().map(|t| (t.as_str(), 0)).collect();
+        let rows = read_partitions_after(&txn, &reads, i64::MAX, 16).await.expect("read");
+        assert_eq!(rows.len(), 700, "one event of each tenant");
+    }
+}
