@@ -45,6 +45,38 @@ pub enum Error {
         reason: String,
     },
 
+    /// A stored event could not be brought to the current version of its type by the store's
+    /// [`Upcasters`](crate::upcast::Upcasters): a version newer than the code knows, no step
+    /// from an older one, an upcaster that panicked, or a `message_schema_version` that is no
+    /// number.
+    #[error(
+        "cannot upcast stored event '{message_type}' version {version} at position {position} (global {global_position}) of stream '{stream}' in partition '{partition}': {reason}"
+    )]
+    Upcast {
+        /// The stream id.
+        stream: String,
+        /// The partition (tenant).
+        partition: String,
+        /// The event's stream position.
+        position: u64,
+        /// The event's global position.
+        global_position: u64,
+        /// The stored `message_type`.
+        message_type: String,
+        /// The stored `message_schema_version`.
+        version: String,
+        /// What went wrong.
+        reason: String,
+    },
+
+    /// [`EventStore::with_upcasters`](crate::EventStore::with_upcasters) refused an
+    /// inconsistent set of upcasters (a step registered twice, a gap in a chain).
+    #[error("invalid upcasters: {reason}")]
+    InvalidUpcasters {
+        /// What is inconsistent.
+        reason: String,
+    },
+
     /// A stored event could not be turned into the caller's event type: its type is unknown
     /// to the enum, or its data does not match.
     #[error(
@@ -356,9 +388,9 @@ impl Error {
     /// position to move a checkpoint to (`projections reset --to`) to skip that event.
     pub fn event_position(&self) -> Option<u64> {
         match self {
-            Error::Handler { global_position, .. } | Error::UndecodableEvent { global_position, .. } => {
-                Some(*global_position)
-            }
+            Error::Handler { global_position, .. }
+            | Error::UndecodableEvent { global_position, .. }
+            | Error::Upcast { global_position, .. } => Some(*global_position),
             Error::InlineProjection { source, .. } => source.event_position(),
             _ => None,
         }

@@ -5,6 +5,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+use crate::upcast::{RawEvent, Upcasters};
 
 /// A domain event: anything serde can turn into `{"type": string, "data": any}` and back.
 ///
@@ -88,6 +89,8 @@ pub(crate) struct StoredMessage {
     pub message_id: String,
     pub global_position: Option<i64>,
     pub created: DateTime<Utc>,
+    /// `message_schema_version`: the version of its type the event was written at.
+    pub schema_version: String,
     /// `message_data`, or why it is not JSON.
     pub data: Result<Value, String>,
     /// `message_metadata`, or why it is not JSON.
@@ -108,6 +111,7 @@ impl sea_orm::FromQueryResult for StoredMessage {
             message_id: row.try_get(pre, "message_id")?,
             global_position: row.try_get(pre, "global_position")?,
             created: row.try_get(pre, "created")?,
+            schema_version: row.try_get(pre, "message_schema_version")?,
             data: json("message_data")?,
             metadata: json("message_metadata")?,
         })
@@ -134,6 +138,46 @@ impl StoredMessage {
         rows.iter().map(|row| <Self as sea_orm::FromQueryResult>::from_query_result(row, "")).collect()
     }
 
+    /// The rows this row is at the current versions of its types (see [`crate::upcast`]): itself
+    /// when it is current, else one per event it becomes, each with this row's positions. A row
+    /// whose data is not JSON is left as it is, for [`decode`](Self::decode) to name.
+    pub(crate) fn upcast(self, upcasters: &Upcasters) -> Result<Vec<StoredMessage>> {
+        if upcasters.is_empty() {
+            return Ok(vec![self]);
+        }
+        let (Ok(data), Ok(metadata)) = (&self.data, &self.metadata) else { return Ok(vec![self]) };
+        let failed = |reason: String| Error::Upcast {
+            stream: self.stream_id.clone(),
+            partition: self.partition.clone(),
+            position: self.stream_position as u64,
+            global_position: self.global_position.unwrap_or(0) as u64,
+            message_type: self.message_type.clone(),
+            version: self.schema_version.clone(),
+            reason,
+        };
+        let version = crate::upcast::parse_version(&self.schema_version).map_err(failed)?;
+        if version == upcasters.current_version(&self.message_type) {
+            return Ok(vec![self]);
+        }
+        let raw = RawEvent {
+            message_type: self.message_type.clone(),
+            version,
+            data: data.clone(),
+            metadata: metadata.clone(),
+        };
+        let events = upcasters.upcast(raw).map_err(failed)?;
+        Ok(events
+            .into_iter()
+            .map(|e| StoredMessage {
+                message_type: e.message_type,
+                schema_version: e.version.to_string(),
+                data: Ok(e.data),
+                metadata: Ok(e.metadata),
+                ..self.clone()
+            })
+            .collect())
+    }
+
     /// Decodes the row into a [`RecordedEvent`], naming it precisely when it can't:
     /// [`Error::MalformedEvent`] for a row breaking the schema's rules,
     /// [`Error::UndecodableEvent`] for data that does not match `E`.
@@ -148,6 +192,7 @@ impl StoredMessage {
             created,
             data,
             metadata,
+            ..
         } = self;
         let position = stream_position as u64;
         let malformed = |reason: String| Error::MalformedEvent {

@@ -22,6 +22,7 @@ pub mod projection;
 pub mod schema;
 mod store;
 pub mod testing;
+pub mod upcast;
 
 /// The retry crate whose backoff [`CommandHandler::retry_on_conflict`] takes.
 pub use backon;

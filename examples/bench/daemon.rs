@@ -340,6 +340,17 @@ pub async fn idle(args: &Args, run: &str) -> Res {
     Ok(())
 }
 
+/// `name`, padded to `chars` characters (when longer) with what ids must survive: quotes,
+/// a backslash, `%`, `|`, spaces, non-ASCII letters and an emoji.
+fn tenant_name(name: &str, chars: usize) -> String {
+    let hostile = " ' \" %|; é日本 🦀 ";
+    let mut padded: String = name.to_owned();
+    while padded.chars().count() < chars {
+        padded.push(hostile.chars().nth(padded.chars().count() % hostile.chars().count()).expect("a char"));
+    }
+    padded
+}
+
 /// `daemon-tenants-<N>`: N tenants with one stream of 3 events each, `--tenant-projections`
 /// projections, one daemon finding the tenants itself. Catch-up from cold (pairs of projection
 /// and tenant per second), then idle for 10 s: rows read and written and commits per second on
@@ -350,7 +361,7 @@ pub async fn tenants_scale(args: &Args, run: &str, count: usize) -> Res {
     let name = format!("daemon-tenants-{count}");
     let run = format!("{run}-{name}");
     let store = EventStore::new(pool(args).await?);
-    let names: Vec<String> = (0..count).map(|i| format!("{run}-t{i:05}")).collect();
+    let names: Vec<String> = (0..count).map(|i| tenant_name(&format!("{run}-t{i:06}"), args.tenant_id_chars)).collect();
     let mut last = 0;
     for chunk in names.chunks(8) {
         let appends = chunk.iter().map(|t| {

@@ -104,6 +104,10 @@ struct Args {
     /// Projections of `daemon-tenants`.
     #[arg(long, default_value_t = 2)]
     tenant_projections: usize,
+    /// Length of the tenant ids of `daemon-tenants` (padded with quotes, `%`, `|`, spaces and
+    /// non-ASCII characters; 0: short plain ids).
+    #[arg(long, default_value_t = 0)]
+    tenant_id_chars: usize,
     /// Rates (events/s) of the lag phases of `daemon-tenants`.
     #[arg(long, value_delimiter = ',', default_value = "50,2000")]
     tenant_lag_rates: Vec<u64>,

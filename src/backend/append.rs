@@ -18,8 +18,7 @@ pub(crate) struct Append {
     pub stream_type: String,
     pub expected: ExpectedVersion,
     pub metadata: Value,
-    /// `(message_type, message_data, message_id)` per event.
-    pub events: Vec<(String, Value, String)>,
+    pub events: Vec<NewEvent>,
     /// PostgreSQL: wake listening projection daemons when the append commits
     /// (`NOTIFY emt_appends, '<partition>'`).
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
@@ -27,6 +26,15 @@ pub(crate) struct Append {
     /// Return the rows as stored (inline projections fold them), read by the append itself
     /// rather than by a query after it.
     pub returning_rows: bool,
+}
+
+/// An event to append, as stored.
+pub(crate) struct NewEvent {
+    pub message_type: String,
+    pub data: Value,
+    pub id: String,
+    /// The current version of its type (`message_schema_version`).
+    pub version: String,
 }
 
 /// The channel appends notify on PostgreSQL.
@@ -42,7 +50,7 @@ pub(crate) struct Appended {
 }
 
 /// The columns of a [`StoredMessage`].
-const STORED_COLUMNS: [messages::Column; 9] = [
+const STORED_COLUMNS: [messages::Column; 10] = [
     messages::Column::StreamId,
     messages::Column::StreamPosition,
     messages::Column::Partition,
@@ -52,6 +60,7 @@ const STORED_COLUMNS: [messages::Column; 9] = [
     messages::Column::Created,
     messages::Column::MessageData,
     messages::Column::MessageMetadata,
+    messages::Column::MessageSchemaVersion,
 ];
 
 /// Appends, or returns `None` when the expected version does not hold (nothing written).
@@ -77,10 +86,12 @@ async fn append_in_one_statement<C: ConnectionTrait>(conn: &C, a: &Append) -> Re
     let mut types = Vec::with_capacity(a.events.len());
     let mut data = Vec::with_capacity(a.events.len());
     let mut ids = Vec::with_capacity(a.events.len());
-    for (message_type, event_data, id) in &a.events {
-        types.push(message_type.clone());
-        data.push(event_data.to_string());
-        ids.push(id.clone());
+    let mut versions = Vec::with_capacity(a.events.len());
+    for event in &a.events {
+        types.push(event.message_type.clone());
+        data.push(event.data.to_string());
+        ids.push(event.id.clone());
+        versions.push(event.version.clone());
     }
     let mut values: Vec<sea_orm::Value> = vec![
         a.stream_id.as_str().into(),
@@ -90,9 +101,10 @@ async fn append_in_one_statement<C: ConnectionTrait>(conn: &C, a: &Append) -> Re
         data.into(),
         ids.into(),
         a.metadata.clone().into(),
+        versions.into(),
     ];
     let insert_stream = "INSERT INTO streams (stream_id, stream_position, partition, stream_type, stream_metadata)
-                         VALUES ($1, $3, $2, $8, '{}') ON CONFLICT (stream_id, partition, is_archived)";
+                         VALUES ($1, $3, $2, $9, '{}') ON CONFLICT (stream_id, partition, is_archived)";
     let update_stream = "UPDATE streams SET stream_position = stream_position + $3
                          WHERE stream_id = $1 AND partition = $2 AND is_archived = false";
     let stream_write = match a.expected {
@@ -107,7 +119,7 @@ async fn append_in_one_statement<C: ConnectionTrait>(conn: &C, a: &Append) -> Re
         ExpectedVersion::StreamExists => update_stream.to_owned(),
         ExpectedVersion::Exact(v) => {
             values.push((v as i64).into());
-            format!("{update_stream} AND stream_position = $8")
+            format!("{update_stream} AND stream_position = $9")
         }
     };
     // The last global position, or every row as stored; `version` is the stream's new version.
@@ -117,7 +129,8 @@ async fn append_in_one_statement<C: ConnectionTrait>(conn: &C, a: &Append) -> Re
             "SELECT st.stream_position AS version, (SELECT max(global_position) FROM ins) AS global_position",
         ),
         true => (
-            "stream_id, stream_position, partition, message_type, message_id, global_position, created, message_data, message_metadata",
+            "stream_id, stream_position, partition, message_type, message_id, global_position, created, message_data,
+             message_metadata, message_schema_version",
             "SELECT st.stream_position AS version, ins.*",
         ),
     };
@@ -126,8 +139,8 @@ async fn append_in_one_statement<C: ConnectionTrait>(conn: &C, a: &Append) -> Re
          ins AS (
            INSERT INTO messages (stream_id, stream_position, partition, message_data, message_metadata,
                                  message_schema_version, message_type, message_id)
-           SELECT $1, st.stream_position - $3 + e.ord, $2, e.d::jsonb, $7::jsonb, '1', e.t, e.i
-           FROM st, unnest($4::text[], $5::text[], $6::text[]) WITH ORDINALITY AS e(t, d, i, ord)
+           SELECT $1, st.stream_position - $3 + e.ord, $2, e.d::jsonb, $7::jsonb, e.v, e.t, e.i
+           FROM st, unnest($4::text[], $5::text[], $6::text[], $8::text[]) WITH ORDINALITY AS e(t, d, i, v, ord)
            RETURNING {returned})
          {select}{notify} FROM st{from_ins}",
         notify = if a.notify { format!(", (SELECT pg_notify('{APPENDS_CHANNEL}', $2)) AS n") } else { String::new() },
@@ -227,16 +240,16 @@ pub(crate) async fn append_steps(
     columns.extend(first_global.map(|_| messages::Column::GlobalPosition));
     let mut rows: Vec<Vec<SimpleExpr>> = Vec::with_capacity(total as usize);
     for (a, first) in &moved {
-        for (i, (message_type, data, id)) in a.events.iter().enumerate() {
+        for (i, event) in a.events.iter().enumerate() {
             rows.push(vec![
                 a.stream_id.as_str().into(),
                 (first + i as i64).into(),
                 a.partition.as_str().into(),
-                data.clone().into(),
+                event.data.clone().into(),
                 a.metadata.clone().into(),
-                "1".into(),
-                message_type.as_str().into(),
-                id.as_str().into(),
+                event.version.as_str().into(),
+                event.message_type.as_str().into(),
+                event.id.as_str().into(),
             ]);
         }
     }

@@ -30,7 +30,7 @@ use sea_orm::{DatabaseTransaction, DbBackend, DbErr, Statement, TransactionOptio
 
 #[cfg(feature = "postgres")]
 pub(crate) use append::APPENDS_CHANNEL;
-pub(crate) use append::{Append, Appended, append, append_steps};
+pub(crate) use append::{Append, Appended, NewEvent, append, append_steps};
 pub(crate) use failure::{is_retried, retry_policy};
 pub(crate) use horizon::{
     changes, global_horizon, head, horizon, index_order_only, last_position_upto, partition_heads, pending,

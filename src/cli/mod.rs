@@ -148,6 +148,9 @@ pub enum Streams {
         /// From this stream position on.
         #[arg(long, default_value_t = 1)]
         from: u64,
+        /// The rows as stored: no upcasting to the current versions of their types.
+        #[arg(long)]
+        raw: bool,
         /// `--json`.
         #[command(flatten)]
         json: JsonFlag,
@@ -302,6 +305,7 @@ pub enum CliError {
 #[derive(Default)]
 pub struct Projections {
     runners: BTreeMap<String, Runner>,
+    upcasters: crate::upcast::Upcasters,
 }
 
 /// A projection's runner on the store a command connects to.
@@ -319,6 +323,13 @@ impl Projections {
         let runner =
             move |store| Box::new(ProjectionRunner::shared(store, Arc::clone(&registry))) as Box<dyn Projector>;
         self.runners.insert(subscription_id.to_owned(), Box::new(runner));
+        self
+    }
+
+    /// The app's upcasters: `streams read`, `rebuild` and `catch-up` read events at the current
+    /// versions of their types (`streams read --raw` shows the rows as stored).
+    pub fn upcasters(mut self, upcasters: crate::upcast::Upcasters) -> Self {
+        self.upcasters = upcasters;
         self
     }
 
@@ -394,7 +405,8 @@ impl Command {
     }
 
     async fn run_on(self, db: &DatabaseConnection, projections: &Projections) -> Result<(), CliError> {
-        let store = EventStore::new(db.clone());
+        let raw = EventStore::new(db.clone());
+        let store = raw.clone().with_upcasters(projections.upcasters.clone())?;
         let conn = Conn::pool(db.clone());
         match self {
             Command::Migrate(m) => ops::migrate(db, m).await,
@@ -407,8 +419,8 @@ impl Command {
             Command::Streams(Streams::List { partition, stream_type, limit, json }) => {
                 ops::list_streams(&conn, partition, stream_type, limit, json).await
             }
-            Command::Streams(Streams::Read { stream, partition, from, json }) => {
-                ops::read_stream(&store, &stream, &partition, from, json).await
+            Command::Streams(Streams::Read { stream, partition, from, raw: as_stored, json }) => {
+                ops::read_stream(if as_stored { &raw } else { &store }, &stream, &partition, from, json).await
             }
             Command::Projections(ProjectionsCommand::Status(filter)) => ops::status(&conn, filter).await,
             Command::Projections(ProjectionsCommand::Retire { name, yes }) => ops::retire(&conn, &name, yes).await,

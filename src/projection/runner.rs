@@ -514,7 +514,8 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         Ok(Some((count, next)))
     }
 
-    /// The events of `rows` the registry handles, decoded. Another aggregate's events (types
+    /// The events of `rows` the registry handles, brought to the current versions of their
+    /// types and decoded (an [`Error::Upcast`] is undecodable too). Another aggregate's events (types
     /// the event enum doesn't know, in streams without a type it knows) are passed over unless
     /// a projection names their type; undecodable ones — an unknown type in a stream of the
     /// projection's own aggregate too (a variant renamed or removed) — fail the batch, or are
@@ -529,14 +530,20 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         let mut batch = Vec::with_capacity(rows.len());
         for row in rows {
             let global_position = row.global_position;
-            match self.registry.accept(row) {
-                Ok(Accepted::Event(event)) => batch.push(event),
-                Ok(Accepted::Passed) => {}
-                Ok(Accepted::Unknown(err)) if !self.own_streams.holds(txn, &err).await? => {}
-                Ok(Accepted::Unknown(err)) | Err(err) if options.skip_undecodable => {
-                    skipped::record(txn, subscription, global_position, &err).await?
+            let accepted = match row.upcast(self.store.upcasters()) {
+                Ok(rows) => rows.into_iter().map(|row| self.registry.accept(row)).collect(),
+                Err(err) => vec![Err(err)],
+            };
+            for accepted in accepted {
+                match accepted {
+                    Ok(Accepted::Event(event)) => batch.push(event),
+                    Ok(Accepted::Passed) => {}
+                    Ok(Accepted::Unknown(err)) if !self.own_streams.holds(txn, &err).await? => {}
+                    Ok(Accepted::Unknown(err)) | Err(err) if options.skip_undecodable => {
+                        skipped::record(txn, subscription, global_position, &err).await?
+                    }
+                    Ok(Accepted::Unknown(err)) | Err(err) => return Err(err),
                 }
-                Ok(Accepted::Unknown(err)) | Err(err) => return Err(err),
             }
         }
         Ok(batch)
@@ -728,7 +735,7 @@ async fn read_partitions_lateral(
     use sea_orm::ConnectionTrait;
     let sql = "SELECT m.* FROM unnest($1::text[], $2::bigint[]) AS r(p, c) CROSS JOIN LATERAL (
                  SELECT stream_id, stream_position, partition, message_type, message_id, global_position,
-                        created, message_data, message_metadata
+                        created, message_data, message_metadata, message_schema_version
                  FROM messages WHERE partition = r.p AND is_archived = false
                    AND global_position > r.c AND global_position <= $3
                  ORDER BY global_position LIMIT $4) AS m";

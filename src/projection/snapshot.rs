@@ -294,19 +294,18 @@ where
         for (id, row) in rows.iter_mut() {
             // A rebuild folds every row again from the initial state.
             let stored = stored.remove(id).filter(|_| ctx.replay.is_none_or(|r| !r.first_time(&self.table, id)));
-            let (mut last_global, mut state) = match stored {
+            let (folded, mut state) = match stored {
                 Some((position, json)) => (position, self.decode(id, json)?),
                 None => (0, (self.initial_state)()),
             };
             if let Some(stream) = ctx.stream {
-                self.check_fed_by_one_stream(ctx, id, last_global, &row.events, stream).await?;
+                self.check_fed_by_one_stream(ctx, id, folded, &row.events, stream).await?;
             }
-            for &event in &row.events {
-                if event.global_position as i64 > last_global {
-                    state = catch(event, || (self.evolve)(state, &event.event))?;
-                    last_global = event.global_position as i64;
-                    row.last = Some(event);
-                }
+            // Events up to the snapshot's position are in it; the events one stored row became
+            // (an upcaster's split) share its position, so all of them are folded or none.
+            for &event in row.events.iter().filter(|e| e.global_position as i64 > folded) {
+                state = catch(event, || (self.evolve)(state, &event.event))?;
+                row.last = Some(event);
             }
             row.state = row.last.is_some().then_some(state);
         }

@@ -61,7 +61,8 @@ pub(crate) async fn record(
     err: &Error,
 ) -> crate::error::Result<()> {
     let (Error::UndecodableEvent { stream, partition, position, message_type, .. }
-    | Error::MalformedEvent { stream, partition, position, message_type, .. }) = err
+    | Error::MalformedEvent { stream, partition, position, message_type, .. }
+    | Error::Upcast { stream, partition, position, message_type, .. }) = err
     else {
         unreachable!("only undecodable events are skipped: {err}");
     };

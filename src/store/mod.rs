@@ -18,13 +18,14 @@ use serde_json::Value;
 
 pub use options::{AggregateStreamResult, AppendOptions, AppendResult, ReadOptions, ReadStreamResult};
 
-use crate::backend::{self, Append};
+use crate::backend::{self, Append, NewEvent};
 use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::event::{Event, RecordedEvent, StoredMessage, encode};
 use crate::expected_version::ExpectedVersion;
 use crate::limits::{self, MAX_IDENTIFIER_CHARS};
 use crate::schema::{DEFAULT_PARTITION, messages, streams};
+use crate::upcast::Upcasters;
 
 /// Events archived per statement by [`EventStore::archive_stream`].
 const ARCHIVE_CHUNK: i64 = 500;
@@ -72,6 +73,8 @@ pub struct EventStore {
     inline: inline::InlineProjections,
     /// SQLite: appends waiting to be committed together.
     group: Arc<group::GroupCommit>,
+    /// What brings stored events to the current versions of their types.
+    upcasters: Arc<Upcasters>,
 }
 
 /// How appends through a store (and its clones) wake projection daemons: in-process at once,
@@ -120,7 +123,42 @@ impl EventStore {
             last_notify: u64::MAX.into(),
             started: std::time::Instant::now(),
         };
-        Self { conn: Conn::pool(db), signals: Arc::new(signals), inline: Default::default(), group: Default::default() }
+        Self {
+            conn: Conn::pool(db),
+            signals: Arc::new(signals),
+            inline: Default::default(),
+            group: Default::default(),
+            upcasters: Default::default(),
+        }
+    }
+
+    /// This store with `upcasters`: every read through it (and its clones, sessions, runners
+    /// and daemons) brings stored events to the current versions of their types, and appends
+    /// write those versions. [`Error::InvalidUpcasters`] for an inconsistent set.
+    ///
+    /// ```
+    /// # async fn f(db: sea_orm::DatabaseConnection) -> emmett_seaorm::Result<()> {
+    /// use emmett_seaorm::EventStore;
+    /// use emmett_seaorm::upcast::{RawEvent, Upcasters};
+    ///
+    /// // `ItemAdded` v1 had `qty`; v2 calls it `quantity`.
+    /// let upcasters = Upcasters::new().step("ItemAdded", 1, |mut e: RawEvent| {
+    ///     let qty = e.data["qty"].take();
+    ///     e.data["quantity"] = qty;
+    ///     vec![e]
+    /// });
+    /// let store = EventStore::new(db).with_upcasters(upcasters)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn with_upcasters(mut self, upcasters: Upcasters) -> Result<Self> {
+        upcasters.check()?;
+        self.upcasters = Arc::new(upcasters);
+        Ok(self)
+    }
+
+    /// The store's upcasters.
+    pub fn upcasters(&self) -> &Upcasters {
+        &self.upcasters
     }
 
     /// Adds a projection run in every append's transaction ([`EventStore::inline`]).
@@ -212,7 +250,9 @@ impl EventStore {
                 if limits::holds_nul(&encoded.data) {
                     return Err(unstorable(index, "data"));
                 }
-                Ok((encoded.message_type, encoded.data, options.message_id(index)))
+                let version = self.upcasters.current_version(&encoded.message_type).to_string();
+                let (message_type, data, id) = (encoded.message_type, encoded.data, options.message_id(index));
+                Ok(NewEvent { message_type, data, id, version })
             })
             .collect::<Result<Vec<_>>>()?;
         if events.is_empty() {
@@ -314,7 +354,7 @@ impl EventStore {
     /// The result of `append` if its events are already stored (found by message id);
     /// [`Error::DuplicateMessage`] when their ids belong to other events.
     async fn find_appended(&self, append: &Append) -> Result<Option<backend::Appended>> {
-        let ids = append.events.iter().map(|(_, _, id)| id.as_str());
+        let ids = append.events.iter().map(|e| e.id.as_str());
         let rows = messages::Entity::find()
             .select_only()
             .columns([
@@ -363,7 +403,7 @@ impl EventStore {
         let to = options.to.map_or(version, |to| to.min(version));
         let events = match version {
             0 => Vec::new(),
-            _ => self.read_range(stream_id, partition, from, to, options.max_count).await?,
+            _ => self.read_range(stream_id, partition, from, to, options.max_count).await?.0,
         };
         Ok(ReadStreamResult { events, current_stream_version: version, stream_exists: version > 0 })
     }
@@ -389,11 +429,10 @@ impl EventStore {
         // At most `max_count` events, as `read_stream` returns.
         let mut left = options.max_count.unwrap_or(u64::MAX);
         while next <= to && left > 0 {
-            let page: Vec<RecordedEvent<E>> =
+            let (page, read): (Vec<RecordedEvent<E>>, _) =
                 self.read_range(stream_id, partition, next, to, Some(AGGREGATE_PAGE.min(left))).await?;
-            let Some(last) = page.last() else { break };
-            next = last.stream_position + 1;
-            left -= page.len() as u64;
+            let Some((rows, last)) = read else { break };
+            (next, left) = (last + 1, left - rows);
             state = page.iter().fold(state, |state, recorded| evolve(state, &recorded.event));
         }
         Ok(AggregateStreamResult { state, current_stream_version: version, stream_exists: version > 0 })
@@ -518,7 +557,8 @@ impl EventStore {
         }
     }
 
-    /// Events `from..=to` of a stream, at most `limit`.
+    /// Events `from..=to` of a stream from at most `limit` stored rows, at the current versions
+    /// of their types; with how many rows were read and the last one's position (`None`: none).
     async fn read_range<E: Event>(
         &self,
         stream_id: &str,
@@ -526,7 +566,7 @@ impl EventStore {
         from: u64,
         to: u64,
         limit: Option<u64>,
-    ) -> Result<Vec<RecordedEvent<E>>> {
+    ) -> Result<(Vec<RecordedEvent<E>>, Option<(u64, u64)>)> {
         let query = messages::Entity::find()
             .filter(messages::Column::StreamId.eq(stream_id))
             .filter(messages::Column::Partition.eq(partition))
@@ -536,7 +576,14 @@ impl EventStore {
             .limit(limit.map(|n| limits::clamp(n) as u64));
         let rows =
             reading(|| async { Ok(query.clone().into_model::<StoredMessage>().all(self.executor()).await?) }).await?;
-        rows.into_iter().map(StoredMessage::decode).collect()
+        let read = rows.last().map(|last| (rows.len() as u64, last.stream_position as u64));
+        let mut events = Vec::with_capacity(rows.len());
+        for row in rows {
+            for row in row.upcast(&self.upcasters)? {
+                events.push(row.decode()?);
+            }
+        }
+        Ok((events, read))
     }
 }
 

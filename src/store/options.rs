@@ -109,7 +109,8 @@ impl ReadOptions {
         self.to = Some(position);
         self
     }
-    /// At most this many events.
+    /// At most this many stored events (an event an [upcaster](crate::upcast) split counts
+    /// once, one it dropped too).
     pub fn max_count(mut self, count: u64) -> Self {
         self.max_count = Some(count);
         self
