@@ -50,7 +50,7 @@ pub enum Error {
     /// from an older one, an upcaster that panicked, or a `message_schema_version` that is no
     /// number.
     #[error(
-        "cannot upcast stored event '{message_type}' version {version} at position {position} (global {global_position}) of stream '{stream}' in partition '{partition}': {reason}"
+        "cannot upcast stored event '{message_type}' at position {position} (global {global_position}) of stream '{stream}' in partition '{partition}': {reason}"
     )]
     Upcast {
         /// The stream id.
@@ -63,8 +63,8 @@ pub enum Error {
         global_position: u64,
         /// The stored `message_type`.
         message_type: String,
-        /// The stored `message_schema_version`.
-        version: String,
+        /// The stored `message_schema_version` (`None`: not a number, the reason quotes it).
+        version: Option<u32>,
         /// What went wrong.
         reason: String,
     },

@@ -146,16 +146,16 @@ impl StoredMessage {
             return Ok(vec![self]);
         }
         let (Ok(data), Ok(metadata)) = (&self.data, &self.metadata) else { return Ok(vec![self]) };
-        let failed = |reason: String| Error::Upcast {
+        let failed = |version: Option<u32>, reason: String| Error::Upcast {
             stream: self.stream_id.clone(),
             partition: self.partition.clone(),
             position: self.stream_position as u64,
             global_position: self.global_position.unwrap_or(0) as u64,
             message_type: self.message_type.clone(),
-            version: self.schema_version.clone(),
+            version,
             reason,
         };
-        let version = crate::upcast::parse_version(&self.schema_version).map_err(failed)?;
+        let version = crate::upcast::parse_version(&self.schema_version).map_err(|reason| failed(None, reason))?;
         if version == upcasters.current_version(&self.message_type) {
             return Ok(vec![self]);
         }
@@ -165,7 +165,7 @@ impl StoredMessage {
             data: data.clone(),
             metadata: metadata.clone(),
         };
-        let events = upcasters.upcast(raw).map_err(failed)?;
+        let events = upcasters.upcast(raw).map_err(|reason| failed(Some(version), reason))?;
         Ok(events
             .into_iter()
             .map(|e| StoredMessage {
