@@ -30,6 +30,8 @@
 //!   projected by 1 and by 3 instances;
 //! - `idle` (PostgreSQL): transaction ids (`xids=`) and statements (`queries=`) of an idle daemon
 //!   over `--idle-seconds`;
+//! - `project-partition-upcast` (not in the default list): `project-partition` over events
+//!   stored one version behind their type's current one (one upcaster step each);
 //! - `daemon-tenants` (not in the default list): for each of `--tenant-counts` (100,10000), that
 //!   many tenants of 3 events × `--tenant-projections` (2), caught up from cold by one daemon
 //!   (pairs/s), then idle: rows read and written and commits per second (PostgreSQL), RSS, then
@@ -228,8 +230,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let done = runner.project_partition("carts-interleaved", options).await?;
                 report("project-interleaved", done.processed, started);
             }
-            "project-partition" => project_partition(&store, &args, &format!("{partition}-pp"), false).await?,
-            "project-partition-cold" => project_partition(&store, &args, &format!("{partition}-ppc"), true).await?,
+            "project-partition" => project_partition(&store, &args, &format!("{partition}-pp"), Mode::Warm).await?,
+            "project-partition-cold" => project_partition(&store, &args, &format!("{partition}-ppc"), Mode::Cold).await?,
+            "project-partition-upcast" => {
+                project_partition(&store, &args, &format!("{partition}-ppu"), Mode::Upcast).await?
+            }
             "append-n" => append_n(&store, &format!("{partition}-n")).await?,
             "daemon-lag" => daemon::lag(&args, &partition, true).await?,
             "daemon-lag-polling" => daemon::lag(&args, &partition, false).await?,
@@ -412,12 +417,41 @@ async fn project(store: &EventStore, args: &Args, partition: &str) -> Result<(),
     check_cart_0(store, partition, args.events_per_stream).await
 }
 
+/// How `project-partition` runs.
+#[derive(PartialEq)]
+enum Mode {
+    /// Statistics up to date.
+    Warm,
+    /// No statistics for the tenant's fresh partition.
+    Cold,
+    /// Warm, every event stored one version behind its type's current one: one upcaster step each.
+    Upcast,
+}
+
+/// The cart events' step from version 1 to 2: `price` moved into `unitPrice` and back (a
+/// field renamed, at the cost of a real one).
+fn cart_upcasters() -> emmett_seaorm::upcast::Upcasters {
+    use emmett_seaorm::upcast::{RawEvent, Upcasters};
+    let step = |mut e: RawEvent| {
+        if let Some(data) = e.data.as_object_mut()
+            && let Some(price) = data.remove("price")
+        {
+            data.insert("unitPrice".into(), price);
+            let unit = data.remove("unitPrice").expect("just set");
+            data.insert("price".into(), unit);
+        }
+        vec![e]
+    };
+    Upcasters::new().step("CartCreated", 1, step).step("ItemAdded", 1, step)
+}
+
 async fn project_partition(
     store: &EventStore,
     args: &Args,
     partition: &str,
-    cold: bool,
+    mode: Mode,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    let cold = mode == Mode::Cold;
     let streams = args.partition_events / 10;
     store.create_partition(partition).await?; // what a PostgreSQL tenant gets in production
     let postgres = store.get_database_backend() == sea_orm::DbBackend::Postgres;
@@ -440,12 +474,21 @@ async fn project_partition(
         // Autovacuum's job after a bulk load.
         store.execute_unprepared("ANALYZE messages").await?;
     }
-    let runner = ProjectionRunner::new(store.clone(), carts_projection("bench_carts"));
+    let reader = match mode {
+        Mode::Upcast => store.clone().with_upcasters(cart_upcasters())?,
+        _ => store.clone(),
+    };
+    let runner = ProjectionRunner::new(reader, carts_projection("bench_carts"));
     let started = Instant::now();
     let done = runner
         .project_partition("carts-partition", RunOptions::default().partition(partition).batch_size(args.batch_size))
         .await?;
-    report(if cold { "project-partition-cold" } else { "project-partition" }, done.processed, started);
+    let name = match mode {
+        Mode::Warm => "project-partition",
+        Mode::Cold => "project-partition-cold",
+        Mode::Upcast => "project-partition-upcast",
+    };
+    report(name, done.processed, started);
     assert_eq!(done.processed, streams * 10);
     check_cart_0(store, partition, 10).await
 }
