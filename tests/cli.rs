@@ -264,11 +264,58 @@ async fn a_rebuild_while_appends_go_on_ends_equal_to_the_fold(db: TestDb) {
     assert_eq!(balances::rows(&db.db).await, balances::folded(&store).await);
 }
 
+/// `streams types` counts the stored rows per tenant, type and version; an app's mounted
+/// commands read through its upcasters, and `streams read --raw` reads the rows as stored.
+async fn event_types_and_versions_are_listed_and_reads_upcast(db: TestDb) {
+    let store = db.store();
+    let t1 = AppendOptions::default().partition("t1");
+    store
+        .append_to_stream("acc-1", [Ev::Opened { owner: "ann".into() }, Ev::Deposited { amount: 5 }], t1.clone())
+        .await
+        .unwrap();
+    let v2 = db.store().with_upcasters(emmett_seaorm::upcast::Upcasters::new().current("Deposited", 2)).unwrap();
+    v2.append_to_stream("acc-1", [Ev::Deposited { amount: 6 }], t1.clone()).await.unwrap();
+    store.append_to_stream("acc-9", [Ev::Closed], AppendOptions::default().partition("t2")).await.unwrap();
+    let types = json_lines(&ok(cli(&db, &["streams", "types", "--json"])));
+    let rows: Vec<(&str, &str, &str, i64, i64)> = types
+        .iter()
+        .map(|t| {
+            let text = |k: &str| t[k].as_str().unwrap();
+            (
+                text("partition"),
+                text("type"),
+                text("version"),
+                t["count"].as_i64().unwrap(),
+                t["current"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("t1", "Deposited", "1", 1, 1),
+            ("t1", "Deposited", "2", 1, 1),
+            ("t1", "Opened", "1", 1, 1),
+            ("t2", "Closed", "1", 1, 1)
+        ]
+    );
+    assert_eq!(json_lines(&ok(cli(&db, &["streams", "types", "--partition", "t2", "--json"]))).len(), 1);
+    // The app's binary: an upcaster that can't handle the old deposits fails the read, by name;
+    // `--raw` reads the rows as stored.
+    let broken = emmett_seaorm::upcast::Upcasters::new().step("Deposited", 1, |_| panic!("no old deposits"));
+    let projections = Projections::new().upcasters(broken);
+    let run = |args: &[&str]| App::try_parse_from(["app"].iter().chain(args)).expect("arguments").ops;
+    let read = run(&["streams", "read", "acc-1", "--partition", "t1"]).run(&db.url, &projections).await;
+    assert!(read.unwrap_err().to_string().contains("no old deposits"));
+    run(&["streams", "read", "acc-1", "--partition", "t1", "--raw"]).run(&db.url, &projections).await.expect("raw");
+}
+
 conformance!(
     migrations_report_apply_and_print_their_sql,
     streams_and_partitions_are_listed_and_read,
     projections_and_leases_show_what_the_daemons_do,
     a_rebuild_while_appends_go_on_ends_equal_to_the_fold,
+    event_types_and_versions_are_listed_and_reads_upcast,
 );
 
 #[test]

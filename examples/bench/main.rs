@@ -231,7 +231,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 report("project-interleaved", done.processed, started);
             }
             "project-partition" => project_partition(&store, &args, &format!("{partition}-pp"), Mode::Warm).await?,
-            "project-partition-cold" => project_partition(&store, &args, &format!("{partition}-ppc"), Mode::Cold).await?,
+            "project-partition-cold" => {
+                project_partition(&store, &args, &format!("{partition}-ppc"), Mode::Cold).await?
+            }
             "project-partition-upcast" => {
                 project_partition(&store, &args, &format!("{partition}-ppu"), Mode::Upcast).await?
             }

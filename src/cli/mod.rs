@@ -138,6 +138,17 @@ pub enum Streams {
         #[command(flatten)]
         json: JsonFlag,
     },
+    /// The event types stored, at each version, per tenant: how many rows each, and the version
+    /// this binary's upcasters bring them to (a version no row has any more can lose its
+    /// upcaster).
+    Types {
+        /// Only this tenant.
+        #[arg(long)]
+        partition: Option<String>,
+        /// `--json`.
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// A stream's events.
     Read {
         /// The stream id.
@@ -418,6 +429,9 @@ impl Command {
             Command::Partitions(Partitions::List(flag)) => ops::partitions(&conn, flag).await,
             Command::Streams(Streams::List { partition, stream_type, limit, json }) => {
                 ops::list_streams(&conn, partition, stream_type, limit, json).await
+            }
+            Command::Streams(Streams::Types { partition, json }) => {
+                ops::event_types(&conn, store.upcasters(), partition, json).await
             }
             Command::Streams(Streams::Read { stream, partition, from, raw: as_stored, json }) => {
                 ops::read_stream(if as_stored { &raw } else { &store }, &stream, &partition, from, json).await

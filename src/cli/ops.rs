@@ -10,8 +10,9 @@ use super::report::{self, Table};
 use super::{CliError, JsonFlag, Migrate, StatusFilter};
 use crate::conn::Conn;
 use crate::migrations::{self, Change};
-use crate::schema::{skipped_events, streams, subscriptions};
+use crate::schema::{messages, skipped_events, streams, subscriptions};
 use crate::store::{EventStore, ReadOptions};
+use crate::upcast::Upcasters;
 use crate::{backend, daemon};
 
 pub(super) async fn migrate(db: &sea_orm::DatabaseConnection, command: Migrate) -> Result<(), CliError> {
@@ -90,6 +91,41 @@ pub(super) async fn list_streams(
     for s in rows {
         table.record(json!({
             "partition": s.partition, "stream": s.stream_id, "type": s.stream_type, "version": s.stream_position,
+        }));
+    }
+    table.print();
+    Ok(())
+}
+
+pub(super) async fn event_types(
+    db: &Conn,
+    upcasters: &Upcasters,
+    partition: Option<String>,
+    flag: JsonFlag,
+) -> Result<(), CliError> {
+    use sea_orm::sea_query::{Expr, ExprTrait};
+    let mut query = messages::Entity::find().select_only().filter(messages::Column::IsArchived.eq(false));
+    if let Some(partition) = partition {
+        query = query.filter(messages::Column::Partition.eq(partition));
+    }
+    let columns = [messages::Column::Partition, messages::Column::MessageType, messages::Column::MessageSchemaVersion];
+    let rows: Vec<(String, String, String, i64)> = query
+        .columns(columns)
+        .column_as(Expr::col(messages::Column::GlobalPosition).count(), "count")
+        .group_by(messages::Column::Partition)
+        .group_by(messages::Column::MessageType)
+        .group_by(messages::Column::MessageSchemaVersion)
+        .order_by_asc(messages::Column::Partition)
+        .order_by_asc(messages::Column::MessageType)
+        .order_by_asc(messages::Column::MessageSchemaVersion)
+        .into_tuple()
+        .all(db)
+        .await?;
+    let mut table = Table::new(["partition", "type", "version", "count", "current"]).json(flag.json);
+    for (partition, message_type, version, count) in rows {
+        let current = upcasters.current_version(&message_type);
+        table.record(json!({
+            "partition": partition, "type": message_type, "version": version, "count": count, "current": current,
         }));
     }
     table.print();
