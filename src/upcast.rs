@@ -60,6 +60,23 @@ pub struct RawEvent {
 }
 
 impl RawEvent {
+    /// Renames the field `from` of the data (an object) to `to`; nothing when it has none.
+    ///
+    /// ```
+    /// # use emmett_seaorm::upcast::RawEvent;
+    /// # use serde_json::json;
+    /// let mut e = RawEvent { message_type: "ItemAdded".into(), version: 1, data: json!({ "qty": 2 }), metadata: json!({}) };
+    /// e.rename_field("qty", "quantity");
+    /// assert_eq!(e.data, json!({ "quantity": 2 }));
+    /// ```
+    pub fn rename_field(&mut self, from: &str, to: &str) {
+        if let Some(data) = self.data.as_object_mut()
+            && let Some(value) = data.remove(from)
+        {
+            data.insert(to.to_owned(), value);
+        }
+    }
+
     /// Another event from this one: `message_type` with `data`, the same metadata (for a rename
     /// or a split).
     pub fn renamed(&self, message_type: impl Into<String>, data: Value) -> RawEvent {
@@ -245,6 +262,44 @@ mod tests {
         assert_eq!(up(raw("Noise", 1, json!({}))), []);
         assert_eq!(up(raw("Other", 1, json!({ "x": 1 }))), [raw("Other", 1, json!({ "x": 1 }))]);
         assert_eq!((u.current_version("Placed"), u.current_version("Other")), (3, 1));
+    }
+
+    /// The README's chain ("Changing an event").
+    #[test]
+    fn the_readme_chain_ends_at_the_current_shapes() {
+        let u = Upcasters::new()
+            .step("ItemAdded", 1, |mut e| {
+                e.rename_field("qty", "quantity");
+                vec![e]
+            })
+            .step("ItemAdded", 2, |mut e| {
+                let cents = e.data["price"].take();
+                e.data["price"] = json!({ "cents": cents, "currency": "EUR" });
+                vec![e]
+            })
+            .step("ItemReplaced", 1, |e| {
+                let sku = &e.data["sku"];
+                vec![
+                    e.renamed("ItemRemoved", json!({ "sku": sku })),
+                    e.renamed(
+                        "ItemAdded",
+                        json!({ "sku": e.data["new_sku"], "quantity": 1, "price": e.data["price"] }),
+                    ),
+                ]
+            })
+            .current("ItemRemoved", 2);
+        u.check().unwrap();
+        let old = raw("ItemAdded", 1, json!({ "sku": "a", "qty": 2, "price": 250 }));
+        let money = json!({ "cents": 250, "currency": "EUR" });
+        assert_eq!(u.upcast(old).unwrap(), [raw("ItemAdded", 3, json!({ "sku": "a", "quantity": 2, "price": money }))]);
+        let replaced = raw("ItemReplaced", 1, json!({ "sku": "a", "new_sku": "b", "price": 250 }));
+        assert_eq!(
+            u.upcast(replaced).unwrap(),
+            [
+                raw("ItemRemoved", 2, json!({ "sku": "a" })),
+                raw("ItemAdded", 3, json!({ "sku": "b", "quantity": 1, "price": money })),
+            ]
+        );
     }
 
     #[test]

@@ -49,8 +49,7 @@ struct Money {
 fn upcasters() -> Upcasters {
     Upcasters::new()
         .step("ItemAdded", 1, |mut e: RawEvent| {
-            let qty = e.data["qty"].take();
-            e.data = json!({ "sku": e.data["sku"], "quantity": qty });
+            e.rename_field("qty", "quantity");
             vec![e]
         })
         .step("ItemReplaced", 1, |e: RawEvent| {

@@ -143,8 +143,7 @@ impl EventStore {
     ///
     /// // `ItemAdded` v1 had `qty`; v2 calls it `quantity`.
     /// let upcasters = Upcasters::new().step("ItemAdded", 1, |mut e: RawEvent| {
-    ///     let qty = e.data["qty"].take();
-    ///     e.data["quantity"] = qty;
+    ///     e.rename_field("qty", "quantity");
     ///     vec![e]
     /// });
     /// let store = EventStore::new(db).with_upcasters(upcasters)?;
