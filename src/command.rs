@@ -2,12 +2,13 @@
 //! lost race.
 
 use backon::{ExponentialBuilder, Retryable};
+use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::expected_version::ExpectedVersion;
-use crate::store::{AppendOptions, EventStore, ReadOptions};
+use crate::store::{AppendOptions, EventStore, ReadOptions, SnapshotPolicy};
 
 /// The domain's `evolve`, boxed.
 type EvolveFn<S, E> = dyn Fn(S, &E) -> S + Send + Sync;
@@ -53,6 +54,15 @@ pub struct CommandHandler<S, E> {
     evolve: Box<EvolveFn<S, E>>,
     initial_state: Box<dyn Fn() -> S + Send + Sync>,
     retry: Option<ExponentialBuilder>,
+    snapshots: Option<Snapshots<S>>,
+}
+
+/// Aggregate snapshots of a handler: the policy, and the state's encoding (`S` is only required
+/// to be serde when snapshots are asked for).
+struct Snapshots<S> {
+    policy: SnapshotPolicy,
+    encode: Box<dyn Fn(&S) -> serde_json::Result<Value> + Send + Sync>,
+    decode: Box<dyn Fn(Value) -> serde_json::Result<S> + Send + Sync>,
 }
 
 /// What [`CommandHandler::handle`] did.
@@ -82,7 +92,7 @@ impl<S, E: Event> CommandHandler<S, E> {
         evolve: impl Fn(S, &E) -> S + Send + Sync + 'static,
         initial_state: impl Fn() -> S + Send + Sync + 'static,
     ) -> Self {
-        Self { evolve: Box::new(evolve), initial_state: Box::new(initial_state), retry: None }
+        Self { evolve: Box::new(evolve), initial_state: Box::new(initial_state), retry: None, snapshots: None }
     }
 
     /// On [`Error::ExpectedVersionConflict`], load the stream again and decide again, waiting as
@@ -90,6 +100,19 @@ impl<S, E: Event> CommandHandler<S, E> {
     /// ([`EventStore::with_session`]) nothing is retried: the caller retries the whole session.
     pub fn retry_on_conflict(mut self, backoff: ExponentialBuilder) -> Self {
         self.retry = Some(backoff);
+        self
+    }
+
+    /// Loads streams from their aggregate snapshots (see
+    /// [`EventStore::aggregate_stream_snapshotted`]) and stores a new one after a command once
+    /// `policy` says: a long-lived stream's commands fold only its tail.
+    pub fn snapshots(mut self, policy: SnapshotPolicy) -> Self
+    where
+        S: Serialize + DeserializeOwned,
+    {
+        let encode = Box::new(|state: &S| serde_json::to_value(state));
+        let decode = Box::new(|json: Value| serde_json::from_value(json));
+        self.snapshots = Some(Snapshots { policy, encode, decode });
         self
     }
 
@@ -145,8 +168,27 @@ impl<S, E: Event> CommandHandler<S, E> {
         if options.expected != ExpectedVersion::Any {
             read.expected = Some(options.expected);
         }
-        let loaded =
-            store.aggregate_stream(stream_id, &self.evolve, &self.initial_state, read).await.map_err(Failure::Store)?;
+        let (loaded, snapshot_at) = match &self.snapshots {
+            None => {
+                let loaded = store.aggregate_stream(stream_id, &self.evolve, &self.initial_state, read).await;
+                (loaded.map_err(Failure::Store)?, None)
+            }
+            Some(snapshots) => {
+                let decode = |json: &str| serde_json::from_str(json).ok().and_then(|v| (snapshots.decode)(v).ok());
+                let (_, done) = store
+                    .aggregate_from_snapshot(
+                        stream_id,
+                        &self.evolve,
+                        &self.initial_state,
+                        read,
+                        snapshots.policy,
+                        decode,
+                    )
+                    .await
+                    .map_err(Failure::Store)?;
+                (done.result, done.snapshot_at)
+            }
+        };
         let events: Vec<E> = decide(&loaded.state).map_err(Failure::Decide)?.into_iter().collect();
         let version = loaded.current_stream_version;
         if events.is_empty() {
@@ -167,6 +209,22 @@ impl<S, E: Event> CommandHandler<S, E> {
             .await
             .map_err(Failure::Store)?;
         let state = events.iter().fold(loaded.state, &self.evolve);
+        let version = appended.next_expected_stream_version;
+        if let (Some(snapshots), Some(at)) = (&self.snapshots, snapshot_at)
+            && EventStore::snapshot_due(snapshots.policy, at, version)
+        {
+            // A cache: the events are stored, so failing to store it fails nothing.
+            let partition = options.partition.as_deref().unwrap_or(crate::DEFAULT_PARTITION);
+            let saved = match (snapshots.encode)(&state) {
+                Ok(json) => {
+                    store.save_snapshot(partition, stream_id, json.to_string(), version, snapshots.policy).await
+                }
+                Err(err) => Err(err.into()),
+            };
+            if let Err(error) = saved {
+                tracing::warn!(stream = stream_id, partition, %error, "storing the aggregate snapshot failed");
+            }
+        }
         Ok(Handled {
             state,
             events,

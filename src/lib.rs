@@ -37,4 +37,6 @@ pub use expected_version::ExpectedVersion;
 pub use limits::{MAX_IDENTIFIER_CHARS, MAX_SNAPSHOT_ID_CHARS};
 pub use migrations::{Migrator, migrate};
 pub use schema::DEFAULT_PARTITION;
-pub use store::{AggregateStreamResult, AppendOptions, AppendResult, EventStore, ReadOptions, ReadStreamResult};
+pub use store::{
+    AggregateStreamResult, AppendOptions, AppendResult, EventStore, ReadOptions, ReadStreamResult, SnapshotPolicy,
+};

@@ -136,6 +136,31 @@ impl MigrationTrait for M20261206000001CreateDaemonSegments {
     }
 }
 
+/// Creates `emt_aggregate_snapshots`: a stream's folded state at a position, so aggregating a
+/// long stream folds only its tail.
+pub struct M20261207000001CreateAggregateSnapshots;
+
+impl M20261207000001CreateAggregateSnapshots {
+    const NAME: &str = "m20261207_000001_create_aggregate_snapshots";
+}
+
+impl MigrationName for M20261207000001CreateAggregateSnapshots {
+    fn name(&self) -> &str {
+        Self::NAME
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M20261207000001CreateAggregateSnapshots {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        run(manager, up_sql(self.name(), manager.get_connection()).await?).await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        backend::aggregates::drop_aggregate_snapshots(manager.get_connection()).await
+    }
+}
+
 /// Runs `statements` in order.
 async fn run(manager: &SchemaManager<'_>, statements: Vec<String>) -> Result<(), DbErr> {
     for statement in statements {
@@ -156,6 +181,7 @@ async fn up_sql(name: &str, db: &impl ConnectionTrait) -> Result<Vec<String>, Db
         M20261128000002CreateDaemonLeases::NAME => backend::create_lease_tables(db).await,
         M20261128000003IndexLeaseOwners::NAME => backend::create_owner_index(db).await,
         M20261206000001CreateDaemonSegments::NAME => backend::create_segment_table(db).await,
+        M20261207000001CreateAggregateSnapshots::NAME => backend::aggregates::create_aggregate_snapshots(db).await,
         other => Err(DbErr::Migration(format!("no migration named {other}"))),
     }
 }
@@ -234,6 +260,7 @@ impl MigratorTrait for Migrator {
             Box::new(M20261128000002CreateDaemonLeases),
             Box::new(M20261128000003IndexLeaseOwners),
             Box::new(M20261206000001CreateDaemonSegments),
+            Box::new(M20261207000001CreateAggregateSnapshots),
         ]
     }
 

@@ -14,10 +14,12 @@
 //!   for on SQLite.
 //!
 //! One file per concern: [`schema`] (DDL, migrations, partitions, the catalog), [`append`],
+//! [`aggregates`] (aggregate snapshots),
 //! [`horizon`], [`locks`] (projection batches), [`leases`] and [`segments`] (the daemon's
 //! coordination) and
 //! [`failure`] (what an error code means).
 
+pub(crate) mod aggregates;
 mod append;
 mod failure;
 mod horizon;

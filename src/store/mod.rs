@@ -1,5 +1,6 @@
 //! The event store: append with optimistic concurrency, read, aggregate, sessions, archive.
 
+mod aggregate;
 mod group;
 pub(crate) mod inline;
 mod options;
@@ -16,6 +17,7 @@ use sea_orm::{
 };
 use serde_json::Value;
 
+pub use aggregate::SnapshotPolicy;
 pub use options::{AggregateStreamResult, AppendOptions, AppendResult, ReadOptions, ReadStreamResult};
 
 use crate::backend::{self, Append, NewEvent};
@@ -423,10 +425,25 @@ impl EventStore {
         let version = self.stream_version(stream_id, partition).await?;
         check_expected(stream_id, partition, options.expected, version)?;
         let to = options.to.map_or(version, |to| to.min(version));
-        let mut state = initial_state();
-        let mut next = options.from.unwrap_or(1).max(1);
+        let from = options.from.unwrap_or(1).max(1);
         // At most `max_count` events, as `read_stream` returns.
-        let mut left = options.max_count.unwrap_or(u64::MAX);
+        let left = options.max_count.unwrap_or(u64::MAX);
+        let state = self.fold_range(stream_id, partition, initial_state(), &evolve, from, to, left).await?;
+        Ok(AggregateStreamResult { state, current_stream_version: version, stream_exists: version > 0 })
+    }
+
+    /// Folds stream positions `from..=to` (at most `left` stored rows) into `state`, page by page.
+    #[allow(clippy::too_many_arguments)] // (the stream, the fold, the range: all distinct)
+    async fn fold_range<E: Event, S>(
+        &self,
+        stream_id: &str,
+        partition: &str,
+        mut state: S,
+        evolve: &impl Fn(S, &E) -> S,
+        mut next: u64,
+        to: u64,
+        mut left: u64,
+    ) -> Result<S> {
         while next <= to && left > 0 {
             let (page, read): (Vec<RecordedEvent<E>>, _) =
                 self.read_range(stream_id, partition, next, to, Some(AGGREGATE_PAGE.min(left))).await?;
@@ -434,7 +451,7 @@ impl EventStore {
             (next, left) = (last + 1, left - rows);
             state = page.iter().fold(state, |state, recorded| evolve(state, &recorded.event));
         }
-        Ok(AggregateStreamResult { state, current_stream_version: version, stream_exists: version > 0 })
+        Ok(state)
     }
 
     /// Whether the stream exists (and is not archived) in `partition`.
@@ -482,6 +499,8 @@ impl EventStore {
                 .await?;
             first = last + 1;
         }
+        // Its aggregate snapshot goes with it: a stream of the same id starts again from scratch.
+        backend::aggregates::forget(&txn, partition, stream_id).await?;
         let done = archived.is_some();
         txn.commit().await?;
         Ok(done)
