@@ -61,9 +61,13 @@ pub struct CommandHandler<S, E> {
 /// to be serde when snapshots are asked for).
 struct Snapshots<S> {
     policy: SnapshotPolicy,
-    encode: Box<dyn Fn(&S) -> serde_json::Result<Value> + Send + Sync>,
-    decode: Box<dyn Fn(Value) -> serde_json::Result<S> + Send + Sync>,
+    encode: Box<EncodeFn<S>>,
+    decode: Box<DecodeFn<S>>,
 }
+
+/// A state to JSON, and back.
+type EncodeFn<S> = dyn Fn(&S) -> serde_json::Result<Value> + Send + Sync;
+type DecodeFn<S> = dyn Fn(Value) -> serde_json::Result<S> + Send + Sync;
 
 /// What [`CommandHandler::handle`] did.
 #[derive(Debug, Clone, PartialEq)]

@@ -82,7 +82,7 @@ async fn stale_or_broken_snapshots_are_never_trusted(db: TestDb) {
         .aggregate_stream_snapshotted("acc", balance(&calls), || 0, options(), SnapshotPolicy::every(100))
         .await
         .unwrap();
-    let mut fold_with = async |policy: SnapshotPolicy| {
+    let fold_with = async |policy: SnapshotPolicy| {
         calls.store(0, Ordering::SeqCst);
         let done = store.aggregate_stream_snapshotted("acc", balance(&calls), || 0, options(), policy).await.unwrap();
         (done.state, calls.load(Ordering::SeqCst))

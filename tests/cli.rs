@@ -49,9 +49,9 @@ fn json_lines(stdout: &str) -> Vec<Value> {
 
 async fn migrations_report_apply_and_print_their_sql(db: TestDb) {
     let status = ok(cli(&db, &["migrate", "status"]));
-    assert_eq!(status.matches("applied").count(), 5, "{status}");
+    assert_eq!(status.matches("applied").count(), 6, "{status}");
     assert!(ok(cli(&db, &["migrate", "sql"])).contains("no pending migrations"));
-    ok(cli(&db, &["migrate", "down", "--steps", "3"]));
+    ok(cli(&db, &["migrate", "down", "--steps", "4"]));
     let status = ok(cli(&db, &["migrate", "status"]));
     let line = status.lines().find(|l| l.starts_with("m20261128_000002_create_daemon_leases")).unwrap_or_default();
     assert!(line.ends_with(" pending"), "{status}");
@@ -69,7 +69,7 @@ async fn migrations_report_apply_and_print_their_sql(db: TestDb) {
         db.db.execute_unprepared(&statement).await.unwrap_or_else(|e| panic!("{e}: {statement}"));
     }
     ok(cli(&db, &["migrate", "up"]));
-    assert_eq!(ok(cli(&db, &["migrate", "status"])).matches("applied").count(), 5);
+    assert_eq!(ok(cli(&db, &["migrate", "status"])).matches("applied").count(), 6);
     assert!(failed(cli(&db, &["migrate", "fresh"])).contains("--yes"));
 }
 

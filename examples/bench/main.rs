@@ -30,6 +30,10 @@
 //!   projected by 1 and by 3 instances;
 //! - `idle` (PostgreSQL): transaction ids (`xids=`) and statements (`queries=`) of an idle daemon
 //!   over `--idle-seconds`;
+//! - `aggregate-1m` (not in the default list): folds a stream of `--aggregate-events`
+//!   (1,000,000), then `aggregate-1m-snapshot` from a snapshot 50 events before its end;
+//! - `command` / `command-snapshot` (not in the default list): `--commands` (4,000) single-event
+//!   commands by 8 callers over 8 streams, without and with snapshots every 100 events;
 //! - `project-partition-upcast` (not in the default list): `project-partition` over events
 //!   stored one version behind their type's current one (one upcaster step each);
 //! - `daemon-tenants` (not in the default list): for each of `--tenant-counts` (100,10000), that
@@ -40,6 +44,7 @@
 //!
 //! Each run writes to partitions of its own, so runs can repeat on one database.
 
+mod aggregates;
 mod daemon;
 
 use std::sync::Arc;
@@ -100,6 +105,12 @@ struct Args {
     /// Duration of `idle`.
     #[arg(long, default_value_t = 60)]
     idle_seconds: u64,
+    /// Events of the stream `aggregate-1m` folds.
+    #[arg(long, default_value_t = 1_000_000)]
+    aggregate_events: u64,
+    /// Commands of `command` / `command-snapshot`.
+    #[arg(long, default_value_t = 4_000)]
+    commands: u64,
     /// Tenant counts of `daemon-tenants`, each measured in turn in the same run.
     #[arg(long, value_delimiter = ',', default_value = "100,10000")]
     tenant_counts: Vec<usize>,
@@ -248,6 +259,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 daemon::scale(&args, &partition, 3, &tenants).await?;
             }
             "idle" => daemon::idle(&args, &partition).await?,
+            "aggregate-1m" => {
+                aggregates::long_stream(&store, &format!("{partition}-agg"), args.aggregate_events).await?
+            }
+            // (Fresh streams each time: a command folds its stream, which grows.)
+            "command" | "command-snapshot" => {
+                let run = format!("{partition}-{}", uuid::Uuid::now_v7().simple());
+                aggregates::commands(&store, &run, args.commands, workload == "command-snapshot").await?
+            }
             "daemon-tenants" => {
                 for &count in &args.tenant_counts {
                     daemon::tenants_scale(&args, &partition, count).await?;

@@ -41,24 +41,34 @@ pub(crate) struct StoredSnapshot {
     pub state: String,
 }
 
-/// The snapshot of a stream, if one is stored.
+/// The stream's version (0: none) and its snapshot, if one is stored: one statement, so loading
+/// from a snapshot costs no round trip more than an aggregate without.
 pub(crate) async fn load(
     conn: &impl ConnectionTrait,
     partition: &str,
     stream_id: &str,
-) -> Result<Option<StoredSnapshot>, DbErr> {
-    let select = Query::select()
-        .columns([Alias::new("snapshot_version"), Alias::new("stream_position"), Alias::new("state")])
-        .from(Alias::new(TABLE))
-        .and_where(Expr::col(Alias::new("partition")).eq(partition))
-        .and_where(Expr::col(Alias::new("stream_id")).eq(stream_id))
-        .to_owned();
-    let Some(row) = conn.query_one(&select).await? else { return Ok(None) };
-    Ok(Some(StoredSnapshot {
-        version: row.try_get_by_index(0)?,
-        position: row.try_get_by_index(1)?,
-        state: row.try_get_by_index(2)?,
-    }))
+) -> Result<(u64, Option<StoredSnapshot>), DbErr> {
+    let backend = conn.get_database_backend();
+    let p = partition_column(backend);
+    let sql = format!(
+        "SELECT (SELECT s.stream_position FROM streams s
+                 WHERE s.stream_id = $1 AND s.{p} = $2 AND s.is_archived = false),
+                a.snapshot_version, a.stream_position, a.state
+         FROM (SELECT 1 AS one) AS o LEFT JOIN {TABLE} a ON a.{p} = $3 AND a.stream_id = $4"
+    );
+    let values = [stream_id.into(), partition.into(), partition.into(), stream_id.into()];
+    let row = conn.query_one_raw(super::statement(backend, &sql, values)).await?;
+    let Some(row) = row else { return Ok((0, None)) };
+    let version = Ord::max(row.try_get_by_index::<Option<i64>>(0)?.unwrap_or(0), 0) as u64;
+    let snapshot = match row.try_get_by_index::<Option<i64>>(1)? {
+        Some(snapshot_version) => Some(StoredSnapshot {
+            version: snapshot_version,
+            position: row.try_get_by_index(2)?,
+            state: row.try_get_by_index(3)?,
+        }),
+        None => None,
+    };
+    Ok((version, snapshot))
 }
 
 /// Stores (or replaces) the snapshot of a stream.

@@ -108,9 +108,9 @@ impl EventStore {
             return Ok((partition, Snapshotted { result, snapshot_at: None }));
         }
         check_stream(stream_id, &partition)?;
-        let version = self.stream_version(stream_id, &partition).await?;
+        let load = || async { Ok(aggregates::load(self.executor(), &partition, stream_id).await?) };
+        let (version, stored) = super::reading(load).await?;
         check_expected(stream_id, &partition, options.expected, version)?;
-        let stored = aggregates::load(self.executor(), &partition, stream_id).await?;
         let usable =
             stored.filter(|s| s.version == i64::from(policy.version) && (1..=version as i64).contains(&s.position));
         let (state, snapshot_at) = match usable.and_then(|s| Some((decode(&s.state)?, s.position))) {
