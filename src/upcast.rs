@@ -1,8 +1,9 @@
 //! Event schema evolution: upcasters turn events stored at an older version of their type into
 //! the current shapes, so `evolve` and handlers only ever see those.
 //!
-//! Each stored row carries the version of its type it was written at (`message_schema_version`;
-//! `1` for rows written before their type had versions, and by the TypeScript packages). An
+//! Each stored row carries the version of its type it was written at (`message_schema_version`:
+//! `v2`, `v3`, …; a row without the `v` — written before its type had versions, or by the
+//! TypeScript package, which stores the event's index in its append there — is at version 1). An
 //! upcaster is a step of one type from version `n` to `n + 1`: a pure function over the stored
 //! JSON that returns the events the row becomes — one (reshaped or renamed), several (a split) or
 //! none (a dropped type). Steps chain until every event is at its type's current version, and
@@ -220,9 +221,27 @@ impl Upcasters {
     }
 }
 
-/// Parses a stored `message_schema_version` (`"1"` for rows written before versions).
+/// How a version is stored in `message_schema_version`: `"1"` for version 1 (what this crate
+/// always wrote), `"v<n>"` from version 2 on. The TypeScript package writes the event's index
+/// in its append there (`"0"`, `"1"`, `"2"`, …), not a version: so only a `v` marks one, and
+/// anything else is version 1, the shape every writer used before versions.
+pub(crate) fn stored_version(version: u32) -> String {
+    match version {
+        1 => "1".to_owned(),
+        n => format!("v{n}"),
+    }
+}
+
+/// The version a stored `message_schema_version` means (see [`stored_version`]).
 pub(crate) fn parse_version(stored: &str) -> std::result::Result<u32, String> {
-    stored.trim().parse().map_err(|_| format!("message_schema_version '{stored}' is not a version number"))
+    match stored.strip_prefix('v') {
+        Some(number) => number
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("message_schema_version '{stored}' is not a version ('v' and a number from 1)")),
+        None => Ok(1),
+    }
 }
 
 #[cfg(test)]
@@ -310,6 +329,21 @@ mod tests {
         assert!(u.upcast(raw("Boom", 1, json!({}))).unwrap_err().contains("panicked: no"));
         let late = Upcasters::new().step("T", 2, |e| vec![e]);
         assert!(late.upcast(raw("T", 1, json!({}))).unwrap_err().contains("no upcaster of 'T' from version 1"));
+    }
+
+    #[test]
+    fn stored_versions_tell_versions_from_the_typescript_packages_indexes() {
+        for version in [1, 2, 17] {
+            assert_eq!(parse_version(&stored_version(version)), Ok(version));
+        }
+        assert_eq!(stored_version(2), "v2");
+        // Older rows and the TypeScript package's (the event's index in its append): version 1.
+        for stored in ["1", "0", "2", "15", ""] {
+            assert_eq!(parse_version(stored), Ok(1), "{stored}");
+        }
+        for bad in ["v", "v0", "vx", "v-1"] {
+            assert!(parse_version(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod common;
 use emmett_seaorm::projection::{
     ProjectionRegistry, ProjectionRunner, RunOptions, SnapshotProjection, construct_stream_id,
 };
+use emmett_seaorm::upcast::{RawEvent, Upcasters};
 use emmett_seaorm::{AppendOptions, EventStore, ExpectedVersion, ReadOptions, RecordedEvent, columns, keys};
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 use serde::{Deserialize, Serialize};
@@ -196,6 +197,53 @@ async fn round_trip(url: String, db: DatabaseConnection) {
     let expected = vec![("cart-rs".to_owned(), 9, 1012), ("cart-ts".to_owned(), 8, 516)];
     assert_eq!(rows(&db, "cart_daemon").await, expected);
     daemon.stop().await.unwrap();
+
+    // 5. A later release of ours turned `ItemAdded.price` into money. The TypeScript package
+    //    stores each event's index in its append as `message_schema_version` ("0", "1", "2"):
+    //    its rows are at version 1 and read at the new shape through the upcaster.
+    let sql = "SELECT DISTINCT message_schema_version FROM messages WHERE stream_id = 'cart-ts' ORDER BY 1";
+    let stored = db.query_all_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, sql)).await.unwrap();
+    let stored: Vec<String> = stored.iter().map(|r| r.try_get_by_index(0).unwrap()).collect();
+    assert!(stored.contains(&"0".to_owned()) && stored.contains(&"2".to_owned()), "indexes, not versions: {stored:?}");
+    let money = Upcasters::new().step("ItemAdded", 1, |mut e: RawEvent| {
+        let cents = e.data["price"].take();
+        e.data["price"] = json!({ "cents": cents, "currency": "EUR" });
+        vec![e]
+    });
+    let later = EventStore::new(db.clone()).with_upcasters(money).unwrap();
+    let read = later.read_stream::<CartV2>("cart-ts", ReadOptions::default().partition(TENANT)).await.unwrap();
+    let before = store.read_stream::<CartEvent>("cart-ts", ReadOptions::default().partition(TENANT)).await.unwrap();
+    assert_eq!(read.events.len(), before.events.len());
+    for (new, old) in read.events.iter().zip(&before.events) {
+        match (&new.event, &old.event) {
+            (CartV2::ItemAdded { price, .. }, CartEvent::ItemAdded { price: cents, .. }) => {
+                assert_eq!((price.cents, price.currency.as_str()), (*cents, "EUR"))
+            }
+            (CartV2::CartCreated { cart_id }, CartEvent::CartCreated { cart_id: old }) => assert_eq!(cart_id, old),
+            other => panic!("upcast changed the event's type: {other:?}"),
+        }
+    }
+}
+
+/// The cart events of a later release of ours: prices are money.
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[serde(tag = "type", content = "data")]
+enum CartV2 {
+    CartCreated {
+        #[serde(rename = "cartId")]
+        cart_id: String,
+    },
+    ItemAdded {
+        sku: String,
+        qty: i64,
+        price: Money,
+    },
+}
+
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+struct Money {
+    cents: i64,
+    currency: String,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -121,8 +121,14 @@ pub(super) async fn event_types(
         .into_tuple()
         .all(db)
         .await?;
+    // By the version each stored value means (the TypeScript package's indexes are version 1).
+    let mut counts: BTreeMap<(String, String, String), i64> = BTreeMap::new();
+    for (partition, message_type, stored, count) in rows {
+        let version = crate::upcast::parse_version(&stored).map_or(stored, |v| v.to_string());
+        *counts.entry((partition, message_type, version)).or_default() += count;
+    }
     let mut table = Table::new(["partition", "type", "version", "count", "current"]).json(flag.json);
-    for (partition, message_type, version, count) in rows {
+    for ((partition, message_type, version), count) in counts {
         let current = upcasters.current_version(&message_type);
         table.record(json!({
             "partition": partition, "type": message_type, "version": version, "count": count, "current": current,

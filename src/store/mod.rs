@@ -251,7 +251,7 @@ impl EventStore {
                 if limits::holds_nul(&encoded.data) {
                     return Err(unstorable(index, "data"));
                 }
-                let version = self.upcasters.current_version(&encoded.message_type).to_string();
+                let version = crate::upcast::stored_version(self.upcasters.current_version(&encoded.message_type));
                 let (message_type, data, id) = (encoded.message_type, encoded.data, options.message_id(index));
                 Ok(NewEvent { message_type, data, id, version })
             })
