@@ -332,16 +332,15 @@ async fn read_back(txn: &DatabaseTransaction, a: &Append, version: i64) -> Resul
 /// MySQL: share-locks the partition's row of `emt_partitions` (creating it the first time)
 /// until the append ends, before the append takes any global position. Appends share it;
 /// [`horizon`] takes it exclusively, so it waits for every append of the partition in flight.
+///
+/// One `INSERT IGNORE`: it inserts and locks the row, or share-locks the one there (InnoDB's
+/// lock on a duplicate key). A locking read first (`LOCK IN SHARE MODE`) share-locked the *gap*
+/// where a new tenant's row was missing, and the first appends of two new tenants in one gap
+/// then each waited for the other's gap lock to insert: a deadlock, again on every retry
+/// (`many_tenants_first_appends_at_once_all_succeed`).
 async fn enter_partition(txn: &DatabaseTransaction, partition: &str) -> Result<(), DbErr> {
-    let sql = |sql: &str| Statement::from_sql_and_values(DbBackend::MySql, sql, [partition.into()]);
-    let locked = txn
-        .query_one_raw(sql("SELECT 1 FROM emt_partitions WHERE `partition` = ? LOCK IN SHARE MODE"))
-        .await?
-        .is_some();
-    if !locked {
-        // Inserts and locks the row, or (when another append inserted it) share-locks it.
-        txn.execute_raw(sql("INSERT IGNORE INTO emt_partitions (`partition`) VALUES (?)")).await?;
-    }
+    let sql = "INSERT IGNORE INTO emt_partitions (`partition`) VALUES (?)";
+    txn.execute_raw(Statement::from_sql_and_values(DbBackend::MySql, sql, [partition.into()])).await?;
     Ok(())
 }
 
