@@ -186,8 +186,10 @@ impl Daemon {
         self
     }
 
-    /// How many groups of (projection, tenant) pairs (up to 128 tenants of one projection in one
-    /// transaction) run at once (default [`DEFAULT_CONCURRENCY`]).
+    /// How many groups of (projection, tenant) pairs (up to 512 tenants of one projection in one
+    /// transaction) run at once (default [`DEFAULT_CONCURRENCY`]). On SQLite one at a time
+    /// whatever this says: the file has one writer, and batches waiting on its lock starved the
+    /// app's appends past the busy timeout.
     pub fn concurrency(mut self, concurrency: usize) -> Self {
         self.options.concurrency = concurrency.max(1);
         self

@@ -359,6 +359,12 @@ impl Worker {
                 _ => jobs.push((subscription, vec![(tenant, held)])),
             }
         }
+        // SQLite has one writer: batches in parallel only queue on its lock, and more writers
+        // waiting on it starve the app's appends past the busy timeout.
+        let concurrency = match backend_kind {
+            DbBackend::Sqlite => 1,
+            _ => self.options.concurrency,
+        };
         let turns = futures::stream::iter(jobs)
             .map(|(subscription, tenants)| async move {
                 let began = Instant::now();
@@ -404,7 +410,7 @@ impl Worker {
                     .map(move |((tenant, held), turn)| ((subscription.clone(), tenant), held, turn))
                     .collect::<Vec<_>>()
             })
-            .buffer_unordered(self.options.concurrency);
+            .buffer_unordered(concurrency);
         // A long cycle (a catch-up) renews between turns: the instance is working, not hung.
         let mut turns = std::pin::pin!(turns);
         let mut results = Vec::new();
