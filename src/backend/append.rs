@@ -19,6 +19,8 @@ pub(crate) struct Append {
     pub expected: ExpectedVersion,
     pub metadata: Value,
     pub events: Vec<NewEvent>,
+    /// MySQL: whether the store has seen the partition's row (see `enter_partition`).
+    pub partition_known: bool,
     /// PostgreSQL: wake listening projection daemons when the append commits
     /// (`NOTIFY emt_appends, '<partition>'`).
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
@@ -195,9 +197,10 @@ pub(crate) async fn append_steps(
         return Ok(done);
     }
     if backend == DbBackend::MySql {
-        let partitions: std::collections::BTreeSet<&str> = appends.iter().map(|a| a.partition.as_str()).collect();
-        for partition in partitions {
-            enter_partition(txn, partition).await?;
+        let partitions: std::collections::BTreeMap<&str, bool> =
+            appends.iter().map(|a| (a.partition.as_str(), a.partition_known)).collect();
+        for (partition, known) in partitions {
+            enter_partition(txn, partition, known).await?;
         }
     }
     let mut versions = Vec::with_capacity(appends.len());
@@ -333,14 +336,22 @@ async fn read_back(txn: &DatabaseTransaction, a: &Append, version: i64) -> Resul
 /// until the append ends, before the append takes any global position. Appends share it;
 /// [`horizon`] takes it exclusively, so it waits for every append of the partition in flight.
 ///
-/// One `INSERT IGNORE`: it inserts and locks the row, or share-locks the one there (InnoDB's
-/// lock on a duplicate key). A locking read first (`LOCK IN SHARE MODE`) share-locked the *gap*
-/// where a new tenant's row was missing, and the first appends of two new tenants in one gap
-/// then each waited for the other's gap lock to insert: a deadlock, again on every retry
-/// (`many_tenants_first_appends_at_once_all_succeed`).
-async fn enter_partition(txn: &DatabaseTransaction, partition: &str) -> Result<(), DbErr> {
-    let sql = "INSERT IGNORE INTO emt_partitions (`partition`) VALUES (?)";
-    txn.execute_raw(Statement::from_sql_and_values(DbBackend::MySql, sql, [partition.into()])).await?;
+/// A partition the store has seen (`known`) is share-locked by a locking read (a record lock);
+/// another gets one `INSERT IGNORE`, which inserts and locks its row or share-locks the one
+/// there (InnoDB's lock on a duplicate key). A locking read of a *missing* row share-locks the
+/// gap where it would be, and the first appends of two new tenants in one gap then each waited
+/// for the other's gap lock to insert: a deadlock, again on every retry
+/// (`many_tenants_first_appends_at_once_all_succeed`). `INSERT IGNORE` on every append instead
+/// cost MariaDB's `append-1` 16%.
+async fn enter_partition(txn: &DatabaseTransaction, partition: &str, known: bool) -> Result<(), DbErr> {
+    let sql = |sql: &str| Statement::from_sql_and_values(DbBackend::MySql, sql, [partition.into()]);
+    if known {
+        let lock = "SELECT 1 FROM emt_partitions WHERE `partition` = ? LOCK IN SHARE MODE";
+        if txn.query_one_raw(sql(lock)).await?.is_some() {
+            return Ok(());
+        }
+    }
+    txn.execute_raw(sql("INSERT IGNORE INTO emt_partitions (`partition`) VALUES (?)")).await?;
     Ok(())
 }
 

@@ -77,6 +77,8 @@ pub struct EventStore {
     group: Arc<group::GroupCommit>,
     /// What brings stored events to the current versions of their types.
     upcasters: Arc<Upcasters>,
+    /// MySQL: the partitions whose rows appends through this store have seen.
+    known_partitions: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 /// How appends through a store (and its clones) wake projection daemons: in-process at once,
@@ -131,6 +133,7 @@ impl EventStore {
             inline: Default::default(),
             group: Default::default(),
             upcasters: Default::default(),
+            known_partitions: Default::default(),
         }
     }
 
@@ -275,6 +278,7 @@ impl EventStore {
             return Err(unstorable(0, "metadata"));
         }
         let notify = self.executor().get_database_backend() == DbBackend::Postgres && self.signals.notify_now();
+        let known = self.known_partitions.lock().expect("not poisoned").contains(partition);
         let append = Arc::new(Append {
             stream_id: stream_id.to_owned(),
             partition: partition.to_owned(),
@@ -282,10 +286,16 @@ impl EventStore {
             expected: options.expected,
             metadata,
             events,
+            partition_known: known,
             notify,
             returning_rows: !self.inline.is_empty(),
         });
         let appended = self.write(&append, options.idempotency_key.is_some()).await?;
+        // (Outside a session only: a session's rollback takes a new partition's row with it.)
+        let committed = matches!(self.conn, Conn::Pool { .. });
+        if !known && committed && appended.is_some() && self.executor().get_database_backend() == DbBackend::MySql {
+            self.known_partitions.lock().expect("not poisoned").insert(partition.to_owned());
+        }
         if let Some(done) = &appended {
             tracing::Span::current().record("events", count).record("position", done.last_global_position);
             if matches!(self.conn, Conn::Pool { .. }) {
