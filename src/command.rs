@@ -65,9 +65,9 @@ struct Snapshots<S> {
     decode: Box<DecodeFn<S>>,
 }
 
-/// A state to JSON, and back.
-type EncodeFn<S> = dyn Fn(&S) -> serde_json::Result<Value> + Send + Sync;
-type DecodeFn<S> = dyn Fn(Value) -> serde_json::Result<S> + Send + Sync;
+/// A state to JSON text, and back (what the snapshot table stores).
+type EncodeFn<S> = dyn Fn(&S) -> serde_json::Result<String> + Send + Sync;
+type DecodeFn<S> = dyn Fn(&str) -> serde_json::Result<S> + Send + Sync;
 
 /// What [`CommandHandler::handle`] did.
 #[derive(Debug, Clone, PartialEq)]
@@ -114,8 +114,8 @@ impl<S, E: Event> CommandHandler<S, E> {
     where
         S: Serialize + DeserializeOwned,
     {
-        let encode = Box::new(|state: &S| serde_json::to_value(state));
-        let decode = Box::new(|json: Value| serde_json::from_value(json));
+        let encode = Box::new(|state: &S| serde_json::to_string(state));
+        let decode = Box::new(|json: &str| serde_json::from_str(json));
         self.snapshots = Some(Snapshots { policy, encode, decode });
         self
     }
@@ -178,7 +178,7 @@ impl<S, E: Event> CommandHandler<S, E> {
                 (loaded.map_err(Failure::Store)?, None)
             }
             Some(snapshots) => {
-                let decode = |json: &str| serde_json::from_str(json).ok().and_then(|v| (snapshots.decode)(v).ok());
+                let decode = |json: &str| (snapshots.decode)(json).ok();
                 let (_, done) = store
                     .aggregate_from_snapshot(
                         stream_id,
@@ -220,9 +220,7 @@ impl<S, E: Event> CommandHandler<S, E> {
             // A cache: the events are stored, so failing to store it fails nothing.
             let partition = options.partition.as_deref().unwrap_or(crate::DEFAULT_PARTITION);
             let saved = match (snapshots.encode)(&state) {
-                Ok(json) => {
-                    store.save_snapshot(partition, stream_id, json.to_string(), version, snapshots.policy).await
-                }
+                Ok(json) => store.save_snapshot(partition, stream_id, json, version, snapshots.policy).await,
                 Err(err) => Err(err.into()),
             };
             if let Err(error) = saved {
