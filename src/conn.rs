@@ -7,8 +7,10 @@
 //! writes the statement's values into its SQL (sea-query's escaping, as `Statement`'s `Display`
 //! does) and sends it by the simple protocol: one exchange, one server, no prepared statement,
 //! and one round trip instead of a transaction's four. (Statements inside transactions are
-//! prepared and executed on the transaction's one server.) Everywhere else a [`Conn`] is the
-//! pool itself.
+//! prepared and executed on the transaction's one server.) Those statements run on connections
+//! of the [`Conn`]'s own ([`Clients`]), not sqlx's pool: sqlx pings every connection handed back
+//! to its pool (a lone `Sync`), for which the pooler takes a server and runs its reset query
+//! again — a second server turn per statement. Everywhere else a [`Conn`] is the pool itself.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,14 +24,14 @@ use sea_orm::{
 /// A pool (knowing whether it is behind a transaction pooler) or a session's transaction.
 #[derive(Clone, Debug)]
 pub(crate) enum Conn {
-    Pool { db: DatabaseConnection, pooled: bool },
+    Pool { db: DatabaseConnection, pooled: Option<Arc<Clients>> },
     Session(Arc<DatabaseTransaction>),
 }
 
 impl Conn {
     /// `db`, finding out whether it reaches PostgreSQL through a transaction pooler.
     pub fn pool(db: DatabaseConnection) -> Self {
-        let pooled = crate::connect::behind_pooler(&db);
+        let pooled = crate::connect::behind_pooler(&db).then(|| Arc::new(Clients::of(&db)));
         Conn::Pool { db, pooled }
     }
 
@@ -43,17 +45,76 @@ impl Conn {
 
     /// Whether statements go through a transaction pooler (see the module docs).
     pub fn pooled(&self) -> bool {
-        matches!(self, Conn::Pool { pooled: true, .. })
+        matches!(self, Conn::Pool { pooled: Some(_), .. })
     }
 }
 
-/// `$call` on the pool or the session's transaction, or `$pooled` for a pool behind a
-/// transaction pooler.
+/// Connections to a transaction pooler, as many as the pool may open, kept open between
+/// statements (see the module docs). A connection whose statement failed other than by the
+/// server's refusal (or whose future was dropped mid-statement) is closed, not reused.
+#[derive(Debug)]
+pub(crate) struct Clients {
+    #[cfg(feature = "postgres")]
+    options: Arc<sea_orm::sqlx::postgres::PgConnectOptions>,
+    #[cfg(feature = "postgres")]
+    slots: tokio::sync::Semaphore,
+    #[cfg(feature = "postgres")]
+    idle: std::sync::Mutex<Vec<sea_orm::sqlx::PgConnection>>,
+}
+
+impl Clients {
+    /// Room for as many connections as `db`'s pool, none open yet.
+    fn of(db: &DatabaseConnection) -> Self {
+        #[cfg(feature = "postgres")]
+        {
+            let pool = db.get_postgres_connection_pool();
+            Clients {
+                options: pool.connect_options(),
+                slots: tokio::sync::Semaphore::new(pool.options().get_max_connections() as usize),
+                idle: Default::default(),
+            }
+        }
+        #[cfg(not(feature = "postgres"))]
+        {
+            let _ = db;
+            Clients {}
+        }
+    }
+
+    /// `stmt` by the simple protocol on one of the connections: `run` fetches its outcome.
+    #[cfg(feature = "postgres")]
+    async fn run<T>(
+        &self,
+        stmt: &Statement,
+        run: impl AsyncFnOnce(sea_orm::sqlx::RawSql, &mut sea_orm::sqlx::PgConnection) -> Result<T, sea_orm::sqlx::Error>,
+    ) -> Result<T, sea_orm::sqlx::Error> {
+        use sea_orm::sqlx::Connection as _;
+        let _slot = self.slots.acquire().await.expect("the semaphore is never closed");
+        let idle = self.idle.lock().expect("no panics under the lock").pop();
+        let mut conn = match idle {
+            Some(conn) => conn,
+            None => {
+                let conn = sea_orm::sqlx::PgConnection::connect_with(&self.options).await?;
+                crate::connect::nodelay::set_towards(self.options.get_port());
+                conn
+            }
+        };
+        // Dropped mid-statement (the caller's future dropped), the connection closes with it.
+        let done = run(simple(stmt), &mut conn).await;
+        if matches!(done, Ok(_) | Err(sea_orm::sqlx::Error::Database(_))) {
+            self.idle.lock().expect("no panics under the lock").push(conn);
+        }
+        done
+    }
+}
+
+/// `$call` on the pool or the session's transaction, or `$pooled` with the [`Clients`] of a pool
+/// behind a transaction pooler.
 macro_rules! on {
     ($conn:expr, $c:ident => $call:expr, $db:ident => $pooled:expr) => {
         match $conn {
             #[cfg(feature = "postgres")]
-            Conn::Pool { db: $db, pooled: true } => $pooled,
+            Conn::Pool { pooled: Some($db), .. } => $pooled,
             Conn::Pool { db: $c, .. } => $call.await,
             Conn::Session($c) => $call.await,
         }
@@ -82,8 +143,8 @@ impl ConnectionTrait for Conn {
     }
 
     async fn execute_raw(&self, stmt: Statement) -> Result<ExecResult, DbErr> {
-        on!(self, c => c.execute_raw(stmt), db => {
-            let done = simple(&stmt).execute(db.get_postgres_connection_pool()).await;
+        on!(self, c => c.execute_raw(stmt), clients => {
+            let done = clients.run(&stmt, async |sql, conn| sql.execute(conn).await).await;
             done.map(ExecResult::from).map_err(|e| DbErr::Exec(sea_orm::RuntimeErr::SqlxError(Arc::new(e))))
         })
     }
@@ -97,15 +158,15 @@ impl ConnectionTrait for Conn {
     }
 
     async fn query_one_raw(&self, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {
-        on!(self, c => c.query_one_raw(stmt), db => {
-            let row = simple(&stmt).fetch_optional(db.get_postgres_connection_pool()).await;
+        on!(self, c => c.query_one_raw(stmt), clients => {
+            let row = clients.run(&stmt, async |sql, conn| sql.fetch_optional(conn).await).await;
             row.map(|row| row.map(QueryResult::from)).map_err(query_error)
         })
     }
 
     async fn query_all_raw(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
-        on!(self, c => c.query_all_raw(stmt), db => {
-            let rows = simple(&stmt).fetch_all(db.get_postgres_connection_pool()).await;
+        on!(self, c => c.query_all_raw(stmt), clients => {
+            let rows = clients.run(&stmt, async |sql, conn| sql.fetch_all(conn).await).await;
             rows.map(|rows| rows.into_iter().map(QueryResult::from).collect()).map_err(query_error)
         })
     }

@@ -161,6 +161,31 @@ impl MigrationTrait for M20261207000001CreateAggregateSnapshots {
     }
 }
 
+/// Creates the PostgreSQL append function `emt_append` (a statement that keeps its plans on every
+/// server connection, also behind a transaction pooler). Nothing on SQLite and MySQL.
+pub struct M20261207000002CreateAppendFunction;
+
+impl M20261207000002CreateAppendFunction {
+    const NAME: &str = "m20261207_000002_create_append_function";
+}
+
+impl MigrationName for M20261207000002CreateAppendFunction {
+    fn name(&self) -> &str {
+        Self::NAME
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M20261207000002CreateAppendFunction {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        run(manager, up_sql(self.name(), manager.get_connection()).await?).await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        run(manager, backend::drop_append_function(manager.get_database_backend())).await
+    }
+}
+
 /// Runs `statements` in order.
 async fn run(manager: &SchemaManager<'_>, statements: Vec<String>) -> Result<(), DbErr> {
     for statement in statements {
@@ -182,6 +207,7 @@ async fn up_sql(name: &str, db: &impl ConnectionTrait) -> Result<Vec<String>, Db
         M20261128000003IndexLeaseOwners::NAME => backend::create_owner_index(db).await,
         M20261206000001CreateDaemonSegments::NAME => backend::create_segment_table(db).await,
         M20261207000001CreateAggregateSnapshots::NAME => backend::aggregates::create_aggregate_snapshots(db).await,
+        M20261207000002CreateAppendFunction::NAME => Ok(backend::create_append_function(db.get_database_backend())),
         other => Err(DbErr::Migration(format!("no migration named {other}"))),
     }
 }
@@ -261,6 +287,7 @@ impl MigratorTrait for Migrator {
             Box::new(M20261128000003IndexLeaseOwners),
             Box::new(M20261206000001CreateDaemonSegments),
             Box::new(M20261207000001CreateAggregateSnapshots),
+            Box::new(M20261207000002CreateAppendFunction),
         ]
     }
 

@@ -49,9 +49,9 @@ fn json_lines(stdout: &str) -> Vec<Value> {
 
 async fn migrations_report_apply_and_print_their_sql(db: TestDb) {
     let status = ok(cli(&db, &["migrate", "status"]));
-    assert_eq!(status.matches("applied").count(), 6, "{status}");
+    assert_eq!(status.matches("applied").count(), 7, "{status}");
     assert!(ok(cli(&db, &["migrate", "sql"])).contains("no pending migrations"));
-    ok(cli(&db, &["migrate", "down", "--steps", "4"]));
+    ok(cli(&db, &["migrate", "down", "--steps", "5"]));
     let status = ok(cli(&db, &["migrate", "status"]));
     let line = status.lines().find(|l| l.starts_with("m20261128_000002_create_daemon_leases")).unwrap_or_default();
     assert!(line.ends_with(" pending"), "{status}");
@@ -64,12 +64,20 @@ async fn migrations_report_apply_and_print_their_sql(db: TestDb) {
     );
     assert!(ok(cli(&db, &["migrate", "status"])).contains("pending"), "still pending after printing");
     // Applied by hand, as a DBA would, the migrator finds it in place (every statement is idempotent).
-    for statement in sql.split(";\n").filter(|s| !s.trim().is_empty()) {
-        let statement = statement.lines().filter(|l| !l.starts_with("--")).collect::<Vec<_>>().join("\n");
-        db.db.execute_unprepared(&statement).await.unwrap_or_else(|e| panic!("{e}: {statement}"));
+    // A statement ends with a line ending in `;` outside a `$$` body (PostgreSQL's append function).
+    let (mut statement, mut in_body) = (String::new(), false);
+    for line in sql.lines().filter(|l| !l.starts_with("--")) {
+        in_body ^= line.matches("$$").count() % 2 == 1;
+        statement.push_str(line);
+        statement.push('\n');
+        if !in_body && line.ends_with(';') {
+            db.db.execute_unprepared(&statement).await.unwrap_or_else(|e| panic!("{e}: {statement}"));
+            statement.clear();
+        }
     }
+    assert!(statement.trim().is_empty(), "left over: {statement}");
     ok(cli(&db, &["migrate", "up"]));
-    assert_eq!(ok(cli(&db, &["migrate", "status"])).matches("applied").count(), 6);
+    assert_eq!(ok(cli(&db, &["migrate", "status"])).matches("applied").count(), 7);
     assert!(failed(cli(&db, &["migrate", "fresh"])).contains("--yes"));
 }
 

@@ -1,8 +1,9 @@
 //! The only module that knows how PostgreSQL, SQLite and MySQL differ.
 //!
 //! - **Schema**: native DDL per backend (PostgreSQL: LIST partitions, a sequence, `xid8`).
-//! - **Append**: PostgreSQL appends in *one statement* (a data-modifying CTE that moves the stream
-//!   row and inserts the messages; one round trip, atomic without an explicit transaction).
+//! - **Append**: PostgreSQL appends in *one statement* (a call of the `emt_append` function,
+//!   which moves the stream row and inserts the messages; one round trip, atomic without an
+//!   explicit transaction).
 //!   SQLite and MySQL run the same steps as separate statements in one transaction
 //!   (`BEGIN IMMEDIATE` on SQLite, so writers queue instead of failing on lock upgrade), and can
 //!   write several appends in one (SQLite's group commit, `store::group`).
@@ -32,7 +33,9 @@ use sea_orm::{DatabaseTransaction, DbBackend, DbErr, Statement, TransactionOptio
 
 #[cfg(feature = "postgres")]
 pub(crate) use append::APPENDS_CHANNEL;
-pub(crate) use append::{Append, Appended, NewEvent, append, append_steps};
+pub(crate) use append::{
+    Append, Appended, NewEvent, append, append_steps, create_append_function, drop_append_function,
+};
 pub(crate) use failure::{is_retried, retry_policy};
 pub(crate) use horizon::{
     changes, global_horizon, head, horizon, index_order_only, last_position_upto, partition_heads, pending,
