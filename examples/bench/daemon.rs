@@ -379,6 +379,7 @@ pub async fn tenants_scale(args: &Args, run: &str, count: usize) -> Res {
         create_carts_table(&db, &table).await?;
         daemon = daemon.projection(format!("{run}-p{p}"), carts_projection(&table));
     }
+    eprintln!("{name}: catching up"); // a mark to profile from
     let started = Instant::now();
     let daemon = daemon.start().await?;
     tokio::time::timeout(Duration::from_secs(1800), daemon.caught_up(last)).await??;

@@ -21,8 +21,12 @@ pub(crate) async fn lock_checkpoint(
 }
 
 /// [`lock_checkpoint`] for several partitions at once (taken in partition order, so
-/// concurrent batches can't deadlock on them): each partition's position. One statement where
-/// `RETURNING` exists (a no-op upsert locks the rows), two on MySQL.
+/// concurrent batches can't deadlock on them): each partition's position. Existing rows are
+/// locked, not written: PostgreSQL locks them first (one index probe each) and creates only the
+/// missing ones (a no-op upsert creates, locks and returns them); SQLite and MySQL create the
+/// missing rows first (MySQL: a locking read of a missing key would lock its gap, and two such
+/// batches deadlock inserting into it), then read them all, `FOR UPDATE` on MySQL (SQLite's
+/// writer holds the whole database).
 pub(crate) async fn lock_checkpoints(
     txn: &DatabaseTransaction,
     subscription: &str,
@@ -35,31 +39,50 @@ pub(crate) async fn lock_checkpoints(
         return Ok(BTreeMap::new());
     }
     let key = [subscriptions::Column::SubscriptionId, subscriptions::Column::Partition, subscriptions::Column::Version];
-    let mut create = Query::insert();
-    create.into_table(subscriptions::Entity).columns([
-        subscriptions::Column::SubscriptionId,
-        subscriptions::Column::Version,
-        subscriptions::Column::Partition,
-        subscriptions::Column::LastProcessedPosition,
-    ]);
-    for partition in &partitions {
-        create.values_panic([subscription.into(), 1.into(), (*partition).into(), 0i64.into()]);
-    }
+    let create = |partitions: &[&str]| {
+        let mut create = Query::insert();
+        create.into_table(subscriptions::Entity).columns([
+            subscriptions::Column::SubscriptionId,
+            subscriptions::Column::Version,
+            subscriptions::Column::Partition,
+            subscriptions::Column::LastProcessedPosition,
+        ]);
+        for partition in partitions {
+            create.values_panic([subscription.into(), 1.into(), (*partition).into(), 0i64.into()]);
+        }
+        create
+    };
     let returned = [subscriptions::Column::Partition, subscriptions::Column::LastProcessedPosition];
     let positions = |rows: Vec<sea_orm::QueryResult>| -> Result<BTreeMap<String, i64>, DbErr> {
         rows.iter()
             .map(|row| Ok((row.try_get("", "partition")?, row.try_get("", "last_processed_position")?)))
             .collect()
     };
-    if txn.get_database_backend() != DbBackend::MySql {
-        let current = Expr::col((subscriptions::Entity, subscriptions::Column::LastProcessedPosition));
-        create
-            .on_conflict(
-                OnConflict::columns(key).value(subscriptions::Column::LastProcessedPosition, current).to_owned(),
-            )
-            .returning(Query::returning().columns(returned));
-        return positions(txn.query_all(&create).await?);
+    #[cfg(feature = "postgres")]
+    if txn.get_database_backend() == DbBackend::Postgres {
+        let sql = "SELECT s.partition, s.last_processed_position FROM unnest($2::text[]) AS k(p)
+                   CROSS JOIN LATERAL (SELECT partition, last_processed_position FROM subscriptions
+                                       WHERE subscription_id = $1 AND partition = k.p AND version = 1
+                                       FOR UPDATE) AS s";
+        let values: [sea_orm::Value; 2] =
+            [subscription.into(), partitions.iter().map(|p| p.to_string()).collect::<Vec<_>>().into()];
+        let mut found = positions(
+            txn.query_all_raw(sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, sql, values)).await?,
+        )?;
+        let missing: Vec<&str> = partitions.iter().copied().filter(|p| !found.contains_key(*p)).collect();
+        if !missing.is_empty() {
+            let current = Expr::col((subscriptions::Entity, subscriptions::Column::LastProcessedPosition));
+            let mut create = create(&missing);
+            create
+                .on_conflict(
+                    OnConflict::columns(key).value(subscriptions::Column::LastProcessedPosition, current).to_owned(),
+                )
+                .returning(Query::returning().columns(returned));
+            found.extend(positions(txn.query_all(&create).await?)?);
+        }
+        return Ok(found);
     }
+    let mut create = create(&partitions);
     create.on_conflict(OnConflict::columns(key).do_nothing_on([subscriptions::Column::SubscriptionId]).to_owned());
     txn.execute(&create).await?;
     let locked = txn
@@ -129,35 +152,56 @@ pub(crate) async fn move_checkpoints(
     Ok(())
 }
 
-/// Locks the snapshots `ids` of read model `table`, creating missing ones first (a lock on a
-/// row that does not exist locks nothing), and returns `stream_id`, `last_global_position` and
+/// Locks the snapshots `ids` of read model `table`, creating missing ones (a lock on a row that
+/// does not exist locks nothing), and returns `stream_id`, `last_global_position` and
 /// `snapshot` of each (`null` for new ones). Rows are taken in `ids` order (callers sort it), so
-/// concurrent batches cannot deadlock. Where `RETURNING` exists, a no-op upsert creates, locks
-/// and returns them in one statement; MySQL inserts, then selects `FOR UPDATE`.
+/// concurrent batches cannot deadlock; existing ones are locked, not written, as in
+/// [`lock_checkpoints`].
 pub(crate) async fn lock_snapshots(
     txn: &DatabaseTransaction,
     table: &str,
     ids: &[String],
 ) -> Result<Vec<sea_orm::QueryResult>, DbErr> {
     let key = [snapshots::Column::ReadmodelTableName, snapshots::Column::StreamId];
-    let mut upsert = snapshots::insert_all_columns();
-    for id in ids {
-        upsert.values_panic([table.into(), id.as_str().into(), 0i64.into(), 0i64.into(), Value::Null.into()]);
-    }
+    let create = |ids: &[&str]| {
+        let mut create = snapshots::insert_all_columns();
+        for id in ids {
+            create.values_panic([table.into(), (*id).into(), 0i64.into(), 0i64.into(), Value::Null.into()]);
+        }
+        create
+    };
     let returned = [snapshots::Column::StreamId, snapshots::Column::LastGlobalPosition, snapshots::Column::Snapshot];
-    if txn.get_database_backend() != DbBackend::MySql {
-        let unchanged = Expr::col((snapshots::Entity, snapshots::Column::StreamId));
-        upsert
-            .on_conflict(OnConflict::columns(key).value(snapshots::Column::StreamId, unchanged).to_owned())
-            .returning(Query::returning().columns(returned));
-        return txn.query_all(&upsert).await;
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    #[cfg(feature = "postgres")]
+    if txn.get_database_backend() == DbBackend::Postgres {
+        let sql = "SELECT s.stream_id, s.last_global_position, s.snapshot FROM unnest($2::text[]) AS k(id)
+                   CROSS JOIN LATERAL (SELECT stream_id, last_global_position, snapshot FROM snapshots
+                                       WHERE readmodel_table_name = $1 AND stream_id = k.id
+                                       FOR UPDATE) AS s";
+        let values: [sea_orm::Value; 2] =
+            [table.into(), ids.iter().map(|id| id.to_string()).collect::<Vec<_>>().into()];
+        let mut found =
+            txn.query_all_raw(sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, sql, values)).await?;
+        let present: std::collections::HashSet<String> =
+            found.iter().map(|row| row.try_get::<String>("", "stream_id")).collect::<Result<_, _>>()?;
+        let missing: Vec<&str> = ids.iter().copied().filter(|id| !present.contains(*id)).collect();
+        if !missing.is_empty() {
+            let unchanged = Expr::col((snapshots::Entity, snapshots::Column::StreamId));
+            let mut create = create(&missing);
+            create
+                .on_conflict(OnConflict::columns(key).value(snapshots::Column::StreamId, unchanged).to_owned())
+                .returning(Query::returning().columns(returned));
+            found.extend(txn.query_all(&create).await?);
+        }
+        return Ok(found);
     }
-    upsert.on_conflict(OnConflict::columns(key).do_nothing_on([snapshots::Column::StreamId]).to_owned());
-    txn.execute(&upsert).await?;
+    let mut create = create(&ids);
+    create.on_conflict(OnConflict::columns(key).do_nothing_on([snapshots::Column::StreamId]).to_owned());
+    txn.execute(&create).await?;
     txn.query_all(
         super::primary_key_only(Query::select().columns(returned).from(snapshots::Entity))
             .and_where(Expr::col(snapshots::Column::ReadmodelTableName).eq(table))
-            .and_where(Expr::col(snapshots::Column::StreamId).is_in(ids.iter().map(String::as_str)))
+            .and_where(Expr::col(snapshots::Column::StreamId).is_in(ids.iter().copied()))
             .order_by(snapshots::Column::StreamId, sea_orm::Order::Asc)
             .lock(LockType::Update),
     )
