@@ -94,7 +94,7 @@ impl Lag {
 
 /// Appends single events at `rate` per second spread over `tenants` for `seconds`, from a pool
 /// of its own, and measures how long after each commit the checkpoints of every subscription in
-/// `subscriptions` cover it (watched every 2 ms: only the tenants with appends not yet seen).
+/// `subscriptions` cover it (watched every 5 ms: only the tenants with appends not yet seen).
 async fn follow(args: &Args, subscriptions: &[String], tenants: &[String], rate: u64, seconds: u64) -> Res<Lag> {
     let writer = EventStore::new(pool(args).await?);
     let reader = EventStore::new(pool(args).await?);
@@ -142,16 +142,35 @@ async fn follow(args: &Args, subscriptions: &[String], tenants: &[String], rate:
         // Each waiting tenant's lowest checkpoint over the subscriptions (none yet: 0).
         let mut checkpoints: BTreeMap<usize, u64> = BTreeMap::new();
         if !waiting.is_empty() {
-            let tenant_list = waiting.iter().map(|&t| quote(&tenants[t])).collect::<Vec<_>>().join(", ");
-            let sql = format!(
-                "SELECT partition, min(last_processed_position), count(*) FROM subscriptions
-                 WHERE subscription_id IN ({subscription_list}) AND partition IN ({tenant_list}) GROUP BY partition"
-            );
-            let sql = match backend {
-                DbBackend::MySql => sql.replace("partition", "`partition`"),
-                _ => sql,
+            // (The observer must stay cheap: a new SQL text with every waiting tenant written in,
+            // polled every few ms, took 40% of the server's time at 10,000 tenants. On
+            // PostgreSQL one prepared statement: an index probe per waiting tenant, `OFFSET 0` keeping the
+            // planner from joining all 20,000 checkpoints by hash instead.)
+            let waiting_names = waiting.iter().map(|&t| tenants[t].clone()).collect::<Vec<_>>();
+            let statement = match backend {
+                DbBackend::Postgres => Statement::from_sql_and_values(
+                    backend,
+                    "SELECT k.p, min(s.last_processed_position), count(*) FROM unnest($2::text[]) AS k(p)
+                     CROSS JOIN LATERAL (SELECT last_processed_position FROM subscriptions
+                                         WHERE subscription_id = ANY($1) AND partition = k.p AND version = 1
+                                         OFFSET 0) AS s
+                     GROUP BY k.p",
+                    [subscriptions.to_vec().into(), waiting_names.into()],
+                ),
+                _ => {
+                    let tenant_list = waiting_names.iter().map(|t| quote(t)).collect::<Vec<_>>().join(", ");
+                    let sql = format!(
+                        "SELECT partition, min(last_processed_position), count(*) FROM subscriptions
+                         WHERE subscription_id IN ({subscription_list}) AND partition IN ({tenant_list}) GROUP BY partition"
+                    );
+                    let sql = match backend {
+                        DbBackend::MySql => sql.replace("partition", "`partition`"),
+                        _ => sql,
+                    };
+                    Statement::from_string(backend, sql)
+                }
             };
-            for row in reader.query_all_raw(Statement::from_string(backend, sql)).await? {
+            for row in reader.query_all_raw(statement).await? {
                 let tenant: String = row.try_get_by_index(0)?;
                 let covered = row.try_get_by_index::<i64>(2)? as usize == subscriptions.len();
                 if let (Some(&i), true) = (index.get(tenant.as_str()), covered) {
@@ -175,7 +194,7 @@ async fn follow(args: &Args, subscriptions: &[String], tenants: &[String], rate:
         if done || Instant::now() > deadline + Duration::from_secs(30) {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let (mut events, mut busy) = (0, 0);
     for task in tasks {
