@@ -16,14 +16,15 @@
 //!
 //! One file per concern: [`schema`] (DDL, migrations, partitions, the catalog), [`append`],
 //! [`aggregates`] (aggregate snapshots),
-//! [`horizon`], [`locks`] (projection batches), [`leases`] and [`segments`] (the daemon's
-//! coordination) and
+//! [`horizon`], [`locks`] (projection batches), [`instances`], [`leases`] and [`segments`] (the
+//! daemon's coordination) and
 //! [`failure`] (what an error code means).
 
 pub(crate) mod aggregates;
 mod append;
 mod failure;
 mod horizon;
+mod instances;
 mod leases;
 mod locks;
 mod schema;
@@ -40,21 +41,22 @@ pub(crate) use failure::{is_retried, retry_policy};
 pub(crate) use horizon::{
     changes, global_horizon, head, horizon, index_order_only, last_position_upto, partition_heads, pending,
 };
+pub(crate) use instances::heartbeat;
+#[cfg(feature = "postgres")]
+pub(crate) use instances::{LEASES_CHANNEL, PRESENCE_PREFIX, presence_renewal};
 #[cfg(feature = "cli")]
 pub(crate) use leases::forget_leases;
-#[cfg(feature = "postgres")]
-pub(crate) use leases::{LEASES_CHANNEL, PRESENCE_PREFIX, presence_renewal};
 pub(crate) use leases::{
     LeaseReport, create_lease_tables, create_owner_index, drop_lease_tables, drop_owner_index, ensure_leases,
-    heartbeat, lease_reports, lease_rows, lease_subscriptions, leave, park, unpark,
+    lease_reports, lease_rows, lease_subscriptions, park, unpark,
 };
 pub(crate) use locks::{lock_checkpoint, lock_checkpoints, lock_snapshots, move_checkpoints};
 pub(crate) use schema::{
     create_partition, create_schema, drop_schema, harden_schema, mysql_exact_collation, soften_schema, table_shape,
 };
 pub(crate) use segments::{
-    SegmentRow, Segments, claim, create_segment_table, drop_segment_table, ensure_segments, held_tenants, release,
-    revoke, segment_of, segments,
+    SegmentRow, Segments, claim, create_segment_table, drop_segment_table, ensure_segments, held_tenants, leave,
+    release, revoke, segment_of, segments,
 };
 
 /// Begins a write transaction (a savepoint inside a session): `BEGIN IMMEDIATE` on SQLite so

@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, TransactionTrait, Value};
 
-use super::leases::{LEASES_CHANNEL, free_condition, live, now_ms};
+use super::instances::{LEASES_CHANNEL, free_condition, live, now_ms};
 use super::{partition_column, statement};
 
 /// Segments per projection. Fixed: every instance, of every version, must put a tenant in the
@@ -296,6 +296,18 @@ pub(crate) async fn held_tenants(
     }
     let held = tenants.iter().zip(of).filter(|((_, e), segment)| epochs.get(segment) == Some(e));
     Ok(held.map(|((t, _), _)| t.clone()).collect())
+}
+
+/// Removes the instance and gives back every segment it still holds (their number); on
+/// PostgreSQL it tells the other instances (on [`LEASES_CHANNEL`]) so they take them at once.
+pub(crate) async fn leave(conn: &impl ConnectionTrait, owner: &str) -> Result<u64, DbErr> {
+    let backend = conn.get_database_backend();
+    let released = release_all(conn, owner).await?;
+    conn.execute_raw(statement(backend, "DELETE FROM emt_daemons WHERE owner = $1", [owner.into()])).await?;
+    if backend == DbBackend::Postgres {
+        conn.execute_unprepared(&format!("NOTIFY {LEASES_CHANNEL}")).await?;
+    }
+    Ok(released)
 }
 
 #[cfg(test)]
