@@ -356,7 +356,7 @@ async fn a_graceful_stop_hands_work_over_at_once(db: TestDb) {
 async fn a_killed_process_tenants_are_taken_over(db: TestDb) {
     create_seen(&db.db).await;
     let store = db.store();
-    let (mut child, here, tenants) = sharing_with_a_child(&db, &store, "k").await;
+    let (mut child, here, tenants) = sharing_with_a_child(&db, &store, "k", 24).await;
     child.0.kill().expect("SIGKILL the child");
     child.0.wait().unwrap();
     let killed = Instant::now();
@@ -366,7 +366,39 @@ async fn a_killed_process_tenants_are_taken_over(db: TestDb) {
     }
     caught_up(&here, last, TAKEOVER_BOUND).await;
     assert!(killed.elapsed() <= TAKEOVER_BOUND, "taken over after {:?}", killed.elapsed());
-    assert_eq!(here.status().await.unwrap().held(), 24);
+    assert_eq!(here.status().await.unwrap().held(), tenants.len());
+    assert_eq!(seen(&db.db).await, stored(&db.db).await, "every event projected exactly once");
+    here.stop().await.expect("stop");
+}
+
+/// `a_killed_process_tenants_are_taken_over` at scale and under load: 600 tenants shared with
+/// another process, which is SIGKILLed while appends to all of them go on (its batches cut off
+/// anywhere). Every tenant resumes here within the TTL and a second (plus slack for a loaded
+/// machine), and every event is projected exactly once.
+async fn a_process_killed_under_load_over_many_tenants_loses_nothing(db: TestDb) {
+    create_seen(&db.db).await;
+    let store = db.store();
+    let (mut child, here, tenants) = sharing_with_a_child(&db, &store, "m", 600).await;
+    let writing = Arc::new(AtomicBool::new(true));
+    let writer = deposits_until_stopped(&store, &tenants, &writing);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    child.0.kill().expect("SIGKILL the child");
+    child.0.wait().unwrap();
+    let killed = Instant::now();
+    loop {
+        let status = here.status().await.expect("status");
+        if status.leases.iter().all(|l| l.owner.as_deref() == Some(here.owner())) {
+            break;
+        }
+        assert!(killed.elapsed() < TAKEOVER_BOUND, "not taken over: {:?}", status.segments);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("taken over {:?} after SIGKILL", killed.elapsed());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    writing.store(false, Ordering::SeqCst);
+    writer.await.unwrap();
+    let last = *stored(&db.db).await.last().unwrap() as u64;
+    caught_up(&here, last, Duration::from_secs(30)).await;
     assert_eq!(seen(&db.db).await, stored(&db.db).await, "every event projected exactly once");
     here.stop().await.expect("stop");
 }
@@ -379,7 +411,7 @@ async fn a_killed_process_tenants_are_taken_over(db: TestDb) {
 async fn a_paused_instance_tenants_are_taken_over_and_its_late_batches_refused(db: TestDb) {
     create_seen(&db.db).await;
     let store = db.store();
-    let (child, here, tenants) = sharing_with_a_child(&db, &store, "p").await;
+    let (child, here, tenants) = sharing_with_a_child(&db, &store, "p", 24).await;
     // On PostgreSQL under load, so the child is likely paused in the middle of a batch: the
     // server ends its transaction after a TTL of silence, and its locks go with it. MySQL has
     // no such timeout: a batch paused mid-way keeps its tenants' rows locked until it resumes
@@ -418,7 +450,6 @@ async fn a_paused_instance_tenants_are_taken_over_and_its_late_batches_refused(d
 }
 
 /// Deposits 1 into `x` of each tenant in turn until `writing` turns false.
-#[cfg(any(feature = "postgres", feature = "mysql"))]
 fn deposits_until_stopped(
     store: &EventStore,
     tenants: &[String],
@@ -435,18 +466,19 @@ fn deposits_until_stopped(
     })
 }
 
-/// 24 tenants (`<prefix>00`…) with a deposit each, run by a daemon here and one in another OS
-/// process (this test binary, re-run as `daemon_child_process`): returns once each holds half
-/// the segments and at least 4 of the tenants (each tenant falls in either half: 4 is short of
-/// 12 by far more than chance reaches).
+/// `count` tenants (`<prefix>0000`…) with a deposit each, run by a daemon here and one in
+/// another OS process (this test binary, re-run as `daemon_child_process`): returns once each
+/// holds half the segments and at least 4 of the tenants (each tenant falls in either half: 4
+/// of 24 is short of 12 by far more than chance reaches).
 async fn sharing_with_a_child(
     db: &TestDb,
     store: &EventStore,
     prefix: &str,
+    count: usize,
 ) -> (KillOnDrop, DaemonHandle, Vec<String>) {
-    let tenants: Vec<String> = (0..24).map(|i| format!("{prefix}{i:02}")).collect();
-    for t in &tenants {
-        deposit(store, t, "x", 1).await;
+    let tenants: Vec<String> = (0..count).map(|i| format!("{prefix}{i:04}")).collect();
+    for chunk in tenants.chunks(8) {
+        futures::future::join_all(chunk.iter().map(|t| deposit(store, t, "x", 1))).await;
     }
     let (child, owner) = spawn_child_daemon(&db.url).await;
     let here = daemon(store.clone(), Arc::default()).start().await.expect("start");
@@ -455,7 +487,7 @@ async fn sharing_with_a_child(
         let status = here.status().await.expect("status");
         let theirs = status.leases.iter().filter(|l| l.owner.as_deref() == Some(owner.as_str())).count();
         let halves = [status.segments.get(&owner), status.segments.get(here.owner())];
-        if status.leases.len() == 24 && halves == [Some(&32), Some(&32)] && theirs >= 4 && status.held() >= 4 {
+        if status.leases.len() == count && halves == [Some(&32), Some(&32)] && theirs >= 4 && status.held() >= 4 {
             break;
         }
         assert!(Instant::now() < deadline, "work not shared with the child: {status:?}");
@@ -1017,6 +1049,7 @@ conformance!(with_pooler:
     archived_events_are_not_waited_for,
     a_writer_still_in_flight_is_waited_for,
     a_killed_process_tenants_are_taken_over,
+    a_process_killed_under_load_over_many_tenants_loses_nothing,
     projects_tenants_found_while_running_and_resumes_after_restart,
     instances_split_tenants_and_take_over_a_crashed_ones_work,
     a_failing_tenant_is_parked_and_resumes_when_fixed,
