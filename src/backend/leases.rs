@@ -214,16 +214,39 @@ fn lease_row(row: &sea_orm::QueryResult, segments: &[SegmentRow]) -> Result<Opti
 
 /// Creates the lease rows of (subscription, partition) pairs that have none (unowned).
 pub(crate) async fn ensure_leases(conn: &impl ConnectionTrait, pairs: &[(String, String)]) -> Result<(), DbErr> {
+    if pairs.is_empty() {
+        return Ok(());
+    }
     let backend = conn.get_database_backend();
-    for chunk in pairs.chunks(100) {
-        let rows = (0..chunk.len()).map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2)).collect::<Vec<_>>().join(", ");
-        let p = partition_column(backend);
-        let sql = match backend {
-            DbBackend::MySql => format!("INSERT IGNORE INTO emt_leases (subscription_id, {p}) VALUES {rows}"),
-            _ => format!("INSERT INTO emt_leases (subscription_id, {p}) VALUES {rows} ON CONFLICT DO NOTHING"),
-        };
-        let values = chunk.iter().flat_map(|(s, t)| [Value::from(s.as_str()), Value::from(t.as_str())]);
-        conn.execute_raw(statement(backend, &sql, values)).await?;
+    // In key order: instances creating the same rows at once queue on them instead of deadlocking.
+    let mut pairs: Vec<(&str, &str)> = pairs.iter().map(|(s, t)| (s.as_str(), t.as_str())).collect();
+    pairs.sort_unstable();
+    // PostgreSQL and SQLite: one statement however many pairs (10,000 tenants × 2 projections
+    // in statements of 100 rows, each committed alone, took 0.75 s of a 4.6 s catch-up).
+    match backend {
+        #[cfg(feature = "postgres")]
+        DbBackend::Postgres => {
+            let sql = "INSERT INTO emt_leases (subscription_id, partition)
+                       SELECT s, t FROM unnest($1::text[], $2::text[]) AS p(s, t) ON CONFLICT DO NOTHING";
+            let (subscriptions, tenants): (Vec<String>, Vec<String>) =
+                pairs.iter().map(|(s, t)| (s.to_string(), t.to_string())).unzip();
+            conn.execute_raw(statement(backend, sql, [subscriptions.into(), tenants.into()])).await?;
+        }
+        DbBackend::Sqlite => {
+            let sql = "INSERT INTO emt_leases (subscription_id, partition)
+                       SELECT value ->> 0, value ->> 1 FROM json_each($1) WHERE true ON CONFLICT DO NOTHING";
+            let json = serde_json::to_string(&pairs).map_err(|e| DbErr::Custom(e.to_string()))?;
+            conn.execute_raw(statement(backend, sql, [json.into()])).await?;
+        }
+        _ => {
+            let p = partition_column(backend);
+            for chunk in pairs.chunks(1000) {
+                let rows = vec!["(?, ?)"; chunk.len()].join(", ");
+                let sql = format!("INSERT IGNORE INTO emt_leases (subscription_id, {p}) VALUES {rows}");
+                let values = chunk.iter().flat_map(|(s, t)| [Value::from(*s), Value::from(*t)]);
+                conn.execute_raw(statement(backend, &sql, values)).await?;
+            }
+        }
     }
     Ok(())
 }
