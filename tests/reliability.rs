@@ -1102,14 +1102,36 @@ impl Drop for OwnCluster {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restarted_server_loses_and_repeats_nothing() {
     let cluster = OwnCluster::start();
-    let db = emmett_seaorm::connect(cluster.url()).await.expect("connect to the own cluster");
+    restarts_lose_and_repeat_nothing(&cluster.url(), || cluster.ctl("restart")).await;
+}
+
+/// The same with a MariaDB/MySQL server of the test's own, killed (SIGKILL: InnoDB recovers on
+/// start) and started again twice.
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_mysql_server_loses_and_repeats_nothing() {
+    let server = OwnMariaDb::start();
+    let admin = emmett_seaorm::connect(server.url("")).await.expect("connect to the own server");
+    // Read-model tables get exact keys, as the store requires.
+    let collation = emmett_seaorm::migrations::exact_collation(&admin).await.unwrap().expect("an exact collation");
+    admin.execute_unprepared(&format!("CREATE DATABASE emt CHARACTER SET utf8mb4 COLLATE {collation}")).await.unwrap();
+    admin.close().await.ok();
+    restarts_lose_and_repeat_nothing(&server.url("emt"), || server.restart()).await;
+    assert_eq!(server.starts(), 3, "started once and restarted twice");
+}
+
+/// A writer appends and a daemon projects on the server at `url` while `restart` crashes and
+/// restarts it twice: appends succeed or fail typed, the daemon reconnects, nothing is lost or
+/// repeated.
+async fn restarts_lose_and_repeat_nothing(url: &str, restart: impl Fn()) {
+    let db = emmett_seaorm::connect(url).await.expect("connect to the own server");
     emmett_seaorm::migrate(&db).await.unwrap();
     balances::create_recorded_tables(&db).await;
-    let daemon = recorded_daemon(EventStore::new(emmett_seaorm::connect(cluster.url()).await.unwrap())).await;
-    let writer = TaggedWriter::start(EventStore::new(emmett_seaorm::connect(cluster.url()).await.unwrap()), 1);
+    let daemon = recorded_daemon(EventStore::new(emmett_seaorm::connect(url).await.unwrap())).await;
+    let writer = TaggedWriter::start(EventStore::new(emmett_seaorm::connect(url).await.unwrap()), 1);
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(800)).await;
-        cluster.ctl("restart");
+        restart();
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
     let (written, failed) = writer.stop().await;
@@ -1121,6 +1143,108 @@ async fn a_restarted_server_loses_and_repeats_nothing() {
         failed.first()
     );
     daemon.stop().await.expect("stop");
+}
+
+/// A MariaDB server of the test's own (`mariadb-install-db`, `mariadbd` without grant tables),
+/// on a port of its own, removed when dropped: a server the test may kill and start again.
+#[cfg(feature = "mysql")]
+struct OwnMariaDb {
+    dir: std::path::PathBuf,
+    port: u16,
+    server: std::sync::Mutex<std::process::Child>,
+}
+
+#[cfg(feature = "mysql")]
+impl OwnMariaDb {
+    fn start() -> Self {
+        let install = ["mariadb-install-db", "mysql_install_db"]
+            .into_iter()
+            .find(|tool| std::process::Command::new(tool).arg("--help").output().is_ok())
+            .unwrap_or_else(|| {
+                common::unavailable(
+                    "mariadb-install-db and mariadbd",
+                    "not on PATH",
+                    "Install mariadb-server (.ci/run does).",
+                )
+            });
+        let dir = std::env::temp_dir().join(format!("emt-mariadb-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let root = unsafe { libc::geteuid() } == 0;
+        if root {
+            // mariadbd refuses to run as root: as root, the server runs as `mysql`.
+            let chown = std::process::Command::new("chown").args(["mysql", dir.to_str().unwrap()]).status().unwrap();
+            assert!(chown.success(), "chown mysql {}", dir.display());
+        }
+        let data = format!("--datadir={}", dir.join("data").display());
+        let mut args = vec![data.as_str(), "--auth-root-authentication-method=normal", "--skip-test-db"];
+        if root {
+            args.push("--user=mysql");
+        }
+        let output = std::process::Command::new(install).args(&args).output().unwrap();
+        assert!(output.status.success(), "{install}: {}", String::from_utf8_lossy(&output.stderr));
+        let port = 30_000 + (std::process::id() % 10_000) as u16;
+        let server = std::sync::Mutex::new(Self::spawn(&dir, port));
+        let own = Self { dir, port, server };
+        own.wait_until_up();
+        own
+    }
+
+    fn spawn(dir: &std::path::Path, port: u16) -> std::process::Child {
+        let mut server = std::process::Command::new("mariadbd");
+        server.args([
+            format!("--datadir={}", dir.join("data").display()),
+            format!("--port={port}"),
+            format!("--socket={}", dir.join("sock").display()),
+            format!("--log-error={}", dir.join("err.log").display()),
+            "--bind-address=127.0.0.1".to_owned(),
+            "--skip-grant-tables".to_owned(),
+            "--innodb-flush-log-at-trx-commit=2".to_owned(),
+        ]);
+        if unsafe { libc::geteuid() } == 0 {
+            server.arg("--user=mysql");
+        }
+        let path = std::env::var("PATH").unwrap_or_default();
+        server.env("PATH", format!("{path}:/usr/sbin")).stdout(std::process::Stdio::null());
+        server.spawn().expect("start mariadbd")
+    }
+
+    fn wait_until_up(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            let log = std::fs::read_to_string(self.dir.join("err.log")).unwrap_or_default();
+            assert!(std::time::Instant::now() < deadline, "mariadbd did not start:\n{log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn url(&self, database: &str) -> String {
+        format!("mysql://root@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// How many times the server got ready for connections (its error log says so each time).
+    fn starts(&self) -> usize {
+        std::fs::read_to_string(self.dir.join("err.log")).unwrap_or_default().matches("ready for connections").count()
+    }
+
+    /// Kills the server (SIGKILL: a crash) and starts it again.
+    fn restart(&self) {
+        let mut server = self.server.lock().unwrap();
+        server.kill().ok();
+        server.wait().ok();
+        *server = Self::spawn(&self.dir, self.port);
+        drop(server);
+        self.wait_until_up();
+    }
+}
+
+#[cfg(feature = "mysql")]
+impl Drop for OwnMariaDb {
+    fn drop(&mut self) {
+        let mut server = self.server.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        server.kill().ok();
+        server.wait().ok();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 mod servers {
