@@ -232,27 +232,14 @@ async fn pg_scalar<T: sea_orm::TryGetable>(
         .try_get_by_index(0)
 }
 
-/// SQL: the rows (aliased `m`) of the tenant `partition` after global position `after` (both SQL
-/// expressions). On PostgreSQL a row comparison that only the `(partition, global_position)`
-/// index serves: with `m.global_position > after`, a generic plan (the tenant a parameter, or
-/// new since the last `ANALYZE`) walked the global-position index through every tenant's rows
-/// — `status` took 1.9 s for 100 new tenants beside 220,000 older events, 9 ms now.
-pub(super) fn in_partition_after(backend: DbBackend, partition: &str, after: &str) -> String {
-    let p = partition_column(backend);
-    match backend {
-        DbBackend::Postgres => format!("m.{p} = {partition} AND (m.{p}, m.global_position) > ({partition}, {after})"),
-        _ => format!("m.{p} = {partition} AND m.global_position > {after}"),
-    }
-}
-
 /// The events of `partition` after `after`: how many, and the age in seconds of the oldest
 /// (by its `created` time on the database's clock).
 pub(crate) async fn pending(conn: &impl ConnectionTrait, partition: &str, after: i64) -> Result<(i64, f64), DbErr> {
     let backend = conn.get_database_backend();
-    let age = age_of_oldest(backend, "m.created");
+    let age = age_of_oldest(backend, "created");
     let sql = format!(
-        "SELECT count(*), {age} FROM messages m WHERE NOT m.is_archived AND {}",
-        in_partition_after(backend, "$1", "$2"),
+        "SELECT count(*), {age} FROM messages WHERE NOT is_archived AND {p} = $1 AND global_position > $2",
+        p = partition_column(backend),
     );
     let row = conn.query_one_raw(statement(backend, &sql, [partition.into(), after.into()])).await?;
     Ok(match row {

@@ -121,22 +121,11 @@ pub(crate) async fn lease_reports<C: ConnectionTrait + TransactionTrait<Transact
 ) -> Result<(Vec<LeaseReport>, Segments), DbErr> {
     let backend = conn.get_database_backend();
     let p = partition_column(backend);
-    // Each an index probe of the tenant's `(partition, global_position)` range (see
-    // `in_partition_after`); the head by that index's order on PostgreSQL, where `max()`
-    // walked the global-position index back to the tenant's last row.
-    let head = match backend {
-        DbBackend::Postgres => format!(
-            "SELECT m.global_position FROM messages m WHERE m.{p} = l.{p} AND NOT m.is_archived
-             ORDER BY m.{p} DESC, m.global_position DESC LIMIT 1"
-        ),
-        _ => format!("SELECT max(m.global_position) FROM messages m WHERE m.{p} = l.{p} AND NOT m.is_archived"),
-    };
-    let after = format!(
-        "FROM messages m WHERE NOT m.is_archived AND {}",
-        super::horizon::in_partition_after(backend, &format!("l.{p}"), "l.checkpoint")
-    );
+    let past = format!("FROM messages m WHERE m.{p} = l.{p} AND NOT m.is_archived");
     let progress = format!(
-        ", l.checkpoint, ({head}), (SELECT count(*) {after}), (SELECT {age} {after})",
+        ", l.checkpoint, (SELECT max(m.global_position) {past}),
+           (SELECT count(*) {past} AND m.global_position > l.checkpoint),
+           (SELECT {age} {past} AND m.global_position > l.checkpoint)",
         age = super::horizon::age_of_oldest(backend, "m.created"),
     );
     // Each lease's checkpoint by its key (not a join: with tables just filled, before their
