@@ -60,27 +60,20 @@ pub(crate) async fn lock_checkpoints(
     };
     #[cfg(feature = "postgres")]
     if txn.get_database_backend() == DbBackend::Postgres {
-        let sql = "SELECT s.partition, s.last_processed_position FROM unnest($2::text[]) AS k(p)
-                   CROSS JOIN LATERAL (SELECT partition, last_processed_position FROM subscriptions
-                                       WHERE subscription_id = $1 AND partition = k.p AND version = 1
-                                       FOR UPDATE) AS s";
-        let values: [sea_orm::Value; 2] =
-            [subscription.into(), partitions.iter().map(|p| p.to_string()).collect::<Vec<_>>().into()];
-        let mut found = positions(
-            txn.query_all_raw(sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, sql, values)).await?,
-        )?;
-        let missing: Vec<&str> = partitions.iter().copied().filter(|p| !found.contains_key(*p)).collect();
-        if !missing.is_empty() {
-            let current = Expr::col((subscriptions::Entity, subscriptions::Column::LastProcessedPosition));
-            let mut create = create(&missing);
-            create
+        let read = "SELECT s.partition, s.last_processed_position FROM unnest($2::text[]) AS k(p)
+                    CROSS JOIN LATERAL (SELECT partition, last_processed_position FROM subscriptions
+                                        WHERE subscription_id = $1 AND partition = k.p AND version = 1
+                                        FOR UPDATE) AS s";
+        let current = Expr::col((subscriptions::Entity, subscriptions::Column::LastProcessedPosition));
+        let upsert = |missing: &[&str]| {
+            create(missing)
                 .on_conflict(
                     OnConflict::columns(key).value(subscriptions::Column::LastProcessedPosition, current).to_owned(),
                 )
-                .returning(Query::returning().columns(returned));
-            found.extend(positions(txn.query_all(&create).await?)?);
-        }
-        return Ok(found);
+                .returning(Query::returning().columns(returned))
+                .to_owned()
+        };
+        return positions(pg_lock_or_create(txn, read, subscription, &partitions, "partition", upsert).await?);
     }
     let mut create = create(&partitions);
     create.on_conflict(OnConflict::columns(key).do_nothing_on([subscriptions::Column::SubscriptionId]).to_owned());
@@ -174,26 +167,18 @@ pub(crate) async fn lock_snapshots(
     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
     #[cfg(feature = "postgres")]
     if txn.get_database_backend() == DbBackend::Postgres {
-        let sql = "SELECT s.stream_id, s.last_global_position, s.snapshot FROM unnest($2::text[]) AS k(id)
-                   CROSS JOIN LATERAL (SELECT stream_id, last_global_position, snapshot FROM snapshots
-                                       WHERE readmodel_table_name = $1 AND stream_id = k.id
-                                       FOR UPDATE) AS s";
-        let values: [sea_orm::Value; 2] =
-            [table.into(), ids.iter().map(|id| id.to_string()).collect::<Vec<_>>().into()];
-        let mut found =
-            txn.query_all_raw(sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, sql, values)).await?;
-        let present: std::collections::HashSet<String> =
-            found.iter().map(|row| row.try_get::<String>("", "stream_id")).collect::<Result<_, _>>()?;
-        let missing: Vec<&str> = ids.iter().copied().filter(|id| !present.contains(*id)).collect();
-        if !missing.is_empty() {
-            let unchanged = Expr::col((snapshots::Entity, snapshots::Column::StreamId));
-            let mut create = create(&missing);
-            create
+        let read = "SELECT s.stream_id, s.last_global_position, s.snapshot FROM unnest($2::text[]) AS k(id)
+                    CROSS JOIN LATERAL (SELECT stream_id, last_global_position, snapshot FROM snapshots
+                                        WHERE readmodel_table_name = $1 AND stream_id = k.id
+                                        FOR UPDATE) AS s";
+        let unchanged = Expr::col((snapshots::Entity, snapshots::Column::StreamId));
+        let upsert = |missing: &[&str]| {
+            create(missing)
                 .on_conflict(OnConflict::columns(key).value(snapshots::Column::StreamId, unchanged).to_owned())
-                .returning(Query::returning().columns(returned));
-            found.extend(txn.query_all(&create).await?);
-        }
-        return Ok(found);
+                .returning(Query::returning().columns(returned))
+                .to_owned()
+        };
+        return pg_lock_or_create(txn, read, table, &ids, "stream_id", upsert).await;
     }
     let mut create = create(&ids);
     create.on_conflict(OnConflict::columns(key).do_nothing_on([snapshots::Column::StreamId]).to_owned());
@@ -206,4 +191,29 @@ pub(crate) async fn lock_snapshots(
             .lock(LockType::Update),
     )
     .await
+}
+
+/// PostgreSQL: the rows of `keys` locked without writing them — `read` is a `LATERAL` read
+/// `FOR UPDATE` of `$2`'s keys under `$1` (`scope`), one index probe each, in `keys` order —
+/// then the missing ones (no row with that `key_column`) created and locked by `upsert`
+/// (a no-op upsert returning them: a row created meanwhile is locked as it is).
+#[cfg(feature = "postgres")]
+async fn pg_lock_or_create(
+    txn: &DatabaseTransaction,
+    read: &str,
+    scope: &str,
+    keys: &[&str],
+    key_column: &str,
+    upsert: impl FnOnce(&[&str]) -> sea_orm::sea_query::InsertStatement,
+) -> Result<Vec<sea_orm::QueryResult>, DbErr> {
+    let values: [sea_orm::Value; 2] = [scope.into(), keys.iter().map(|k| k.to_string()).collect::<Vec<_>>().into()];
+    let mut rows =
+        txn.query_all_raw(sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, read, values)).await?;
+    let found: std::collections::HashSet<String> =
+        rows.iter().map(|row| row.try_get("", key_column)).collect::<Result<_, _>>()?;
+    let missing: Vec<&str> = keys.iter().copied().filter(|k| !found.contains(*k)).collect();
+    if !missing.is_empty() {
+        rows.extend(txn.query_all(&upsert(&missing)).await?);
+    }
+    Ok(rows)
 }
