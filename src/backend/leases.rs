@@ -221,32 +221,31 @@ pub(crate) async fn ensure_leases(conn: &impl ConnectionTrait, pairs: &[(String,
     // In key order: instances creating the same rows at once queue on them instead of deadlocking.
     let mut pairs: Vec<(&str, &str)> = pairs.iter().map(|(s, t)| (s.as_str(), t.as_str())).collect();
     pairs.sort_unstable();
-    // PostgreSQL and SQLite: one statement however many pairs (10,000 tenants × 2 projections
-    // in statements of 100 rows, each committed alone, took 0.75 s of a 4.6 s catch-up).
-    match backend {
-        #[cfg(feature = "postgres")]
-        DbBackend::Postgres => {
-            let sql = "INSERT INTO emt_leases (subscription_id, partition)
-                       SELECT s, t FROM unnest($1::text[], $2::text[]) AS p(s, t) ON CONFLICT DO NOTHING";
-            let (subscriptions, tenants): (Vec<String>, Vec<String>) =
-                pairs.iter().map(|(s, t)| (s.to_string(), t.to_string())).unzip();
-            conn.execute_raw(statement(backend, sql, [subscriptions.into(), tenants.into()])).await?;
-        }
-        DbBackend::Sqlite => {
-            let sql = "INSERT INTO emt_leases (subscription_id, partition)
-                       SELECT value ->> 0, value ->> 1 FROM json_each($1) WHERE true ON CONFLICT DO NOTHING";
-            let json = serde_json::to_string(&pairs).map_err(|e| DbErr::Custom(e.to_string()))?;
-            conn.execute_raw(statement(backend, sql, [json.into()])).await?;
-        }
-        _ => {
-            let p = partition_column(backend);
-            for chunk in pairs.chunks(1000) {
-                let rows = vec!["(?, ?)"; chunk.len()].join(", ");
-                let sql = format!("INSERT IGNORE INTO emt_leases (subscription_id, {p}) VALUES {rows}");
-                let values = chunk.iter().flat_map(|(s, t)| [Value::from(*s), Value::from(*t)]);
-                conn.execute_raw(statement(backend, &sql, values)).await?;
-            }
-        }
+    // PostgreSQL and SQLite: the pairs as one JSON parameter (as `move_checkpoints` does), one
+    // statement however many (10,000 tenants × 2 projections in statements of 100 rows, each
+    // committed alone, took 0.75 s of a 4.6 s catch-up).
+    let sql = match backend {
+        DbBackend::Postgres => Some(
+            "INSERT INTO emt_leases (subscription_id, partition)
+             SELECT e ->> 0, e ->> 1 FROM json_array_elements($1::json) AS e ON CONFLICT DO NOTHING",
+        ),
+        DbBackend::Sqlite => Some(
+            "INSERT INTO emt_leases (subscription_id, partition)
+             SELECT value ->> 0, value ->> 1 FROM json_each($1) WHERE true ON CONFLICT DO NOTHING",
+        ),
+        _ => None,
+    };
+    if let Some(sql) = sql {
+        let json = serde_json::to_string(&pairs).map_err(|e| DbErr::Custom(e.to_string()))?;
+        conn.execute_raw(statement(backend, sql, [json.into()])).await?;
+        return Ok(());
+    }
+    let p = partition_column(backend);
+    for chunk in pairs.chunks(1000) {
+        let rows = vec!["(?, ?)"; chunk.len()].join(", ");
+        let sql = format!("INSERT IGNORE INTO emt_leases (subscription_id, {p}) VALUES {rows}");
+        let values = chunk.iter().flat_map(|(s, t)| [Value::from(*s), Value::from(*t)]);
+        conn.execute_raw(statement(backend, &sql, values)).await?;
     }
     Ok(())
 }
