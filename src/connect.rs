@@ -9,7 +9,7 @@
 //!   port and sets the option on the process's socket with that local port (`getsockname`,
 //!   `setsockopt`). Remove [`nodelay`] once sqlx ships the fix.
 //! - **SQLite**: WAL (readers never block the writer, nor it them), `synchronous = NORMAL`
-//!   (durable at checkpoints, no fsync per commit) and a 5 s busy timeout.
+//!   (durable at checkpoints, no fsync per commit) and a 30 s busy timeout.
 //! - **Behind a transaction-mode pooler** (PgBouncer `pool_mode = transaction`, and the managed
 //!   poolers built on it): say so in the URL with `pooler=transaction`
 //!   (`postgres://app@pgbouncer:6432/app?pooler=transaction`). The pool then keeps no prepared
@@ -59,7 +59,7 @@ pub fn connect_options(url: &str) -> ConnectOptions {
 }
 
 /// Applies the store's connection settings to options you built: `TCP_NODELAY` on PostgreSQL
-/// and MySQL connections, WAL, `synchronous = NORMAL` and a 5 s busy timeout on SQLite.
+/// and MySQL connections, WAL, `synchronous = NORMAL` and a 30 s busy timeout on SQLite.
 ///
 /// sqlx's liveness ping on every checkout stays on PostgreSQL and MySQL (not on SQLite: a file has
 /// no server to lose the connection). It costs a round trip per operation (PostgreSQL
@@ -131,7 +131,7 @@ pub fn configure(mut options: ConnectOptions) -> ConnectOptions {
         sqlite
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(std::time::Duration::from_secs(5))
+            .busy_timeout(std::time::Duration::from_secs(30))
     });
     // A file has no server to lose the connection: no liveness ping on checkout.
     #[cfg(feature = "sqlite")]

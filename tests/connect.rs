@@ -91,7 +91,7 @@ async fn sqlite_runs_in_wal_mode() {
     };
     assert_eq!(pragma("PRAGMA journal_mode").await, "wal");
     assert_eq!(pragma("PRAGMA synchronous").await, "1", "NORMAL");
-    assert_eq!(pragma("PRAGMA busy_timeout").await, "5000");
+    assert_eq!(pragma("PRAGMA busy_timeout").await, "30000");
     common::drop_database(&url).await;
 }
 
