@@ -186,6 +186,35 @@ impl MigrationTrait for M20261207000002CreateAppendFunction {
     }
 }
 
+/// Tells PostgreSQL's planner that a tenant holds a small share of the events (a statistics
+/// setting on `messages_default`, then `ANALYZE`), so every tenant-scoped read walks its
+/// `(partition, global_position)` range. Without it, statistics taken while a few big tenants
+/// filled the table made generic plans scan the global-position index through every tenant's
+/// rows for tenants added since (`status` 1.9 s, a daemon group read 1.1 s). Nothing on SQLite
+/// and MySQL.
+pub struct M20261207000003AssumeManyTenants;
+
+impl M20261207000003AssumeManyTenants {
+    const NAME: &str = "m20261207_000003_assume_many_tenants";
+}
+
+impl MigrationName for M20261207000003AssumeManyTenants {
+    fn name(&self) -> &str {
+        Self::NAME
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M20261207000003AssumeManyTenants {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        run(manager, up_sql(self.name(), manager.get_connection()).await?).await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        run(manager, backend::forget_tenant_statistics(manager.get_database_backend())).await
+    }
+}
+
 /// Runs `statements` in order.
 async fn run(manager: &SchemaManager<'_>, statements: Vec<String>) -> Result<(), DbErr> {
     for statement in statements {
@@ -208,6 +237,7 @@ async fn up_sql(name: &str, db: &impl ConnectionTrait) -> Result<Vec<String>, Db
         M20261206000001CreateDaemonSegments::NAME => backend::create_segment_table(db).await,
         M20261207000001CreateAggregateSnapshots::NAME => backend::aggregates::create_aggregate_snapshots(db).await,
         M20261207000002CreateAppendFunction::NAME => Ok(backend::create_append_function(db.get_database_backend())),
+        M20261207000003AssumeManyTenants::NAME => Ok(backend::tenant_statistics(db.get_database_backend())),
         other => Err(DbErr::Migration(format!("no migration named {other}"))),
     }
 }
@@ -288,6 +318,7 @@ impl MigratorTrait for Migrator {
             Box::new(M20261206000001CreateDaemonSegments),
             Box::new(M20261207000001CreateAggregateSnapshots),
             Box::new(M20261207000002CreateAppendFunction),
+            Box::new(M20261207000003AssumeManyTenants),
         ]
     }
 

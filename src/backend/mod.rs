@@ -52,7 +52,8 @@ pub(crate) use leases::{
 };
 pub(crate) use locks::{lock_checkpoint, lock_checkpoints, lock_snapshots, move_checkpoints};
 pub(crate) use schema::{
-    create_partition, create_schema, drop_schema, harden_schema, mysql_exact_collation, soften_schema, table_shape,
+    create_partition, create_schema, drop_schema, forget_tenant_statistics, harden_schema, mysql_exact_collation,
+    soften_schema, table_shape, tenant_statistics,
 };
 pub(crate) use segments::{
     SegmentRow, Segments, claim, create_segment_table, drop_segment_table, ensure_segments, held_tenants, leave,
