@@ -318,12 +318,41 @@ async fn event_types_and_versions_are_listed_and_reads_upcast(db: TestDb) {
     run(&["streams", "read", "acc-1", "--partition", "t1", "--raw"]).run(&db.url, &projections).await.expect("raw");
 }
 
+/// `partitions erase`: without `--yes` a count per table and nothing changed; the standalone
+/// binary erases the store's tables, the app's binary its registered read models too; a tenant
+/// with nothing is an error.
+async fn a_tenant_is_erased_only_when_asked(db: TestDb) {
+    balances::create_table(&db.db).await;
+    let store = db.store();
+    for i in 0..30 {
+        balances::deposit(&store, i, 1).await;
+    }
+    let projections = Projections::new().projection("balances", balances::registry());
+    let run = |args: &[&str]| App::try_parse_from(["app"].iter().chain(args)).expect("arguments").ops;
+    run(&["projections", "catch-up", "balances"]).run(&db.url, &projections).await.expect("catch-up");
+    let counted = json_lines(&ok(cli(&db, &["partitions", "erase", "t1", "--json"])));
+    let would = |table: &str| counted.iter().find(|r| r["table"] == table).and_then(|r| r["would_remove"].as_u64());
+    assert_eq!((would("messages"), would("streams"), would("subscriptions")), (Some(10), Some(7), Some(1)));
+    assert_eq!(would("balances"), None, "the standalone binary knows no read model");
+    let tenants = || json_lines(&ok(cli(&db, &["partitions", "list", "--json"]))).len();
+    assert_eq!(tenants(), 3, "nothing changed without --yes");
+    ok(cli(&db, &["partitions", "erase", "t1", "--yes"]));
+    assert_eq!(tenants(), 2);
+    assert_eq!(balances::rows(&db.db).await.iter().filter(|r| r.0 == "t1").count(), 7, "read models are the app's");
+    run(&["partitions", "erase", "t2", "--yes"]).run(&db.url, &projections).await.expect("erase");
+    assert!(balances::rows(&db.db).await.iter().all(|r| r.0 != "t2"));
+    assert!(failed(cli(&db, &["partitions", "erase", "t2", "--yes"])).contains("tenant 't2' has no rows"));
+    assert!(failed(cli(&db, &["partitions", "erase", "nobody"])).contains("tenant 'nobody' has no rows"));
+    assert_eq!(tenants(), 1, "t3 stays");
+}
+
 conformance!(
     migrations_report_apply_and_print_their_sql,
     streams_and_partitions_are_listed_and_read,
     projections_and_leases_show_what_the_daemons_do,
     a_rebuild_while_appends_go_on_ends_equal_to_the_fold,
     event_types_and_versions_are_listed_and_reads_upcast,
+    a_tenant_is_erased_only_when_asked,
 );
 
 #[test]

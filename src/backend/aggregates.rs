@@ -7,7 +7,7 @@ use sea_orm::{ConnectionTrait, DbBackend, DbErr};
 use super::partition_column;
 
 /// The table.
-const TABLE: &str = "emt_aggregate_snapshots";
+pub(crate) const TABLE: &str = "emt_aggregate_snapshots";
 
 /// DDL of the aggregate snapshots table (a migration), not run.
 pub(crate) async fn create_aggregate_snapshots(conn: &impl ConnectionTrait) -> Result<Vec<String>, DbErr> {

@@ -91,6 +91,29 @@ pub(crate) async fn lock_checkpoints(
     positions(locked)
 }
 
+/// Deletes the checkpoints of `partitions` still at 0: rows a batch created only to lock them
+/// and then found no event for (a tenant erased meanwhile). A checkpoint at 0 and none mean the
+/// same; only events leave a checkpoint behind.
+pub(crate) async fn forget_unmoved_checkpoints(
+    txn: &DatabaseTransaction,
+    subscription: &str,
+    partitions: &[&str],
+) -> Result<(), DbErr> {
+    if partitions.is_empty() {
+        return Ok(());
+    }
+    txn.execute(
+        Query::delete()
+            .from_table(subscriptions::Entity)
+            .and_where(Expr::col(subscriptions::Column::SubscriptionId).eq(subscription))
+            .and_where(Expr::col(subscriptions::Column::Partition).is_in(partitions.iter().copied()))
+            .and_where(Expr::col(subscriptions::Column::Version).eq(1))
+            .and_where(Expr::col(subscriptions::Column::LastProcessedPosition).eq(0)),
+    )
+    .await?;
+    Ok(())
+}
+
 /// Moves the checkpoints of `subscription`: `(partition, position)` each.
 pub(crate) async fn move_checkpoints(
     txn: &DatabaseTransaction,

@@ -22,6 +22,7 @@
 
 pub(crate) mod aggregates;
 mod append;
+mod erase;
 mod failure;
 mod horizon;
 mod instances;
@@ -37,6 +38,7 @@ pub(crate) use append::APPENDS_CHANNEL;
 pub(crate) use append::{
     Append, Appended, NewEvent, append, append_steps, create_append_function, drop_append_function,
 };
+pub(crate) use erase::{TenantRows, partition_rows};
 pub(crate) use failure::{is_retried, retry_policy};
 pub(crate) use horizon::{
     changes, global_horizon, head, horizon, index_order_only, last_position_upto, partition_heads, pending,
@@ -50,7 +52,9 @@ pub(crate) use leases::{
     LeaseReport, create_lease_tables, create_owner_index, drop_lease_tables, drop_owner_index, ensure_leases,
     lease_reports, lease_rows, lease_subscriptions, park, unpark,
 };
-pub(crate) use locks::{lock_checkpoint, lock_checkpoints, lock_snapshots, move_checkpoints};
+pub(crate) use locks::{
+    forget_unmoved_checkpoints, lock_checkpoint, lock_checkpoints, lock_snapshots, move_checkpoints,
+};
 pub(crate) use schema::{
     create_partition, create_schema, drop_schema, forget_tenant_statistics, harden_schema, mysql_exact_collation,
     soften_schema, table_shape, tenant_statistics,

@@ -413,7 +413,7 @@ pub(crate) async fn create_partition<C: TransactionTrait<Transaction = DatabaseT
 }
 
 /// `streams_p_<readable part>_<hash>`: only `[a-z0-9_]`, at most 63 bytes, distinct per tenant.
-fn partition_table_name(table: &str, partition: &str) -> String {
+pub(super) fn partition_table_name(table: &str, partition: &str) -> String {
     let readable: String = partition
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })

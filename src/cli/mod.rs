@@ -118,6 +118,18 @@ pub enum Partitions {
     },
     /// Tenants with streams, with their number of streams and last global position.
     List(JsonFlag),
+    /// Remove everything of a tenant: events, streams, checkpoints, leases, snapshots, and the
+    /// rows of the read models the app registered. Without --yes, print what would be removed.
+    Erase {
+        /// The tenant.
+        tenant: String,
+        /// Yes, erase it.
+        #[arg(long)]
+        yes: bool,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `streams …`
@@ -316,6 +328,7 @@ pub enum CliError {
 #[derive(Default)]
 pub struct Projections {
     runners: BTreeMap<String, Runner>,
+    read_models: Vec<crate::projection::ReadModel>,
     upcasters: crate::upcast::Upcasters,
 }
 
@@ -330,6 +343,7 @@ impl Projections {
 
     /// The projection `subscription_id`, fed to `registry`.
     pub fn projection<E: Event + 'static>(mut self, subscription_id: &str, registry: ProjectionRegistry<E>) -> Self {
+        self.read_models.extend(registry.read_models().iter().cloned());
         let registry = Arc::new(registry);
         let runner =
             move |store| Box::new(ProjectionRunner::shared(store, Arc::clone(&registry))) as Box<dyn Projector>;
@@ -427,6 +441,9 @@ impl Command {
                 Ok(())
             }
             Command::Partitions(Partitions::List(flag)) => ops::partitions(&conn, flag).await,
+            Command::Partitions(Partitions::Erase { tenant, yes, json }) => {
+                ops::erase(&raw, &tenant, &projections.read_models, yes, json).await
+            }
             Command::Streams(Streams::List { partition, stream_type, limit, json }) => {
                 ops::list_streams(&conn, partition, stream_type, limit, json).await
             }

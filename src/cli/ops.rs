@@ -10,6 +10,7 @@ use super::report::{self, Table};
 use super::{CliError, JsonFlag, Migrate, StatusFilter};
 use crate::conn::Conn;
 use crate::migrations::{self, Change};
+use crate::projection::ReadModel;
 use crate::schema::{messages, skipped_events, streams, subscriptions};
 use crate::store::{EventStore, ReadOptions};
 use crate::upcast::Upcasters;
@@ -64,6 +65,34 @@ pub(super) async fn partitions(db: &Conn, flag: JsonFlag) -> Result<(), CliError
         table.record(json!({ "partition": tenant, "streams": streams, "last_global_position": head }));
     }
     table.print();
+    Ok(())
+}
+
+/// `partitions erase`: the rows of `tenant` per table, removed with `yes`, else only counted.
+pub(super) async fn erase(
+    store: &EventStore,
+    tenant: &str,
+    read_models: &[ReadModel],
+    yes: bool,
+    json: bool,
+) -> Result<(), CliError> {
+    let rows = match yes {
+        true => store.erase_partition(tenant, read_models).await?,
+        false => store.partition_rows(tenant, read_models).await?,
+    };
+    if rows.total() == 0 {
+        return Err(CliError::Invalid(format!("tenant '{tenant}' has no rows: nothing to erase")));
+    }
+    let column = if yes { "removed" } else { "would_remove" };
+    let mut table = Table::new(["table", column]).json(json);
+    for (name, count) in &rows.tables {
+        table.record(json!({ "table": name, column: count }));
+    }
+    table.print();
+    match yes {
+        true => eprintln!("tenant '{tenant}' erased: {} rows", rows.total()),
+        false => eprintln!("nothing changed; pass --yes to erase tenant '{tenant}' ({} rows)", rows.total()),
+    }
     Ok(())
 }
 

@@ -26,6 +26,7 @@
 mod erased;
 mod inline;
 mod own_streams;
+mod read_model;
 mod registry;
 mod runner;
 mod snapshot;
@@ -33,9 +34,11 @@ mod snapshot;
 use std::collections::BTreeMap;
 
 pub(crate) use erased::Projector;
+pub use read_model::ReadModel;
 pub use registry::{BatchHandler, EventHandler, ProjectionContext, ProjectionRegistry};
 pub(crate) use runner::GroupProgress;
 pub use runner::{Progress, ProjectEventsResult, ProjectPartitionResult, ProjectionRunner, RunOptions};
+pub(crate) use snapshot::stream_id_part;
 pub use snapshot::{SnapshotProjection, construct_stream_id};
 
 /// The key columns of a read-model row and their values, as returned by `extract_keys`.

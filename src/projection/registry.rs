@@ -171,11 +171,12 @@ impl<E> Registered<E> {
 #[doc(alias = "SnapshotProjectionRegistry", alias = "createSnapshotProjectionRegistry")]
 pub struct ProjectionRegistry<E> {
     steps: Vec<Registered<E>>,
+    read_models: Vec<super::ReadModel>,
 }
 
 impl<E> Default for ProjectionRegistry<E> {
     fn default() -> Self {
-        Self { steps: Vec::new() }
+        Self { steps: Vec::new(), read_models: Vec::new() }
     }
 }
 
@@ -191,8 +192,22 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
         S: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
     {
         let event_types = projection.event_types.clone();
+        self.read_models.extend(projection.read_model());
         self.steps.push(Registered { event_types, step: Step::Snapshot(Arc::new(projection)) });
         self
+    }
+
+    /// Names a table a custom handler writes, with its tenant column, for tenant operations
+    /// (snapshot projections name theirs with
+    /// [`tenant_column`](super::SnapshotProjection::tenant_column)).
+    pub fn read_model(mut self, read_model: super::ReadModel) -> Self {
+        self.read_models.push(read_model);
+        self
+    }
+
+    /// The read models whose tenant column is known: what erasing a tenant clears.
+    pub fn read_models(&self) -> &[super::ReadModel] {
+        &self.read_models
     }
 
     /// Adds a custom handler for the given event types (an empty list, `[]`: every event).

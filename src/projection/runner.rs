@@ -469,6 +469,9 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         }
         let applied = self.apply_next(&txn, subscription, partition, source, checkpoint, options, None).await?;
         let Some((count, next_checkpoint)) = applied else {
+            if checkpoint == 0 {
+                backend::forget_unmoved_checkpoints(&txn, subscription, &[partition]).await?;
+            }
             commit(txn).await?;
             return Ok((0, checkpoint as u64));
         };
@@ -604,7 +607,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         let epochs: HashMap<&str, i64> = tenants.iter().map(|(t, epoch)| (t.as_str(), *epoch)).collect();
         let mut progress = Vec::with_capacity(tenants.len());
         let mut batches = Vec::with_capacity(by_tenant.len());
-        let mut moved = Vec::with_capacity(by_tenant.len());
+        let (mut moved, mut unmoved) = (Vec::with_capacity(by_tenant.len()), Vec::new());
         for (tenant, checkpoint) in &reads {
             let rows = by_tenant.remove(tenant).unwrap_or_default();
             let next = rows.last().and_then(|r| r.global_position).unwrap_or(*checkpoint);
@@ -619,12 +622,15 @@ impl<E: Event + 'static> ProjectionRunner<E> {
                 moved.push((*tenant, next));
                 let epoch = epochs.get(tenant).copied();
                 batches.push((*tenant, epoch, self.decode(&txn, subscription, rows, options).await?));
+            } else if *checkpoint == 0 {
+                unmoved.push(*tenant);
             }
         }
         let session = self.store.bound_to(Arc::clone(&txn));
         self.registry.apply(&session, None, &batches, None).await?;
         drop(session);
         backend::move_checkpoints(&txn, subscription, &moved).await?;
+        backend::forget_unmoved_checkpoints(&txn, subscription, &unmoved).await?;
         commit(txn).await?;
         progress.extend(names.iter().filter(|t| !held.contains(**t)).map(|t| GroupProgress {
             tenant: t.to_string(),

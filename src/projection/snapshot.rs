@@ -52,6 +52,7 @@ pub struct SnapshotProjection<E, S> {
     initial_state: Box<dyn Fn() -> S + Send + Sync>,
     map_to_columns: Option<Box<ColumnsFn<S>>>,
     storage: Storage,
+    tenant_column: Option<String>,
     key_names: OnceLock<Vec<String>>,
     /// The read-model table's columns, once it was checked (see `check_table`).
     table_columns: Mutex<Option<Arc<BTreeSet<String>>>>,
@@ -74,6 +75,7 @@ impl<E, S> SnapshotProjection<E, S> {
             initial_state: Box::new(initial_state),
             map_to_columns: None,
             storage: Storage::SnapshotTable,
+            tenant_column: None,
             key_names: OnceLock::new(),
             table_columns: Mutex::default(),
         }
@@ -96,6 +98,20 @@ impl<E, S> SnapshotProjection<E, S> {
     pub fn in_table(mut self) -> Self {
         self.storage = Storage::InTable;
         self
+    }
+
+    /// Names the key column that holds the tenant (the key `extract_keys` fills with the
+    /// partition): erasing a tenant removes its rows and snapshots of this read model (see
+    /// [`ReadModel`](super::ReadModel)).
+    pub fn tenant_column(mut self, column: impl Into<String>) -> Self {
+        self.tenant_column = Some(column.into());
+        self
+    }
+
+    /// The read model as tenant operations see it, if [`tenant_column`](Self::tenant_column)
+    /// named its tenant column.
+    pub(crate) fn read_model(&self) -> Option<super::ReadModel> {
+        self.tenant_column.as_ref().map(|column| super::ReadModel::new(&self.table, column))
     }
 
     /// The read model's table (`schema.table` when qualified).
@@ -204,11 +220,12 @@ fn list(names: &BTreeSet<String>) -> String {
 pub fn construct_stream_id(keys: &Keys) -> String {
     let mut sorted: Vec<(&String, &sea_orm::Value)> = keys.iter().collect();
     sorted.sort_by(|(a, _), (b, _)| a.encode_utf16().cmp(b.encode_utf16()));
-    sorted
-        .into_iter()
-        .map(|(k, v)| format!("{}:{}", encode_uri_component(k), encode_uri_component(&key_text(v))))
-        .collect::<Vec<_>>()
-        .join("|")
+    sorted.into_iter().map(|(k, v)| stream_id_part(k, &key_text(v))).collect::<Vec<_>>().join("|")
+}
+
+/// The part of every [`construct_stream_id`] of a row whose key `name` is `value`.
+pub(crate) fn stream_id_part(name: &str, value: &str) -> String {
+    format!("{}:{}", encode_uri_component(name), encode_uri_component(value))
 }
 
 /// A key value as text, as JavaScript's `String(value)` gives it for the usual key types

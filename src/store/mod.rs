@@ -1,6 +1,7 @@
 //! The event store: append with optimistic concurrency, read, aggregate, sessions, archive.
 
 mod aggregate;
+mod erase;
 mod group;
 pub(crate) mod inline;
 mod options;
@@ -18,6 +19,7 @@ use sea_orm::{
 use serde_json::Value;
 
 pub use aggregate::SnapshotPolicy;
+pub use erase::PartitionRows;
 pub use options::{AggregateStreamResult, AppendOptions, AppendResult, ReadOptions, ReadStreamResult};
 
 use crate::backend::{self, Append, NewEvent};

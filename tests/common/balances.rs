@@ -28,7 +28,8 @@ pub fn registry() -> ProjectionRegistry<Ev> {
         fold,
         Balance::default,
     )
-    .columns(|b: &Balance| columns! { "total" => b.total, "deposits" => b.deposits });
+    .columns(|b: &Balance| columns! { "total" => b.total, "deposits" => b.deposits })
+    .tenant_column("tenant_id");
     ProjectionRegistry::new().with(projection)
 }
 
