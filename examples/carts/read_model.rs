@@ -70,4 +70,6 @@ pub fn projection() -> SnapshotProjection<CartEvent, Cart> {
             Column::IsCancelled.as_str() => cart.status == Status::Cancelled,
         }
     })
+    // Erasing a tenant (`ops partitions erase`) removes its carts by this column.
+    .tenant_column(Column::TenantId.as_str())
 }
