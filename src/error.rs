@@ -260,6 +260,35 @@ pub enum Error {
         partition: String,
     },
 
+    /// An import into a database that already holds the tenant, without asking to replace it.
+    #[error("tenant '{partition}' already has streams or events here; import with replace to overwrite it")]
+    PartitionExists {
+        /// The tenant.
+        partition: String,
+    },
+
+    /// A tenant changed while it was moved to another database (an append during the move):
+    /// the copy there was erased and the tenant stays here, as it is.
+    #[error(
+        "tenant '{partition}' changed while it was moved ({reason}); it stays here: stop its writers and move it again"
+    )]
+    PartitionChanged {
+        /// The tenant.
+        partition: String,
+        /// What differed.
+        reason: String,
+    },
+
+    /// A tenant's export file could not be imported: not an export, a malformed or truncated
+    /// line, or a row the database refused. Nothing was imported.
+    #[error("import failed at line {line}: {reason}; nothing was imported")]
+    Import {
+        /// The line of the file (1 is the header).
+        line: u64,
+        /// What was wrong.
+        reason: String,
+    },
+
     /// A stored row breaks the schema's rules: an event without a global position, or with
     /// data or metadata that is not JSON. Named so it can be repaired or skipped.
     #[error(
@@ -359,6 +388,10 @@ pub enum Error {
         /// What the runtime said.
         reason: String,
     },
+
+    /// Reading or writing a file or stream failed (an export's output, an import's input).
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
 
     /// Serialising a value to JSON failed.
     #[error("JSON error: {0}")]

@@ -38,6 +38,6 @@ pub use limits::{MAX_IDENTIFIER_CHARS, MAX_SNAPSHOT_ID_CHARS};
 pub use migrations::{Migrator, migrate};
 pub use schema::DEFAULT_PARTITION;
 pub use store::{
-    AggregateStreamResult, AppendOptions, AppendResult, EventStore, PartitionRows, ReadOptions, ReadStreamResult,
-    SnapshotPolicy,
+    AggregateStreamResult, AppendOptions, AppendResult, EventStore, ImportOptions, PartitionCounts, PartitionRows,
+    ReadOptions, ReadStreamResult, SnapshotPolicy,
 };

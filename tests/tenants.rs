@@ -1,4 +1,5 @@
-//! Tenants come and go, on every backend: erasing one removes every row of it the store and its
+//! Tenants come and go, on every backend: an export imported into another database is the same
+//! tenant there; erasing one removes every row of it the store and its
 //! registered read models hold, leaves every other tenant as it was (tenant ids that differ only
 //! by case, a prefix or a character a pattern would match included), is idempotent, lets the id
 //! start again from scratch, and a running daemon resurrects nothing.
@@ -11,7 +12,7 @@ use std::time::Duration;
 use common::{Ev, TestDb, balances};
 use emmett_seaorm::daemon::Daemon;
 use emmett_seaorm::projection::ReadModel;
-use emmett_seaorm::{AppendOptions, EventStore, ExpectedVersion, ReadOptions, SnapshotPolicy};
+use emmett_seaorm::{AppendOptions, Error, EventStore, ExpectedVersion, ImportOptions, ReadOptions, SnapshotPolicy};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
 
 /// Tenants a careless erase of `t1` would hit: a prefix match, another case, pattern characters.
@@ -179,4 +180,138 @@ async fn a_running_daemon_resurrects_nothing_of_an_erased_tenant(db: TestDb) {
     assert_eq!(t2, [("t2".to_owned(), "acc-0".to_owned(), (0..20).sum(), 20)]);
 }
 
-conformance!(with_pooler: erasing_a_tenant_removes_its_rows_and_only_its, a_running_daemon_resurrects_nothing_of_an_erased_tenant);
+/// Every event of `tenant` as the store reads it, stream by stream, without global positions
+/// (which differ between databases), and whether the archived stream is gone.
+async fn events_of(store: &EventStore, tenant: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for account in ["acc-0", "acc-1", "acc-2", "old"] {
+        let read = store.read_stream::<Ev>(account, ReadOptions::default().partition(tenant)).await.unwrap();
+        for e in read.events {
+            let at = e.created.timestamp_millis();
+            out.push(format!(
+                "{account} {} {:?} {} {} {at} {}",
+                e.stream_position, e.event, e.message_id, e.message_type, e.metadata
+            ));
+        }
+        out.push(format!("{account} exists: {}", store.stream_exists(account, tenant).await.unwrap()));
+    }
+    out
+}
+
+/// Exported from this backend, imported into a new SQLite database and back into this one under
+/// another id: the same streams and events, projected to the same read model; an import into a
+/// database that has the tenant is refused unless replacing; a truncated or corrupted file
+/// imports nothing and names the line.
+async fn a_tenant_exported_and_imported_elsewhere_is_the_same(db: TestDb) {
+    let store = db.store();
+    fill(&db, &store).await;
+    let mut file = Vec::new();
+    let written = store.export_partition("t|1", &mut file).await.unwrap();
+    assert_eq!((written.streams, written.events), (4, 13), "three accounts and an archived stream");
+    let text = String::from_utf8(file.clone()).unwrap();
+    assert_eq!(text.lines().count(), 1 + 4 + 13);
+
+    let elsewhere = emmett_seaorm::testing::TestDatabase::at("sqlite::memory:").await;
+    let there = EventStore::new(elsewhere.connection().clone());
+    let read = there.import_partition(&file[..], ImportOptions::default()).await.unwrap();
+    assert_eq!(read, written);
+    assert_eq!(events_of(&there, "t|1").await, events_of(&store, "t|1").await);
+    // The daemon there projects it as here.
+    balances::create_table(elsewhere.connection()).await;
+    let daemon = Daemon::new(there.clone()).projection("balances", balances::registry()).start().await.unwrap();
+    let head = there.read_stream::<Ev>("acc-2", ReadOptions::default().partition("t|1")).await.unwrap();
+    let head = head.events.last().unwrap().global_position;
+    tokio::time::timeout(Duration::from_secs(30), daemon.caught_up(head)).await.expect("caught up").unwrap();
+    daemon.stop().await.unwrap();
+    let projected =
+        |rows: Vec<(String, String, i64, i64)>| rows.into_iter().filter(|r| r.0 == "t|1").collect::<Vec<_>>();
+    assert_eq!(projected(balances::rows(elsewhere.connection()).await), projected(balances::rows(&db.db).await));
+
+    // Refused where the tenant is, unless replacing; then the same again.
+    let again = there.import_partition(&file[..], ImportOptions::default()).await;
+    assert!(matches!(again, Err(Error::PartitionExists { ref partition }) if partition == "t|1"), "{again:?}");
+    let read_models = balances::registry().read_models().to_vec();
+    let replaced = there.import_partition(&file[..], ImportOptions::default().replace(&read_models)).await.unwrap();
+    assert_eq!(replaced, written);
+    assert_eq!(events_of(&there, "t|1").await, events_of(&store, "t|1").await);
+    assert!(balances::rows(elsewhere.connection()).await.is_empty(), "the replaced tenant's rows wait for the daemon");
+
+    // Back here under another id: its own export is the same file but for ids and positions.
+    store.import_partition(&file[..], ImportOptions::default().partition("copy")).await.unwrap();
+    assert_eq!(events_of(&store, "copy").await, events_of(&store, "t|1").await);
+    let mut copy = Vec::new();
+    store.export_partition("copy", &mut copy).await.unwrap();
+    let without_positions = |file: &[u8]| -> Vec<serde_json::Value> {
+        let lines = String::from_utf8(file.to_vec()).unwrap();
+        lines
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let mut line: serde_json::Value = serde_json::from_str(l).unwrap();
+                if let Some(event) = line.get_mut("event") {
+                    event.as_object_mut().unwrap().remove("global_position");
+                }
+                line
+            })
+            .collect()
+    };
+    assert_eq!(without_positions(&copy), without_positions(&file));
+
+    // Bad files: nothing imported, the line named.
+    let lines: Vec<&str> = text.lines().collect();
+    let truncated = lines[..lines.len() - 1].join("\n");
+    let failed = store.import_partition(truncated.as_bytes(), ImportOptions::default().partition("bad")).await;
+    assert!(matches!(failed, Err(Error::Import { line: 18, .. })), "{failed:?}");
+    let mut corrupted = lines.clone();
+    corrupted[9] = "{\"event\": {\"stream_id\": ";
+    let failed =
+        store.import_partition(corrupted.join("\n").as_bytes(), ImportOptions::default().partition("bad")).await;
+    assert!(matches!(failed, Err(Error::Import { line: 10, .. })), "{failed:?}");
+    let failed = store.import_partition(&b"{}\n"[..], ImportOptions::default().partition("bad")).await;
+    assert!(matches!(failed, Err(Error::Import { line: 1, .. })), "{failed:?}");
+    assert!(rows_of(&db, "bad").await.values().all(|n| *n == 0));
+    assert_eq!(store.export_partition("bad", &mut Vec::new()).await.unwrap().events, 0);
+}
+
+/// Moved to a new SQLite database: there as it was here, gone here, the others untouched; a
+/// move that stopped after its copy (a crash) finishes when run again; a different copy there
+/// is refused.
+async fn a_moved_tenant_is_there_and_gone_here(db: TestDb) {
+    let store = db.store();
+    fill(&db, &store).await;
+    let read_models = balances::registry().read_models().to_vec();
+    let mut others = BTreeMap::new();
+    for tenant in ["t1", "t10", "t_", "t%1", "t|1"] {
+        others.insert(tenant, contents(&db, &store, tenant).await);
+    }
+    let before = events_of(&store, "T1").await;
+    let elsewhere = emmett_seaorm::testing::TestDatabase::at("sqlite::memory:").await;
+    let there = EventStore::new(elsewhere.connection().clone());
+    let moved = store.move_partition("T1", &there, &read_models).await.unwrap();
+    assert_eq!((moved.streams, moved.events), (4, 13));
+    assert_eq!(events_of(&there, "T1").await, before);
+    assert!(rows_of(&db, "T1").await.values().all(|n| *n == 0), "{:?}", rows_of(&db, "T1").await);
+    for (tenant, seen) in &others {
+        assert_eq!(&contents(&db, &store, tenant).await, seen, "{tenant} untouched");
+    }
+    // Copied, then the process died before the erase: run again, it finishes.
+    let mut file = Vec::new();
+    store.export_partition("t10", &mut file).await.unwrap();
+    there.import_partition(&file[..], ImportOptions::default()).await.unwrap();
+    let t10 = events_of(&store, "t10").await;
+    store.move_partition("t10", &there, &read_models).await.unwrap();
+    assert_eq!(events_of(&there, "t10").await, t10);
+    assert!(rows_of(&db, "t10").await.values().all(|n| *n == 0));
+    // A different tenant of that id there: refused, nothing changed.
+    there.import_partition(&file[..], ImportOptions::default().partition("t_")).await.unwrap();
+    let refused = store.move_partition("t_", &there, &read_models).await;
+    assert!(matches!(refused, Err(Error::PartitionExists { .. })), "{refused:?}");
+    assert_eq!(contents(&db, &store, "t_").await, others["t_"]);
+}
+
+conformance!(with_pooler:
+    erasing_a_tenant_removes_its_rows_and_only_its,
+    a_running_daemon_resurrects_nothing_of_an_erased_tenant,
+    a_tenant_exported_and_imported_elsewhere_is_the_same,
+    a_moved_tenant_is_there_and_gone_here,
+);

@@ -273,18 +273,9 @@ pub(crate) async fn append_steps(
     let total: i64 = moved.iter().map(|(a, _)| a.events.len() as i64).sum();
 
     // SQLite numbers messages itself, in append order; MySQL's AUTO_INCREMENT does it there.
-    let first_global = if backend == DbBackend::Sqlite && total > 0 {
-        let row = txn
-            .query_one_raw(Statement::from_sql_and_values(
-                backend,
-                "UPDATE emt_global_message_position SET last_value = last_value + ? WHERE id = 1 RETURNING last_value",
-                [total.into()],
-            ))
-            .await?
-            .ok_or_else(|| DbErr::RecordNotFound("emt_global_message_position".into()))?;
-        Some(row.try_get::<i64>("", "last_value")? - total + 1)
-    } else {
-        None
+    let first_global = match backend == DbBackend::Sqlite && total > 0 {
+        true => Some(take_global_positions(txn, total).await?),
+        false => None,
     };
 
     let mut columns = vec![
@@ -366,6 +357,16 @@ pub(crate) async fn append_steps(
     Ok(done)
 }
 
+/// SQLite: takes `n` global positions from the counter; returns the first.
+pub(super) async fn take_global_positions(txn: &DatabaseTransaction, n: i64) -> Result<i64, DbErr> {
+    let take = "UPDATE emt_global_message_position SET last_value = last_value + ? WHERE id = 1 RETURNING last_value";
+    let row = txn
+        .query_one_raw(Statement::from_sql_and_values(DbBackend::Sqlite, take, [n.into()]))
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound("emt_global_message_position".into()))?;
+    Ok(row.try_get::<i64>("", "last_value")? - n + 1)
+}
+
 /// MySQL: the last global position of an append that moved its stream to `version`, and its
 /// rows when it returns them (else only the last row's position is read).
 async fn read_back(txn: &DatabaseTransaction, a: &Append, version: i64) -> Result<(i64, Vec<StoredMessage>), DbErr> {
@@ -400,7 +401,7 @@ async fn read_back(txn: &DatabaseTransaction, a: &Append, version: i64) -> Resul
 /// for the other's gap lock to insert: a deadlock, again on every retry
 /// (`many_tenants_first_appends_at_once_all_succeed`). `INSERT IGNORE` on every append instead
 /// cost MariaDB's `append-1` 16%.
-async fn enter_partition(txn: &DatabaseTransaction, partition: &str, known: bool) -> Result<(), DbErr> {
+pub(super) async fn enter_partition(txn: &DatabaseTransaction, partition: &str, known: bool) -> Result<(), DbErr> {
     let sql = |sql: &str| Statement::from_sql_and_values(DbBackend::MySql, sql, [partition.into()]);
     if known {
         let lock = "SELECT 1 FROM emt_partitions WHERE `partition` = ? LOCK IN SHARE MODE";

@@ -25,6 +25,7 @@ mod append;
 mod erase;
 mod failure;
 mod horizon;
+mod import;
 mod instances;
 mod leases;
 mod locks;
@@ -42,6 +43,9 @@ pub(crate) use erase::{TenantRows, partition_rows};
 pub(crate) use failure::{is_retried, retry_policy};
 pub(crate) use horizon::{
     changes, global_horizon, head, horizon, index_order_only, last_position_upto, partition_heads, pending,
+};
+pub(crate) use import::{
+    ImportedMessage, ImportedStream, announce_import, begin_import, insert_messages, insert_streams,
 };
 pub(crate) use instances::heartbeat;
 #[cfg(feature = "postgres")]

@@ -130,6 +130,39 @@ pub enum Partitions {
         #[arg(long)]
         json: bool,
     },
+    /// Write a tenant's streams and events as JSON Lines (a header, the stream rows, every
+    /// event with all its columns in global order), to import elsewhere.
+    Export {
+        /// The tenant.
+        tenant: String,
+        /// The file to write (default: standard output).
+        #[arg(long)]
+        output: Option<std::path::PathBuf>,
+    },
+    /// Read a tenant's export into this database, all or nothing; the daemon projects it.
+    Import {
+        /// The file to read (default: standard input).
+        #[arg(long)]
+        input: Option<std::path::PathBuf>,
+        /// Import under this tenant id instead of the file's.
+        #[arg(long)]
+        partition: Option<String>,
+        /// Replace the tenant if this database has it (erased first, with the app's read models).
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Move a tenant to another database (any backend, migrated): export, import there, check
+    /// both hold the same streams and events, erase it here. Stop its writers first.
+    Move {
+        /// The tenant.
+        tenant: String,
+        /// The database to move it to.
+        #[arg(long, hide_env_values = true)]
+        to: String,
+        /// Print what would move, and whether the target has the tenant; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// `streams …`
@@ -443,6 +476,13 @@ impl Command {
             Command::Partitions(Partitions::List(flag)) => ops::partitions(&conn, flag).await,
             Command::Partitions(Partitions::Erase { tenant, yes, json }) => {
                 ops::erase(&raw, &tenant, &projections.read_models, yes, json).await
+            }
+            Command::Partitions(Partitions::Export { tenant, output }) => ops::export(&raw, &tenant, output).await,
+            Command::Partitions(Partitions::Move { tenant, to, dry_run }) => {
+                ops::move_partition(&raw, &tenant, &to, &projections.read_models, dry_run).await
+            }
+            Command::Partitions(Partitions::Import { input, partition, replace }) => {
+                ops::import(&raw, input, partition, replace.then_some(&projections.read_models[..])).await
             }
             Command::Streams(Streams::List { partition, stream_type, limit, json }) => {
                 ops::list_streams(&conn, partition, stream_type, limit, json).await

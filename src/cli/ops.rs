@@ -2,6 +2,7 @@
 //! `projections status|reset` and `leases`.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use serde_json::json;
@@ -12,7 +13,7 @@ use crate::conn::Conn;
 use crate::migrations::{self, Change};
 use crate::projection::ReadModel;
 use crate::schema::{messages, skipped_events, streams, subscriptions};
-use crate::store::{EventStore, ReadOptions};
+use crate::store::{EventStore, ImportOptions, ReadOptions};
 use crate::upcast::Upcasters;
 use crate::{backend, daemon};
 
@@ -94,6 +95,87 @@ pub(super) async fn erase(
         false => eprintln!("nothing changed; pass --yes to erase tenant '{tenant}' ({} rows)", rows.total()),
     }
     Ok(())
+}
+
+/// `partitions export`: the tenant's file, to `output` or standard output.
+pub(super) async fn export(store: &EventStore, tenant: &str, output: Option<PathBuf>) -> Result<(), CliError> {
+    let written = match output {
+        Some(path) => {
+            let file = tokio::fs::File::create(&path).await.map_err(|e| file_error(&path, e))?;
+            store.export_partition(tenant, file).await?
+        }
+        None => store.export_partition(tenant, tokio::io::stdout()).await?,
+    };
+    if written.streams == 0 {
+        return Err(CliError::Invalid(format!("tenant '{tenant}' has no streams: nothing to export")));
+    }
+    eprintln!("tenant '{tenant}' exported: {} streams, {} events", written.streams, written.events);
+    Ok(())
+}
+
+/// `partitions import`: a tenant's file from `input` or standard input.
+pub(super) async fn import(
+    store: &EventStore,
+    input: Option<PathBuf>,
+    partition: Option<String>,
+    replace: Option<&[ReadModel]>,
+) -> Result<(), CliError> {
+    let mut options = ImportOptions::default();
+    if let Some(partition) = partition {
+        options = options.partition(partition);
+    }
+    if let Some(read_models) = replace {
+        options = options.replace(read_models);
+    }
+    let read = match input {
+        Some(path) => {
+            let file = tokio::fs::File::open(&path).await.map_err(|e| file_error(&path, e))?;
+            store.import_partition(tokio::io::BufReader::new(file), options).await?
+        }
+        None => store.import_partition(tokio::io::BufReader::new(tokio::io::stdin()), options).await?,
+    };
+    eprintln!("tenant '{}' imported: {} streams, {} events", read.partition, read.streams, read.events);
+    Ok(())
+}
+
+/// `partitions move`: the tenant to the database at `to`, or with `dry_run` what would move.
+pub(super) async fn move_partition(
+    store: &EventStore,
+    tenant: &str,
+    to: &str,
+    read_models: &[ReadModel],
+    dry_run: bool,
+) -> Result<(), CliError> {
+    let target =
+        crate::connect(to).await.map_err(|source| CliError::Connect { url: report::without_password(to), source })?;
+    let there = EventStore::new(target.clone());
+    let outcome = async {
+        let here = store.partition_rows(tenant, &[]).await?;
+        let rows = |table: &str| here.tables.iter().find(|(t, _)| t == table).map_or(0, |(_, n)| *n);
+        if rows("streams") == 0 {
+            return Err(CliError::Invalid(format!("tenant '{tenant}' has no streams: nothing to move")));
+        }
+        let target_rows = there.partition_rows(tenant, &[]).await?.total();
+        if dry_run {
+            let (streams, events) = (rows("streams"), rows("messages"));
+            let target = report::without_password(to);
+            println!("would move tenant '{tenant}' ({streams} streams, {events} events) to {target}");
+            if target_rows > 0 {
+                println!("the target already has {target_rows} rows of it: the move finishes only if they equal these");
+            }
+            return Ok(());
+        }
+        let moved = store.move_partition(tenant, &there, read_models).await?;
+        eprintln!("tenant '{tenant}' moved: {} streams, {} events", moved.streams, moved.events);
+        Ok(())
+    }
+    .await;
+    target.close().await.ok();
+    outcome
+}
+
+fn file_error(path: &std::path::Path, err: std::io::Error) -> CliError {
+    CliError::Invalid(format!("{}: {err}", path.display()))
 }
 
 pub(super) async fn list_streams(

@@ -50,36 +50,70 @@ impl EventStore {
     /// # Ok(()) }
     /// ```
     pub async fn erase_partition(&self, partition: &str, read_models: &[ReadModel]) -> Result<PartitionRows> {
-        let erase = || self.rows_of(partition, read_models, true);
+        let erase = || self.rows_of(partition, read_models, true, None);
         erase.retry(backend::retry_policy()).when(backend::is_retried).await
     }
 
     /// What [`erase_partition`](Self::erase_partition) would remove, table by table, without
     /// removing it.
     pub async fn partition_rows(&self, partition: &str, read_models: &[ReadModel]) -> Result<PartitionRows> {
-        self.rows_of(partition, read_models, false).await
+        self.rows_of(partition, read_models, false, None).await
     }
 
-    async fn rows_of(&self, partition: &str, read_models: &[ReadModel], erase: bool) -> Result<PartitionRows> {
+    /// Erases the tenant if it has exactly `(streams, events)` rows (what a move copied), else
+    /// erases nothing: [`Error::PartitionChanged`].
+    pub(super) async fn erase_exactly(
+        &self,
+        partition: &str,
+        read_models: &[ReadModel],
+        expected: (u64, u64),
+    ) -> Result<PartitionRows> {
+        let erase = || self.rows_of(partition, read_models, true, Some(expected));
+        erase.retry(backend::retry_policy()).when(backend::is_retried).await
+    }
+
+    async fn rows_of(
+        &self,
+        partition: &str,
+        read_models: &[ReadModel],
+        erase: bool,
+        expected: Option<(u64, u64)>,
+    ) -> Result<PartitionRows> {
         limits::check_identifier("partition", partition, MAX_IDENTIFIER_CHARS)?;
         for read_model in read_models {
             limits::check_identifier("read model table", read_model.table(), MAX_IDENTIFIER_CHARS)?;
             limits::check_identifier("tenant column", read_model.tenant_column(), MAX_IDENTIFIER_CHARS)?;
         }
-        let tenant_rows: Vec<TenantRows> = read_models
-            .iter()
-            .map(|r| TenantRows {
-                table: r.table(),
-                tenant_column: r.tenant_column(),
-                snapshot_key: stream_id_part(r.tenant_column(), partition),
-            })
-            .collect();
+        let tenant_rows = tenant_rows(read_models, partition);
         let txn = match erase {
             true => backend::begin_write(self.executor()).await?,
             false => sea_orm::TransactionTrait::begin(self.executor()).await?,
         };
         let tables = backend::partition_rows(&txn, partition, &tenant_rows, erase).await?;
+        let rows = |table: &str| tables.iter().find(|(t, _)| t == table).map_or(0, |(_, n)| *n);
+        if let Some((streams, events)) = expected
+            && (rows("streams"), rows("messages")) != (streams, events)
+        {
+            let reason = format!(
+                "{streams} streams and {events} events were copied, {} and {} are here",
+                rows("streams"),
+                rows("messages")
+            );
+            return Err(Error::PartitionChanged { partition: partition.into(), reason });
+        }
         txn.commit().await.map_err(Error::from)?;
         Ok(PartitionRows { partition: partition.to_owned(), tables })
     }
+}
+
+/// The rows of `partition` in each of `read_models`, as the backend erases them.
+pub(super) fn tenant_rows<'a>(read_models: &'a [ReadModel], partition: &str) -> Vec<TenantRows<'a>> {
+    read_models
+        .iter()
+        .map(|r| TenantRows {
+            table: r.table(),
+            tenant_column: r.tenant_column(),
+            snapshot_key: stream_id_part(r.tenant_column(), partition),
+        })
+        .collect()
 }

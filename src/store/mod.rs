@@ -2,8 +2,10 @@
 
 mod aggregate;
 mod erase;
+mod export;
 mod group;
 pub(crate) mod inline;
+mod moving;
 mod options;
 
 use std::future::Future;
@@ -20,6 +22,7 @@ use serde_json::Value;
 
 pub use aggregate::SnapshotPolicy;
 pub use erase::PartitionRows;
+pub use export::{ImportOptions, PartitionCounts};
 pub use options::{AggregateStreamResult, AppendOptions, AppendResult, ReadOptions, ReadStreamResult};
 
 use crate::backend::{self, Append, NewEvent};
