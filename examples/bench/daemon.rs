@@ -148,6 +148,7 @@ async fn follow(args: &Args, subscriptions: &[String], tenants: &[String], rate:
             // planner from joining all 20,000 checkpoints by hash instead.)
             let waiting_names = waiting.iter().map(|&t| tenants[t].clone()).collect::<Vec<_>>();
             let statement = match backend {
+                #[cfg(feature = "postgres")]
                 DbBackend::Postgres => Statement::from_sql_and_values(
                     backend,
                     "SELECT k.p, min(s.last_processed_position), count(*) FROM unnest($2::text[]) AS k(p)

@@ -148,7 +148,7 @@ pub(crate) async fn insert_messages(
 pub(crate) async fn announce_import(txn: &DatabaseTransaction, partition: &str) -> Result<(), DbErr> {
     if txn.get_database_backend() == DbBackend::Postgres {
         let notify = "SELECT pg_notify($1, $2)";
-        let values = [super::APPENDS_CHANNEL.into(), partition.into()];
+        let values = [super::append::APPENDS_CHANNEL.into(), partition.into()];
         txn.query_one_raw(Statement::from_sql_and_values(DbBackend::Postgres, notify, values)).await?;
     }
     Ok(())
