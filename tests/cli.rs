@@ -346,6 +346,44 @@ async fn a_tenant_is_erased_only_when_asked(db: TestDb) {
     assert_eq!(tenants(), 1, "t3 stays");
 }
 
+/// `partitions export | import | move`: a file round trip under another id, a refused and a
+/// replacing import, and a move to a SQLite file with a dry run first.
+async fn a_tenant_is_exported_imported_and_moved(db: TestDb) {
+    let store = db.store();
+    for i in 0..30 {
+        balances::deposit(&store, i, 1).await;
+    }
+    let dir = std::env::temp_dir().join(format!("emmett-cli-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("t1.jsonl");
+    let file = file.to_str().unwrap();
+    ok(cli(&db, &["partitions", "export", "t1", "--output", file]));
+    assert_eq!(std::fs::read_to_string(file).unwrap().lines().count(), 1 + 7 + 10);
+    let stdout = ok(cli(&db, &["partitions", "export", "t1"]));
+    assert_eq!(stdout, std::fs::read_to_string(file).unwrap(), "the same file on standard output");
+    ok(cli(&db, &["partitions", "import", "--input", file, "--partition", "t1-copy"]));
+    assert!(failed(cli(&db, &["partitions", "import", "--input", file])).contains("tenant 't1' already has"));
+    ok(cli(&db, &["partitions", "import", "--input", file, "--replace"]));
+    let tenants = |db: &TestDb| -> Vec<String> {
+        let list = json_lines(&ok(cli(db, &["partitions", "list", "--json"])));
+        list.iter().map(|p| p["partition"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(tenants(&db), ["t1", "t1-copy", "t2", "t3"]);
+    assert!(failed(cli(&db, &["partitions", "export", "nobody"])).contains("tenant 'nobody' has no streams"));
+
+    let target = format!("sqlite://{}?mode=rwc", dir.join("target.db").display());
+    let target_db = TestDb { db: common::connect(&target).await.unwrap(), url: target.clone(), pooled: None };
+    ok(cli(&target_db, &["migrate", "up"]));
+    let dry = ok(cli(&db, &["partitions", "move", "t2", "--to", &target, "--dry-run"]));
+    assert!(dry.contains("would move tenant 't2' (7 streams, 10 events)"), "{dry}");
+    assert_eq!(tenants(&db), ["t1", "t1-copy", "t2", "t3"], "nothing moved by a dry run");
+    ok(cli(&db, &["partitions", "move", "t2", "--to", &target]));
+    assert_eq!(tenants(&db), ["t1", "t1-copy", "t3"]);
+    assert_eq!(tenants(&target_db), ["t2"]);
+    target_db.db.close().await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 conformance!(
     migrations_report_apply_and_print_their_sql,
     streams_and_partitions_are_listed_and_read,
@@ -353,6 +391,7 @@ conformance!(
     a_rebuild_while_appends_go_on_ends_equal_to_the_fold,
     event_types_and_versions_are_listed_and_reads_upcast,
     a_tenant_is_erased_only_when_asked,
+    a_tenant_is_exported_imported_and_moved,
 );
 
 #[test]

@@ -36,6 +36,9 @@
 //!   commands by 8 callers over 8 streams, without and with snapshots every 100 events;
 //! - `project-partition-upcast` (not in the default list): `project-partition` over events
 //!   stored one version behind their type's current one (one upcaster step each);
+//! - `tenant-transfer` (not in the default list): one tenant of `--tenant-events` (1,000,000)
+//!   events in its own partitions (PostgreSQL) exported to memory (`tenant-export`), imported
+//!   under another id (`tenant-import`), then erased (`tenant-erase`);
 //! - `daemon-tenants` (not in the default list): for each of `--tenant-counts` (100,10000), that
 //!   many tenants of 3 events × `--tenant-projections` (2), caught up from cold by one daemon
 //!   (pairs/s), then idle: rows read and written and commits per second (PostgreSQL), RSS, then
@@ -46,6 +49,7 @@
 
 mod aggregates;
 mod daemon;
+mod tenants;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -108,6 +112,9 @@ struct Args {
     /// Events of the stream `aggregate-1m` folds.
     #[arg(long, default_value_t = 1_000_000)]
     aggregate_events: u64,
+    /// Events of the tenant `tenant-transfer` exports, imports and erases.
+    #[arg(long, default_value_t = 1_000_000)]
+    tenant_events: u64,
     /// Commands of `command` / `command-snapshot`.
     #[arg(long, default_value_t = 4_000)]
     commands: u64,
@@ -267,6 +274,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let run = format!("{partition}-{}", uuid::Uuid::now_v7().simple());
                 aggregates::commands(&store, &run, args.commands, workload == "command-snapshot").await?
             }
+            "tenant-transfer" => tenants::transfer(&store, &partition, args.tenant_events).await?,
             "daemon-tenants" => {
                 for &count in &args.tenant_counts {
                     daemon::tenants_scale(&args, &partition, count).await?;

@@ -99,14 +99,17 @@ pub(super) async fn erase(
 
 /// `partitions export`: the tenant's file, to `output` or standard output.
 pub(super) async fn export(store: &EventStore, tenant: &str, output: Option<PathBuf>) -> Result<(), CliError> {
-    let written = match output {
+    let written = match &output {
         Some(path) => {
-            let file = tokio::fs::File::create(&path).await.map_err(|e| file_error(&path, e))?;
+            let file = tokio::fs::File::create(path).await.map_err(|e| file_error(path, e))?;
             store.export_partition(tenant, file).await?
         }
         None => store.export_partition(tenant, tokio::io::stdout()).await?,
     };
     if written.streams == 0 {
+        if let Some(path) = &output {
+            tokio::fs::remove_file(path).await.map_err(|e| file_error(path, e))?;
+        }
         return Err(CliError::Invalid(format!("tenant '{tenant}' has no streams: nothing to export")));
     }
     eprintln!("tenant '{tenant}' exported: {} streams, {} events", written.streams, written.events);
