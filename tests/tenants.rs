@@ -309,9 +309,63 @@ async fn a_moved_tenant_is_there_and_gone_here(db: TestDb) {
     assert_eq!(contents(&db, &store, "t_").await, others["t_"]);
 }
 
+/// Appends to the tenant race its erase: each append lands wholly before it (and is erased) or
+/// after it (a new stream from position 1); no stream row without its events or events without
+/// their stream row is left, and every acknowledged append after the erase is there.
+async fn appends_racing_an_erase_leave_whole_streams(db: TestDb) {
+    const WRITERS: usize = 4;
+    let store = db.store();
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let (store, running) = (store.clone(), running.clone());
+        writers.push(tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            let mut i = 0;
+            while running.load(std::sync::atomic::Ordering::SeqCst) {
+                let events = [Ev::Deposited { amount: 1 }, Ev::Deposited { amount: 2 }];
+                let options = AppendOptions::default().partition("t1");
+                match store.append_to_stream(&format!("w{w}-{}", i % 5), events, options).await {
+                    Ok(done) => acknowledged.push((format!("w{w}-{}", i % 5), done.last_event_global_position)),
+                    Err(e) if e.is_transient() => {}
+                    Err(e) => panic!("writer {w}: {e}"),
+                }
+                i += 1;
+            }
+            acknowledged
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let erased = store.erase_partition("t1", &[]).await.unwrap();
+    assert!(erased.total() > 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    running.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut acknowledged = Vec::new();
+    for writer in writers {
+        acknowledged.extend(writer.await.unwrap());
+    }
+    // Every stream of t1 now: its row's version equals its events, numbered 1..=version.
+    let mut positions = BTreeMap::<String, Vec<u64>>::new();
+    for stream in (0..WRITERS).flat_map(|w| (0..5).map(move |i| format!("w{w}-{i}"))) {
+        let read = store.read_stream::<Ev>(&stream, ReadOptions::default().partition("t1")).await.unwrap();
+        let numbered: Vec<u64> = read.events.iter().map(|e| e.stream_position).collect();
+        assert_eq!(numbered, (1..=read.current_stream_version).collect::<Vec<_>>(), "{stream}: whole, from 1");
+        positions.insert(stream, read.events.iter().map(|e| e.global_position).collect());
+    }
+    let stored: i64 = scalar(&db, "SELECT count(*) FROM messages WHERE partition = $1", "t1").await;
+    assert_eq!(stored as usize, positions.values().map(Vec::len).sum::<usize>(), "no event outside a live stream");
+    // Acknowledged after the erase (positions past every erased one are kept): still there.
+    let kept: std::collections::BTreeSet<u64> = positions.values().flatten().copied().collect();
+    let first_kept = kept.first().copied().unwrap_or(u64::MAX);
+    for (stream, position) in acknowledged.iter().filter(|(_, p)| *p > first_kept) {
+        assert!(kept.contains(position), "{stream}: acknowledged event {position} lost");
+    }
+}
+
 conformance!(with_pooler:
     erasing_a_tenant_removes_its_rows_and_only_its,
     a_running_daemon_resurrects_nothing_of_an_erased_tenant,
     a_tenant_exported_and_imported_elsewhere_is_the_same,
     a_moved_tenant_is_there_and_gone_here,
+    appends_racing_an_erase_leave_whole_streams,
 );
