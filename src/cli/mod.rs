@@ -408,7 +408,7 @@ impl Projections {
 
 /// Rebuilds (`rebuild`) or fills `name` with a progress bar; the events it read.
 async fn replay(runner: &dyn Projector, name: &str, rebuild: bool, options: RunOptions) -> Result<u64, Error> {
-    let mut bar = report::ProgressBar::new(name);
+    let mut bar = report::ProgressBar::new(name, "events");
     let mut progress = |p: &Progress| bar.update(p);
     let done = match rebuild {
         true => runner.rebuild(name, options, &mut progress).await?,

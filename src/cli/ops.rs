@@ -102,8 +102,14 @@ pub(super) async fn export(store: &EventStore, tenant: &str, output: Option<Path
     let written = match &output {
         Some(path) => {
             let file = tokio::fs::File::create(path).await.map_err(|e| file_error(path, e))?;
-            store.export_partition(tenant, file).await?
+            let lines = store.partition_rows(tenant, &[]).await?;
+            let rows = |table: &str| lines.tables.iter().find(|(t, _)| t == table).map_or(0, |(_, n)| *n);
+            let (file, count) = report::Lines::new(file);
+            let total = 1 + rows("streams") + rows("messages");
+            report::with_progress(&format!("export {tenant}"), total, count, store.export_partition(tenant, file))
+                .await?
         }
+        // (No bar: the file is the output.)
         None => store.export_partition(tenant, tokio::io::stdout()).await?,
     };
     if written.streams == 0 {
@@ -133,7 +139,10 @@ pub(super) async fn import(
     let read = match input {
         Some(path) => {
             let file = tokio::fs::File::open(&path).await.map_err(|e| file_error(&path, e))?;
-            store.import_partition(tokio::io::BufReader::new(file), options).await?
+            let total = lines_in(&path).await;
+            let (file, count) = report::Lines::new(file);
+            let import = store.import_partition(tokio::io::BufReader::new(file), options);
+            report::with_progress("import", total, count, import).await?
         }
         None => store.import_partition(tokio::io::BufReader::new(tokio::io::stdin()), options).await?,
     };
@@ -175,6 +184,19 @@ pub(super) async fn move_partition(
     .await;
     target.close().await.ok();
     outcome
+}
+
+/// The lines of an export file as its header counts them (0 when it has none: the import says
+/// what is wrong).
+async fn lines_in(path: &std::path::Path) -> u64 {
+    use tokio::io::AsyncBufReadExt;
+    let Ok(file) = tokio::fs::File::open(path).await else { return 0 };
+    let mut header = String::new();
+    if tokio::io::BufReader::new(file).read_line(&mut header).await.is_err() {
+        return 0;
+    }
+    let counted = |key: &str| serde_json::from_str::<serde_json::Value>(&header).ok()?["header"][key].as_u64();
+    1 + counted("streams").unwrap_or(0) + counted("events").unwrap_or(0)
 }
 
 fn file_error(path: &std::path::Path, err: std::io::Error) -> CliError {

@@ -116,6 +116,8 @@ pub(super) fn without_password(url: &str) -> String {
 /// second otherwise (logs), and a summary line at the end.
 pub(super) struct ProgressBar {
     name: String,
+    /// What is counted (`events`, `lines`).
+    unit: &'static str,
     bar: Option<indicatif::ProgressBar>,
     started: Instant,
     /// The first report (time, events): the rate is measured from there, past the setup.
@@ -124,15 +126,14 @@ pub(super) struct ProgressBar {
 }
 
 impl ProgressBar {
-    pub fn new(name: &str) -> Self {
+    pub fn new(name: &str, unit: &'static str) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
+            let template = format!("{{prefix}} [{{bar:40}}] {{human_pos}}/{{human_len}} {unit}  {{msg}}");
             let style =
-                indicatif::ProgressStyle::with_template("{prefix} [{bar:40}] {human_pos}/{human_len} events  {msg}")
-                    .expect("a valid template")
-                    .progress_chars("=> ");
+                indicatif::ProgressStyle::with_template(&template).expect("a valid template").progress_chars("=> ");
             indicatif::ProgressBar::new(0).with_style(style).with_prefix(name.to_owned())
         });
-        Self { name: name.to_owned(), bar, started: Instant::now(), first: None, last_line: Instant::now() }
+        Self { name: name.to_owned(), unit, bar, started: Instant::now(), first: None, last_line: Instant::now() }
     }
 
     pub fn update(&mut self, progress: &Progress) {
@@ -144,15 +145,26 @@ impl ProgressBar {
         if let Some(bar) = &self.bar {
             bar.set_length(total);
             bar.set_position(progress.processed);
-            bar.set_message(format!("{rate:.0} events/s  ETA {eta:.0}s"));
+            bar.set_message(format!("{rate:.0} {}/s  ETA {eta:.0}s", self.unit));
             return;
         }
         if self.last_line.elapsed() >= Duration::from_secs(1) {
             self.last_line = Instant::now();
             eprintln!(
-                "{}: {}/{} events ({}), {rate:.0} events/s, ETA {eta:.0}s",
-                self.name, progress.processed, total, progress.partition
+                "{}: {}/{} {unit} ({}), {rate:.0} {unit}/s, ETA {eta:.0}s",
+                self.name,
+                progress.processed,
+                total,
+                progress.partition,
+                unit = self.unit
             );
+        }
+    }
+
+    /// Takes the bar off the terminal, without a summary.
+    pub fn clear(self) {
+        if let Some(bar) = self.bar {
+            bar.finish_and_clear();
         }
     }
 
@@ -161,6 +173,96 @@ impl ProgressBar {
             bar.finish_and_clear();
         }
         let took = self.started.elapsed().as_secs_f64().max(1e-3);
-        println!("{}: {processed} events in {took:.1}s ({:.0} events/s)", self.name, processed as f64 / took);
+        let unit = self.unit;
+        eprintln!("{}: {processed} {unit} in {took:.1}s ({:.0} {unit}/s)", self.name, processed as f64 / took);
+    }
+}
+
+/// A file being written or read, counting the lines that pass (for a progress bar).
+pub(super) struct Lines<T> {
+    inner: T,
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<T> Lines<T> {
+    pub fn new(inner: T) -> (Self, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        let count = std::sync::Arc::default();
+        (Self { inner, count: std::sync::Arc::clone(&count) }, count)
+    }
+
+    fn counted(&self, bytes: &[u8]) {
+        let lines = bytes.iter().filter(|b| **b == b'\n').count() as u64;
+        self.count.fetch_add(lines, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Lines<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let written = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = written {
+            self.counted(&buf[..n]);
+        }
+        written
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Lines<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let read = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = read {
+            self.counted(&buf.filled()[before..]);
+        }
+        read
+    }
+}
+
+/// Runs `work` with a progress bar of the lines `count` says passed, out of `total`, and a
+/// summary line if it succeeds.
+pub(super) async fn with_progress<T, E>(
+    name: &str,
+    total: u64,
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let mut bar = ProgressBar::new(name, "lines");
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => {
+                match &done {
+                    Ok(_) => bar.finish(count.load(std::sync::atomic::Ordering::Relaxed)),
+                    Err(_) => bar.clear(),
+                }
+                return done;
+            }
+            _ = tick.tick() => {
+                let processed = count.load(std::sync::atomic::Ordering::Relaxed);
+                bar.update(&Progress { partition: name.to_owned(), processed, total });
+            }
+        }
     }
 }
