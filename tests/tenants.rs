@@ -267,6 +267,26 @@ async fn a_tenant_exported_and_imported_elsewhere_is_the_same(db: TestDb) {
     let failed =
         store.import_partition(corrupted.join("\n").as_bytes(), ImportOptions::default().partition("bad")).await;
     assert!(matches!(failed, Err(Error::Import { line: 10, .. })), "{failed:?}");
+    // A stream's row left out, or its events out of order: refused where it shows.
+    let without_row: Vec<&str> = lines.iter().enumerate().filter(|(i, _)| *i != 1).map(|(_, l)| *l).collect();
+    let failed =
+        store.import_partition(without_row.join("\n").as_bytes(), ImportOptions::default().partition("bad")).await;
+    assert!(
+        matches!(&failed, Err(Error::Import { reason, .. }) if reason.contains("without its stream row")),
+        "{failed:?}"
+    );
+    let mut swapped = lines.clone();
+    let acc2 = |l: &&str| l.contains("\"event\"") && l.contains("\"stream_id\":\"acc-2\"");
+    let (first, second) = {
+        let mut at = swapped.iter().enumerate().filter(|(_, l)| acc2(l)).map(|(i, _)| i);
+        (at.next().unwrap(), at.next().unwrap())
+    };
+    swapped.swap(first, second);
+    let failed = store.import_partition(swapped.join("\n").as_bytes(), ImportOptions::default().partition("bad")).await;
+    assert!(
+        matches!(&failed, Err(Error::Import { reason, .. }) if reason.contains("position 2 of stream 'acc-2'")),
+        "{failed:?}"
+    );
     let failed = store.import_partition(&b"{}\n"[..], ImportOptions::default().partition("bad")).await;
     assert!(matches!(failed, Err(Error::Import { line: 1, .. })), "{failed:?}");
     assert!(rows_of(&db, "bad").await.values().all(|n| *n == 0));

@@ -7,6 +7,8 @@
 //! {"event":{"stream_id":"cart-1","stream_position":1,"is_archived":false,"message_kind":"E","message_type":"CartCreated",…}}
 //! ```
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait, Query};
 use sea_orm::{
@@ -198,12 +200,18 @@ impl EventStore {
         // The first line of each buffer, to name when the database refuses it.
         let (mut streams_from, mut events_from) = (0, 0);
         let mut last = 1;
+        // Each stream generation's version and the events of it read so far.
+        let mut versions: HashMap<(String, bool), (i64, i64)> = HashMap::new();
         while let Some((line, parsed)) = file.next().await? {
             last = line;
             match parsed {
                 Line::Header(_) => return Err(failed(line, "a second header".into())),
                 Line::Stream(s) => {
                     check_stream(&s.stream_id, s.stream_position).map_err(|reason| failed(line, reason))?;
+                    let key = (s.stream_id.clone(), s.is_archived);
+                    if versions.insert(key, (s.stream_position, 0)).is_some() {
+                        return Err(failed(line, format!("stream '{}' listed twice", s.stream_id)));
+                    }
                     streams_from = if streams.is_empty() { line } else { streams_from };
                     streams.push(ImportedStream {
                         stream_id: s.stream_id,
@@ -215,6 +223,21 @@ impl EventStore {
                 }
                 Line::Event(e) => {
                     check_stream(&e.stream_id, e.stream_position).map_err(|reason| failed(line, reason))?;
+                    // A stream's events follow its row, numbered 1, 2, … up to its version.
+                    let Some((version, seen)) = versions.get_mut(&(e.stream_id.clone(), e.is_archived)) else {
+                        return Err(failed(
+                            line,
+                            format!("an event of stream '{}' without its stream row", e.stream_id),
+                        ));
+                    };
+                    if e.stream_position != *seen + 1 || e.stream_position > *version {
+                        let reason = format!(
+                            "position {} of stream '{}' follows position {seen} (its version is {version})",
+                            e.stream_position, e.stream_id
+                        );
+                        return Err(failed(line, reason));
+                    }
+                    *seen += 1;
                     limits::check_identifier("event type", &e.message_type, MAX_IDENTIFIER_CHARS)
                         .map_err(|err| failed(line, err.to_string()))?;
                     events_from = if events.is_empty() { line } else { events_from };
@@ -241,6 +264,9 @@ impl EventStore {
         }
         read.streams += flush_streams(&txn, &partition, &mut streams, streams_from).await?;
         read.events += flush_events(&txn, &partition, &mut events, events_from).await?;
+        if let Some(((stream, _), (version, seen))) = versions.iter().find(|(_, (version, seen))| version != seen) {
+            return Err(failed(last + 1, format!("stream '{stream}' has {seen} of its {version} events")));
+        }
         if (read.streams, read.events) != (header.streams, header.events) {
             let reason = format!(
                 "truncated or altered: the header counts {} streams and {} events, the file holds {} and {}",
