@@ -389,3 +389,46 @@ conformance!(with_pooler:
     a_moved_tenant_is_there_and_gone_here,
     appends_racing_an_erase_leave_whole_streams,
 );
+
+/// PostgreSQL: a tenant with partitions of its own is erased beside a long transaction of
+/// another tenant (which holds the parent tables' lock a drop needs): within a moment, emptied
+/// instead of dropped, and no other tenant waits for it; erased again later, the empty
+/// partitions go.
+#[cfg(feature = "postgres")]
+async fn an_erase_beside_a_long_transaction_blocks_no_one(db: TestDb) {
+    use sea_orm::TransactionTrait;
+    let store = db.store();
+    balances::create_table(&db.db).await;
+    store.create_partition("own").await.unwrap();
+    for tenant in ["own", "other"] {
+        let events = (0..50).map(|amount| Ev::Deposited { amount });
+        store.append_to_stream("acc", events, AppendOptions::default().partition(tenant)).await.unwrap();
+    }
+    let long = db.db.begin().await.unwrap();
+    long.execute_unprepared("SELECT count(*) FROM messages WHERE partition = 'other'").await.unwrap();
+    let started = std::time::Instant::now();
+    let erased = store.erase_partition("own", &[]).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3), "erased in {:?}", started.elapsed());
+    assert_eq!(erased.tables.iter().find(|(t, _)| t == "messages").map(|(_, n)| *n), Some(50));
+    // Others read and write meanwhile.
+    let other = AppendOptions::default().partition("other");
+    tokio::time::timeout(Duration::from_secs(2), store.append_to_stream("acc", [Ev::Deposited { amount: 1 }], other))
+        .await
+        .expect("not blocked")
+        .unwrap();
+    assert!(rows_of(&db, "own").await.values().all(|n| *n == 0));
+    let own = "SELECT count(*) FROM pg_class WHERE relname LIKE $1 AND relkind = 'r'";
+    assert_eq!(scalar(&db, own, "messages\\_p\\_own\\_%").await, 1, "emptied, still there");
+    long.commit().await.unwrap();
+    assert_eq!(store.erase_partition("own", &[]).await.unwrap().total(), 0);
+    assert_eq!(scalar(&db, own, "messages\\_p\\_own\\_%").await, 0, "dropped once free");
+}
+
+#[cfg(feature = "postgres")]
+mod postgres_only {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn an_erase_beside_a_long_transaction_blocks_no_one() {
+        crate::common::run(crate::common::postgres().await, super::an_erase_beside_a_long_transaction_blocks_no_one)
+            .await;
+    }
+}

@@ -92,12 +92,39 @@ pub(crate) async fn partition_rows(
         let rows = before.iter().find(|(t, _)| *t == table).map_or(rows, |(_, counted)| *counted);
         report.push((table.to_owned(), rows));
     }
-    if erase {
-        for leaf in dropped {
-            txn.execute_unprepared(&format!("DROP TABLE {leaf}")).await?;
-        }
+    if erase && !dropped.is_empty() {
+        drop_or_empty(txn, &dropped).await?;
     }
     Ok(report)
+}
+
+/// How long dropping a tenant's partitions may wait for the parent tables' lock, which every
+/// reader and writer of any tenant holds while its transaction runs (and which those that come
+/// after wait behind): past it the partitions are emptied row by row instead, blocking no one.
+const DROP_LOCK_TIMEOUT: &str = "1s";
+
+/// PostgreSQL: drops the tenant's own partitions `leaves` (one statement, one lock wait) if
+/// their parents' lock comes within [`DROP_LOCK_TIMEOUT`]; else deletes their rows and leaves
+/// them empty (the tenant's id can use them again).
+async fn drop_or_empty(txn: &DatabaseTransaction, leaves: &[&String]) -> Result<(), DbErr> {
+    let names = leaves.iter().map(|l| l.as_str()).collect::<Vec<_>>().join(", ");
+    txn.execute_unprepared("SAVEPOINT emt_drop_partitions").await?;
+    txn.execute_unprepared(&format!("SET LOCAL lock_timeout = '{DROP_LOCK_TIMEOUT}'")).await?;
+    let dropped = txn.execute_unprepared(&format!("DROP TABLE {names}")).await;
+    match dropped {
+        Ok(_) => txn.execute_unprepared("RELEASE SAVEPOINT emt_drop_partitions").await?,
+        Err(err) if super::failure::classify(&err) == super::failure::Failure::Busy => {
+            tracing::info!(partitions = names, "partitions busy: emptied instead of dropped");
+            txn.execute_unprepared("ROLLBACK TO SAVEPOINT emt_drop_partitions").await?;
+            for leaf in leaves {
+                txn.execute_unprepared(&format!("DELETE FROM {leaf}")).await?;
+            }
+            txn.execute_unprepared("RELEASE SAVEPOINT emt_drop_partitions").await?
+        }
+        Err(err) => return Err(err),
+    };
+    txn.execute_unprepared("SET LOCAL lock_timeout = DEFAULT").await?;
+    Ok(())
 }
 
 /// `DELETE FROM table WHERE condition` (`erase`) or its `count(*)`: the rows it covers.
