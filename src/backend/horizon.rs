@@ -30,21 +30,8 @@ pub(crate) async fn horizon<C: ConnectionTrait + TransactionTrait<Transaction = 
     let backend = conn.get_database_backend();
     if backend != DbBackend::Postgres {
         let txn = conn.begin().await?;
-        if backend == DbBackend::MySql {
-            txn.execute_unprepared(&format!("SET SESSION innodb_lock_wait_timeout = {}", Ord::max(wait.as_secs(), 1)))
-                .await?;
-            let gate = txn
-                .query_one_raw(Statement::from_sql_and_values(
-                    backend,
-                    "SELECT 1 FROM emt_partitions WHERE `partition` = ? FOR UPDATE",
-                    [partition.into()],
-                ))
-                .await;
-            txn.execute_unprepared("SET SESSION innodb_lock_wait_timeout = DEFAULT").await?;
-            match gate {
-                Err(err) if classify(&err) == Failure::Busy => return Ok(None),
-                other => other?,
-            };
+        if backend == DbBackend::MySql && !mysql_gate(&txn, &[partition], wait).await? {
+            return Ok(None);
         }
         let last = txn
             .query_one(
@@ -61,6 +48,54 @@ pub(crate) async fn horizon<C: ConnectionTrait + TransactionTrait<Transaction = 
         ));
     }
     pg_horizon(conn, wait).await
+}
+
+/// MySQL: the horizon of the tenants `partitions` read together (a daemon's group): their rows
+/// of `emt_partitions` taken exclusively, which waits for their appends in flight, then the
+/// last committed global position of all. Positions are handed out in increasing order, so
+/// every later append of these tenants lands past it. `None` when their appends did not end
+/// within `wait`.
+pub(crate) async fn tenants_horizon<C: ConnectionTrait + TransactionTrait<Transaction = DatabaseTransaction>>(
+    conn: &C,
+    partitions: &[&str],
+    wait: Duration,
+) -> Result<Option<i64>, DbErr> {
+    let txn = conn.begin().await?;
+    if !mysql_gate(&txn, partitions, wait).await? {
+        return Ok(None);
+    }
+    let last = txn
+        .query_one(Query::select().expr_as(Expr::col(messages::Column::GlobalPosition).max(), "last").from(messages::Entity))
+        .await?;
+    txn.commit().await?;
+    Ok(Some(last.map(|row| row.try_get::<Option<i64>>("", "last")).transpose()?.flatten().unwrap_or(0)))
+}
+
+/// MySQL: takes the rows of `partitions` in `emt_partitions` exclusively (in order, so two
+/// readers can't deadlock), waiting at most `wait` for the appends that share them: whether
+/// it got them.
+async fn mysql_gate(txn: &DatabaseTransaction, partitions: &[&str], wait: Duration) -> Result<bool, DbErr> {
+    let mut partitions = partitions.to_vec();
+    partitions.sort_unstable();
+    txn.execute_unprepared(&format!("SET SESSION innodb_lock_wait_timeout = {}", Ord::max(wait.as_secs(), 1))).await?;
+    let mut gate = Ok(());
+    for chunk in partitions.chunks(500) {
+        let list = vec!["?"; chunk.len()].join(", ");
+        let sql = format!(
+            "SELECT 1 FROM emt_partitions {} WHERE `partition` IN ({list}) ORDER BY `partition` FOR UPDATE",
+            super::MYSQL_PRIMARY_KEY_ONLY
+        );
+        let values = chunk.iter().map(|p| (*p).into());
+        gate = txn.query_all_raw(Statement::from_sql_and_values(DbBackend::MySql, sql, values)).await.map(|_| ());
+        if gate.is_err() {
+            break;
+        }
+    }
+    txn.execute_unprepared("SET SESSION innodb_lock_wait_timeout = DEFAULT").await?;
+    match gate {
+        Err(err) if classify(&err) == Failure::Busy => Ok(false),
+        other => other.map(|_| true),
+    }
 }
 
 /// PostgreSQL: the sequence's value S, once every transaction that held a row-exclusive lock on

@@ -43,6 +43,7 @@ pub(crate) use erase::{TenantRows, partition_rows};
 pub(crate) use failure::{is_retried, retry_policy};
 pub(crate) use horizon::{
     changes, global_horizon, head, horizon, index_order_only, last_position_upto, partition_heads, pending,
+    tenants_horizon,
 };
 pub(crate) use import::{
     ImportedMessage, ImportedStream, announce_import, begin_import, insert_messages, insert_streams,

@@ -340,17 +340,15 @@ impl Worker {
         if ready.is_empty() {
             return Ok(false);
         }
-        // Where the horizon is known, tenants of one projection run in groups, one
-        // transaction each; elsewhere (MySQL: a horizon per tenant) one by one. A tenant that
-        // failed last time runs alone: were it to fail again, its group would not be run again
-        // tenant by tenant to find it.
-        let group = if until.is_some() { GROUP } else { 1 };
+        // Tenants of one projection run in groups, one transaction each (MySQL: each group
+        // takes the horizon of its tenants first). A tenant that failed last time runs alone:
+        // were it to fail again, its group would not be run again tenant by tenant to find it.
         let mut jobs: Vec<(String, Vec<(String, Held)>)> = Vec::new();
         for ((subscription, tenant), held) in ready {
             match jobs.last_mut() {
                 Some((s, tenants))
                     if *s == subscription
-                        && tenants.len() < group
+                        && tenants.len() < GROUP
                         && held.failures == 0
                         && tenants[0].1.failures == 0 =>
                 {
@@ -377,20 +375,22 @@ impl Worker {
                     options = options.skip_undecodable_events();
                 }
                 let run = async {
+                    let until = match until {
+                        Some(until) => Ok(Some(until)),
+                        None => {
+                            let names: Vec<&str> = tenants.iter().map(|(t, _)| t.as_str()).collect();
+                            backend::tenants_horizon(&self.db, &names, HORIZON_WAIT).await
+                        }
+                    };
+                    let interrupted = |reason: String| {
+                        tenants.iter().map(|_| Turn::Interrupted { checkpoint: None, reason: reason.clone() }).collect()
+                    };
                     match until {
-                        Some(until) => {
+                        Ok(Some(until)) => {
                             agent::group_turn(projector, &subscription, &self.owner, &tenants, until, options).await
                         }
-                        None => {
-                            let (tenant, held) = &tenants[0];
-                            let mut options = options.partition(tenant.clone());
-                            options.lease = Some((self.owner.clone(), held.epoch));
-                            let batch_size = self.options.batch_size;
-                            vec![
-                                agent::turn(projector, &subscription, tenant, options, batch_size, held.checkpoint)
-                                    .await,
-                            ]
-                        }
+                        Ok(None) => interrupted("their events are still being written".into()),
+                        Err(error) => interrupted(error.to_string()),
                     }
                 };
                 // Handlers' panics are caught where they are called; anything else that panics
