@@ -218,7 +218,7 @@ impl<S, E: Event> CommandHandler<S, E> {
             && EventStore::snapshot_due(snapshots.policy, at, version)
         {
             // A cache: the events are stored, so failing to store it fails nothing.
-            let partition = options.partition.as_deref().unwrap_or(crate::DEFAULT_PARTITION);
+            let partition = store.partition(options.partition.as_deref()).map_err(Failure::Store)?;
             let saved = match (snapshots.encode)(&state) {
                 Ok(json) => store.save_snapshot(partition, stream_id, json, version, snapshots.policy).await,
                 Err(err) => Err(err.into()),

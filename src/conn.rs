@@ -11,6 +11,11 @@
 //! of the [`Conn`]'s own ([`Clients`]), not sqlx's pool: sqlx pings every connection handed back
 //! to its pool (a lone `Sync`), for which the pooler takes a server and runs its reset query
 //! again — a second server turn per statement. Everywhere else a [`Conn`] is the pool itself.
+//!
+//! A pool bound to a tenant (PostgreSQL, [`crate::EventStore::for_tenant`]) runs every statement
+//! with the tenant setting of row-level security bound in its transaction: a statement outside
+//! a transaction goes by the simple protocol after a `SET LOCAL` in the same exchange (one
+//! implicit transaction, one round trip), a transaction sets it after `BEGIN`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,10 +26,11 @@ use sea_orm::{
     QueryResult, Statement, TransactionError, TransactionOptions, TransactionTrait,
 };
 
-/// A pool (knowing whether it is behind a transaction pooler) or a session's transaction.
+/// A pool (knowing whether it is behind a transaction pooler, and the tenant it is bound to on
+/// PostgreSQL) or a session's transaction.
 #[derive(Clone, Debug)]
 pub(crate) enum Conn {
-    Pool { db: DatabaseConnection, pooled: Option<Arc<Clients>> },
+    Pool { db: DatabaseConnection, pooled: Option<Arc<Clients>>, tenant: Option<Arc<str>> },
     Session(Arc<DatabaseTransaction>),
 }
 
@@ -32,7 +38,50 @@ impl Conn {
     /// `db`, finding out whether it reaches PostgreSQL through a transaction pooler.
     pub fn pool(db: DatabaseConnection) -> Self {
         let pooled = crate::connect::behind_pooler(&db).then(|| Arc::new(Clients::of(&db)));
-        Conn::Pool { db, pooled }
+        Conn::Pool { db, pooled, tenant: None }
+    }
+
+    /// This pool with its statements bound to `tenant` on PostgreSQL (elsewhere, and for a
+    /// session, unchanged: a session is bound when its pool is).
+    pub fn for_tenant(&self, tenant: &str) -> Self {
+        match self {
+            Conn::Pool { db, pooled, .. } if db.get_database_backend() == DbBackend::Postgres => {
+                Conn::Pool { db: db.clone(), pooled: pooled.clone(), tenant: Some(tenant.into()) }
+            }
+            other => other.clone(),
+        }
+    }
+
+    /// A new transaction of the pool bound to the tenant, if it is bound.
+    async fn bind(&self, txn: DatabaseTransaction) -> Result<DatabaseTransaction, DbErr> {
+        if let Conn::Pool { tenant: Some(tenant), .. } = self {
+            txn.execute_unprepared(&crate::backend::rls::bind_tenant(tenant)).await?;
+        }
+        Ok(txn)
+    }
+
+    /// `stmt` by the simple protocol (behind a pooler, or bound to a tenant): after the
+    /// tenant's `SET LOCAL` if bound, on a kept connection behind a pooler, else on one of the
+    /// pool's. `run` fetches its outcome.
+    #[cfg(feature = "postgres")]
+    async fn simple<T>(
+        &self,
+        stmt: &Statement,
+        run: impl AsyncFnOnce(sea_orm::sqlx::RawSql, &mut sea_orm::sqlx::PgConnection) -> Result<T, sea_orm::sqlx::Error>,
+    ) -> Result<T, sea_orm::sqlx::Error> {
+        let Conn::Pool { db, pooled, tenant } = self else { unreachable!("a session runs its statements itself") };
+        let sql = match tenant {
+            Some(tenant) => format!("{}; {stmt}", crate::backend::rls::bind_tenant(tenant)),
+            None => stmt.to_string(),
+        };
+        let sql = sea_orm::sqlx::raw_sql(sea_orm::sqlx::AssertSqlSafe(sql));
+        match pooled {
+            Some(clients) => clients.run(sql, run).await,
+            None => {
+                let mut conn = db.get_postgres_connection_pool().acquire().await?;
+                run(sql, &mut conn).await
+            }
+        }
     }
 
     /// The pool (`None` for a session).
@@ -81,11 +130,11 @@ impl Clients {
         }
     }
 
-    /// `stmt` by the simple protocol on one of the connections: `run` fetches its outcome.
+    /// `sql` on one of the connections: `run` fetches its outcome.
     #[cfg(feature = "postgres")]
     async fn run<T>(
         &self,
-        stmt: &Statement,
+        sql: sea_orm::sqlx::RawSql,
         run: impl AsyncFnOnce(sea_orm::sqlx::RawSql, &mut sea_orm::sqlx::PgConnection) -> Result<T, sea_orm::sqlx::Error>,
     ) -> Result<T, sea_orm::sqlx::Error> {
         use sea_orm::sqlx::Connection as _;
@@ -100,7 +149,7 @@ impl Clients {
             }
         };
         // Dropped mid-statement (the caller's future dropped), the connection closes with it.
-        let done = run(simple(stmt), &mut conn).await;
+        let done = run(sql, &mut conn).await;
         if matches!(done, Ok(_) | Err(sea_orm::sqlx::Error::Database(_))) {
             self.idle.lock().expect("no panics under the lock").push(conn);
         }
@@ -108,23 +157,17 @@ impl Clients {
     }
 }
 
-/// `$call` on the pool or the session's transaction, or `$pooled` with the [`Clients`] of a pool
-/// behind a transaction pooler.
+/// `$call` on the pool or the session's transaction, or `$simple` for a pool behind a
+/// transaction pooler or bound to a tenant ([`Conn::simple`]).
 macro_rules! on {
-    ($conn:expr, $c:ident => $call:expr, $db:ident => $pooled:expr) => {
+    ($conn:expr, $c:ident => $call:expr, $simple:expr) => {
         match $conn {
             #[cfg(feature = "postgres")]
-            Conn::Pool { pooled: Some($db), .. } => $pooled,
+            Conn::Pool { pooled, tenant, .. } if pooled.is_some() || tenant.is_some() => $simple,
             Conn::Pool { db: $c, .. } => $call.await,
             Conn::Session($c) => $call.await,
         }
     };
-}
-
-/// `stmt` for the simple protocol: its values written into its SQL.
-#[cfg(feature = "postgres")]
-fn simple(stmt: &Statement) -> sea_orm::sqlx::RawSql {
-    sea_orm::sqlx::raw_sql(sea_orm::sqlx::AssertSqlSafe(stmt.to_string()))
 }
 
 /// A query error as SeaORM reports sqlx's.
@@ -143,8 +186,8 @@ impl ConnectionTrait for Conn {
     }
 
     async fn execute_raw(&self, stmt: Statement) -> Result<ExecResult, DbErr> {
-        on!(self, c => c.execute_raw(stmt), clients => {
-            let done = clients.run(&stmt, async |sql, conn| sql.execute(conn).await).await;
+        on!(self, c => c.execute_raw(stmt), {
+            let done = self.simple(&stmt, async |sql, conn| sql.execute(conn).await).await;
             done.map(ExecResult::from).map_err(|e| DbErr::Exec(sea_orm::RuntimeErr::SqlxError(Arc::new(e))))
         })
     }
@@ -152,21 +195,24 @@ impl ConnectionTrait for Conn {
     /// One exchange (no parameters, the simple protocol): safe behind a pooler as it is.
     async fn execute_unprepared(&self, sql: &str) -> Result<ExecResult, DbErr> {
         match self {
+            Conn::Pool { db, tenant: Some(tenant), .. } => {
+                db.execute_unprepared(&format!("{}; {sql}", crate::backend::rls::bind_tenant(tenant))).await
+            }
             Conn::Pool { db, .. } => db.execute_unprepared(sql).await,
             Conn::Session(txn) => txn.execute_unprepared(sql).await,
         }
     }
 
     async fn query_one_raw(&self, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {
-        on!(self, c => c.query_one_raw(stmt), clients => {
-            let row = clients.run(&stmt, async |sql, conn| sql.fetch_optional(conn).await).await;
+        on!(self, c => c.query_one_raw(stmt), {
+            let row = self.simple(&stmt, async |sql, conn| sql.fetch_optional(conn).await).await;
             row.map(|row| row.map(QueryResult::from)).map_err(query_error)
         })
     }
 
     async fn query_all_raw(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
-        on!(self, c => c.query_all_raw(stmt), clients => {
-            let rows = clients.run(&stmt, async |sql, conn| sql.fetch_all(conn).await).await;
+        on!(self, c => c.query_all_raw(stmt), {
+            let rows = self.simple(&stmt, async |sql, conn| sql.fetch_all(conn).await).await;
             rows.map(|rows| rows.into_iter().map(QueryResult::from).collect()).map_err(query_error)
         })
     }
@@ -185,7 +231,7 @@ impl TransactionTrait for Conn {
 
     async fn begin(&self) -> Result<DatabaseTransaction, DbErr> {
         match self {
-            Conn::Pool { db, .. } => db.begin().await,
+            Conn::Pool { db, .. } => self.bind(db.begin().await?).await,
             Conn::Session(txn) => txn.begin().await,
         }
     }
@@ -196,14 +242,14 @@ impl TransactionTrait for Conn {
         access_mode: Option<AccessMode>,
     ) -> Result<DatabaseTransaction, DbErr> {
         match self {
-            Conn::Pool { db, .. } => db.begin_with_config(isolation_level, access_mode).await,
+            Conn::Pool { db, .. } => self.bind(db.begin_with_config(isolation_level, access_mode).await?).await,
             Conn::Session(txn) => txn.begin_with_config(isolation_level, access_mode).await,
         }
     }
 
     async fn begin_with_options(&self, options: TransactionOptions) -> Result<DatabaseTransaction, DbErr> {
         match self {
-            Conn::Pool { db, .. } => db.begin_with_options(options).await,
+            Conn::Pool { db, .. } => self.bind(db.begin_with_options(options).await?).await,
             Conn::Session(txn) => txn.begin_with_options(options).await,
         }
     }
@@ -229,6 +275,17 @@ impl TransactionTrait for Conn {
         E: std::fmt::Display + std::fmt::Debug + Send,
     {
         match self {
+            Conn::Pool { tenant: Some(_), .. } => {
+                let txn =
+                    self.begin_with_config(isolation_level, access_mode).await.map_err(TransactionError::Connection)?;
+                match callback(&txn).await {
+                    Ok(value) => txn.commit().await.map(|_| value).map_err(TransactionError::Connection),
+                    Err(error) => {
+                        txn.rollback().await.map_err(TransactionError::Connection)?;
+                        Err(TransactionError::Transaction(error))
+                    }
+                }
+            }
             Conn::Pool { db, .. } => db.transaction_with_config(callback, isolation_level, access_mode).await,
             Conn::Session(txn) => txn.transaction_with_config(callback, isolation_level, access_mode).await,
         }

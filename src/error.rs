@@ -279,6 +279,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// A store bound to one tenant ([`EventStore::for_tenant`](crate::EventStore::for_tenant))
+    /// was asked to reach another. Nothing was read or written.
+    #[error("this store is bound to tenant '{tenant}' and does not reach tenant '{partition}'")]
+    OtherTenant {
+        /// The tenant the store is bound to.
+        tenant: String,
+        /// The tenant asked for.
+        partition: String,
+    },
+
     /// A tenant's export file could not be imported: not an export, a malformed or truncated
     /// line, or a row the database refused. Nothing was imported.
     #[error("import failed at line {line}: {reason}; nothing was imported")]

@@ -19,6 +19,7 @@ mod expected_version;
 mod limits;
 pub mod migrations;
 pub mod projection;
+pub mod rls;
 pub mod schema;
 mod store;
 pub mod testing;

@@ -215,6 +215,34 @@ impl MigrationTrait for M20261207000003AssumeManyTenants {
     }
 }
 
+/// Names each snapshot's tenant (`snapshots.partition`, written by every projection run) and, on
+/// PostgreSQL, adds row-level security policies on the tenant tables: a role other than their
+/// owner sees and writes only the rows of the tenant its transaction is bound to
+/// ([`EventStore::for_tenant`](crate::EventStore::for_tenant)). The policies are inert until
+/// [`rls::enable`](crate::rls::enable) switches them on.
+pub struct M20261207000004TenantPolicies;
+
+impl M20261207000004TenantPolicies {
+    const NAME: &str = "m20261207_000004_tenant_policies";
+}
+
+impl MigrationName for M20261207000004TenantPolicies {
+    fn name(&self) -> &str {
+        Self::NAME
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M20261207000004TenantPolicies {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        run(manager, up_sql(self.name(), manager.get_connection()).await?).await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        run(manager, backend::rls::drop_tenant_policies(manager.get_database_backend())).await
+    }
+}
+
 /// Runs `statements` in order.
 async fn run(manager: &SchemaManager<'_>, statements: Vec<String>) -> Result<(), DbErr> {
     for statement in statements {
@@ -238,6 +266,7 @@ async fn up_sql(name: &str, db: &impl ConnectionTrait) -> Result<Vec<String>, Db
         M20261207000001CreateAggregateSnapshots::NAME => backend::aggregates::create_aggregate_snapshots(db).await,
         M20261207000002CreateAppendFunction::NAME => Ok(backend::create_append_function(db.get_database_backend())),
         M20261207000003AssumeManyTenants::NAME => Ok(backend::tenant_statistics(db.get_database_backend())),
+        M20261207000004TenantPolicies::NAME => backend::rls::tenant_policies(db).await,
         other => Err(DbErr::Migration(format!("no migration named {other}"))),
     }
 }
@@ -319,6 +348,7 @@ impl MigratorTrait for Migrator {
             Box::new(M20261207000001CreateAggregateSnapshots),
             Box::new(M20261207000002CreateAppendFunction),
             Box::new(M20261207000003AssumeManyTenants),
+            Box::new(M20261207000004TenantPolicies),
         ]
     }
 

@@ -49,9 +49,9 @@ fn json_lines(stdout: &str) -> Vec<Value> {
 
 async fn migrations_report_apply_and_print_their_sql(db: TestDb) {
     let status = ok(cli(&db, &["migrate", "status"]));
-    assert_eq!(status.matches("applied").count(), 8, "{status}");
+    assert_eq!(status.matches("applied").count(), 9, "{status}");
     assert!(ok(cli(&db, &["migrate", "sql"])).contains("no pending migrations"));
-    ok(cli(&db, &["migrate", "down", "--steps", "6"]));
+    ok(cli(&db, &["migrate", "down", "--steps", "7"]));
     let status = ok(cli(&db, &["migrate", "status"]));
     let line = status.lines().find(|l| l.starts_with("m20261128_000002_create_daemon_leases")).unwrap_or_default();
     assert!(line.ends_with(" pending"), "{status}");

@@ -382,7 +382,62 @@ async fn appends_racing_an_erase_leave_whole_streams(db: TestDb) {
     }
 }
 
+/// A store bound to a tenant works in it when no partition is named, and refuses every call
+/// naming another (before any SQL: nothing written); a session opened from it is bound too.
+async fn a_tenant_bound_store_works_in_its_tenant_only(db: TestDb) {
+    let store = db.store().inline("balances", balances::registry());
+    balances::create_table(&db.db).await;
+    let t1 = store.for_tenant("t1");
+    assert_eq!((t1.tenant(), store.tenant()), (Some("t1"), None));
+    t1.append_to_stream("acc-0", [Ev::Deposited { amount: 3 }], AppendOptions::default()).await.unwrap();
+    let explicit = AppendOptions::default().partition("t1").expected(ExpectedVersion::Exact(1));
+    t1.append_to_stream("acc-0", [Ev::Deposited { amount: 4 }], explicit).await.unwrap();
+    t1.with_session(|s| async move {
+        s.append_to_stream("acc-1", [Ev::Deposited { amount: 5 }], AppendOptions::default()).await?;
+        let other =
+            s.append_to_stream("acc-1", [Ev::Deposited { amount: 1 }], AppendOptions::default().partition("t2"));
+        assert!(matches!(other.await, Err(Error::OtherTenant { .. })));
+        Ok::<_, Error>(())
+    })
+    .await
+    .unwrap();
+    let read = store.read_stream::<Ev>("acc-0", ReadOptions::default().partition("t1")).await.unwrap();
+    assert_eq!(read.current_stream_version, 2, "written in t1");
+    assert_eq!(t1.read_stream::<Ev>("acc-1", ReadOptions::default()).await.unwrap().current_stream_version, 1);
+    assert_eq!(balances::rows(&db.db).await.len(), 2, "the inline projection ran in t1");
+
+    let other = |result: Result<(), Error>| {
+        let error = result.expect_err("another tenant");
+        assert!(
+            matches!(&error, Error::OtherTenant { tenant, partition } if tenant == "t1" && partition == "t2"),
+            "{error}"
+        );
+    };
+    let t2 = ReadOptions::default().partition("t2");
+    let sum = |total: i64, _: &Ev| total + 1;
+    other(t1.append_to_stream("acc-0", [Ev::Closed], AppendOptions::default().partition("t2")).await.map(drop));
+    other(t1.read_stream::<Ev>("acc-0", t2.clone()).await.map(drop));
+    other(t1.aggregate_stream("acc-0", sum, || 0, t2).await.map(drop));
+    other(t1.stream_exists("acc-0", "t2").await.map(drop));
+    other(t1.archive_stream("acc-0", "t2").await.map(drop));
+    other(t1.create_partition("t2").await);
+    other(t1.partition_rows("t2", &[]).await.map(drop));
+    other(t1.erase_partition("t2", &[]).await.map(drop));
+    other(t1.export_partition("t2", tokio::io::sink()).await.map(drop));
+    let mut file = Vec::new();
+    store.export_partition("t1", &mut file).await.unwrap();
+    let import = t1.import_partition(&file[..], ImportOptions::default().partition("t2"));
+    other(import.await.map(drop));
+    assert_eq!(scalar(&db, "SELECT count(*) FROM streams WHERE partition = $1", "t2").await, 0, "nothing written");
+    // Row-level security is PostgreSQL's: elsewhere it is refused, naming the backend.
+    if db.db.get_database_backend() != DbBackend::Postgres {
+        let refused = emmett_seaorm::rls::enable(&db.db, &[]).await.unwrap_err().to_string();
+        assert!(refused.contains("row-level security"), "{refused}");
+    }
+}
+
 conformance!(with_pooler:
+    a_tenant_bound_store_works_in_its_tenant_only,
     erasing_a_tenant_removes_its_rows_and_only_its,
     a_running_daemon_resurrects_nothing_of_an_erased_tenant,
     a_tenant_exported_and_imported_elsewhere_is_the_same,

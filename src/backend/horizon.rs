@@ -65,7 +65,9 @@ pub(crate) async fn tenants_horizon<C: ConnectionTrait + TransactionTrait<Transa
         return Ok(None);
     }
     let last = txn
-        .query_one(Query::select().expr_as(Expr::col(messages::Column::GlobalPosition).max(), "last").from(messages::Entity))
+        .query_one(
+            Query::select().expr_as(Expr::col(messages::Column::GlobalPosition).max(), "last").from(messages::Entity),
+        )
         .await?;
     txn.commit().await?;
     Ok(Some(last.map(|row| row.try_get::<Option<i64>>("", "last")).transpose()?.flatten().unwrap_or(0)))

@@ -1,6 +1,6 @@
 //! The row locks of a projection batch: the checkpoint, then the snapshots.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use sea_orm::sea_query::{Expr, ExprTrait, LockType, OnConflict, Query};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr};
@@ -168,26 +168,35 @@ pub(crate) async fn move_checkpoints(
     Ok(())
 }
 
-/// Locks the snapshots `ids` of read model `table`, creating missing ones (a lock on a row that
-/// does not exist locks nothing), and returns `stream_id`, `last_global_position` and
-/// `snapshot` of each (`null` for new ones). Rows are taken in `ids` order (callers sort it), so
-/// concurrent batches cannot deadlock; existing ones are locked, not written, as in
-/// [`lock_checkpoints`].
+/// Locks the snapshots `ids` (with the tenant each folds) of read model `table`, creating
+/// missing ones (a lock on a row that does not exist locks nothing), and returns `stream_id`,
+/// `last_global_position` and `snapshot` of each (`null` for new ones). Rows are taken in `ids`
+/// order (callers sort it), so concurrent batches cannot deadlock; existing ones are locked, not
+/// written, as in [`lock_checkpoints`].
 pub(crate) async fn lock_snapshots(
     txn: &DatabaseTransaction,
     table: &str,
-    ids: &[String],
+    ids: &[(&str, &str)],
 ) -> Result<Vec<sea_orm::QueryResult>, DbErr> {
     let key = [snapshots::Column::ReadmodelTableName, snapshots::Column::StreamId];
+    let partitions: HashMap<&str, &str> = ids.iter().copied().collect();
     let create = |ids: &[&str]| {
         let mut create = snapshots::insert_all_columns();
         for id in ids {
-            create.values_panic([table.into(), (*id).into(), 0i64.into(), 0i64.into(), Value::Null.into()]);
+            let partition = partitions[id];
+            create.values_panic([
+                table.into(),
+                (*id).into(),
+                0i64.into(),
+                0i64.into(),
+                Value::Null.into(),
+                partition.into(),
+            ]);
         }
         create
     };
     let returned = [snapshots::Column::StreamId, snapshots::Column::LastGlobalPosition, snapshots::Column::Snapshot];
-    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let ids: Vec<&str> = ids.iter().map(|(id, _)| *id).collect();
     #[cfg(feature = "postgres")]
     if txn.get_database_backend() == DbBackend::Postgres {
         let read = "SELECT s.stream_id, s.last_global_position, s.snapshot FROM unnest($2::text[]) AS k(id)

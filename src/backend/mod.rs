@@ -29,6 +29,7 @@ mod import;
 mod instances;
 mod leases;
 mod locks;
+pub(crate) mod rls;
 mod schema;
 mod segments;
 

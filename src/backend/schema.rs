@@ -43,7 +43,7 @@ pub(crate) fn create_schema(backend: DbBackend) -> Result<Vec<&'static str>, DbE
             "CREATE TABLE IF NOT EXISTS snapshots (
                readmodel_table_name text NOT NULL, stream_id text NOT NULL,
                last_stream_position bigint NOT NULL, last_global_position bigint NOT NULL,
-               snapshot jsonb NOT NULL, PRIMARY KEY (readmodel_table_name, stream_id))",
+               snapshot jsonb NOT NULL, partition text, PRIMARY KEY (readmodel_table_name, stream_id))",
         ],
         DbBackend::MySql => vec![
             "CREATE TABLE IF NOT EXISTS streams (
@@ -67,7 +67,7 @@ pub(crate) fn create_schema(backend: DbBackend) -> Result<Vec<&'static str>, DbE
             "CREATE TABLE IF NOT EXISTS snapshots (
                readmodel_table_name VARCHAR(255) NOT NULL, stream_id VARCHAR(512) NOT NULL,
                last_stream_position BIGINT NOT NULL, last_global_position BIGINT NOT NULL,
-               snapshot JSON NOT NULL, PRIMARY KEY (readmodel_table_name, stream_id))",
+               snapshot JSON NOT NULL, `partition` VARCHAR(255), PRIMARY KEY (readmodel_table_name, stream_id))",
         ],
         DbBackend::Sqlite => vec![
             "CREATE TABLE IF NOT EXISTS streams (
@@ -93,7 +93,7 @@ pub(crate) fn create_schema(backend: DbBackend) -> Result<Vec<&'static str>, DbE
             "CREATE TABLE IF NOT EXISTS snapshots (
                readmodel_table_name TEXT NOT NULL, stream_id TEXT NOT NULL,
                last_stream_position INTEGER NOT NULL, last_global_position INTEGER NOT NULL,
-               snapshot TEXT NOT NULL, PRIMARY KEY (readmodel_table_name, stream_id))",
+               snapshot TEXT NOT NULL, partition TEXT, PRIMARY KEY (readmodel_table_name, stream_id))",
         ],
         other => return Err(DbErr::BackendNotSupported { db: other.as_str(), ctx: "emmett-seaorm schema" }),
     })

@@ -29,7 +29,7 @@ mod own_streams;
 mod read_model;
 mod registry;
 mod runner;
-mod snapshot;
+pub(crate) mod snapshot;
 
 use std::collections::BTreeMap;
 

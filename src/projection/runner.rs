@@ -20,7 +20,7 @@ use crate::event::StoredMessage;
 use crate::event::{Event, RecordedEvent};
 use crate::limits::{self, MAX_IDENTIFIER_CHARS};
 use crate::schema::skipped_events as skipped;
-use crate::schema::{DEFAULT_PARTITION, messages, subscriptions};
+use crate::schema::{messages, subscriptions};
 use crate::store::EventStore;
 
 /// How long `project_partition` waits on PostgreSQL for transactions still writing before it
@@ -194,7 +194,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         stream_id: &str,
         options: RunOptions,
     ) -> Result<ProjectEventsResult> {
-        let partition = options.partition.clone().unwrap_or_else(|| DEFAULT_PARTITION.to_owned());
+        let partition = self.store.partition(options.partition.as_deref())?.to_owned();
         check_run(subscription_id, &partition)?;
         limits::check_identifier("stream id", stream_id, MAX_IDENTIFIER_CHARS)?;
         let (processed, checkpoint, caught_up) =
@@ -221,7 +221,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         subscription_id: &str,
         options: RunOptions,
     ) -> Result<ProjectPartitionResult> {
-        let partition = options.partition.as_deref().unwrap_or(DEFAULT_PARTITION);
+        let partition = self.store.partition(options.partition.as_deref())?;
         check_run(subscription_id, partition)?;
         let until = match options.until {
             Some(until) => until,
@@ -253,7 +253,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         options: RunOptions,
         mut progress: impl FnMut(&Progress),
     ) -> Result<ProjectPartitionResult> {
-        let partition = options.partition.as_deref().unwrap_or(DEFAULT_PARTITION);
+        let partition = self.store.partition(options.partition.as_deref())?;
         check_run(subscription_id, partition)?;
         let checkpoint = self.checkpoint(subscription_id, partition).await?;
         let (total, _) = backend::pending(self.store.executor(), partition, checkpoint).await?;

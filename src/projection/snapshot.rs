@@ -228,6 +228,13 @@ pub(crate) fn stream_id_part(name: &str, value: &str) -> String {
     format!("{}:{}", encode_uri_component(name), encode_uri_component(value))
 }
 
+/// The value of key `name` in a [`construct_stream_id`] (as text), if it has that key.
+pub(crate) fn key_value(stream_id: &str, name: &str) -> Option<String> {
+    let prefix = format!("{}:", encode_uri_component(name));
+    let encoded = stream_id.split('|').find_map(|part| part.strip_prefix(&prefix))?;
+    decode_uri_component(encoded)
+}
+
 /// A key value as text, as JavaScript's `String(value)` gives it for the usual key types
 /// (strings, integers, booleans, UUIDs); `null` for NULL.
 fn key_text(value: &sea_orm::Value) -> String {
@@ -251,6 +258,23 @@ fn key_text(value: &sea_orm::Value) -> String {
         other => Some(sea_orm::sea_query::PostgresQueryBuilder.value_to_string(other).trim_matches('\'').to_owned()),
     };
     text.unwrap_or_else(|| "null".to_owned())
+}
+
+/// JavaScript's `decodeURIComponent` of what [`encode_uri_component`] wrote (`None` if malformed).
+fn decode_uri_component(s: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(s.len());
+    let mut rest = s.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if b == b'%' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(b);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
 }
 
 /// JavaScript's `encodeURIComponent`.
@@ -303,9 +327,12 @@ where
         }
         let Some(first) = rows.values().next() else { return Ok(()) };
         let table_columns = self.check_table(ctx, &first.keys).await?;
-        let ids: Vec<String> = rows.keys().cloned().collect();
         let mut stored = match self.storage {
-            Storage::SnapshotTable => self.lock_snapshots(ctx, &ids).await?,
+            Storage::SnapshotTable => {
+                let ids: Vec<(&str, &str)> =
+                    rows.iter().map(|(id, row)| (id.as_str(), row.events[0].partition.as_str())).collect();
+                self.lock_snapshots(ctx, &ids).await?
+            }
             Storage::InTable => self.lock_rows(ctx, &rows).await?,
         };
         for (id, row) in rows.iter_mut() {
@@ -388,7 +415,11 @@ where
     }
 
     /// Snapshot-table mode: locks (creating them if needed) and loads the batch's snapshots.
-    async fn lock_snapshots(&self, ctx: &ProjectionContext<'_>, ids: &[String]) -> Result<BTreeMap<String, Stored>> {
+    async fn lock_snapshots(
+        &self,
+        ctx: &ProjectionContext<'_>,
+        ids: &[(&str, &str)],
+    ) -> Result<BTreeMap<String, Stored>> {
         let mut stored = BTreeMap::new();
         for chunk in ids.chunks(ROWS_PER_STATEMENT) {
             for row in crate::backend::lock_snapshots(ctx.txn, &self.table, chunk).await? {
@@ -475,6 +506,7 @@ where
                 (last.stream_position as i64).into(),
                 (last.global_position as i64).into(),
                 snapshot.clone().into(),
+                last.partition.as_str().into(),
             ]);
         }
         upsert.on_conflict(
@@ -483,6 +515,7 @@ where
                     snapshots::Column::LastStreamPosition,
                     snapshots::Column::LastGlobalPosition,
                     snapshots::Column::Snapshot,
+                    snapshots::Column::Partition,
                 ])
                 .to_owned(),
         );
@@ -544,6 +577,17 @@ mod tests {
     fn stream_ids_match_encode_uri_component() {
         let keys = crate::keys! { "tenant_id" => "t|1", "cart_id" => "c 1/ä", "a" => "x-_.!~*'()" };
         assert_eq!(construct_stream_id(&keys), "a:x-_.!~*'()|cart_id:c%201%2F%C3%A4|tenant_id:t%7C1");
+    }
+
+    #[test]
+    fn a_key_is_read_back_from_a_stream_id() {
+        let keys = crate::keys! { "tenant id" => "t|1 ä", "cart_id" => "c:1", "tenant" => "other" };
+        let id = construct_stream_id(&keys);
+        assert_eq!(key_value(&id, "tenant id").as_deref(), Some("t|1 ä"));
+        assert_eq!(key_value(&id, "cart_id").as_deref(), Some("c:1"));
+        assert_eq!(key_value(&id, "tenant").as_deref(), Some("other"));
+        assert_eq!(key_value(&id, "missing"), None);
+        assert_eq!(key_value("tenant:%E", "tenant"), None);
     }
 
     #[test]

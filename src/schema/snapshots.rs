@@ -19,6 +19,9 @@ pub struct Model {
     /// The state as JSON.
     #[sea_orm(column_type = "JsonBinary")]
     pub snapshot: Json,
+    /// The tenant whose events the state folds (`None` for rows written before the column was
+    /// added, or by the TypeScript package); PostgreSQL's row-level security keys on it.
+    pub partition: Option<String>,
 }
 
 /// No relations are declared.
@@ -36,6 +39,7 @@ pub(crate) fn insert_all_columns() -> sea_orm::sea_query::InsertStatement {
         Column::LastStreamPosition,
         Column::LastGlobalPosition,
         Column::Snapshot,
+        Column::Partition,
     ]);
     insert
 }

@@ -101,7 +101,7 @@ impl EventStore {
         policy: SnapshotPolicy,
         decode: impl FnOnce(&str) -> Option<S>,
     ) -> Result<(String, Snapshotted<S>)> {
-        let partition = options.partition_or_default().to_owned();
+        let partition = self.partition(options.partition.as_deref())?.to_owned();
         let partial = options.from.is_some() || options.to.is_some() || options.max_count.is_some();
         if partial {
             let result = self.aggregate_stream(stream_id, evolve, initial_state, options).await?;

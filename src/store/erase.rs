@@ -79,6 +79,7 @@ impl EventStore {
         erase: bool,
         expected: Option<(u64, u64)>,
     ) -> Result<PartitionRows> {
+        self.partition(Some(partition))?;
         limits::check_identifier("partition", partition, MAX_IDENTIFIER_CHARS)?;
         for read_model in read_models {
             limits::check_identifier("read model table", read_model.table(), MAX_IDENTIFIER_CHARS)?;

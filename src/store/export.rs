@@ -127,6 +127,7 @@ impl EventStore {
     /// # Ok(()) }
     /// ```
     pub async fn export_partition(&self, partition: &str, out: impl AsyncWrite + Unpin) -> Result<PartitionCounts> {
+        self.partition(Some(partition))?;
         let mut out = tokio::io::BufWriter::new(out);
         let mut reader = PartitionReader::begin(self, partition).await?;
         let mut written = PartitionCounts { partition: partition.into(), streams: 0, events: 0 };
@@ -186,6 +187,7 @@ impl EventStore {
             _ => return Err(failed(1, format!("no header: not a {FORMAT} file"))),
         };
         let partition = options.partition.clone().unwrap_or_else(|| header.partition.clone());
+        self.partition(Some(&partition))?;
         limits::check_identifier("partition", &partition, MAX_IDENTIFIER_CHARS)?;
         let txn = backend::begin_write(self.executor()).await?;
         if backend::begin_import(&txn, &partition).await? {

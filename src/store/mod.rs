@@ -84,6 +84,8 @@ pub struct EventStore {
     upcasters: Arc<Upcasters>,
     /// MySQL: the partitions whose rows appends through this store have seen.
     known_partitions: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// The tenant this store is bound to ([`EventStore::for_tenant`]).
+    tenant: Option<Arc<str>>,
 }
 
 /// How appends through a store (and its clones) wake projection daemons: in-process at once,
@@ -139,6 +141,47 @@ impl EventStore {
             group: Default::default(),
             upcasters: Default::default(),
             known_partitions: Default::default(),
+            tenant: None,
+        }
+    }
+
+    /// This store bound to one tenant: every call works in `tenant` (options that name no
+    /// partition mean it; [`Error::OtherTenant`] for one that names another), and on
+    /// PostgreSQL every statement it runs — appends, reads, inline projections, sessions and
+    /// raw SQL on the store as a connection — runs with the tenant bound in its transaction
+    /// (`SET LOCAL emt.tenant`, safe behind a transaction pooler). With row-level security on
+    /// ([`rls`](crate::rls)) and a role that does not own the tables, the database then shows
+    /// and takes that tenant's rows only, whatever the SQL. Bind before opening a session: a
+    /// session's transaction is bound when it begins.
+    ///
+    /// ```no_run
+    /// # async fn f(store: emmett_seaorm::EventStore) -> emmett_seaorm::Result<()> {
+    /// use emmett_seaorm::{AppendOptions, ReadOptions};
+    /// let acme = store.for_tenant("acme");
+    /// let e = serde_json::json!({ "type": "Opened", "data": {} });
+    /// acme.append_to_stream("cart-1", [e], AppendOptions::default()).await?; // in tenant `acme`
+    /// let read = acme.read_stream::<serde_json::Value>("cart-1", ReadOptions::default()).await?;
+    /// assert_eq!(read.events.len(), 1);
+    /// # Ok(()) }
+    /// ```
+    pub fn for_tenant(&self, tenant: &str) -> EventStore {
+        EventStore { conn: self.conn.for_tenant(tenant), tenant: Some(tenant.into()), ..self.clone() }
+    }
+
+    /// The tenant this store is bound to, if any ([`EventStore::for_tenant`]).
+    pub fn tenant(&self) -> Option<&str> {
+        self.tenant.as_deref()
+    }
+
+    /// The partition a call that `asked` for one (or none) works in: the bound tenant, or
+    /// [`DEFAULT_PARTITION`] when unbound and none was asked.
+    pub(crate) fn partition<'a>(&'a self, asked: Option<&'a str>) -> Result<&'a str> {
+        match (self.tenant.as_deref(), asked) {
+            (Some(tenant), Some(asked)) if tenant != asked => {
+                Err(Error::OtherTenant { tenant: tenant.to_owned(), partition: asked.to_owned() })
+            }
+            (Some(tenant), _) => Ok(tenant),
+            (None, asked) => Ok(asked.unwrap_or(DEFAULT_PARTITION)),
         }
     }
 
@@ -239,7 +282,7 @@ impl EventStore {
         events: impl IntoIterator<Item = E>,
         options: AppendOptions,
     ) -> Result<AppendResult> {
-        let partition = options.partition.as_deref().unwrap_or(DEFAULT_PARTITION);
+        let partition = self.partition(options.partition.as_deref())?;
         tracing::Span::current().record("partition", partition);
         check_stream(stream_id, partition)?;
         let stream_type = options.stream_type.as_deref().unwrap_or("unknown");
@@ -408,9 +451,9 @@ impl EventStore {
 
     /// Reads a stream's events in order. A missing stream is not an error: it reads as empty,
     /// with `stream_exists == false`.
-    #[tracing::instrument(name = "read", skip_all, fields(stream = stream_id, partition = options.partition_or_default()))]
+    #[tracing::instrument(name = "read", skip_all, fields(stream = stream_id, partition = options.partition.as_deref()))]
     pub async fn read_stream<E: Event>(&self, stream_id: &str, options: ReadOptions) -> Result<ReadStreamResult<E>> {
-        let partition = options.partition_or_default();
+        let partition = self.partition(options.partition.as_deref())?;
         check_stream(stream_id, partition)?;
         let version = self.stream_version(stream_id, partition).await?;
         check_expected(stream_id, partition, options.expected, version)?;
@@ -435,7 +478,7 @@ impl EventStore {
         initial_state: impl FnOnce() -> S,
         options: ReadOptions,
     ) -> Result<AggregateStreamResult<S>> {
-        let partition = options.partition_or_default();
+        let partition = self.partition(options.partition.as_deref())?;
         check_stream(stream_id, partition)?;
         let version = self.stream_version(stream_id, partition).await?;
         check_expected(stream_id, partition, options.expected, version)?;
@@ -471,6 +514,7 @@ impl EventStore {
 
     /// Whether the stream exists (and is not archived) in `partition`.
     pub async fn stream_exists(&self, stream_id: &str, partition: &str) -> Result<bool> {
+        let partition = self.partition(Some(partition))?;
         check_stream(stream_id, partition)?;
         Ok(self.stream_version(stream_id, partition).await? > 0)
     }
@@ -481,6 +525,7 @@ impl EventStore {
     /// The schema keeps one archived generation per stream: archiving a second generation
     /// fails with [`Error::AlreadyArchived`].
     pub async fn archive_stream(&self, stream_id: &str, partition: &str) -> Result<bool> {
+        let partition = self.partition(Some(partition))?;
         check_stream(stream_id, partition)?;
         let txn = backend::begin_write(self.executor()).await?;
         let archived =
@@ -566,6 +611,7 @@ impl EventStore {
     /// valid tenant: the table names are derived, never interpolated. Idempotent; does nothing
     /// on SQLite and MySQL.
     pub async fn create_partition(&self, partition: &str) -> Result<()> {
+        let partition = self.partition(Some(partition))?;
         limits::check_identifier("partition", partition, MAX_IDENTIFIER_CHARS)?;
         Ok(backend::create_partition(self.executor(), partition).await?)
     }

@@ -3,7 +3,6 @@
 use serde_json::Value;
 
 use crate::expected_version::ExpectedVersion;
-use crate::schema::DEFAULT_PARTITION;
 
 /// Options of [`EventStore::append_to_stream`](crate::EventStore::append_to_stream).
 ///
@@ -25,7 +24,8 @@ pub struct AppendOptions {
 }
 
 impl AppendOptions {
-    /// The partition (tenant); `default_partition` when not set.
+    /// The partition (tenant); when not set, the store's tenant if it is bound to one, else
+    /// `default_partition`.
     pub fn partition(mut self, partition: impl Into<String>) -> Self {
         self.partition = Some(partition.into());
         self
@@ -94,7 +94,8 @@ pub struct ReadOptions {
 }
 
 impl ReadOptions {
-    /// The partition (tenant); `default_partition` when not set.
+    /// The partition (tenant); when not set, the store's tenant if it is bound to one, else
+    /// `default_partition`.
     pub fn partition(mut self, partition: impl Into<String>) -> Self {
         self.partition = Some(partition.into());
         self
@@ -120,9 +121,6 @@ impl ReadOptions {
     pub fn expected(mut self, expected: ExpectedVersion) -> Self {
         self.expected = Some(expected);
         self
-    }
-    pub(crate) fn partition_or_default(&self) -> &str {
-        self.partition.as_deref().unwrap_or(DEFAULT_PARTITION)
     }
 }
 
