@@ -52,6 +52,16 @@ impl Conn {
         }
     }
 
+    /// This pool unbound, if it is bound to a tenant: for statements that bind it themselves.
+    pub fn without_tenant(&self) -> Option<Self> {
+        match self {
+            Conn::Pool { db, pooled, tenant: Some(_) } => {
+                Some(Conn::Pool { db: db.clone(), pooled: pooled.clone(), tenant: None })
+            }
+            _ => None,
+        }
+    }
+
     /// A new transaction of the pool bound to the tenant, if it is bound.
     async fn bind(&self, txn: DatabaseTransaction) -> Result<DatabaseTransaction, DbErr> {
         if let Conn::Pool { tenant: Some(tenant), .. } = self {

@@ -64,7 +64,11 @@ pub async fn disable(db: &DatabaseConnection) -> Result<()> {
 /// Whether row-level security is on for every tenant table.
 pub async fn enabled(db: &DatabaseConnection) -> Result<bool> {
     postgres_only(db)?;
-    Ok(rls::row_security_on(db).await?)
+    // (In a transaction: one server behind a transaction pooler.)
+    let txn = db.begin().await?;
+    let on = rls::row_security_on(&txn).await?;
+    txn.commit().await?;
+    Ok(on)
 }
 
 /// Grants `role` what an application needs through tenant-bound stores, and no more: it reads

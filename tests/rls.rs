@@ -83,9 +83,11 @@ async fn a_tenant_bound_store_reaches_its_tenant_only(db: TestDb) {
     // A snapshot written before snapshots named their tenant is tagged when security goes on.
     db.db.execute_unprepared("UPDATE snapshots SET partition = NULL").await.unwrap();
     let app = EventStore::new(app_pool(&db).await).inline("balances", balances::registry());
-    let tagged = rls::enable(&db.db, &[ReadModel::new("balances", "tenant_id")]).await.unwrap();
+    // (Through the pooler where the stores go through it.)
+    let owner_pool = db.pooled.as_ref().unwrap_or(&db.db);
+    let tagged = rls::enable(owner_pool, &[ReadModel::new("balances", "tenant_id")]).await.unwrap();
     assert_eq!(tagged, 2);
-    assert!(rls::enabled(&db.db).await.unwrap());
+    assert!(rls::enabled(owner_pool).await.unwrap());
     let before = owner_view(&db).await;
 
     // Its own tenant: appends (inline projection included), reads, aggregates, sessions.
@@ -174,8 +176,8 @@ async fn a_tenant_bound_store_reaches_its_tenant_only(db: TestDb) {
     let of_b = |view: &[(String, String, i64)]| view.iter().filter(|(_, t, _)| t == "b").cloned().collect::<Vec<_>>();
     assert_eq!(of_b(&after), of_b(&before));
     assert_eq!(count(&db.db, "SELECT count(*) FROM messages").await, 5);
-    rls::disable(&db.db).await.unwrap();
-    assert!(!rls::enabled(&db.db).await.unwrap());
+    rls::disable(owner_pool).await.unwrap();
+    assert!(!rls::enabled(owner_pool).await.unwrap());
 }
 
 conformance!(@backend postgres; a_tenant_bound_store_reaches_its_tenant_only);

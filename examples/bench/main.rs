@@ -8,7 +8,9 @@
 //! Workloads:
 //! - `append-1`: one event per append, `--concurrency` writers, each with its exact expected version;
 //!   `append-1-unnotified` the same without PostgreSQL notifications (`EventStore::notifications`),
-//!   `append-1-inline` with the carts snapshot projection inline (`EventStore::inline`);
+//!   `append-1-inline` with the carts snapshot projection inline (`EventStore::inline`),
+//!   `append-1-rls` (PostgreSQL, not in the default list) as an application role through a
+//!   tenant-bound store (`EventStore::for_tenant`) with row-level security on;
 //! - `append-batch`: 100 appends of 100 events;
 //! - `project`: `project_events` per stream over the `append-1` streams, `--concurrency` in
 //!   parallel, into a carts read model (snapshot-table mode), like the Kysely peer;
@@ -231,6 +233,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let quiet = EventStore::new(db.clone()).notifications(false);
                 append_one(&quiet, &args, &format!("{partition}-quiet"), "append-1-unnotified").await?;
             }
+            "append-1-rls" => tenants::append_rls(&db, &args, &format!("{partition}-rls")).await?,
             "append-batch" => append_batch(&store, &partition).await?,
             "project" => {
                 if !appended {

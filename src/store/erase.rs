@@ -103,6 +103,9 @@ impl EventStore {
             return Err(Error::PartitionChanged { partition: partition.into(), reason });
         }
         txn.commit().await.map_err(Error::from)?;
+        if erase {
+            self.forget_partition(partition);
+        }
         Ok(PartitionRows { partition: partition.to_owned(), tables })
     }
 }

@@ -173,6 +173,11 @@ impl EventStore {
         self.tenant.as_deref()
     }
 
+    /// Forgets that appends saw `partition`'s row (MySQL, `emt_partitions`): it was erased.
+    pub(crate) fn forget_partition(&self, partition: &str) {
+        self.known_partitions.lock().expect("not poisoned").remove(partition);
+    }
+
     /// The partition a call that `asked` for one (or none) works in: the bound tenant, or
     /// [`DEFAULT_PARTITION`] when unbound and none was asked.
     pub(crate) fn partition<'a>(&'a self, asked: Option<&'a str>) -> Result<&'a str> {
@@ -405,7 +410,10 @@ impl EventStore {
     /// where it takes a savepoint), with the store's inline projections.
     async fn append_once(&self, append: &Append) -> Result<Option<backend::Appended>> {
         match self.inline.is_empty() {
-            true => backend::append(self.executor(), append).await.map_err(Error::from),
+            true => match self.conn.without_tenant() {
+                Some(unbound) => backend::append(&unbound, append, true).await.map_err(Error::from),
+                None => backend::append(self.executor(), append, false).await.map_err(Error::from),
+            },
             false => self.inline.append(self, append).await,
         }
     }
