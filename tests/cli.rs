@@ -384,6 +384,23 @@ async fn a_tenant_is_exported_imported_and_moved(db: TestDb) {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `rls` switches row-level security on PostgreSQL, and elsewhere says it is PostgreSQL's.
+async fn row_level_security_is_switched_on_and_off(db: TestDb) {
+    if db.db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        let error = failed(cli(&db, &["rls", "enable"]));
+        assert!(error.contains("row-level security"), "{error}");
+        return;
+    }
+    assert_eq!(ok(cli(&db, &["rls", "status"])).trim(), "row-level security is off");
+    let create =
+        "DO $$ BEGIN CREATE ROLE emt_app LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$";
+    db.db.execute_unprepared(create).await.unwrap();
+    assert!(ok(cli(&db, &["rls", "grant", "emt_app"])).contains("granted 'emt_app'"));
+    assert_eq!(ok(cli(&db, &["rls", "enable"])).trim(), "row-level security is on");
+    assert_eq!(ok(cli(&db, &["rls", "status"])).trim(), "row-level security is on");
+    assert_eq!(ok(cli(&db, &["rls", "disable"])).trim(), "row-level security is off");
+}
+
 conformance!(
     migrations_report_apply_and_print_their_sql,
     streams_and_partitions_are_listed_and_read,
@@ -392,6 +409,7 @@ conformance!(
     event_types_and_versions_are_listed_and_reads_upcast,
     a_tenant_is_erased_only_when_asked,
     a_tenant_is_exported_imported_and_moved,
+    row_level_security_is_switched_on_and_off,
 );
 
 #[test]

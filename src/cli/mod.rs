@@ -83,6 +83,26 @@ pub enum Command {
     /// The projection daemons' leases.
     #[command(subcommand)]
     Leases(Leases),
+    /// Row-level security (PostgreSQL): tenants kept apart by the database.
+    #[command(subcommand)]
+    Rls(Rls),
+}
+
+/// `rls …` (run as the tables' owner)
+#[derive(Subcommand, Debug)]
+pub enum Rls {
+    /// Whether row-level security is on for the store's tenant tables.
+    Status,
+    /// Switch it on (the snapshots of the app's registered read models that name no tenant
+    /// get theirs first).
+    Enable,
+    /// Switch it off.
+    Disable,
+    /// Grant an application role what it needs through tenant-bound stores, and no more.
+    Grant {
+        /// The role.
+        role: String,
+    },
 }
 
 /// `migrate …`
@@ -468,6 +488,7 @@ impl Command {
         let conn = Conn::pool(db.clone());
         match self {
             Command::Migrate(m) => ops::migrate(db, m).await,
+            Command::Rls(command) => ops::rls(db, command, &projections.read_models).await,
             Command::Partitions(Partitions::Add { tenant }) => {
                 store.create_partition(&tenant).await?;
                 println!("partition '{tenant}' ready");

@@ -8,7 +8,7 @@ use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use serde_json::json;
 
 use super::report::{self, Table};
-use super::{CliError, JsonFlag, Migrate, StatusFilter};
+use super::{CliError, JsonFlag, Migrate, Rls, StatusFilter};
 use crate::conn::Conn;
 use crate::migrations::{self, Change};
 use crate::projection::ReadModel;
@@ -16,6 +16,32 @@ use crate::schema::{messages, skipped_events, streams, subscriptions};
 use crate::store::{EventStore, ImportOptions, ReadOptions};
 use crate::upcast::Upcasters;
 use crate::{backend, daemon};
+
+/// `rls status|enable|disable|grant`.
+pub(super) async fn rls(
+    db: &sea_orm::DatabaseConnection,
+    command: Rls,
+    read_models: &[ReadModel],
+) -> Result<(), CliError> {
+    match command {
+        Rls::Status => {}
+        Rls::Enable => {
+            let tagged = crate::rls::enable(db, read_models).await?;
+            if tagged > 0 {
+                println!("{tagged} snapshots now name their tenant");
+            }
+        }
+        Rls::Disable => crate::rls::disable(db).await?,
+        Rls::Grant { role } => {
+            crate::rls::grant(db, &role).await?;
+            println!("granted '{role}' what tenant-bound stores need");
+            return Ok(());
+        }
+    }
+    let on = crate::rls::enabled(db).await?;
+    println!("row-level security is {}", if on { "on" } else { "off" });
+    Ok(())
+}
 
 pub(super) async fn migrate(db: &sea_orm::DatabaseConnection, command: Migrate) -> Result<(), CliError> {
     match command {
