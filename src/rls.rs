@@ -27,10 +27,17 @@
 //! wrong id, raw SQL), not against code that runs SQL of its choosing on the connection: such
 //! code can bind another tenant itself.
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, TransactionTrait};
+use std::collections::BTreeMap;
+
+use sea_orm::sea_query::Query;
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, QueryFilter, QuerySelect,
+    TransactionTrait,
+};
 
 use crate::backend::rls;
 use crate::projection::ReadModel;
+use crate::schema::snapshots;
 use crate::{Error, Result};
 
 /// Switches row-level security on for the store's tenant tables (idempotent). First, each
@@ -94,25 +101,31 @@ fn postgres_only(db: &DatabaseConnection) -> Result<()> {
 
 /// Names the tenant of `read_model`'s snapshots that name none, from their keys: returns how many.
 async fn tag_snapshots(txn: &impl ConnectionTrait, read_model: &ReadModel) -> Result<u64> {
-    let untagged = txn
-        .query_all_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "SELECT stream_id FROM snapshots WHERE readmodel_table_name = $1 AND partition IS NULL",
-            [read_model.table().into()],
-        ))
+    let untagged: Vec<String> = snapshots::Entity::find()
+        .select_only()
+        .column(snapshots::Column::StreamId)
+        .filter(snapshots::Column::ReadmodelTableName.eq(read_model.table()))
+        .filter(snapshots::Column::Partition.is_null())
+        .into_tuple()
+        .all(txn)
         .await?;
-    let mut ids = Vec::new();
-    let mut tenants = Vec::new();
-    for row in untagged {
-        let id: String = row.try_get("", "stream_id")?;
+    let mut by_tenant: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for id in untagged {
         if let Some(tenant) = crate::projection::snapshot::key_value(&id, read_model.tenant_column()) {
-            ids.push(id);
-            tenants.push(tenant);
+            by_tenant.entry(tenant).or_default().push(id);
         }
     }
-    let tag = "UPDATE snapshots AS s SET partition = t.tenant FROM unnest($2::text[], $3::text[]) AS t(id, tenant)
-               WHERE s.readmodel_table_name = $1 AND s.stream_id = t.id";
-    let values = [read_model.table().into(), ids.into(), tenants.into()];
-    let done = txn.execute_raw(Statement::from_sql_and_values(DbBackend::Postgres, tag, values)).await?;
-    Ok(done.rows_affected())
+    let mut tagged = 0;
+    for (tenant, ids) in by_tenant {
+        for chunk in ids.chunks(1_000) {
+            let tag = Query::update()
+                .table(snapshots::Entity)
+                .value(snapshots::Column::Partition, tenant.as_str())
+                .and_where(snapshots::Column::ReadmodelTableName.eq(read_model.table()))
+                .and_where(snapshots::Column::StreamId.is_in(chunk))
+                .to_owned();
+            tagged += txn.execute(&tag).await?.rows_affected();
+        }
+    }
+    Ok(tagged)
 }

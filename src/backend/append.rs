@@ -69,6 +69,7 @@ const STORED_COLUMNS: [messages::Column; 10] = [
 /// `bind`: PostgreSQL, outside a transaction: the statement binds the append's partition as
 /// the tenant of row-level security itself (for a tenant-bound store, whose `conn` is then
 /// unbound: one prepared statement instead of a `SET LOCAL` and the statement as SQL).
+#[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
 pub(crate) async fn append<C: ConnectionTrait + TransactionTrait<Transaction = DatabaseTransaction>>(
     conn: &C,
     append: &Append,
