@@ -279,6 +279,35 @@ pub enum Error {
         reason: String,
     },
 
+    /// A [`StoreRouter`](crate::StoreRouter) knows no store for the tenant: no entry names it
+    /// and there is no default store.
+    #[error("no store holds tenant '{partition}': no entry names it and the router has no default store")]
+    UnknownTenant {
+        /// The tenant.
+        partition: String,
+    },
+
+    /// A [`StoreRouter`](crate::StoreRouter)'s map names a store it does not have.
+    #[error("tenant '{partition}' lives in store '{store}', which this router does not have")]
+    UnknownStore {
+        /// The store's name.
+        store: String,
+        /// The tenant.
+        partition: String,
+    },
+
+    /// A [`StoreRouter`](crate::StoreRouter) was asked to change its catalog, and has none.
+    #[error("this router has no catalog to record a tenant's store in")]
+    NoCatalog,
+
+    /// A [`StoreRouter`](crate::StoreRouter)'s tenant is being moved to another store: try
+    /// again in a moment.
+    #[error("tenant '{partition}' is being moved to another store; try again in a moment")]
+    TenantMoving {
+        /// The tenant.
+        partition: String,
+    },
+
     /// A store bound to one tenant ([`EventStore::for_tenant`](crate::EventStore::for_tenant))
     /// was asked to reach another. Nothing was read or written.
     #[error("this store is bound to tenant '{tenant}' and does not reach tenant '{partition}'")]
@@ -439,10 +468,10 @@ impl Error {
         }
     }
 
-    /// Whether running the same operation again later may succeed: a busy database or a lost
-    /// connection.
+    /// Whether running the same operation again later may succeed: a busy database, a lost
+    /// connection, a tenant being moved.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Busy { .. } | Error::ConnectionLost { .. })
+        matches!(self, Error::Busy { .. } | Error::ConnectionLost { .. } | Error::TenantMoving { .. })
     }
 }
 

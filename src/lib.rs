@@ -20,6 +20,7 @@ mod limits;
 pub mod migrations;
 pub mod projection;
 pub mod rls;
+mod router;
 pub mod schema;
 mod store;
 pub mod testing;
@@ -37,6 +38,7 @@ pub use event::{Event, RecordedEvent};
 pub use expected_version::ExpectedVersion;
 pub use limits::{MAX_IDENTIFIER_CHARS, MAX_SNAPSHOT_ID_CHARS};
 pub use migrations::{Migrator, migrate};
+pub use router::StoreRouter;
 pub use schema::DEFAULT_PARTITION;
 pub use store::{
     AggregateStreamResult, AppendOptions, AppendResult, EventStore, ImportOptions, PartitionCounts, PartitionRows,

@@ -77,7 +77,7 @@ async fn migrations_report_apply_and_print_their_sql(db: TestDb) {
     }
     assert!(statement.trim().is_empty(), "left over: {statement}");
     ok(cli(&db, &["migrate", "up"]));
-    assert_eq!(ok(cli(&db, &["migrate", "status"])).matches("applied").count(), 8);
+    assert_eq!(ok(cli(&db, &["migrate", "status"])).matches("applied").count(), 9);
     assert!(failed(cli(&db, &["migrate", "fresh"])).contains("--yes"));
 }
 

@@ -22,6 +22,7 @@
 
 pub(crate) mod aggregates;
 mod append;
+mod catalog;
 mod erase;
 mod failure;
 mod horizon;
@@ -40,6 +41,7 @@ pub(crate) use append::APPENDS_CHANNEL;
 pub(crate) use append::{
     Append, Appended, NewEvent, append, append_steps, create_append_function, drop_append_function,
 };
+pub(crate) use catalog::catalog_table;
 pub(crate) use erase::{TenantRows, partition_rows};
 pub(crate) use failure::{is_retried, retry_policy};
 pub(crate) use horizon::{

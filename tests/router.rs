@@ -1,0 +1,180 @@
+//! Tenants spread over several databases (three PostgreSQL databases and a SQLite file) by a
+//! `StoreRouter`: each tenant's events land in and are read from its store only; the catalog
+//! changes at runtime; unknown tenants and stores are typed errors naming them; a tenant moved
+//! between stores is refused for a moment, then found whole at its new store.
+#![cfg(all(feature = "postgres", feature = "sqlite"))]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::Ev;
+use emmett_seaorm::{AppendOptions, Error, EventStore, ReadOptions, StoreRouter};
+use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
+
+/// The stores' databases (three PostgreSQL, one SQLite) and the catalog's (SQLite), migrated.
+struct Databases {
+    urls: Vec<(String, String)>,
+    catalog: String,
+}
+
+impl Databases {
+    async fn new() -> Self {
+        let mut urls = Vec::new();
+        for name in ["pg0", "pg1", "pg2"] {
+            urls.push((name.to_owned(), common::postgres().await));
+        }
+        urls.push(("lite".to_owned(), common::sqlite().await));
+        for (_, url) in &urls {
+            emmett_seaorm::migrate(&common::connect(url).await.unwrap()).await.unwrap();
+        }
+        Databases { urls, catalog: common::sqlite().await }
+    }
+
+    /// A router over pools of its own (as another process would have) with the catalog.
+    async fn router(&self, ttl: Duration) -> StoreRouter {
+        let mut router = StoreRouter::new();
+        for (name, url) in &self.urls {
+            router = router.store(name, EventStore::new(common::connect(url).await.unwrap()));
+        }
+        router.catalog(common::connect(&self.catalog).await.unwrap(), ttl).await.unwrap()
+    }
+
+    async fn pool(&self, store: &str) -> DatabaseConnection {
+        let url = &self.urls.iter().find(|(name, _)| name == store).unwrap().1;
+        common::connect(url).await.unwrap()
+    }
+
+    async fn drop(self) {
+        for (_, url) in self.urls {
+            common::drop_database(&url).await;
+        }
+        common::drop_database(&self.catalog).await;
+    }
+}
+
+/// The tenants with events in `db`, sorted.
+async fn tenants_in(db: &DatabaseConnection) -> Vec<String> {
+    let sql = "SELECT DISTINCT partition FROM messages ORDER BY partition";
+    let rows = db.query_all_raw(Statement::from_string(db.get_database_backend(), sql)).await.unwrap();
+    rows.iter().map(|r| r.try_get_by_index(0).unwrap()).collect()
+}
+
+async fn deposit(router: &StoreRouter, tenant: &str, amount: i64) -> Result<(), Error> {
+    let store = router.for_tenant(tenant).await?;
+    store.append_to_stream("acc", [Ev::Deposited { amount }], AppendOptions::default()).await.map(drop)
+}
+
+async fn events_of(router: &StoreRouter, tenant: &str) -> Vec<i64> {
+    let store = router.for_tenant(tenant).await.unwrap();
+    let read = store.read_stream::<Ev>("acc", ReadOptions::default()).await.unwrap();
+    read.events.iter().map(|e| if let Ev::Deposited { amount } = e.event { amount } else { 0 }).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tenants_live_in_the_store_the_router_names() {
+    let dbs = Databases::new().await;
+    let stores = ["pg0", "pg1", "pg2", "lite"];
+    let router = dbs.router(Duration::from_millis(200)).await.tenant("vip", "pg2").default_store("pg0");
+    // 300 tenants: the catalog spreads 240 over the four stores, 60 fall to the default.
+    let tenant = |i: usize| format!("tenant-{i:03}");
+    for i in 0..240 {
+        router.assign(&tenant(i), stores[i % 4]).await.unwrap();
+    }
+    for i in 0..300 {
+        deposit(&router, &tenant(i), i as i64).await.unwrap();
+    }
+    deposit(&router, "vip", 7).await.unwrap();
+    for (s, store) in stores.iter().enumerate() {
+        let mut expected: Vec<String> = (0..240).filter(|i| i % 4 == s).map(tenant).collect();
+        match *store {
+            "pg0" => expected.extend((240..300).map(tenant)),
+            "pg2" => expected.push("vip".into()),
+            _ => {}
+        }
+        expected.sort();
+        assert_eq!(tenants_in(&dbs.pool(store).await).await, expected, "{store}");
+    }
+    for i in [0, 1, 2, 3, 250] {
+        assert_eq!(events_of(&router, &tenant(i)).await, [i as i64]);
+    }
+
+    // Another router on the same catalog sees a change within its ttl.
+    let other = dbs.router(Duration::from_millis(200)).await;
+    assert_eq!(other.store_of("tenant-000").await.unwrap(), "pg0");
+    let unknown =
+        |r: Result<String, Error>| matches!(r, Err(Error::UnknownTenant { partition }) if partition == "newcomer");
+    assert!(unknown(other.store_of("newcomer").await));
+    router.assign("newcomer", "lite").await.unwrap();
+    assert!(unknown(other.store_of("newcomer").await), "cached for the ttl");
+    assert_eq!(router.store_of("newcomer").await.unwrap(), "lite", "the router that assigned it knows at once");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(other.store_of("newcomer").await.unwrap(), "lite");
+
+    // Bad input: a tenant nothing names without a default, a store the router doesn't have.
+    assert!(
+        matches!(other.for_tenant("nobody").await, Err(Error::UnknownTenant { partition }) if partition == "nobody")
+    );
+    let catalog = common::connect(&dbs.catalog).await.unwrap();
+    catalog.execute_unprepared("INSERT INTO emt_tenant_stores (tenant, store) VALUES ('lost', 'gone')").await.unwrap();
+    let error = router.for_tenant("lost").await.unwrap_err();
+    assert!(
+        matches!(&error, Error::UnknownStore { store, partition } if store == "gone" && partition == "lost"),
+        "{error}"
+    );
+    assert!(error.to_string().contains("'gone'"), "{error}");
+    assert!(matches!(router.assign("x", "gone").await, Err(Error::UnknownStore { .. })));
+    assert_eq!(events_of(&router, "vip").await, [7], "other tenants unaffected");
+    assert!(matches!(StoreRouter::new().assign("x", "pg0").await, Err(Error::NoCatalog)));
+    dbs.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_moved_tenant_is_refused_for_a_moment_then_whole_at_its_new_store() {
+    let dbs = Databases::new().await;
+    let ttl = Duration::from_millis(200);
+    let mover = dbs.router(ttl).await;
+    mover.assign("acme", "pg1").await.unwrap();
+    for amount in 0..20 {
+        deposit(&mover, "acme", amount).await.unwrap();
+    }
+    // A writer in another "process" keeps depositing, one handle per append.
+    let writer = dbs.router(ttl).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = tokio::spawn({
+        let stop = Arc::clone(&stop);
+        async move {
+            let (mut acknowledged, mut refused) = (Vec::new(), 0);
+            let mut amount = 100;
+            while !stop.load(Ordering::Relaxed) {
+                match deposit(&writer, "acme", amount).await {
+                    Ok(()) => acknowledged.push(amount),
+                    Err(Error::TenantMoving { partition }) => {
+                        assert_eq!(partition, "acme");
+                        refused += 1;
+                    }
+                    Err(other) => panic!("{other}"),
+                }
+                amount += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (acknowledged, refused)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let moved = mover.move_tenant("acme", "lite", &[]).await.unwrap();
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (acknowledged, refused) = writing.await.unwrap();
+    assert!(refused > 0, "writes were refused during the move");
+    assert!(moved.events >= 20, "{moved:?}");
+    assert_eq!(mover.store_of("acme").await.unwrap(), "lite");
+    // Every acknowledged append is at the new store, in order; none is left at the old one.
+    let mut expected: Vec<i64> = (0..20).collect();
+    expected.extend(&acknowledged);
+    assert_eq!(events_of(&mover, "acme").await, expected);
+    assert!(tenants_in(&dbs.pool("pg1").await).await.is_empty(), "nothing left at the old store");
+    dbs.drop().await;
+}
