@@ -296,6 +296,16 @@ pub enum Error {
         partition: String,
     },
 
+    /// A store's projection daemon is not running ([`DaemonFleet`](crate::daemon::DaemonFleet)):
+    /// it could not start or it stopped, and is started again after a pause.
+    #[error("the projection daemon of store '{store}' is not running: {reason}")]
+    StoreDown {
+        /// The store's name.
+        store: String,
+        /// Why.
+        reason: String,
+    },
+
     /// A [`StoreRouter`](crate::StoreRouter) was asked to change its catalog, and has none.
     #[error("this router has no catalog to record a tenant's store in")]
     NoCatalog,

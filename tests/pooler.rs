@@ -148,9 +148,11 @@ async fn two_daemons_through_a_transaction_pooler_and_a_killed_one_is_replaced_w
     // The second takes its share within a few rounds (every 200 ms here) of starting.
     let started = Instant::now();
     loop {
+        // (A segment given up by one is free until the other's next round claims it.)
         let status = first.status().await.unwrap();
-        assert_eq!(status.segments.values().sum::<usize>(), 64);
-        if status.segments.len() == 2 {
+        let held = status.segments.values().sum::<usize>();
+        assert!(held <= 64, "a segment held twice: {:?}", status.segments);
+        if status.segments.len() == 2 && held == 64 {
             break;
         }
         assert!(started.elapsed() < Duration::from_secs(2), "both instances hold segments: {:?}", status.segments);

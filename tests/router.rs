@@ -6,11 +6,13 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::Ev;
+use common::{Ev, balances};
+use emmett_seaorm::daemon::{Daemon, DaemonFleet};
 use emmett_seaorm::{AppendOptions, Error, EventStore, ReadOptions, StoreRouter};
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 
@@ -176,5 +178,83 @@ async fn a_moved_tenant_is_refused_for_a_moment_then_whole_at_its_new_store() {
     expected.extend(&acknowledged);
     assert_eq!(events_of(&mover, "acme").await, expected);
     assert!(tenants_in(&dbs.pool("pg1").await).await.is_empty(), "nothing left at the old store");
+    dbs.drop().await;
+}
+
+/// Waits until every store's `balances` holds what `expected` says of its tenants.
+async fn projected(
+    dbs: &Databases,
+    stores: &[&str],
+    owner: impl Fn(&str) -> String,
+    expected: &BTreeMap<String, (i64, i64)>,
+) {
+    for store in stores {
+        let want: Vec<_> = expected
+            .iter()
+            .filter(|(tenant, _)| owner(tenant) == *store)
+            .map(|(tenant, (total, deposits))| (tenant.clone(), "acc".to_owned(), *total, *deposits))
+            .collect();
+        let pool = dbs.pool(store).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let rows = balances::rows(&pool).await;
+            if rows == want {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{store}: {rows:?} != {want:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fleet_projects_every_store_and_one_down_stops_only_its_tenants() {
+    let dbs = Databases::new().await;
+    let stores = ["pg0", "pg1", "pg2", "lite"];
+    for store in stores {
+        balances::create_table(&dbs.pool(store).await).await;
+    }
+    let router = dbs.router(Duration::from_millis(100)).await;
+    let owner = |tenant: &str| stores[tenant[1..].parse::<usize>().unwrap() % 4].to_owned();
+    let tenants: Vec<String> = (0..12).map(|i| format!("t{i}")).collect();
+    for tenant in &tenants {
+        router.assign(tenant, &owner(tenant)).await.unwrap();
+    }
+    let fleet = DaemonFleet::start(&router, |store| Daemon::new(store).projection("balances", balances::registry()));
+    let mut expected = BTreeMap::new();
+    let deposit_all = async |expected: &mut BTreeMap<String, (i64, i64)>, of: &[&str]| {
+        for tenant in tenants.iter().filter(|t| of.contains(&owner(t).as_str())) {
+            deposit(&router, tenant, 5).await.unwrap();
+            let (total, deposits) = expected.entry(tenant.clone()).or_insert((0, 0));
+            (*total, *deposits) = (*total + 5, *deposits + 1);
+        }
+    };
+    deposit_all(&mut expected, &stores).await;
+    projected(&dbs, &stores, owner, &expected).await;
+
+    // pg1's database refuses connections: its tenants stop, the others go on.
+    let pg1 = dbs.urls[1].1.rsplit('/').next().unwrap().to_owned();
+    let admin = common::connect(&common::postgres_database("postgres")).await.unwrap();
+    admin.execute_unprepared(&format!("ALTER DATABASE {pg1} ALLOW_CONNECTIONS false")).await.unwrap();
+    let kill = format!("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{pg1}'");
+    admin.execute_unprepared(&kill).await.unwrap();
+    let up = ["pg0", "pg2", "lite"];
+    deposit_all(&mut expected, &up).await;
+    projected(&dbs, &up, owner, &expected).await;
+    let status = fleet.status().await;
+    assert!(status["pg1"].is_err(), "{:?}", status["pg1"].as_ref().map(|s| s.leases.len()));
+    for store in up {
+        assert!(status[store].is_ok(), "{store}: {:?}", status[store].as_ref().err());
+    }
+
+    // Back: its tenants are projected again, every read model equals the sequential fold.
+    admin.execute_unprepared(&format!("ALTER DATABASE {pg1} ALLOW_CONNECTIONS true")).await.unwrap();
+    deposit_all(&mut expected, &["pg1"]).await;
+    projected(&dbs, &stores, owner, &expected).await;
+    for tenant in &tenants {
+        let amounts = events_of(&router, tenant).await;
+        assert_eq!((amounts.iter().sum::<i64>(), amounts.len() as i64), expected[tenant], "{tenant}");
+    }
+    fleet.stop().await.unwrap();
     dbs.drop().await;
 }

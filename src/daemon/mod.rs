@@ -36,6 +36,7 @@
 
 mod agent;
 mod coordinator;
+mod fleet;
 mod handle;
 mod status;
 mod telemetry;
@@ -48,6 +49,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+pub use fleet::DaemonFleet;
 pub use handle::DaemonHandle;
 pub use status::{DaemonStatus, LeaseStatus, recorded};
 pub use wakeup::WakeUps;

@@ -1,0 +1,141 @@
+//! One daemon per store of a [`StoreRouter`]: each store's leases, wake-ups, horizon and read
+//! models are its own, and a store whose database is down stops only its tenants.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinHandle;
+
+use super::{Daemon, DaemonHandle, DaemonStatus, agent};
+use crate::error::{Error, Result};
+use crate::{EventStore, StoreRouter};
+
+/// The daemons of every store of a [`StoreRouter`], kept running: a daemon that can't start
+/// (its database is down) or that stops on its own is started again after a pause (1 s,
+/// doubling up to 30 s) while the other stores' daemons go on.
+///
+/// ```no_run
+/// # async fn f(router: emmett_seaorm::StoreRouter,
+/// #            carts: emmett_seaorm::projection::ProjectionRegistry<serde_json::Value>) -> emmett_seaorm::Result<()> {
+/// use emmett_seaorm::daemon::{Daemon, DaemonFleet};
+///
+/// let fleet = DaemonFleet::start(&router, move |store| Daemon::new(store).projection("carts", carts.clone()));
+/// for (store, status) in fleet.status().await {
+///     println!("{store}: {}", status.map_or_else(|e| e.to_string(), |s| format!("{} leases", s.leases.len())));
+/// }
+/// fleet.stop().await?;
+/// # Ok(()) }
+/// ```
+pub struct DaemonFleet {
+    members: BTreeMap<String, Arc<Mutex<Member>>>,
+    stop: watch::Sender<bool>,
+    supervisors: Vec<JoinHandle<()>>,
+}
+
+/// What is known of one store's daemon.
+enum Member {
+    /// Not running: why.
+    Down(String),
+    Running(DaemonHandle),
+}
+
+/// The longest pause before a store's daemon is started again.
+const MAX_PAUSE: Duration = Duration::from_secs(30);
+
+impl DaemonFleet {
+    /// Starts `daemon(store)` for every store of `router` (each supervised in the background).
+    pub fn start(router: &StoreRouter, daemon: impl Fn(EventStore) -> Daemon + Send + Sync + 'static) -> DaemonFleet {
+        let daemon: Arc<dyn Fn(EventStore) -> Daemon + Send + Sync> = Arc::new(daemon);
+        let (stop, stopped) = watch::channel(false);
+        let mut members = BTreeMap::new();
+        let mut supervisors = Vec::new();
+        for (name, store) in router.stores() {
+            let member = Arc::new(Mutex::new(Member::Down("starting".into())));
+            members.insert(name.to_owned(), Arc::clone(&member));
+            let (store, daemon, stopped) = (store.clone(), Arc::clone(&daemon), stopped.clone());
+            supervisors.push(tokio::spawn(supervise(name.to_owned(), store, daemon, member, stopped)));
+        }
+        DaemonFleet { members, stop, supervisors }
+    }
+
+    /// Each store's daemon status, by store name: [`Error::StoreDown`] for a store whose
+    /// daemon is not running, the database's error for one that does not answer.
+    pub async fn status(&self) -> BTreeMap<String, Result<DaemonStatus>> {
+        let mut statuses = BTreeMap::new();
+        for (name, member) in &self.members {
+            let status = match &*member.lock().await {
+                Member::Running(handle) => handle.status().await,
+                Member::Down(reason) => Err(Error::StoreDown { store: name.clone(), reason: reason.clone() }),
+            };
+            statuses.insert(name.clone(), status);
+        }
+        statuses
+    }
+
+    /// Stops every daemon gracefully; the first error any of them stopped on.
+    pub async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(true);
+        for supervisor in self.supervisors {
+            supervisor.await.ok();
+        }
+        let mut outcome = Ok(());
+        for member in self.members.into_values() {
+            let member = std::mem::replace(&mut *member.lock().await, Member::Down("stopped".into()));
+            if let Member::Running(handle) = member {
+                let stopped = handle.stop().await;
+                if outcome.is_ok() {
+                    outcome = stopped;
+                }
+            }
+        }
+        outcome
+    }
+}
+
+/// Keeps `store`'s daemon running until `stopped`.
+async fn supervise(
+    name: String,
+    store: EventStore,
+    daemon: Arc<dyn Fn(EventStore) -> Daemon + Send + Sync>,
+    member: Arc<Mutex<Member>>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut failures = 0;
+    while !*stopped.borrow() {
+        match daemon(store.clone()).start().await {
+            Ok(handle) => {
+                failures = 0;
+                *member.lock().await = Member::Running(handle);
+                // Watched once a second: a daemon that ended on its own is started again.
+                loop {
+                    tokio::select! {
+                        _ = stopped.changed() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    let mut state = member.lock().await;
+                    if matches!(&*state, Member::Running(handle) if !handle.is_running()) {
+                        let Member::Running(handle) = std::mem::replace(&mut *state, Member::Down(String::new()))
+                        else {
+                            unreachable!("matched above")
+                        };
+                        let why = handle.stop().await.err().map_or("it stopped".into(), |e| e.to_string());
+                        tracing::warn!(store = name, %why, "a store's projection daemon stopped; starting it again");
+                        *state = Member::Down(why);
+                        break;
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(store = name, %error, "a store's projection daemon could not start");
+                *member.lock().await = Member::Down(error.to_string());
+            }
+        }
+        failures += 1;
+        tokio::select! {
+            _ = stopped.changed() => return,
+            _ = tokio::time::sleep(agent::backoff(failures, Duration::from_secs(1), MAX_PAUSE)) => {}
+        }
+    }
+}
