@@ -17,11 +17,12 @@ use crate::{EventStore, StoreRouter};
 /// doubling up to 30 s) while the other stores' daemons go on.
 ///
 /// ```no_run
-/// # async fn f(router: emmett_seaorm::StoreRouter,
-/// #            carts: emmett_seaorm::projection::ProjectionRegistry<serde_json::Value>) -> emmett_seaorm::Result<()> {
+/// # fn carts() -> emmett_seaorm::projection::ProjectionRegistry<serde_json::Value> { unimplemented!() }
+/// # async fn f(router: emmett_seaorm::StoreRouter) -> emmett_seaorm::Result<()> {
 /// use emmett_seaorm::daemon::{Daemon, DaemonFleet};
 ///
-/// let fleet = DaemonFleet::start(&router, move |store| Daemon::new(store).projection("carts", carts.clone()));
+/// // `carts()` builds the registry: each store's daemon gets its own.
+/// let fleet = DaemonFleet::start(&router, |store| Daemon::new(store).projection("carts", carts()));
 /// for (store, status) in fleet.status().await {
 ///     println!("{store}: {}", status.map_or_else(|e| e.to_string(), |s| format!("{} leases", s.leases.len())));
 /// }
