@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -220,7 +220,16 @@ async fn a_fleet_projects_every_store_and_one_down_stops_only_its_tenants() {
     for tenant in &tenants {
         router.assign(tenant, &owner(tenant)).await.unwrap();
     }
-    let fleet = DaemonFleet::start(&router, |store| Daemon::new(store).projection("balances", balances::registry()));
+    // Two instances, each with pools of its own.
+    let start = |router: &StoreRouter| {
+        let daemon = |store| {
+            let daemon = Daemon::new(store).projection("balances", balances::registry());
+            daemon.lease_ttl(Duration::from_secs(2)).renew_every(Duration::from_millis(400))
+        };
+        DaemonFleet::start(router, daemon)
+    };
+    let fleet = start(&router);
+    let second = start(&dbs.router(Duration::from_millis(100)).await);
     let mut expected = BTreeMap::new();
     let deposit_all = async |expected: &mut BTreeMap<String, (i64, i64)>, of: &[&str]| {
         for tenant in tenants.iter().filter(|t| of.contains(&owner(t).as_str())) {
@@ -254,6 +263,17 @@ async fn a_fleet_projects_every_store_and_one_down_stops_only_its_tenants() {
     for tenant in &tenants {
         let amounts = events_of(&router, tenant).await;
         assert_eq!((amounts.iter().sum::<i64>(), amounts.len() as i64), expected[tenant], "{tenant}");
+    }
+
+    // The second instance killed (dropped): the first takes its tenants over once their leases expire.
+    drop(second);
+    deposit_all(&mut expected, &stores).await;
+    projected(&dbs, &stores, owner, &expected).await;
+    let status = fleet.status().await;
+    for store in stores {
+        let status = status[store].as_ref().unwrap();
+        let owners: BTreeSet<_> = status.leases.iter().map(|l| l.owner.as_deref()).collect();
+        assert_eq!(owners, BTreeSet::from([Some(status.owner.as_str())]), "{store}: all with the first instance");
     }
     fleet.stop().await.unwrap();
     dbs.drop().await;

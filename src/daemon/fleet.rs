@@ -14,7 +14,8 @@ use crate::{EventStore, StoreRouter};
 
 /// The daemons of every store of a [`StoreRouter`], kept running: a daemon that can't start
 /// (its database is down) or that stops on its own is started again after a pause (1 s,
-/// doubling up to 30 s) while the other stores' daemons go on.
+/// doubling up to 30 s) while the other stores' daemons go on. Start one per instance: the
+/// instances share each store's tenants through its leases.
 ///
 /// ```no_run
 /// # fn carts() -> emmett_seaorm::projection::ProjectionRegistry<serde_json::Value> { unimplemented!() }
@@ -33,6 +34,16 @@ pub struct DaemonFleet {
     members: BTreeMap<String, Arc<Mutex<Member>>>,
     stop: watch::Sender<bool>,
     supervisors: Vec<JoinHandle<()>>,
+}
+
+/// Dropped, the fleet aborts its daemons as a crash would (their leases are free once they
+/// expire): [`stop`](DaemonFleet::stop) it to hand the work over at once.
+impl Drop for DaemonFleet {
+    fn drop(&mut self) {
+        for supervisor in &self.supervisors {
+            supervisor.abort();
+        }
+    }
 }
 
 /// What is known of one store's daemon.
@@ -76,13 +87,13 @@ impl DaemonFleet {
     }
 
     /// Stops every daemon gracefully; the first error any of them stopped on.
-    pub async fn stop(self) -> Result<()> {
+    pub async fn stop(mut self) -> Result<()> {
         let _ = self.stop.send(true);
-        for supervisor in self.supervisors {
+        for supervisor in std::mem::take(&mut self.supervisors) {
             supervisor.await.ok();
         }
         let mut outcome = Ok(());
-        for member in self.members.into_values() {
+        for member in std::mem::take(&mut self.members).into_values() {
             let member = std::mem::replace(&mut *member.lock().await, Member::Down("stopped".into()));
             if let Member::Running(handle) = member {
                 let stopped = handle.stop().await;
