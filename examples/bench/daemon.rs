@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use emmett_seaorm::daemon::{Daemon, DaemonHandle};
-use emmett_seaorm::{AppendOptions, EventStore};
+use emmett_seaorm::daemon::{Daemon, DaemonFleet, DaemonHandle};
+use emmett_seaorm::{AppendOptions, EventStore, StoreRouter};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 
 use crate::{Args, CartEvent, cart_event, carts_projection, create_carts_table};
@@ -17,7 +17,12 @@ type Res<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
 /// A new pool on the benchmark's database.
 async fn pool(args: &Args) -> Res<DatabaseConnection> {
-    let mut options = emmett_seaorm::connect_options(&args.database_url);
+    pool_at(&args.database_url).await
+}
+
+/// A new pool on the database at `url`.
+async fn pool_at(url: &str) -> Res<DatabaseConnection> {
+    let mut options = emmett_seaorm::connect_options(url);
     options.max_connections(8).sqlx_logging(false);
     Ok(sea_orm::Database::connect(emmett_seaorm::configure(options)).await?)
 }
@@ -60,6 +65,57 @@ pub async fn lag(args: &Args, run: &str, notifications: bool) -> Res {
     Ok(())
 }
 
+/// `daemon-stores` (PostgreSQL): the load of `daemon-lag` (`--lag-rate` events/s over
+/// `--lag-tenants` tenants for `--lag-seconds`) on the benchmark's database
+/// (`daemon-stores-1`), then spread by a `StoreRouter` over it and two more databases of the
+/// same server (`daemon-stores-3`, created if missing), a `DaemonFleet` projecting.
+pub async fn stores(args: &Args, run: &str) -> Res {
+    if pool(args).await?.get_database_backend() != DbBackend::Postgres {
+        eprintln!("daemon-stores: several databases of one PostgreSQL server; skipped");
+        return Ok(());
+    }
+    let (base, query) = args.database_url.split_once('?').map_or((args.database_url.as_str(), None), |(b, q)| (b, Some(q)));
+    let (server, name) = base.rsplit_once('/').ok_or("a database URL")?;
+    for count in [1usize, 3] {
+        let label = format!("daemon-stores-{count}");
+        let run = format!("{run}-{label}");
+        let tenants = tenants(&run, args.lag_tenants);
+        let mut urls = vec![args.database_url.clone()];
+        for i in 2..=count {
+            let database = format!("{name}_store{i}");
+            let admin = pool(args).await?;
+            let exists = format!("SELECT 1 FROM pg_database WHERE datname = '{database}'");
+            if admin.query_one_raw(Statement::from_string(DbBackend::Postgres, exists)).await?.is_none() {
+                admin.execute_unprepared(&format!("CREATE DATABASE {database}")).await?;
+            }
+            urls.push(format!("{server}/{database}{}", query.map(|q| format!("?{q}")).unwrap_or_default()));
+        }
+        let mut router = StoreRouter::new();
+        let mut placement = Placement { writers: Vec::new(), readers: Vec::new(), of: Vec::new() };
+        for (i, url) in urls.iter().enumerate() {
+            let store = EventStore::new(pool_at(url).await?);
+            emmett_seaorm::migrate(&pool_at(url).await?).await?;
+            create_carts_table(&store, "bench_stores").await?;
+            router = router.store(i.to_string(), store);
+            placement.writers.push(EventStore::new(pool_at(url).await?));
+            placement.readers.push(EventStore::new(pool_at(url).await?));
+        }
+        for (t, tenant) in tenants.iter().enumerate() {
+            router = router.tenant(tenant, (t % count).to_string());
+            placement.of.push(t % count);
+        }
+        let (subscription, listed) = (run.clone(), tenants.clone());
+        let fleet = DaemonFleet::start(&router, move |store| {
+            Daemon::new(store).projection(&subscription, carts_projection("bench_stores")).tenants(listed.clone())
+        });
+        tokio::time::sleep(Duration::from_secs(3)).await; // (held leases: the steady state)
+        let lag = follow_on(placement, std::slice::from_ref(&run), &tenants, args.lag_rate, args.lag_seconds).await?;
+        println!("{}", lag.line(&label, args.lag_seconds));
+        fleet.stop().await?;
+    }
+    Ok(())
+}
+
 /// What [`follow`] measured.
 struct Lag {
     events: u64,
@@ -92,12 +148,38 @@ impl Lag {
     }
 }
 
-/// Appends single events at `rate` per second spread over `tenants` for `seconds`, from a pool
-/// of its own, and measures how long after each commit the checkpoints of every subscription in
-/// `subscriptions` cover it (watched every 5 ms: only the tenants with appends not yet seen).
+/// Where the tenants of a lag measurement live: a writer and a reader store per database (pools
+/// of their own), and each tenant's database.
+struct Placement {
+    writers: Vec<EventStore>,
+    readers: Vec<EventStore>,
+    of: Vec<usize>,
+}
+
+impl Placement {
+    /// Every tenant in the benchmark's database.
+    async fn one(args: &Args, tenants: usize) -> Res<Self> {
+        let (writer, reader) = (EventStore::new(pool(args).await?), EventStore::new(pool(args).await?));
+        Ok(Placement { writers: vec![writer], readers: vec![reader], of: vec![0; tenants] })
+    }
+}
+
+/// [`follow_on`] with every tenant in the benchmark's database.
 async fn follow(args: &Args, subscriptions: &[String], tenants: &[String], rate: u64, seconds: u64) -> Res<Lag> {
-    let writer = EventStore::new(pool(args).await?);
-    let reader = EventStore::new(pool(args).await?);
+    follow_on(Placement::one(args, tenants.len()).await?, subscriptions, tenants, rate, seconds).await
+}
+
+/// Appends single events at `rate` per second spread over `tenants` for `seconds`, from pools
+/// of their own, and measures how long after each commit the checkpoints of every subscription in
+/// `subscriptions` cover it (watched every 5 ms: only the tenants with appends not yet seen).
+async fn follow_on(
+    placement: Placement,
+    subscriptions: &[String],
+    tenants: &[String],
+    rate: u64,
+    seconds: u64,
+) -> Res<Lag> {
+    let Placement { writers: stores, readers, of } = placement;
     // (tenant, position, committed at) of appends not yet seen projected.
     let pending: Arc<Mutex<Vec<(usize, u64, Instant)>>> = Arc::default();
     let writers = 8usize;
@@ -105,7 +187,7 @@ async fn follow(args: &Args, subscriptions: &[String], tenants: &[String], rate:
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let tasks: Vec<_> = (0..writers)
         .map(|w| {
-            let (writer, pending, tenants) = (writer.clone(), Arc::clone(&pending), tenants.to_vec());
+            let (stores, of, pending, tenants) = (stores.clone(), of.clone(), Arc::clone(&pending), tenants.to_vec());
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(period);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -118,7 +200,7 @@ async fn follow(args: &Args, subscriptions: &[String], tenants: &[String], rate:
                     let options = AppendOptions::default().partition(&tenants[t]);
                     let stream = format!("cart-{}", i % 10);
                     i += writers;
-                    match writer.append_to_stream(&stream, [cart_event(1, 1)], options).await {
+                    match stores[of[t]].append_to_stream(&stream, [cart_event(1, 1)], options).await {
                         Ok(done) => {
                             pending.lock().unwrap().push((t, done.last_event_global_position, Instant::now()));
                             appended += 1;
@@ -132,46 +214,19 @@ async fn follow(args: &Args, subscriptions: &[String], tenants: &[String], rate:
             })
         })
         .collect();
-    let backend = reader.get_database_backend();
-    let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
-    let subscription_list = subscriptions.iter().map(|s| quote(s)).collect::<Vec<_>>().join(", ");
     let index: BTreeMap<&str, usize> = tenants.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
     let mut latencies = Vec::new();
     loop {
         let waiting: BTreeSet<usize> = pending.lock().unwrap().iter().map(|(t, _, _)| *t).collect();
         // Each waiting tenant's lowest checkpoint over the subscriptions (none yet: 0).
         let mut checkpoints: BTreeMap<usize, u64> = BTreeMap::new();
-        if !waiting.is_empty() {
-            // (The observer must stay cheap: a new SQL text with every waiting tenant written in,
-            // polled every few ms, took 40% of the server's time at 10,000 tenants. On
-            // PostgreSQL one prepared statement: an index probe per waiting tenant, `OFFSET 0` keeping the
-            // planner from joining all 20,000 checkpoints by hash instead.)
-            let waiting_names = waiting.iter().map(|&t| tenants[t].clone()).collect::<Vec<_>>();
-            let statement = match backend {
-                #[cfg(feature = "postgres")]
-                DbBackend::Postgres => Statement::from_sql_and_values(
-                    backend,
-                    "SELECT k.p, min(s.last_processed_position), count(*) FROM unnest($2::text[]) AS k(p)
-                     CROSS JOIN LATERAL (SELECT last_processed_position FROM subscriptions
-                                         WHERE subscription_id = ANY($1) AND partition = k.p AND version = 1
-                                         OFFSET 0) AS s
-                     GROUP BY k.p",
-                    [subscriptions.to_vec().into(), waiting_names.into()],
-                ),
-                _ => {
-                    let tenant_list = waiting_names.iter().map(|t| quote(t)).collect::<Vec<_>>().join(", ");
-                    let sql = format!(
-                        "SELECT partition, min(last_processed_position), count(*) FROM subscriptions
-                         WHERE subscription_id IN ({subscription_list}) AND partition IN ({tenant_list}) GROUP BY partition"
-                    );
-                    let sql = match backend {
-                        DbBackend::MySql => sql.replace("partition", "`partition`"),
-                        _ => sql,
-                    };
-                    Statement::from_string(backend, sql)
-                }
-            };
-            for row in reader.query_all_raw(statement).await? {
+        for (store, reader) in readers.iter().enumerate() {
+            let waiting_names: Vec<String> =
+                waiting.iter().filter(|&&t| of[t] == store).map(|&t| tenants[t].clone()).collect();
+            if waiting_names.is_empty() {
+                continue;
+            }
+            for row in reader.query_all_raw(checkpoints_of(reader, subscriptions, waiting_names)).await? {
                 let tenant: String = row.try_get_by_index(0)?;
                 let covered = row.try_get_by_index::<i64>(2)? as usize == subscriptions.len();
                 if let (Some(&i), true) = (index.get(tenant.as_str()), covered) {
@@ -205,6 +260,43 @@ async fn follow(args: &Args, subscriptions: &[String], tenants: &[String], rate:
     latencies.sort_by(f64::total_cmp);
     let unseen = pending.lock().unwrap().len();
     Ok(Lag { events, busy, latencies, unseen })
+}
+
+/// The statement reading `tenants`' lowest checkpoint over `subscriptions` and how many of them
+/// have one: `(tenant, min, count)` rows.
+///
+/// (The observer must stay cheap: a new SQL text with every waiting tenant written in, polled
+/// every few ms, took 40% of the server's time at 10,000 tenants. On PostgreSQL one prepared
+/// statement: an index probe per waiting tenant, `OFFSET 0` keeping the planner from joining all
+/// 20,000 checkpoints by hash instead.)
+fn checkpoints_of(reader: &EventStore, subscriptions: &[String], tenants: Vec<String>) -> Statement {
+    let backend = reader.get_database_backend();
+    let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    match backend {
+        #[cfg(feature = "postgres")]
+        DbBackend::Postgres => Statement::from_sql_and_values(
+            backend,
+            "SELECT k.p, min(s.last_processed_position), count(*) FROM unnest($2::text[]) AS k(p)
+             CROSS JOIN LATERAL (SELECT last_processed_position FROM subscriptions
+                                 WHERE subscription_id = ANY($1) AND partition = k.p AND version = 1
+                                 OFFSET 0) AS s
+             GROUP BY k.p",
+            [subscriptions.to_vec().into(), tenants.into()],
+        ),
+        _ => {
+            let subscription_list = subscriptions.iter().map(|s| quote(s)).collect::<Vec<_>>().join(", ");
+            let tenant_list = tenants.iter().map(|t| quote(t)).collect::<Vec<_>>().join(", ");
+            let sql = format!(
+                "SELECT partition, min(last_processed_position), count(*) FROM subscriptions
+                 WHERE subscription_id IN ({subscription_list}) AND partition IN ({tenant_list}) GROUP BY partition"
+            );
+            let sql = match backend {
+                DbBackend::MySql => sql.replace("partition", "`partition`"),
+                _ => sql,
+            };
+            Statement::from_string(backend, sql)
+        }
+    }
 }
 
 /// `takeover-kill` / `takeover-stop`: two instances share 12 tenants; one is killed (aborted,

@@ -26,6 +26,9 @@
 //! - `daemon-lag` / `daemon-lag-polling`: a projection daemon follows `--lag-rate` events/s over
 //!   `--lag-tenants` tenants for `--lag-seconds`, appended from another pool, with PostgreSQL
 //!   notifications on / off: `p50_ms`, `p99_ms` from an append's commit to the checkpoint covering it;
+//! - `daemon-stores` (PostgreSQL, not in the default list): the `daemon-lag` load on one database
+//!   (`daemon-stores-1`), then spread over three of the same server by a `StoreRouter` with a
+//!   `DaemonFleet` (`daemon-stores-3`);
 //! - `takeover-kill` / `takeover-stop`: `seconds=` until a second instance has projected the
 //!   tenants of one killed / stopped;
 //! - `daemon-scale`: `daemon-scale-1` and `daemon-scale-3`, 12 tenants × `--scale-events` events
@@ -261,6 +264,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "append-n" => append_n(&store, &format!("{partition}-n")).await?,
             "daemon-lag" => daemon::lag(&args, &partition, true).await?,
             "daemon-lag-polling" => daemon::lag(&args, &partition, false).await?,
+            "daemon-stores" => daemon::stores(&args, &partition).await?,
             "takeover-kill" => daemon::takeover(&args, &partition, true).await?,
             "takeover-stop" => daemon::takeover(&args, &partition, false).await?,
             "daemon-scale" => {
