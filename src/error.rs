@@ -318,6 +318,17 @@ pub enum Error {
         partition: String,
     },
 
+    /// The database refused the statement to this role: a privilege it lacks, or (PostgreSQL,
+    /// [`rls`](crate::rls)) a row of another tenant than the one its transaction is bound to —
+    /// e.g. an append through a store not bound to the tenant.
+    #[error(
+        "the database refused this role: {source} (a missing privilege, or row-level security: is the store bound to the tenant?)"
+    )]
+    Denied {
+        /// The database's error.
+        source: sea_orm::DbErr,
+    },
+
     /// A store bound to one tenant ([`EventStore::for_tenant`](crate::EventStore::for_tenant))
     /// was asked to reach another. Nothing was read or written.
     #[error("this store is bound to tenant '{tenant}' and does not reach tenant '{partition}'")]

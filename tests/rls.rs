@@ -169,7 +169,9 @@ async fn a_tenant_bound_store_reaches_its_tenant_only(db: TestDb) {
     let read = app.read_stream::<Ev>("acc-1", b).await.unwrap();
     assert!(!read.stream_exists, "no tenant bound: no rows");
     assert_eq!(count(&app, "SELECT count(*) FROM messages").await, 0);
-    assert!(app.append_to_stream("acc-9", deposit(1), AppendOptions::default().partition("c")).await.is_err());
+    let refused = app.append_to_stream("acc-9", deposit(1), AppendOptions::default().partition("c")).await;
+    assert!(matches!(&refused, Err(Error::Denied { .. })), "{refused:?}");
+    assert!(refused.unwrap_err().to_string().contains("row-level security"));
 
     // The owner sees every tenant; `b` is as it was.
     let after = owner_view(&db).await;

@@ -74,7 +74,8 @@ pub async fn stores(args: &Args, run: &str) -> Res {
         eprintln!("daemon-stores: several databases of one PostgreSQL server; skipped");
         return Ok(());
     }
-    let (base, query) = args.database_url.split_once('?').map_or((args.database_url.as_str(), None), |(b, q)| (b, Some(q)));
+    let (base, query) =
+        args.database_url.split_once('?').map_or((args.database_url.as_str(), None), |(b, q)| (b, Some(q)));
     let (server, name) = base.rsplit_once('/').ok_or("a database URL")?;
     for count in [1usize, 3] {
         let label = format!("daemon-stores-{count}");

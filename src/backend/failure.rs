@@ -13,6 +13,9 @@ pub(crate) enum Failure {
     Busy,
     /// The connection broke or could not be had; `maybe_written` unless it never reached the server.
     Connection { maybe_written: bool },
+    /// The role may not do it: a privilege it lacks, or (PostgreSQL) a row that row-level
+    /// security keeps from it.
+    Denied,
     /// A prepared statement a transaction pooler routed to the wrong server (nothing ran).
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     Pooler,
@@ -23,8 +26,9 @@ pub(crate) enum Failure {
 /// Sorts a database error by what a caller can do about it.
 ///
 /// Codes: PostgreSQL 40001/40P01 (serialization failure, deadlock), 55P03 (lock timeout),
-/// 57P01–57P03 and class 08 (connection); MySQL 1213 (deadlock, SQLSTATE 40001), 1205 (lock
-/// wait timeout), 1927 (connection killed); SQLite 5/6 and extended BUSY/LOCKED codes
+/// 57P01–57P03 and class 08 (connection), 42501 (insufficient privilege, row-level security);
+/// MySQL 1213 (deadlock, SQLSTATE 40001), 1205 (lock wait timeout), 1927 (connection killed),
+/// 1142/1143/1227 (access denied); SQLite 5/6 and extended BUSY/LOCKED codes
 /// (`database is locked` after the busy timeout), 517 (BUSY_SNAPSHOT: retry at once).
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub(crate) fn classify(err: &DbErr) -> Failure {
@@ -53,6 +57,7 @@ pub(crate) fn classify(err: &DbErr) -> Failure {
             1213 => Failure::Retry,
             1205 => Failure::Busy,
             1053 | 1927 => Failure::Connection { maybe_written: true },
+            1142 | 1143 | 1227 => Failure::Denied,
             _ => Failure::Other,
         };
     }
@@ -60,6 +65,7 @@ pub(crate) fn classify(err: &DbErr) -> Failure {
         Some("40001" | "40P01" | "517") => Failure::Retry,
         Some("55P03" | "5" | "6" | "261" | "262" | "773") => Failure::Busy,
         Some("57P01" | "57P02" | "57P03") => Failure::Connection { maybe_written: true },
+        Some("42501") => Failure::Denied,
         Some(code) if code.starts_with("08") => Failure::Connection { maybe_written: true },
         _ => Failure::Other,
     }
@@ -79,6 +85,7 @@ impl From<sea_orm::DbErr> for Error {
             Failure::Busy | Failure::Retry => Error::Busy { source },
             Failure::Connection { maybe_written } => Error::ConnectionLost { maybe_written, source },
             Failure::Pooler => Error::Pooler { source },
+            Failure::Denied => Error::Denied { source },
             Failure::Other => Error::Database(source),
         }
     }
