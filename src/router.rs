@@ -3,7 +3,8 @@
 //!
 //! A tenant's store comes from, in order: the router's catalog (a table `emt_tenant_stores` in a
 //! small database of its own, which you change at runtime; read through a cache that forgets
-//! an entry after [`StoreRouter::catalog`]'s `ttl`), its fixed map, then the default store. The store is handed out bound to the tenant
+//! an entry after [`StoreRouter::catalog`]'s `ttl`), its fixed map, then the default store.
+//! The store is handed out bound to the tenant
 //! ([`EventStore::for_tenant`]), so everything the crate does through it — appends, reads,
 //! aggregates, sessions, the command handler, inline projections — stays in that tenant and
 //! that database: a tenant never straddles two stores.
@@ -33,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
-use sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection};
 
 use crate::conn::Conn;
 use crate::projection::ReadModel;
@@ -221,9 +222,7 @@ impl Catalog {
                 OnConflict::column(table::tenant()).update_columns([table::store(), table::moving()]).to_owned(),
             )
             .to_owned();
-        let txn = self.conn.begin().await?;
-        txn.execute(&upsert).await?;
-        txn.commit().await?;
+        self.conn.execute(&upsert).await?;
         self.cache.lock().expect("not poisoned").remove(tenant);
         Ok(())
     }
