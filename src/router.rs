@@ -30,7 +30,7 @@
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
@@ -41,10 +41,10 @@ use crate::projection::ReadModel;
 use crate::{Error, EventStore, PartitionCounts, Result};
 
 /// Resolves tenants to the stores that hold them (see the [module docs](self)). Cheap to
-/// clone: clones share the stores and the catalog's cache.
+/// clone: clones share the stores (a store added to one is in all) and the catalog's cache.
 #[derive(Clone, Default)]
 pub struct StoreRouter {
-    stores: BTreeMap<String, EventStore>,
+    stores: Arc<RwLock<BTreeMap<String, EventStore>>>,
     fixed: HashMap<String, String>,
     default: Option<String>,
     catalog: Option<Arc<Catalog>>,
@@ -68,7 +68,7 @@ struct Entry {
 impl std::fmt::Debug for StoreRouter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StoreRouter")
-            .field("stores", &self.stores.keys().collect::<Vec<_>>())
+            .field("stores", &self.stores().into_iter().map(|(name, _)| name).collect::<Vec<_>>())
             .field("fixed", &self.fixed)
             .field("default", &self.default)
             .field("catalog", &self.catalog.as_ref().map(|c| c.ttl))
@@ -83,9 +83,17 @@ impl StoreRouter {
     }
 
     /// Adds a store under `name` (any backend).
-    pub fn store(mut self, name: impl Into<String>, store: EventStore) -> Self {
-        self.stores.insert(name.into(), store);
+    pub fn store(self, name: impl Into<String>, store: EventStore) -> Self {
+        self.add_store(name, store);
         self
+    }
+
+    /// Adds a store under `name` to a running router (and its clones), replacing one of that
+    /// name: tenants the catalog maps to it resolve from now on, and a
+    /// [`DaemonFleet`](crate::daemon::DaemonFleet) started on the router runs its daemon
+    /// within a second.
+    pub fn add_store(&self, name: impl Into<String>, store: EventStore) {
+        self.stores.write().expect("not poisoned").insert(name.into(), store);
     }
 
     /// A fixed entry: `tenant` lives in the store named `store` (unless the catalog says otherwise).
@@ -110,9 +118,15 @@ impl StoreRouter {
         Ok(self)
     }
 
-    /// The names of the stores, with the stores.
-    pub fn stores(&self) -> impl Iterator<Item = (&str, &EventStore)> {
-        self.stores.iter().map(|(name, store)| (name.as_str(), store))
+    /// The names of the stores, with the stores, in name order.
+    pub fn stores(&self) -> Vec<(String, EventStore)> {
+        let stores = self.stores.read().expect("not poisoned");
+        stores.iter().map(|(name, store)| (name.clone(), store.clone())).collect()
+    }
+
+    /// The store named `name`.
+    pub fn store_named(&self, name: &str) -> Option<EventStore> {
+        self.stores.read().expect("not poisoned").get(name).cloned()
     }
 
     /// The name of the store that holds `tenant`: [`Error::UnknownTenant`] when nothing maps it
@@ -131,10 +145,8 @@ impl StoreRouter {
             .or_else(|| self.fixed.get(tenant).cloned())
             .or_else(|| self.default.clone())
             .ok_or_else(|| Error::UnknownTenant { partition: tenant.into() })?;
-        match self.stores.contains_key(&store) {
-            true => Ok(store),
-            false => Err(Error::UnknownStore { store, partition: tenant.into() }),
-        }
+        self.named(&store, tenant)?;
+        Ok(store)
     }
 
     /// The store that holds `tenant`, bound to it ([`EventStore::for_tenant`]). Take one per
@@ -142,7 +154,7 @@ impl StoreRouter {
     /// the old store.
     pub async fn for_tenant(&self, tenant: &str) -> Result<EventStore> {
         let store = self.store_of(tenant).await?;
-        Ok(self.stores[&store].for_tenant(tenant))
+        Ok(self.named(&store, tenant)?.for_tenant(tenant))
     }
 
     /// Records in the catalog that `tenant` lives in `store` (a store of this router), for
@@ -167,7 +179,8 @@ impl StoreRouter {
         catalog.set(tenant, &from, true).await?;
         // Once for every router's cache to see the mark, once more for what they let through.
         tokio::time::sleep(catalog.ttl * 2).await;
-        match self.stores[&from].move_partition(tenant, &self.stores[to], read_models).await {
+        let (source, target) = (self.named(&from, tenant)?, self.named(to, tenant)?);
+        match source.move_partition(tenant, &target, read_models).await {
             Ok(moved) => {
                 catalog.set(tenant, to, false).await?;
                 Ok(moved)
@@ -182,10 +195,13 @@ impl StoreRouter {
     /// The catalog, once `store` is known to be one of the router's.
     fn catalog_and_store(&self, tenant: &str, store: &str) -> Result<&Catalog> {
         let catalog = self.catalog.as_deref().ok_or(Error::NoCatalog)?;
-        match self.stores.contains_key(store) {
-            true => Ok(catalog),
-            false => Err(Error::UnknownStore { store: store.into(), partition: tenant.into() }),
-        }
+        self.named(store, tenant)?;
+        Ok(catalog)
+    }
+
+    /// The store named `store`, asked for on behalf of `tenant`.
+    fn named(&self, store: &str, tenant: &str) -> Result<EventStore> {
+        self.store_named(store).ok_or_else(|| Error::UnknownStore { store: store.into(), partition: tenant.into() })
     }
 }
 

@@ -216,7 +216,7 @@ async fn a_fleet_projects_every_store_and_one_down_stops_only_its_tenants() {
     }
     let router = dbs.router(Duration::from_millis(100)).await;
     let owner = |tenant: &str| stores[tenant[1..].parse::<usize>().unwrap() % 4].to_owned();
-    let tenants: Vec<String> = (0..12).map(|i| format!("t{i}")).collect();
+    let tenants: Vec<String> = (0..300).map(|i| format!("t{i}")).collect();
     for tenant in &tenants {
         router.assign(tenant, &owner(tenant)).await.unwrap();
     }
@@ -275,6 +275,36 @@ async fn a_fleet_projects_every_store_and_one_down_stops_only_its_tenants() {
         let owners: BTreeSet<_> = status.leases.iter().map(|l| l.owner.as_deref()).collect();
         assert_eq!(owners, BTreeSet::from([Some(status.owner.as_str())]), "{store}: all with the first instance");
     }
+    fleet.stop().await.unwrap();
+    dbs.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_added_at_runtime_gets_its_daemon() {
+    let dbs = Databases::new().await;
+    for store in ["pg0", "pg1"] {
+        balances::create_table(&dbs.pool(store).await).await;
+    }
+    let catalog = common::connect(&dbs.catalog).await.unwrap();
+    let router = StoreRouter::new().store("pg0", EventStore::new(dbs.pool("pg0").await));
+    let router = router.catalog(catalog, Duration::from_millis(100)).await.unwrap();
+    let fleet = DaemonFleet::start(&router, |store| Daemon::new(store).projection("balances", balances::registry()));
+    assert_eq!(fleet.status().await.keys().collect::<Vec<_>>(), ["pg0"]);
+    assert!(
+        matches!(router.assign("t1", "pg1").await, Err(Error::UnknownStore { store, partition }) if store == "pg1" && partition == "t1")
+    );
+
+    // A clone of the router (as an app's request handlers hold) gets the store; the fleet too.
+    router.clone().add_store("pg1", EventStore::new(dbs.pool("pg1").await));
+    router.assign("t0", "pg0").await.unwrap();
+    router.assign("t1", "pg1").await.unwrap();
+    deposit(&router, "t0", 3).await.unwrap();
+    deposit(&router, "t1", 4).await.unwrap();
+    let expected = BTreeMap::from([("t0".to_owned(), (3, 1)), ("t1".to_owned(), (4, 1))]);
+    let owner = |tenant: &str| if tenant == "t0" { "pg0".to_owned() } else { "pg1".to_owned() };
+    projected(&dbs, &["pg0", "pg1"], owner, &expected).await;
+    let status = fleet.status().await;
+    assert!(status["pg1"].as_ref().is_ok_and(|s| !s.leases.is_empty()), "{:?}", status["pg1"].as_ref().err());
     fleet.stop().await.unwrap();
     dbs.drop().await;
 }

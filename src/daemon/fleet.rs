@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Mutex, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 use super::{Daemon, DaemonHandle, DaemonStatus, agent};
 use crate::error::{Error, Result};
@@ -31,17 +31,24 @@ use crate::{EventStore, StoreRouter};
 /// # Ok(()) }
 /// ```
 pub struct DaemonFleet {
-    members: BTreeMap<String, Arc<Mutex<Member>>>,
+    members: Members,
     stop: watch::Sender<bool>,
-    supervisors: Vec<JoinHandle<()>>,
+    /// Starts a supervisor for each store the router has (now, and added later); it owns them.
+    watcher: Option<JoinHandle<()>>,
 }
+
+/// Each store's daemon, by store name.
+type Members = Arc<std::sync::Mutex<BTreeMap<String, Arc<Mutex<Member>>>>>;
+
+/// What builds a store's daemon.
+type DaemonOf = Arc<dyn Fn(EventStore) -> Daemon + Send + Sync>;
 
 /// Dropped, the fleet aborts its daemons as a crash would (their leases are free once they
 /// expire): [`stop`](DaemonFleet::stop) it to hand the work over at once.
 impl Drop for DaemonFleet {
     fn drop(&mut self) {
-        for supervisor in &self.supervisors {
-            supervisor.abort();
+        if let Some(watcher) = &self.watcher {
+            watcher.abort();
         }
     }
 }
@@ -56,32 +63,33 @@ enum Member {
 /// The longest pause before a store's daemon is started again.
 const MAX_PAUSE: Duration = Duration::from_secs(30);
 
+/// How often the fleet looks for stores added to the router.
+const NEW_STORES: Duration = Duration::from_secs(1);
+
 impl DaemonFleet {
-    /// Starts `daemon(store)` for every store of `router` (each supervised in the background).
+    /// Starts `daemon(store)` for every store of `router` (each supervised in the background),
+    /// and for each store [added](StoreRouter::add_store) to it later, within a second.
     pub fn start(router: &StoreRouter, daemon: impl Fn(EventStore) -> Daemon + Send + Sync + 'static) -> DaemonFleet {
-        let daemon: Arc<dyn Fn(EventStore) -> Daemon + Send + Sync> = Arc::new(daemon);
         let (stop, stopped) = watch::channel(false);
-        let mut members = BTreeMap::new();
-        let mut supervisors = Vec::new();
-        for (name, store) in router.stores() {
-            let member = Arc::new(Mutex::new(Member::Down("starting".into())));
-            members.insert(name.to_owned(), Arc::clone(&member));
-            let (store, daemon, stopped) = (store.clone(), Arc::clone(&daemon), stopped.clone());
-            supervisors.push(tokio::spawn(supervise(name.to_owned(), store, daemon, member, stopped)));
-        }
-        DaemonFleet { members, stop, supervisors }
+        let members = Members::default();
+        let mut supervisors = JoinSet::new();
+        let daemon: DaemonOf = Arc::new(daemon);
+        supervise_new(router, &daemon, &members, &mut supervisors, &stopped);
+        let watcher = tokio::spawn(watch_stores(router.clone(), daemon, Arc::clone(&members), supervisors, stopped));
+        DaemonFleet { members, stop, watcher: Some(watcher) }
     }
 
     /// Each store's daemon status, by store name: [`Error::StoreDown`] for a store whose
     /// daemon is not running, the database's error for one that does not answer.
     pub async fn status(&self) -> BTreeMap<String, Result<DaemonStatus>> {
+        let members = self.members.lock().expect("not poisoned").clone();
         let mut statuses = BTreeMap::new();
-        for (name, member) in &self.members {
+        for (name, member) in members {
             let status = match &*member.lock().await {
                 Member::Running(handle) => handle.status().await,
                 Member::Down(reason) => Err(Error::StoreDown { store: name.clone(), reason: reason.clone() }),
             };
-            statuses.insert(name.clone(), status);
+            statuses.insert(name, status);
         }
         statuses
     }
@@ -89,11 +97,12 @@ impl DaemonFleet {
     /// Stops every daemon gracefully; the first error any of them stopped on.
     pub async fn stop(mut self) -> Result<()> {
         let _ = self.stop.send(true);
-        for supervisor in std::mem::take(&mut self.supervisors) {
-            supervisor.await.ok();
+        if let Some(watcher) = self.watcher.take() {
+            watcher.await.ok();
         }
+        let members = std::mem::take(&mut *self.members.lock().expect("not poisoned"));
         let mut outcome = Ok(());
-        for member in std::mem::take(&mut self.members).into_values() {
+        for member in members.into_values() {
             let member = std::mem::replace(&mut *member.lock().await, Member::Down("stopped".into()));
             if let Member::Running(handle) = member {
                 let stopped = handle.stop().await;
@@ -106,17 +115,56 @@ impl DaemonFleet {
     }
 }
 
-/// Keeps `store`'s daemon running until `stopped`.
+/// Supervises each store of `router` that has no supervisor yet.
+fn supervise_new(
+    router: &StoreRouter,
+    daemon: &DaemonOf,
+    members: &Members,
+    supervisors: &mut JoinSet<()>,
+    stopped: &watch::Receiver<bool>,
+) {
+    let mut members = members.lock().expect("not poisoned");
+    for (name, _) in router.stores() {
+        if !members.contains_key(&name) {
+            let member = Arc::new(Mutex::new(Member::Down("starting".into())));
+            members.insert(name.clone(), Arc::clone(&member));
+            let (router, daemon, stopped) = (router.clone(), Arc::clone(daemon), stopped.clone());
+            supervisors.spawn(supervise(name, router, daemon, member, stopped));
+        }
+    }
+}
+
+/// Looks for new stores until `stopped`, then waits for the supervisors to end.
+async fn watch_stores(
+    router: StoreRouter,
+    daemon: DaemonOf,
+    members: Members,
+    mut supervisors: JoinSet<()>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    while !*stopped.borrow() {
+        tokio::select! {
+            _ = stopped.changed() => break,
+            _ = tokio::time::sleep(NEW_STORES) => {}
+        }
+        supervise_new(&router, &daemon, &members, &mut supervisors, &stopped);
+    }
+    supervisors.join_all().await;
+}
+
+/// Keeps the daemon of the store named `name` running until `stopped` (the store as the router
+/// has it at each start).
 async fn supervise(
     name: String,
-    store: EventStore,
-    daemon: Arc<dyn Fn(EventStore) -> Daemon + Send + Sync>,
+    router: StoreRouter,
+    daemon: DaemonOf,
     member: Arc<Mutex<Member>>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut failures = 0;
     while !*stopped.borrow() {
-        match daemon(store.clone()).start().await {
+        let Some(store) = router.store_named(&name) else { return };
+        match daemon(store).start().await {
             Ok(handle) => {
                 failures = 0;
                 *member.lock().await = Member::Running(handle);
