@@ -434,3 +434,80 @@ fn unreachable_databases_and_bad_urls_are_one_line_errors() {
         .unwrap();
     assert!(failed(none).contains("DATABASE_URL"));
 }
+
+/// `--stores FILE`: two PostgreSQL databases and a SQLite file as stores, a SQLite catalog.
+#[cfg(all(feature = "postgres", feature = "sqlite"))]
+#[tokio::test]
+async fn commands_work_across_the_stores_of_a_stores_file() {
+    let urls = [common::postgres().await, common::postgres().await, common::sqlite().await];
+    let catalog = common::sqlite().await;
+    let dir = std::env::temp_dir().join(format!("emt-stores-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("stores.toml");
+    let text = format!(
+        "default = \"pg0\"\ncatalog = \"{catalog}\"\n[stores]\npg0 = \"{}\"\npg1 = \"{}\"\nlite = \"{}\"\n[tenants]\nacme = \"pg1\"\n",
+        urls[0], urls[1], urls[2]
+    );
+    std::fs::write(&file, text).unwrap();
+    let run = |args: &[&str]| {
+        Process::new(env!("CARGO_BIN_EXE_emmett-seaorm")).args(args).env("EMMETT_STORES", &file).output().unwrap()
+    };
+    // Every store migrated at once, each one's output under its name.
+    let migrated = ok(run(&["migrate", "up"]));
+    for store in ["lite", "pg0", "pg1"] {
+        assert!(migrated.contains(&format!("store {store}\n")), "{migrated}");
+    }
+    // Tenants resolve: fixed (acme → pg1), the catalog (globex → lite), the default (rest → pg0).
+    ok(run(&["stores", "assign", "globex", "lite"]));
+    for (tenant, store) in [("acme", "pg1"), ("globex", "lite"), ("initech", "pg0")] {
+        assert_eq!(ok(run(&["stores", "locate", tenant])).trim(), store);
+        let db =
+            common::connect(&urls[["pg0", "pg1", "lite"].iter().position(|s| *s == store).unwrap()]).await.unwrap();
+        let events = [Ev::Deposited { amount: 1 }, Ev::Deposited { amount: 2 }];
+        let options = AppendOptions::default().partition(tenant);
+        EventStore::new(db).append_to_stream("acc", events, options).await.unwrap();
+    }
+    // A tenant's command runs on its store only.
+    let read = json_lines(&ok(run(&["streams", "read", "acc", "--partition", "globex", "--json"])));
+    assert_eq!(read.len(), 2);
+    assert!(read.iter().all(|e| e["partition"] == "globex" && e.get("store").is_none()), "{read:?}");
+    // The others on every store: JSON lines name their store.
+    let listed = json_lines(&ok(run(&["partitions", "list", "--json"])));
+    let mut seen: Vec<_> =
+        listed.iter().map(|l| (l["store"].as_str().unwrap(), l["partition"].as_str().unwrap())).collect();
+    seen.sort();
+    assert_eq!(seen, [("lite", "globex"), ("pg0", "initech"), ("pg1", "acme")]);
+    let stores = json_lines(&ok(run(&["stores", "list", "--json"])));
+    assert!(stores.iter().all(|s| s["state"] == "up" && s["tenants"] == 1), "{stores:?}");
+
+    // Moved to another store: the catalog records it, the data is there and gone from here.
+    assert!(
+        ok(run(&["partitions", "move", "acme", "--to", "lite", "--dry-run"]))
+            .contains("would move tenant 'acme' (1 streams, 2 events)")
+    );
+    ok(run(&["partitions", "move", "acme", "--to", "lite"]));
+    assert_eq!(ok(run(&["stores", "locate", "acme"])).trim(), "lite");
+    let read = json_lines(&ok(run(&["streams", "read", "acc", "--partition", "acme", "--json"])));
+    assert_eq!(read.iter().map(|e| e["data"]["amount"].as_i64().unwrap()).collect::<Vec<_>>(), [1, 2]);
+    let pg1 = json_lines(&ok(run(&["partitions", "list", "--json"])));
+    assert!(!pg1.iter().any(|l| l["store"] == "pg1"), "{pg1:?}");
+
+    // Bad input: an unknown store, a store file naming one it lacks.
+    assert!(failed(run(&["stores", "assign", "x", "nowhere"])).contains("nowhere"));
+    assert!(failed(run(&["partitions", "move", "globex", "--to", "nowhere"])).contains("nowhere"));
+    std::fs::write(&file, "default = \"gone\"\n[stores]\na = \"sqlite::memory:\"\n").unwrap();
+    assert!(failed(run(&["stores", "list"])).contains("store 'gone' is not under [stores]"));
+    // A store that does not answer: the others still answer, the command fails naming it.
+    let text =
+        format!("default = \"pg0\"\n[stores]\npg0 = \"{}\"\ndown = \"postgres://postgres@127.0.0.1:1/x\"\n", urls[0]);
+    std::fs::write(&file, text).unwrap();
+    let output = run(&["partitions", "list", "--json"]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("store down: cannot connect") && stderr.contains("failed on store(s) down"), "{stderr}");
+    assert_eq!(json_lines(&String::from_utf8_lossy(&output.stdout)).len(), 1, "pg0's tenant listed");
+    for url in urls.iter().chain([&catalog]) {
+        common::drop_database(url).await;
+    }
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -31,6 +31,9 @@
 
 mod ops;
 mod report;
+mod stores;
+
+pub use stores::StoresFile;
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -60,13 +63,17 @@ pub struct Cli {
     /// The database (postgres://…, mysql://…, sqlite://…).
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
+    /// Tenants spread over several databases: a TOML file naming the stores, the default
+    /// store, fixed tenants and the catalog ([`StoresFile`]); used instead of --database-url.
+    #[arg(long, env = "EMMETT_STORES", global = true, value_name = "FILE")]
+    pub stores: Option<std::path::PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
 /// The operator's subcommands; mount them in an app's own clap parser (see the [module](self)).
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand, Debug, Clone)]
 pub enum Command {
     /// The store's schema.
     #[command(subcommand)]
@@ -86,10 +93,33 @@ pub enum Command {
     /// Row-level security (PostgreSQL): tenants kept apart by the database.
     #[command(subcommand)]
     Rls(Rls),
+    /// The stores of a `--stores` file: which tenant lives where.
+    #[command(subcommand)]
+    Stores(Stores),
+}
+
+/// `stores …` (with `--stores FILE`)
+#[derive(Subcommand, Debug, Clone)]
+pub enum Stores {
+    /// Each store: its URL (no password), tenants, whether it answers.
+    List(JsonFlag),
+    /// The store that holds a tenant.
+    Locate {
+        /// The tenant.
+        tenant: String,
+    },
+    /// Record in the catalog that a tenant lives in a store (moves no data: `partitions move
+    /// --to STORE` moves a tenant that has some).
+    Assign {
+        /// The tenant.
+        tenant: String,
+        /// The store's name.
+        store: String,
+    },
 }
 
 /// `rls …` (run as the tables' owner)
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand, Debug, Clone)]
 pub enum Rls {
     /// Whether row-level security is on for the store's tenant tables.
     Status,
@@ -106,7 +136,7 @@ pub enum Rls {
 }
 
 /// `migrate …`
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand, Debug, Clone)]
 pub enum Migrate {
     /// Apply every pending migration.
     Up,
@@ -129,7 +159,7 @@ pub enum Migrate {
 }
 
 /// `partitions …`
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand, Debug, Clone)]
 pub enum Partitions {
     /// Create a tenant's own partitions (PostgreSQL; nothing to do on the others).
     Add {
@@ -176,7 +206,7 @@ pub enum Partitions {
     Move {
         /// The tenant.
         tenant: String,
-        /// The database to move it to.
+        /// The database to move it to (with --stores: the store's name).
         #[arg(long, hide_env_values = true)]
         to: String,
         /// Print what would move, and whether the target has the tenant; change nothing.
@@ -186,7 +216,7 @@ pub enum Partitions {
 }
 
 /// `streams …`
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand, Debug, Clone)]
 pub enum Streams {
     /// Live streams, by partition and id.
     List {
@@ -234,7 +264,7 @@ pub enum Streams {
 }
 
 /// `projections …`
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand, Debug, Clone)]
 pub enum ProjectionsCommand {
     /// Per projection and tenant: checkpoint, head, lag, lease owner and expiry, parked error
     /// (projections run by a daemon, and those run by a `ProjectionRunner` alone).
@@ -304,7 +334,7 @@ pub enum ProjectionsCommand {
 }
 
 /// `leases …`
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand, Debug, Clone)]
 pub enum Leases {
     /// Every lease: owner, expiry, failures.
     List(JsonFlag),
@@ -348,7 +378,7 @@ pub struct JsonFlag {
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     /// No database URL was given.
-    #[error("no database: pass --database-url or set DATABASE_URL")]
+    #[error("no database: pass --database-url or set DATABASE_URL (or --stores FILE)")]
     NoDatabase,
     /// The database could not be reached or refused the connection.
     #[error("cannot connect to {url} (is the server running, and the URL right?): {source}")]
@@ -369,6 +399,9 @@ pub enum CliError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] Error),
+    /// A command run on every store failed on these (each one's error printed as it failed).
+    #[error("failed on store(s) {}", .0.join(", "))]
+    StoresFailed(Vec<String>),
     /// The database failed.
     #[error("database error: {0}")]
     Database(#[from] DbErr),
@@ -452,9 +485,17 @@ fn missing_sqlite_file(url: &str) -> Option<String> {
 /// `emmett-seaorm` binary, for an app's `main` to call with its projections.
 pub async fn main(projections: &Projections) -> ExitCode {
     let cli = Cli::parse();
-    match cli.database_url {
-        Some(url) => cli.command.run_and_report(&url, projections).await,
-        None => report::failed(&CliError::NoDatabase),
+    let outcome = match (cli.stores, cli.database_url) {
+        (Some(path), _) => match StoresFile::read(&path) {
+            Ok(stores) => cli.command.run_across(&stores, projections).await,
+            Err(error) => Err(error),
+        },
+        (None, Some(url)) => cli.command.run(&url, projections).await,
+        (None, None) => Err(CliError::NoDatabase),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => report::failed(&error),
     }
 }
 
@@ -542,6 +583,7 @@ impl Command {
             Command::Projections(ProjectionsCommand::Resume { name, partition }) => {
                 ops::resume(&conn, &name, partition.as_deref()).await
             }
+            Command::Stores(_) => Err(CliError::Invalid("`stores` needs --stores FILE".into())),
             Command::Leases(Leases::List(flag)) => ops::leases(&conn, flag).await,
             Command::Leases(Leases::Release { owner }) => {
                 let released = backend::leave(&conn, &owner).await?;

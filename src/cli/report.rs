@@ -10,6 +10,12 @@ use serde_json::{Map, Value};
 use crate::daemon::LeaseStatus;
 use crate::projection::Progress;
 
+tokio::task_local! {
+    /// The store a command runs on when it runs on every store of a `--stores` file: JSON
+    /// records name it.
+    pub(super) static STORE: String;
+}
+
 /// Records printed as an aligned table, or as one JSON object per line.
 pub(super) struct Table {
     keys: Vec<&'static str>,
@@ -37,7 +43,11 @@ impl Table {
 
     pub fn print(self) {
         if self.json {
-            for record in self.records {
+            let store = STORE.try_with(Clone::clone).ok();
+            for mut record in self.records {
+                if let Some(store) = &store {
+                    record.insert("store".into(), store.clone().into());
+                }
                 println!("{}", Value::Object(record));
             }
             return;
