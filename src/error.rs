@@ -449,6 +449,25 @@ pub enum Error {
         reason: String,
     },
 
+    /// An operator's action names a projection that has no checkpoint or lease (in that tenant).
+    #[error("projection '{subscription}' has no checkpoint or lease{}", partition.as_ref().map(|p| format!(" in partition '{p}'")).unwrap_or_default())]
+    UnknownPair {
+        /// The projection's subscription id.
+        subscription: String,
+        /// The tenant, when one was named.
+        partition: Option<String>,
+    },
+
+    /// [`admin::skip`](crate::admin::skip) on a projection that has not failed on an event in
+    /// that tenant: nothing to go past.
+    #[error("projection '{subscription}' has not failed on an event in partition '{partition}': nothing to skip")]
+    NothingToSkip {
+        /// The projection's subscription id.
+        subscription: String,
+        /// The tenant.
+        partition: String,
+    },
+
     /// Reading or writing a file or stream failed (an export's output, an import's input).
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),

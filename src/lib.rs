@@ -6,6 +6,7 @@ compile_error!(
     "emmett-seaorm needs a database backend: enable at least one of the features `sqlite`, `postgres`, `mysql`"
 );
 
+pub mod admin;
 mod backend;
 #[cfg(feature = "cli")]
 pub mod cli;

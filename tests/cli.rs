@@ -14,7 +14,7 @@ use emmett_seaorm::cli::{Command, Projections};
 use emmett_seaorm::daemon::Daemon;
 use emmett_seaorm::projection::ProjectionRegistry;
 use emmett_seaorm::{AppendOptions, EventStore};
-use sea_orm::ConnectionTrait;
+use sea_orm::{ConnectionTrait, EntityTrait};
 use serde_json::Value;
 
 /// Runs the binary on `db` with `args`.
@@ -194,7 +194,7 @@ async fn projections_and_leases_show_what_the_daemons_do(db: TestDb) {
         assert!(std::time::Instant::now() < deadline, "resume did not retry at once");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert!(failed(cli(&db, &["projections", "resume", "nothing"])).contains("no such lease"));
+    assert!(failed(cli(&db, &["projections", "resume", "nothing"])).contains("no checkpoint or lease"));
     // The parked error names the poison event's global position: a reset to it skips it.
     let poison = bad["error_position"].as_u64().unwrap();
     assert_eq!(poison, bad["head"].as_u64().unwrap(), "{bad}");
@@ -213,6 +213,25 @@ async fn projections_and_leases_show_what_the_daemons_do(db: TestDb) {
         assert!(std::time::Instant::now() < deadline, "the daemon did not take the reset lease again");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    // Another poison event: skipped, recorded with its error; the next event is projected.
+    let next = [Ev::Deposited { amount: 13 }, Ev::Deposited { amount: 2 }];
+    store.append_to_stream("b", next, AppendOptions::default().partition("bad")).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while daemon.status().await.unwrap().get("picky", "bad").is_none_or(|l| l.last_error.is_none()) {
+        assert!(std::time::Instant::now() < deadline, "the daemon did not fail on the second poison event");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(failed(cli(&db, &["projections", "skip", "picky", "--partition", "good"])).contains("nothing to skip"));
+    let skipped = ok(cli(&db, &["projections", "skip", "picky", "--partition", "bad"]));
+    assert!(skipped.contains("went past event 2 of stream 'b'"), "{skipped}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while daemon.status().await.unwrap().get("picky", "bad").is_none_or(|l| l.lag_events > 0 || l.failures > 0) {
+        assert!(std::time::Instant::now() < deadline, "the event after the skipped one was not projected");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let records = emmett_seaorm::schema::skipped_events::Entity::find().all(&db.db).await.unwrap();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert!(records[0].reason.contains("13 is unlucky") && records[0].stream_position == 2, "{records:?}");
     // Releasing an instance's leases frees them.
     let released = ok(cli(&db, &["leases", "release", daemon.owner()]));
     assert!(released.contains("released 64 segment(s)"), "{released}");

@@ -39,6 +39,23 @@ pub(crate) async fn heartbeat(conn: &impl ConnectionTrait, owner: &str, ttl_ms: 
     Ok(())
 }
 
+/// Every registered instance: its name, whether it is live, and milliseconds until its
+/// registration expires (0 when it has).
+pub(crate) async fn registered(conn: &impl ConnectionTrait) -> Result<Vec<(String, bool, i64)>, DbErr> {
+    let backend = conn.get_database_backend();
+    let sql = format!(
+        "SELECT d.owner, CASE WHEN {live} THEN 1 ELSE 0 END,
+                CASE WHEN d.expires_at > {now} THEN d.expires_at - {now} ELSE 0 END
+         FROM emt_daemons d ORDER BY d.owner",
+        live = live(backend, "d"),
+        now = now_ms(backend),
+    );
+    let rows = conn.query_all_raw(sea_orm::Statement::from_string(backend, sql)).await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get_by_index(0)?, r.try_get_by_index::<i32>(1)? == 1, r.try_get_by_index(2)?)))
+        .collect()
+}
+
 /// The database's clock, in milliseconds since the Unix epoch.
 pub(super) fn now_ms(backend: DbBackend) -> &'static str {
     match backend {

@@ -293,7 +293,6 @@ pub(crate) async fn unpark(txn: &DatabaseTransaction, subscription: &str, partit
 }
 
 /// Removes every lease and segment row of `subscription` (retiring it); the number of leases.
-#[cfg(feature = "cli")]
 pub(crate) async fn forget_leases(conn: &impl ConnectionTrait, subscription: &str) -> Result<u64, DbErr> {
     let backend = conn.get_database_backend();
     let sql = "DELETE FROM emt_segments WHERE subscription_id = $1";

@@ -51,14 +51,12 @@ pub(crate) use horizon::{
 pub(crate) use import::{
     ImportedMessage, ImportedStream, announce_import, begin_import, insert_messages, insert_streams,
 };
-pub(crate) use instances::heartbeat;
 #[cfg(feature = "postgres")]
 pub(crate) use instances::{LEASES_CHANNEL, PRESENCE_PREFIX, presence_renewal};
-#[cfg(feature = "cli")]
-pub(crate) use leases::forget_leases;
+pub(crate) use instances::{heartbeat, registered};
 pub(crate) use leases::{
     LeaseReport, create_lease_tables, create_owner_index, drop_lease_tables, drop_owner_index, ensure_leases,
-    lease_reports, lease_rows, lease_subscriptions, park, unpark,
+    forget_leases, lease_reports, lease_rows, lease_subscriptions, park, unpark,
 };
 pub(crate) use locks::{
     forget_unmoved_checkpoints, lock_checkpoint, lock_checkpoints, lock_snapshots, move_checkpoints,

@@ -322,6 +322,16 @@ pub enum ProjectionsCommand {
         #[arg(long)]
         yes: bool,
     },
+    /// Go past the event a tenant's projection failed on (the `error_position` that `status`
+    /// shows): recorded in `emt_skipped_events` with the error, the checkpoint moved to it, the
+    /// failures cleared; running daemons go on with the next event.
+    Skip {
+        /// The projection's subscription id.
+        name: String,
+        /// The tenant.
+        #[arg(long)]
+        partition: String,
+    },
     /// Retry parked tenants now instead of after their backoff (e.g. once a fix is deployed):
     /// running daemons take the leases again within a poll interval and run them at once.
     Resume {
@@ -535,7 +545,7 @@ impl Command {
                 println!("partition '{tenant}' ready");
                 Ok(())
             }
-            Command::Partitions(Partitions::List(flag)) => ops::partitions(&conn, flag).await,
+            Command::Partitions(Partitions::List(flag)) => ops::partitions(&raw, flag).await,
             Command::Partitions(Partitions::Erase { tenant, yes, json }) => {
                 ops::erase(&raw, &tenant, &projections.read_models, yes, json).await
             }
@@ -547,7 +557,7 @@ impl Command {
                 ops::import(&raw, input, partition, replace.then_some(&projections.read_models[..])).await
             }
             Command::Streams(Streams::List { partition, stream_type, limit, json }) => {
-                ops::list_streams(&conn, partition, stream_type, limit, json).await
+                ops::list_streams(&raw, partition, stream_type, limit, json).await
             }
             Command::Streams(Streams::Types { partition, json }) => {
                 ops::event_types(&conn, store.upcasters(), partition, json).await
@@ -555,8 +565,8 @@ impl Command {
             Command::Streams(Streams::Read { stream, partition, from, raw: as_stored, json }) => {
                 ops::read_stream(if as_stored { &raw } else { &store }, &stream, &partition, from, json).await
             }
-            Command::Projections(ProjectionsCommand::Status(filter)) => ops::status(&conn, filter).await,
-            Command::Projections(ProjectionsCommand::Retire { name, yes }) => ops::retire(&conn, &name, yes).await,
+            Command::Projections(ProjectionsCommand::Status(filter)) => ops::status(&raw, filter).await,
+            Command::Projections(ProjectionsCommand::Retire { name, yes }) => ops::retire(&raw, &name, yes).await,
             Command::Projections(ProjectionsCommand::Rebuild { name, partition, batch_size }) => {
                 let mut options = RunOptions::default().batch_size(batch_size);
                 if let Some(tenant) = partition {
@@ -578,10 +588,13 @@ impl Command {
                 Ok(())
             }
             Command::Projections(ProjectionsCommand::Reset { name, partition, to }) => {
-                ops::reset(&conn, &name, &partition, to).await
+                ops::reset(&raw, &name, &partition, to).await
             }
             Command::Projections(ProjectionsCommand::Resume { name, partition }) => {
-                ops::resume(&conn, &name, partition.as_deref()).await
+                ops::resume(&raw, &name, partition.as_deref()).await
+            }
+            Command::Projections(ProjectionsCommand::Skip { name, partition }) => {
+                ops::skip(&raw, &name, &partition).await
             }
             Command::Stores(_) => Err(CliError::Invalid("`stores` needs --stores FILE".into())),
             Command::Leases(Leases::List(flag)) => ops::leases(&conn, flag).await,

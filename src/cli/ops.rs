@@ -9,13 +9,14 @@ use serde_json::json;
 
 use super::report::{self, Table};
 use super::{CliError, JsonFlag, Migrate, Rls, StatusFilter};
+use crate::admin;
 use crate::conn::Conn;
+use crate::daemon::{self, LeaseStatus};
 use crate::migrations::{self, Change};
 use crate::projection::ReadModel;
-use crate::schema::{messages, skipped_events, streams, subscriptions};
+use crate::schema::messages;
 use crate::store::{EventStore, ImportOptions, ReadOptions};
 use crate::upcast::Upcasters;
-use crate::{backend, daemon};
 
 /// `rls status|enable|disable|grant`.
 pub(super) async fn rls(
@@ -74,22 +75,10 @@ pub(super) async fn migrate(db: &sea_orm::DatabaseConnection, command: Migrate) 
     Ok(())
 }
 
-pub(super) async fn partitions(db: &Conn, flag: JsonFlag) -> Result<(), CliError> {
-    let counts: Vec<(String, i64)> = streams::Entity::find()
-        .select_only()
-        .column(streams::Column::Partition)
-        .column_as(streams::Column::StreamId.count(), "streams")
-        .filter(streams::Column::IsArchived.eq(false))
-        .group_by(streams::Column::Partition)
-        .order_by_asc(streams::Column::Partition)
-        .into_tuple()
-        .all(db)
-        .await?;
-    let heads: BTreeMap<String, i64> = backend::partition_heads(db, None).await?.into_iter().collect();
+pub(super) async fn partitions(store: &EventStore, flag: JsonFlag) -> Result<(), CliError> {
     let mut table = Table::new(["partition", "streams", "last_global_position"]).json(flag.json);
-    for (tenant, streams) in counts {
-        let head = heads.get(&tenant).copied().unwrap_or(0);
-        table.record(json!({ "partition": tenant, "streams": streams, "last_global_position": head }));
+    for tenant in admin::tenants(store).await? {
+        table.record(serde_json::to_value(tenant).map_err(crate::Error::from)?);
     }
     table.print();
     Ok(())
@@ -230,25 +219,14 @@ fn file_error(path: &std::path::Path, err: std::io::Error) -> CliError {
 }
 
 pub(super) async fn list_streams(
-    db: &Conn,
+    store: &EventStore,
     partition: Option<String>,
     stream_type: Option<String>,
     limit: u64,
     flag: JsonFlag,
 ) -> Result<(), CliError> {
-    let mut query = streams::Entity::find().filter(streams::Column::IsArchived.eq(false));
-    if let Some(partition) = partition {
-        query = query.filter(streams::Column::Partition.eq(partition));
-    }
-    if let Some(stream_type) = stream_type {
-        query = query.filter(streams::Column::StreamType.eq(stream_type));
-    }
-    let rows = query
-        .order_by_asc(streams::Column::Partition)
-        .order_by_asc(streams::Column::StreamId)
-        .limit(limit)
-        .all(db)
-        .await?;
+    let filter = admin::StreamFilter { partition, stream_type, archived: false };
+    let (rows, _) = admin::streams(store, &filter, 0, limit).await?;
     let mut table = Table::new(["partition", "stream", "type", "version"]).json(flag.json);
     for s in rows {
         table.record(json!({
@@ -327,81 +305,54 @@ pub(super) async fn read_stream(
 
 /// Every (projection, tenant) with a lease (run by a daemon) or a checkpoint (run by a
 /// `ProjectionRunner` alone), by projection and tenant.
-pub(super) async fn status(db: &Conn, filter: StatusFilter) -> Result<(), CliError> {
-    let mut records = BTreeMap::new();
-    for l in daemon::recorded(db).await? {
+pub(super) async fn status(store: &EventStore, filter: StatusFilter) -> Result<(), CliError> {
+    let shown = |l: &LeaseStatus| {
+        (!filter.parked || l.parked)
+            && (!filter.lagging || l.lag_events > 0)
+            && filter.projection.as_deref().is_none_or(|p| l.subscription == p)
+            && filter.partition.as_deref().is_none_or(|t| l.tenant == t)
+    };
+    let columns = ["projection", "tenant", "checkpoint", "head", "lag", "lag_age", "owner", "expires", "error"];
+    let mut table = Table::new(columns).json(filter.json.json);
+    for l in admin::projections(store).await?.into_iter().filter(shown) {
         let (error, error_position) = l.last_error.clone().unzip();
-        let record = json!({
+        table.record(json!({
             "projection": l.subscription, "tenant": l.tenant, "checkpoint": l.checkpoint, "head": l.head,
             "lag": l.lag_events, "lag_age": report::seconds(l.lag), "owner": l.owner,
             "expires": report::expiry(&l), "error": error, "error_position": error_position,
             "failures": l.failures, "parked": l.parked,
-        });
-        records.insert((l.subscription, l.tenant), record);
-    }
-    let heads: BTreeMap<String, i64> = backend::partition_heads(db, None).await?.into_iter().collect();
-    let checkpoints = subscriptions::Entity::find().filter(subscriptions::Column::Version.eq(1)).all(db).await?;
-    for c in checkpoints {
-        let key = (c.subscription_id, c.partition);
-        if records.contains_key(&key) {
-            continue;
-        }
-        let (lag, age) = backend::pending(db, &key.1, c.last_processed_position).await?;
-        let record = json!({
-            "projection": key.0, "tenant": key.1, "checkpoint": c.last_processed_position,
-            "head": heads.get(&key.1).copied().unwrap_or(0), "lag": lag,
-            "lag_age": report::seconds(std::time::Duration::from_secs_f64(age.max(0.0))), "owner": null,
-            "expires": "-", "error": null, "error_position": null, "failures": 0, "parked": false,
-        });
-        records.insert(key, record);
-    }
-    let columns = ["projection", "tenant", "checkpoint", "head", "lag", "lag_age", "owner", "expires", "error"];
-    let mut table = Table::new(columns).json(filter.json.json);
-    let shown = |r: &serde_json::Value| {
-        (!filter.parked || r["parked"] == true)
-            && (!filter.lagging || r["lag"].as_i64().unwrap_or(0) > 0)
-            && filter.projection.as_deref().is_none_or(|p| r["projection"] == p)
-            && filter.partition.as_deref().is_none_or(|t| r["tenant"] == t)
-    };
-    for record in records.into_values().filter(shown) {
-        table.record(record);
+        }));
     }
     table.print();
     Ok(())
 }
 
-pub(super) async fn resume(db: &Conn, name: &str, partition: Option<&str>) -> Result<(), CliError> {
-    let only = partition.map(|p| [p]);
-    let resumed = backend::revoke(db, name, only.as_ref().map(|p| &p[..])).await?;
-    if resumed == 0 {
-        return Err(CliError::Invalid(format!("projection '{name}' has no such lease")));
-    }
+pub(super) async fn resume(store: &EventStore, name: &str, partition: Option<&str>) -> Result<(), CliError> {
+    let resumed = admin::resume(store, name, partition).await?;
     println!("projection '{name}': {resumed} lease(s) run again now");
     Ok(())
 }
 
-pub(super) async fn retire(db: &Conn, name: &str, yes: bool) -> Result<(), CliError> {
+pub(super) async fn skip(store: &EventStore, name: &str, partition: &str) -> Result<(), CliError> {
+    let skipped = admin::skip(store, name, partition).await?;
+    println!(
+        "projection '{name}' in partition '{partition}' went past event {} of stream '{}' (global position {}, {}); \
+         recorded in emt_skipped_events",
+        skipped.stream_position,
+        skipped.stream_id,
+        skipped.global_position.unwrap_or(0),
+        skipped.message_type
+    );
+    Ok(())
+}
+
+pub(super) async fn retire(store: &EventStore, name: &str, yes: bool) -> Result<(), CliError> {
     if !yes {
         return Err(CliError::Invalid(format!(
             "retire forgets every checkpoint and lease of '{name}'; pass --yes to do it"
         )));
     }
-    let txn = backend::begin_write(db).await?;
-    let checkpoints = subscriptions::Entity::delete_many()
-        .filter(subscriptions::Column::SubscriptionId.eq(name))
-        .exec(&txn)
-        .await?
-        .rows_affected;
-    let skipped = skipped_events::Entity::delete_many()
-        .filter(skipped_events::Column::SubscriptionId.eq(name))
-        .exec(&txn)
-        .await?
-        .rows_affected;
-    let leases = backend::forget_leases(&txn, name).await?;
-    txn.commit().await?;
-    if checkpoints + leases == 0 {
-        return Err(CliError::Invalid(format!("projection '{name}' has no checkpoint or lease")));
-    }
+    let admin::Retired { checkpoints, leases, skipped } = admin::retire(store, name).await?;
     println!(
         "projection '{name}' retired: {checkpoints} checkpoint(s), {leases} lease(s), {skipped} skipped-event record(s) \
          removed; drop its read-model tables yourself"
@@ -421,27 +372,8 @@ pub(super) async fn leases(db: &Conn, flag: JsonFlag) -> Result<(), CliError> {
     Ok(())
 }
 
-pub(super) async fn reset(db: &Conn, name: &str, partition: &str, to: u64) -> Result<(), CliError> {
-    let to = i64::try_from(to).map_err(|_| CliError::Invalid(format!("checkpoint {to} is out of range")))?;
-    let leased = backend::lease_rows(db, &[name.to_owned()]).await?.iter().any(|l| l.partition == partition);
-    let checkpointed = subscriptions::Entity::find()
-        .filter(subscriptions::Column::SubscriptionId.eq(name))
-        .filter(subscriptions::Column::Partition.eq(partition))
-        .one(db)
-        .await?
-        .is_some();
-    if !leased && !checkpointed {
-        return Err(CliError::Invalid(format!(
-            "projection '{name}' has no checkpoint or lease in partition '{partition}'"
-        )));
-    }
-    let txn = backend::begin_write(db).await?;
-    backend::lock_checkpoints(&txn, name, &[partition]).await?;
-    backend::move_checkpoints(&txn, name, &[(partition, to)]).await?;
-    backend::unpark(&txn, name, &[partition]).await?;
-    // Running daemons drop what they knew of this tenant and read the new checkpoint.
-    backend::revoke(&txn, name, Some(&[partition])).await?;
-    txn.commit().await?;
+pub(super) async fn reset(store: &EventStore, name: &str, partition: &str, to: u64) -> Result<(), CliError> {
+    admin::reset(store, name, partition, to).await?;
     println!(
         "projection '{name}' in partition '{partition}' goes on after position {to}; running daemons pick it up \
          within a poll interval (snapshot projections skip events already folded: `rebuild --partition` re-folds)"

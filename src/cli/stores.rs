@@ -149,9 +149,8 @@ impl Command {
                 Partitions::Add { tenant } | Partitions::Erase { tenant, .. } | Partitions::Export { tenant, .. },
             ) => Some(tenant),
             Command::Partitions(Partitions::Import { partition, .. }) => partition.as_deref(),
-            Command::Streams(S::Read { partition, .. }) | Command::Projections(P::Reset { partition, .. }) => {
-                Some(partition)
-            }
+            Command::Streams(S::Read { partition, .. })
+            | Command::Projections(P::Reset { partition, .. } | P::Skip { partition, .. }) => Some(partition),
             Command::Streams(S::List { partition, .. } | S::Types { partition, .. })
             | Command::Projections(
                 P::Rebuild { partition, .. } | P::CatchUp { partition, .. } | P::Resume { partition, .. },

@@ -14,9 +14,9 @@
 //! # Ok(()) }
 //! ```
 
+use sea_orm::DatabaseTransaction;
 use sea_orm::entity::prelude::*;
 use sea_orm::sea_query::OnConflict;
-use sea_orm::{ActiveValue::Set, DatabaseTransaction};
 
 use crate::error::Error;
 
@@ -67,23 +67,28 @@ pub(crate) async fn record(
         unreachable!("only undecodable events are skipped: {err}");
     };
     tracing::warn!(subscription, %err, "skipping an undecodable event");
-    let row = ActiveModel {
-        subscription_id: Set(subscription.to_owned()),
-        partition: Set(partition.clone()),
-        stream_id: Set(stream.clone()),
-        stream_position: Set(*position as i64),
-        global_position: Set(global_position),
-        message_type: Set(message_type.clone()),
-        reason: Set(err.to_string()),
-        skipped_at: Set(chrono::Utc::now()),
+    let row = Model {
+        subscription_id: subscription.to_owned(),
+        partition: partition.clone(),
+        stream_id: stream.clone(),
+        stream_position: *position as i64,
+        global_position,
+        message_type: message_type.clone(),
+        reason: err.to_string(),
+        skipped_at: chrono::Utc::now(),
     };
-    Entity::insert(row)
+    save(txn, row).await
+}
+
+/// Records `row`, or updates the record of its event.
+pub(crate) async fn save(conn: &impl ConnectionTrait, row: Model) -> crate::error::Result<()> {
+    Entity::insert(ActiveModel::from(row))
         .on_conflict(
             OnConflict::columns([Column::SubscriptionId, Column::Partition, Column::StreamId, Column::StreamPosition])
                 .update_columns([Column::GlobalPosition, Column::MessageType, Column::Reason, Column::SkippedAt])
                 .to_owned(),
         )
-        .exec(txn)
+        .exec(conn)
         .await?;
     Ok(())
 }

@@ -168,6 +168,11 @@ impl EventStore {
         EventStore { conn: self.conn.for_tenant(tenant), tenant: Some(tenant.into()), ..self.clone() }
     }
 
+    /// The store's connection (its tenant bound, if it is bound to one).
+    pub(crate) fn conn(&self) -> &Conn {
+        &self.conn
+    }
+
     /// The tenant this store is bound to, if any ([`EventStore::for_tenant`]).
     pub fn tenant(&self) -> Option<&str> {
         self.tenant.as_deref()
