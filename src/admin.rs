@@ -19,13 +19,14 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use sea_orm::sea_query::LikeExpr;
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect};
 use serde::Serialize;
 
 use crate::backend;
 use crate::daemon::{self, LeaseStatus};
 use crate::error::{Error, Result};
-use crate::schema::{messages, skipped_events, streams, subscriptions};
+use crate::schema::{messages, skipped_events, snapshots, streams, subscriptions};
 use crate::store::EventStore;
 
 /// Every (projection, tenant) pair the store records: those a daemon runs (with their lease:
@@ -116,12 +117,7 @@ pub async fn skip(store: &EventStore, projection: &str, tenant: &str) -> Result<
     let nothing = || Error::NothingToSkip { subscription: projection.into(), partition: tenant.into() };
     let (Some(reason), Some(position)) = (lease.last_error, lease.error_position) else { return Err(nothing()) };
     let at = checkpoint(store, projection, tenant).await?.unwrap_or(0);
-    let event = messages::Entity::find()
-        .filter(messages::Column::Partition.eq(tenant))
-        .filter(messages::Column::GlobalPosition.eq(position))
-        .filter(messages::Column::IsArchived.eq(false))
-        .one(db)
-        .await?;
+    let event = event_at(store, tenant, position as u64).await?;
     // An error naming no event (its position is the checkpoint) leaves nothing to go past.
     let Some(event) = event.filter(|_| position > at) else { return Err(nothing()) };
     let skipped = skipped_events::Model {
@@ -137,6 +133,34 @@ pub async fn skip(store: &EventStore, projection: &str, tenant: &str) -> Result<
     skipped_events::save(db, skipped.clone()).await?;
     reset(store, projection, tenant, position as u64).await?;
     Ok(skipped)
+}
+
+/// The live event of `tenant` at `global_position` (the one a parked error names), as stored.
+pub async fn event_at(store: &EventStore, tenant: &str, global_position: u64) -> Result<Option<messages::Model>> {
+    let event = messages::Entity::find()
+        .filter(messages::Column::Partition.eq(tenant))
+        .filter(messages::Column::GlobalPosition.eq(global_position.min(i64::MAX as u64) as i64))
+        .filter(messages::Column::IsArchived.eq(false))
+        .one(store.conn())
+        .await?;
+    Ok(event)
+}
+
+/// The central snapshots (`snapshots` table) that `tenant`'s stream `stream` has a key in:
+/// the read-model rows a snapshot projection keyed by the stream's id made from it.
+pub async fn snapshots_of(store: &EventStore, tenant: &str, stream: &str) -> Result<Vec<snapshots::Model>> {
+    let part = format!(":{}", crate::projection::snapshot::encode_uri_component(stream));
+    let escaped = part.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+    let rows = snapshots::Entity::find()
+        .filter(snapshots::Column::Partition.eq(tenant))
+        .filter(snapshots::Column::StreamId.like(LikeExpr::new(format!("%{escaped}%")).escape('\\')))
+        .order_by_asc(snapshots::Column::ReadmodelTableName)
+        .order_by_asc(snapshots::Column::StreamId)
+        .all(store.conn())
+        .await?;
+    // The pattern finds the value anywhere in a part: keep the rows where a whole part's value is it.
+    let whole = |id: &str| id.split('|').any(|p| p.split_once(':').is_some_and(|(_, v)| format!(":{v}") == part));
+    Ok(rows.into_iter().filter(|r| whole(&r.stream_id)).collect())
 }
 
 /// What [`retire`] removed.
@@ -265,6 +289,8 @@ pub struct StreamFilter {
     pub partition: Option<String>,
     /// Only streams of this type.
     pub stream_type: Option<String>,
+    /// Only the stream with this id (its generations, with `archived`).
+    pub stream: Option<String>,
     /// Archived generations too (each generation is a row).
     pub archived: bool,
 }
@@ -285,6 +311,9 @@ pub async fn streams(
     }
     if let Some(stream_type) = &filter.stream_type {
         query = query.filter(streams::Column::StreamType.eq(stream_type));
+    }
+    if let Some(stream) = &filter.stream {
+        query = query.filter(streams::Column::StreamId.eq(stream));
     }
     let total = query.clone().count(store.conn()).await?;
     let page = query

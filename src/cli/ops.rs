@@ -225,7 +225,7 @@ pub(super) async fn list_streams(
     limit: u64,
     flag: JsonFlag,
 ) -> Result<(), CliError> {
-    let filter = admin::StreamFilter { partition, stream_type, archived: false };
+    let filter = admin::StreamFilter { partition, stream_type, ..Default::default() };
     let (rows, _) = admin::streams(store, &filter, 0, limit).await?;
     let mut table = Table::new(["partition", "stream", "type", "version"]).json(flag.json);
     for s in rows {

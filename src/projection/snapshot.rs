@@ -278,7 +278,7 @@ fn decode_uri_component(s: &str) -> Option<String> {
 }
 
 /// JavaScript's `encodeURIComponent`.
-fn encode_uri_component(s: &str) -> String {
+pub(crate) fn encode_uri_component(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.!~*'()".contains(&b) {
