@@ -243,3 +243,75 @@ async fn ten_thousand_tenants_render_in_under_a_second() {
     daemon.stop().await.unwrap();
     common::drop_database(&url).await;
 }
+
+/// A GET over a real socket, with an optional bearer token: the status line and the body.
+async fn fetch(address: &str, path: &str, token: Option<&str>) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\n{auth}Connection: close\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    socket.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (head.lines().next().unwrap_or_default().to_owned(), body.to_owned())
+}
+
+/// `emmett-seaorm-console ui --stores FILE`: one console over a PostgreSQL and a SQLite store,
+/// behind its token; the operator's commands answer beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_standalone_console_serves_every_store_of_a_stores_file() {
+    let urls = [common::postgres().await, common::sqlite().await];
+    for (url, tenant) in urls.iter().zip(["on-postgres", "on-sqlite"]) {
+        let store = EventStore::new(common::connect(url).await);
+        common::append(&store, tenant, "acc", vec![common::deposit(3, "")]).await;
+        let (ledger, _) = common::ledger();
+        let daemon = Daemon::new(store.clone()).projection("ledger", ledger).start().await.unwrap();
+        common::eventually(20, "projected", async || {
+            emmett_seaorm::admin::projections(&store).await.unwrap().iter().any(|p| p.lag_events == 0)
+        })
+        .await;
+        daemon.stop().await.unwrap();
+    }
+    let file = std::env::temp_dir().join(format!("console-stores-{}.toml", uuid::Uuid::new_v4()));
+    std::fs::write(&file, format!("default = \"pg\"\n[stores]\npg = \"{}\"\nlite = \"{}\"\n", urls[0], urls[1]))
+        .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let address = format!("127.0.0.1:{port}");
+    let mut console = std::process::Command::new(env!("CARGO_BIN_EXE_emmett-seaorm-console"))
+        .args(["ui", "--listen", &address, "--token", "t0ken"])
+        .env("EMMETT_STORES", &file)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    common::eventually(20, "the console listening", async || tokio::net::TcpStream::connect(&address).await.is_ok())
+        .await;
+    assert!(fetch(&address, "/", None).await.0.contains("401"));
+    let (status, body) = fetch(&address, "/api/status", Some("t0ken")).await;
+    assert!(status.contains("200"), "{status}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    let mut seen: Vec<(String, String)> = body["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["store"].as_str().unwrap().to_owned(), p["tenant"].as_str().unwrap().to_owned()))
+        .collect();
+    seen.sort();
+    assert_eq!(seen, [("lite".to_owned(), "on-sqlite".to_owned()), ("pg".to_owned(), "on-postgres".to_owned())]);
+    let page = fetch(&address, "/streams?store=lite", Some("t0ken")).await.1;
+    assert!(page.contains("on-sqlite") && !page.contains("on-postgres"), "{page}");
+    console.kill().ok();
+    console.wait().ok();
+    // The operator's commands, across the same stores.
+    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_emmett-seaorm-console"))
+        .args(["partitions", "list", "--json"])
+        .env("EMMETT_STORES", &file)
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.contains("\"store\":\"lite\"") && listed.contains("on-postgres"), "{listed}");
+    std::fs::remove_file(file).ok();
+    for url in &urls {
+        common::drop_database(url).await;
+    }
+}
