@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use emmett_seaorm::admin;
 use serde::Deserialize;
 
-use crate::view::encode;
+use crate::view::{self, encode};
 use crate::{AppState, Base, Failure};
 
 /// An action's form.
@@ -29,6 +29,7 @@ pub async fn resume(
     allowed(&shared, &form)?;
     let (_, store) = shared.store(Some(&form.store))?;
     let outcome = admin::resume(store, &form.projection, Some(&form.tenant)).await;
+    view::forget(&shared).await;
     let message = outcome.map(|_| format!("{} / {}: resumed, running again now", form.projection, form.tenant));
     Ok(back(&base, message))
 }
@@ -42,6 +43,7 @@ pub async fn skip(
     allowed(&shared, &form)?;
     let (_, store) = shared.store(Some(&form.store))?;
     let outcome = admin::skip(store, &form.projection, &form.tenant).await;
+    view::forget(&shared).await;
     let message = outcome.map(|s| {
         format!(
             "{} / {}: skipped event {} of stream '{}' (recorded in emt_skipped_events)",

@@ -55,7 +55,9 @@ struct Shared {
     /// The token every action's form carries (a page of this console is the only place it is
     /// written): a request forged by another site can't know it.
     csrf: String,
-    samples: Arc<sampler::Samples>,
+    samples: sampler::Samples,
+    /// The last status read, shared by the requests (and the sampler) of the next second.
+    status: tokio::sync::Mutex<Option<view::Status>>,
 }
 
 type AppState = Arc<Shared>;
@@ -100,15 +102,16 @@ impl Console {
     /// starts sampling lag and throughput every few seconds for the overview's chart (until
     /// the router is dropped).
     pub fn into_router(self) -> Router {
-        let samples = sampler::start(self.stores.clone());
         let shared = Shared {
             stores: self.stores,
             actions: self.actions,
             token: self.token,
             csrf: uuid::Uuid::new_v4().simple().to_string(),
-            samples,
+            samples: sampler::Samples::default(),
+            status: tokio::sync::Mutex::default(),
         };
         let state = Arc::new(shared);
+        sampler::start(Arc::downgrade(&state));
         Router::new()
             .route("/", get(pages::overview))
             .route("/parked", get(pages::parked))

@@ -1,11 +1,12 @@
 //! The overview's charts: lag and appends over the last minutes, sampled by the console
 //! from the same status the pages show (no second source of truth).
 
+use std::collections::BTreeMap;
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use emmett_seaorm::EventStore;
+use crate::Shared;
 
 /// How often the console samples.
 const EVERY: Duration = Duration::from_secs(5);
@@ -35,42 +36,36 @@ impl Samples {
     }
 }
 
-/// Starts sampling `stores` in the background, until the samples are dropped.
-pub fn start(stores: Vec<(String, EventStore)>) -> Arc<Samples> {
-    let samples = Arc::new(Samples::default());
-    let weak = Arc::downgrade(&samples);
-    tokio::spawn(sample(stores, weak));
-    samples
-}
-
-async fn sample(stores: Vec<(String, EventStore)>, samples: Weak<Samples>) {
-    let mut last: Option<(Instant, u64)> = None;
-    let mut tick = tokio::time::interval(EVERY);
-    loop {
-        tick.tick().await;
-        if samples.strong_count() == 0 {
-            return;
-        }
-        let (mut lag_events, mut heads) = (0, 0);
-        for (_, store) in &stores {
-            if let Ok(pairs) = emmett_seaorm::admin::projections(store).await {
-                lag_events += pairs.iter().map(|p| p.lag_events).sum::<u64>();
-                heads += pairs.iter().map(|p| p.head).max().unwrap_or(0);
+/// Samples the console's stores in the background until the console is dropped.
+pub fn start(shared: Weak<Shared>) {
+    tokio::spawn(async move {
+        let mut last: Option<(Instant, u64)> = None;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + EVERY, EVERY);
+        loop {
+            tick.tick().await;
+            let Some(shared) = shared.upgrade() else { return };
+            let (pairs, _) = crate::view::pairs(&shared).await;
+            let lag_events = pairs.iter().map(|p| p.lag_events).sum();
+            // Each store's last global position, over the stores.
+            let mut heads: BTreeMap<&str, u64> = BTreeMap::new();
+            for p in &pairs {
+                let head = heads.entry(p.store.as_str()).or_default();
+                *head = (*head).max(p.head);
+            }
+            let heads: u64 = heads.values().sum();
+            let at = Instant::now();
+            let appended_per_second = match last {
+                Some((then, before)) => heads.saturating_sub(before) as f64 / at.duration_since(then).as_secs_f64(),
+                None => 0.0,
+            };
+            last = Some((at, heads));
+            let mut kept = shared.samples.kept.lock().expect("not poisoned");
+            kept.push_back(Sample { lag_events, appended_per_second });
+            if kept.len() > KEPT {
+                kept.pop_front();
             }
         }
-        let at = Instant::now();
-        let appended_per_second = match last {
-            Some((then, before)) => heads.saturating_sub(before) as f64 / at.duration_since(then).as_secs_f64(),
-            None => 0.0,
-        };
-        last = Some((at, heads));
-        let Some(samples) = samples.upgrade() else { return };
-        let mut kept = samples.kept.lock().expect("not poisoned");
-        kept.push_back(Sample { lag_events, appended_per_second });
-        if kept.len() > KEPT {
-            kept.pop_front();
-        }
-    }
+    });
 }
 
 /// An SVG line chart of `values` (oldest first), `width` × `height`, with its largest value.
