@@ -26,7 +26,7 @@ pub async fn resume(
     Extension(Base(base)): Extension<Base>,
     Form(form): Form<ActionForm>,
 ) -> Result<Response, Failure> {
-    allowed(&shared, &form)?;
+    allowed(&shared, &form.csrf)?;
     let (_, store) = shared.store(Some(&form.store))?;
     let outcome = admin::resume(store, &form.projection, Some(&form.tenant)).await;
     view::forget(&shared).await;
@@ -40,7 +40,7 @@ pub async fn skip(
     Extension(Base(base)): Extension<Base>,
     Form(form): Form<ActionForm>,
 ) -> Result<Response, Failure> {
-    allowed(&shared, &form)?;
+    allowed(&shared, &form.csrf)?;
     let (_, store) = shared.store(Some(&form.store))?;
     let outcome = admin::skip(store, &form.projection, &form.tenant).await;
     view::forget(&shared).await;
@@ -54,11 +54,11 @@ pub async fn skip(
 }
 
 /// Refuses the action unless actions are on and the form carries this console's token.
-fn allowed(shared: &crate::Shared, form: &ActionForm) -> Result<(), Failure> {
+pub(crate) fn allowed(shared: &crate::Shared, csrf: &str) -> Result<(), Failure> {
     if !shared.actions {
         return Err(Failure(StatusCode::FORBIDDEN, "this console is read-only: actions are not enabled".into()));
     }
-    if form.csrf != shared.csrf {
+    if csrf != shared.csrf {
         return Err(Failure(StatusCode::FORBIDDEN, "the form's token is not this console's: reload the page".into()));
     }
     Ok(())

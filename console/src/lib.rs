@@ -19,13 +19,14 @@
 //!
 //! Or run it alone: `emmett-seaorm-console ui --database-url postgres://… --listen 127.0.0.1:8089`.
 //!
-//! Pages: `/` (overview), `/parked`, `/instances`, `/streams`, `/stream`; JSON behind them:
-//! `/api/status`, `/api/parked`, `/api/instances`, `/api/streams`, `/api/stream`; Prometheus
-//! text at `/metrics`.
+//! Pages: `/` (overview), `/parked`, `/instances`, `/streams`, `/stream`, `/rebuilds`; JSON
+//! behind them: `/api/status`, `/api/parked`, `/api/instances`, `/api/streams`, `/api/stream`,
+//! `/api/rebuilds`; Prometheus text at `/metrics`.
 
 mod actions;
 mod api;
 mod pages;
+mod rebuilds;
 mod sampler;
 mod view;
 
@@ -37,6 +38,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use emmett_seaorm::cli::Projections;
 use emmett_seaorm::{EventStore, StoreRouter};
 
 /// The console's settings; [`into_router`](Console::into_router) makes the axum router.
@@ -45,6 +47,7 @@ pub struct Console {
     stores: Vec<(String, EventStore)>,
     actions: bool,
     token: Option<String>,
+    projections: Option<Arc<Projections>>,
 }
 
 /// What every handler shares.
@@ -56,6 +59,9 @@ struct Shared {
     /// written): a request forged by another site can't know it.
     csrf: String,
     samples: sampler::Samples,
+    /// The app's projections, to rebuild in place.
+    projections: Option<Arc<Projections>>,
+    rebuilds: rebuilds::Rebuilds,
     /// The last status read, shared by the requests (and the sampler) of the next second.
     status: tokio::sync::Mutex<Option<view::Status>>,
 }
@@ -91,6 +97,13 @@ impl Console {
         self
     }
 
+    /// The app's projections (the registries its daemon runs), so that the rebuilds page can
+    /// rebuild them in place (with [`actions`](Self::actions) on), with progress and ETA.
+    pub fn projections(mut self, projections: Projections) -> Self {
+        self.projections = Some(Arc::new(projections));
+        self
+    }
+
     /// Answers only requests carrying `token` (`Authorization: Bearer <token>`, or the cookie
     /// that opening `/login?token=<token>` sets).
     pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
@@ -108,6 +121,8 @@ impl Console {
             token: self.token,
             csrf: uuid::Uuid::new_v4().simple().to_string(),
             samples: sampler::Samples::default(),
+            projections: self.projections,
+            rebuilds: rebuilds::Rebuilds::default(),
             status: tokio::sync::Mutex::default(),
         };
         let state = Arc::new(shared);
@@ -118,6 +133,7 @@ impl Console {
             .route("/instances", get(pages::instances))
             .route("/streams", get(pages::streams))
             .route("/stream", get(pages::stream))
+            .route("/rebuilds", get(rebuilds::page_of))
             .route("/assets/console.css", get(|| asset("text/css", include_str!("../assets/console.css"))))
             .route("/assets/console.js", get(|| asset("text/javascript", include_str!("../assets/console.js"))))
             .route("/api/status", get(api::status))
@@ -125,9 +141,11 @@ impl Console {
             .route("/api/instances", get(api::instances))
             .route("/api/streams", get(api::streams))
             .route("/api/stream", get(api::stream))
+            .route("/api/rebuilds", get(rebuilds::api))
             .route("/metrics", get(api::metrics))
             .route("/actions/resume", post(actions::resume))
             .route("/actions/skip", post(actions::skip))
+            .route("/actions/rebuild", post(rebuilds::start))
             .route("/login", get(login))
             .layer(middleware::from_fn_with_state(Arc::clone(&state), guard))
             .layer(middleware::from_fn(base))

@@ -18,7 +18,7 @@ use crate::{AppState, Base, Failure, Shared};
 
 /// A page: the navigation, `main`, and the script that refreshes `main` every few seconds
 /// (pages with forms don't refresh).
-fn page(base: &str, title: &str, refresh: bool, main: Markup) -> Markup {
+pub(crate) fn page(base: &str, title: &str, refresh: bool, main: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -36,6 +36,7 @@ fn page(base: &str, title: &str, refresh: bool, main: Markup) -> Markup {
                     a href={ (base) "/parked" } { "Parked / failing" }
                     a href={ (base) "/instances" } { "Instances & leases" }
                     a href={ (base) "/streams" } { "Streams" }
+                    a href={ (base) "/rebuilds" } { "Rebuilds" }
                 }
                 main id="main" data-refresh=[refresh.then_some("5000")] { (main) }
             }

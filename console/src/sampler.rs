@@ -14,9 +14,15 @@ const EVERY: Duration = Duration::from_secs(5);
 /// How many samples it keeps (six minutes).
 const KEPT: usize = 72;
 
+/// How many samples a lag trend looks at (a minute).
+const TREND: usize = 12;
+
 /// One sample of every store together (taken every few seconds).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Sample {
+    pub at: Instant,
+    /// Events behind per (store, projection).
+    pub lag_by_projection: BTreeMap<(String, String), u64>,
     /// Events past the checkpoints.
     pub lag_events: u64,
     /// Events appended per second since the sample before (by the stores' last global
@@ -32,7 +38,19 @@ pub struct Samples {
 
 impl Samples {
     pub fn all(&self) -> Vec<Sample> {
-        self.kept.lock().expect("not poisoned").iter().copied().collect()
+        self.kept.lock().expect("not poisoned").iter().cloned().collect()
+    }
+
+    /// How fast (events per second) the lag of `projection` in `store` fell over the last
+    /// minute of samples; `None` without two samples of it.
+    pub fn lag_trend(&self, store: &str, projection: &str) -> Option<f64> {
+        let kept = self.kept.lock().expect("not poisoned");
+        let key = (store.to_owned(), projection.to_owned());
+        let recent: Vec<(Instant, u64)> =
+            kept.iter().rev().take(TREND).filter_map(|s| Some((s.at, *s.lag_by_projection.get(&key)?))).collect();
+        let (&(last_at, last), &(first_at, first)) = (recent.first()?, recent.last()?);
+        let seconds = last_at.duration_since(first_at).as_secs_f64();
+        (seconds > 0.0).then(|| (first as f64 - last as f64) / seconds)
     }
 }
 
@@ -46,6 +64,10 @@ pub fn start(shared: Weak<Shared>) {
             let Some(shared) = shared.upgrade() else { return };
             let (pairs, _) = crate::view::pairs(&shared).await;
             let lag_events = pairs.iter().map(|p| p.lag_events).sum();
+            let mut lag_by_projection: BTreeMap<(String, String), u64> = BTreeMap::new();
+            for p in &pairs {
+                *lag_by_projection.entry((p.store.clone(), p.projection.clone())).or_default() += p.lag_events;
+            }
             // Each store's last global position, over the stores.
             let mut heads: BTreeMap<&str, u64> = BTreeMap::new();
             for p in &pairs {
@@ -60,7 +82,7 @@ pub fn start(shared: Weak<Shared>) {
             };
             last = Some((at, heads));
             let mut kept = shared.samples.kept.lock().expect("not poisoned");
-            kept.push_back(Sample { lag_events, appended_per_second });
+            kept.push_back(Sample { at, lag_by_projection, lag_events, appended_per_second });
             if kept.len() > KEPT {
                 kept.pop_front();
             }

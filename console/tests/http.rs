@@ -318,3 +318,54 @@ async fn the_standalone_console_serves_every_store_of_a_stores_file() {
         common::drop_database(url).await;
     }
 }
+
+/// A rebuild started from the rebuilds page: refused without actions or for an unknown
+/// projection; one the new code fails on names the tenant and keeps going; fixed, it ends done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_started_from_the_console_reports_its_progress_and_outcome() {
+    let url = common::postgres().await;
+    let store = EventStore::new(common::connect(&url).await);
+    for tenant in ["t1", "t2", "poisoned"] {
+        common::append(&store, tenant, "acc", (0..40).map(|i| common::deposit(i, "")).collect()).await;
+    }
+    let (ledger, broken) = common::ledger();
+    let projections = emmett_seaorm::cli::Projections::new().projection("ledger", ledger);
+    let app = Console::new().store("main", store.clone()).projections(projections).actions(true).into_router();
+    let page = get(&app, "/rebuilds").await.body;
+    assert!(page.contains("Rebuild ledger") && page.contains("No rebuild started here"), "{page}");
+    let token = csrf(&page);
+    let rebuild = |projection: &str| format!("csrf={token}&store=main&projection={projection}");
+    assert_eq!(post(&app, "/actions/rebuild", &rebuild("nothing")).await.status, StatusCode::NOT_FOUND);
+    let read_only = Console::new().store("main", store.clone()).into_router();
+    assert!(get(&read_only, "/rebuilds").await.body.contains("mount the console with Console::projections"));
+
+    let outcome = async || {
+        let mut outcome = Value::Null;
+        common::eventually(30, "the rebuild to end", async || {
+            outcome = json(&get(&app, "/api/rebuilds").await)["rebuilds"][0].clone();
+            outcome["outcome"] != "running"
+        })
+        .await;
+        outcome
+    };
+    let started = post(&app, "/actions/rebuild", &rebuild("ledger")).await;
+    assert_eq!(started.status, StatusCode::SEE_OTHER);
+    assert!(started.headers[header::LOCATION].to_str().unwrap().contains("rebuild%20started"));
+    let failed = outcome().await;
+    assert!(failed["outcome"].as_str().unwrap().contains("'poisoned'"), "{failed}");
+    assert_eq!(failed["total"], 120, "{failed}");
+
+    broken.store(false, std::sync::atomic::Ordering::SeqCst);
+    post(&app, "/actions/rebuild", &rebuild("ledger")).await;
+    let done = outcome().await;
+    assert_eq!((done["outcome"].as_str(), done["processed"].as_u64()), (Some("done"), Some(120)), "{done}");
+    let page = get(&app, "/rebuilds").await.body;
+    assert!(page.contains("data-outcome=\"done\"") && page.contains("120 of 120 events"), "{page}");
+    let filling = json(&get(&app, "/api/rebuilds").await)["filling"].clone();
+    assert_eq!(
+        (filling[0]["projection"].as_str(), filling[0]["caught_up"].as_u64()),
+        (Some("ledger"), Some(3)),
+        "{filling}"
+    );
+    common::drop_database(&url).await;
+}

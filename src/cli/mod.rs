@@ -454,6 +454,24 @@ impl Projections {
         self
     }
 
+    /// The subscription ids of the projections, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.runners.keys().map(String::as_str)
+    }
+
+    /// Rebuilds projection `name` on `store` in place, tenant by tenant (as `projections
+    /// rebuild` does), calling `progress` after each batch; the events read. A tenant that
+    /// fails keeps its previous read model: [`Error::RebuildIncomplete`] names it.
+    pub async fn rebuild(
+        &self,
+        store: EventStore,
+        name: &str,
+        options: RunOptions,
+        progress: &mut (dyn for<'p> FnMut(&'p Progress) + Send),
+    ) -> Result<u64, CliError> {
+        Ok(self.runner(name, store)?.rebuild(name, options, progress).await?.processed)
+    }
+
     /// The runner of projection `name` on `store`.
     fn runner(&self, name: &str, store: EventStore) -> Result<Box<dyn Projector>, CliError> {
         self.runners.get(name).map(|runner| runner(store)).ok_or_else(|| {
@@ -469,14 +487,10 @@ impl Projections {
     }
 }
 
-/// Rebuilds (`rebuild`) or fills `name` with a progress bar; the events it read.
-async fn replay(runner: &dyn Projector, name: &str, rebuild: bool, options: RunOptions) -> Result<u64, Error> {
+/// Fills `name` with a progress bar; the events it read.
+async fn catch_up(runner: &dyn Projector, name: &str, options: RunOptions) -> Result<u64, Error> {
     let mut bar = report::ProgressBar::new(name, "events");
-    let mut progress = |p: &Progress| bar.update(p);
-    let done = match rebuild {
-        true => runner.rebuild(name, options, &mut progress).await?,
-        false => runner.catch_up(name, options, &mut progress).await?,
-    };
+    let done = runner.catch_up(name, options, &mut |p: &Progress| bar.update(p)).await?;
     bar.finish(done.processed);
     Ok(done.processed)
 }
@@ -572,7 +586,9 @@ impl Command {
                 if let Some(tenant) = partition {
                     options = options.partition(tenant);
                 }
-                replay(&*projections.runner(&name, store)?, &name, true, options).await?;
+                let mut bar = report::ProgressBar::new(&name, "events");
+                let processed = projections.rebuild(store, &name, options, &mut |p: &Progress| bar.update(p)).await?;
+                bar.finish(processed);
                 Ok(())
             }
             Command::Projections(ProjectionsCommand::CatchUp { name, partition, batch_size }) => {
@@ -583,7 +599,7 @@ impl Command {
                 };
                 for tenant in tenants {
                     let options = RunOptions::default().partition(tenant).batch_size(batch_size);
-                    replay(&*runner, &name, false, options).await?;
+                    catch_up(&*runner, &name, options).await?;
                 }
                 Ok(())
             }
