@@ -67,7 +67,7 @@ pub async fn append(store: &EventStore, tenant: &str, stream: &str, events: Vec<
     store.append_to_stream(stream, events, AppendOptions::default().partition(tenant)).await.unwrap();
 }
 
-/// A projection handler that fails on tenant `poisoned`'s events while `broken` is set.
+/// A projection handler that fails on tenant `poisoned`'s deposits of 13 while `broken` is set.
 pub struct Ledger {
     pub broken: Arc<AtomicBool>,
 }
@@ -79,7 +79,8 @@ impl EventHandler<Value> for Ledger {
         _: &ProjectionContext<'_>,
         e: &RecordedEvent<Value>,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        match e.partition == "poisoned" && self.broken.load(Ordering::SeqCst) {
+        let poison = e.partition == "poisoned" && e.event["data"]["amount"] == 13;
+        match poison && self.broken.load(Ordering::SeqCst) {
             true => Err(format!("ledger refuses event {} of {}", e.stream_position, e.stream_id).into()),
             false => Ok(()),
         }
