@@ -84,37 +84,39 @@ async fn any_ids_round_trip_or_are_refused_typed(db: TestDb) {
     let strategy = (any_id(), any_id(), "[A-Za-z][A-Za-z0-9_.]{0,20}", data);
     let case = std::sync::atomic::AtomicU64::new(0);
     let outcome = tokio::task::block_in_place(|| {
-        runner().run(&strategy, |(stream, partition, message_type, data)| {
-            let stream = format!("{stream}{}", case.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-            let event = json!({ "type": message_type, "data": data });
-            handle.block_on(async {
-                let options = AppendOptions::default().partition(&partition);
-                match store.append_to_stream(&stream, [event.clone()], options).await {
-                    Ok(appended) => {
-                        let read = ReadOptions::default().partition(&partition);
-                        let read = store.read_stream::<Value>(&stream, read).await.expect("read what was appended");
-                        prop_assert_eq!(read.current_stream_version, appended.next_expected_stream_version);
-                        prop_assert_eq!(read.events.len(), 1);
-                        let got = &read.events[0];
-                        prop_assert_eq!(&got.message_type, &message_type);
-                        // A unit variant's missing data reads back as `{}`.
-                        let expected = if Value::is_null(&data) { &got.event["data"] } else { &data };
-                        prop_assert_eq!(&got.event["data"], expected);
-                        prop_assert_eq!((&got.stream_id, &got.partition), (&stream, &partition));
+        runner()
+            .run(&strategy, |(stream, partition, message_type, data)| {
+                let stream = format!("{stream}{}", case.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+                let event = json!({ "type": message_type, "data": data });
+                handle.block_on(async {
+                    let options = AppendOptions::default().partition(&partition);
+                    match store.append_to_stream(&stream, [event.clone()], options).await {
+                        Ok(appended) => {
+                            let read = ReadOptions::default().partition(&partition);
+                            let read = store.read_stream::<Value>(&stream, read).await.expect("read what was appended");
+                            prop_assert_eq!(read.current_stream_version, appended.next_expected_stream_version);
+                            prop_assert_eq!(read.events.len(), 1);
+                            let got = &read.events[0];
+                            prop_assert_eq!(&got.message_type, &message_type);
+                            // A unit variant's missing data reads back as `{}`.
+                            let expected = if Value::is_null(&data) { &got.event["data"] } else { &data };
+                            prop_assert_eq!(&got.event["data"], expected);
+                            prop_assert_eq!((&got.stream_id, &got.partition), (&stream, &partition));
+                        }
+                        Err(Error::InvalidIdentifier { .. }) => {
+                            let bad = |id: &str| id.is_empty() || id.contains('\0') || id.chars().count() > 255;
+                            prop_assert!(bad(&stream) || bad(&partition), "refused ids {stream:?} / {partition:?}");
+                        }
+                        Err(Error::UnstorableEvent { .. }) | Err(Error::InvalidEvent { .. }) => {
+                            prop_assert!(holds_nul(&event), "refused {event}");
+                        }
+                        Err(other) => prop_assert!(false, "untyped refusal of {event}: {other:?}"),
                     }
-                    Err(Error::InvalidIdentifier { .. }) => {
-                        let bad = |id: &str| id.is_empty() || id.contains('\0') || id.chars().count() > 255;
-                        prop_assert!(bad(&stream) || bad(&partition), "refused ids {stream:?} / {partition:?}");
-                    }
-                    Err(Error::UnstorableEvent { .. }) | Err(Error::InvalidEvent { .. }) => {
-                        prop_assert!(holds_nul(&event), "refused {event}");
-                    }
-                    Err(other) => prop_assert!(false, "untyped refusal of {event}: {other:?}"),
-                }
-                // Refused or not, the stream holds exactly what was accepted.
-                Ok(())
+                    // Refused or not, the stream holds exactly what was accepted.
+                    Ok(())
+                })
             })
-        })
+            .map_err(|failure| failure.to_string())
     });
     outcome.unwrap();
 }
@@ -141,7 +143,7 @@ async fn any_stored_row_reads_or_fails_typed(db: TestDb) {
                     sea_orm::DbBackend::Sqlite => {
                         let bump = "UPDATE emt_global_message_position SET last_value = last_value + 1 WHERE id = 1 RETURNING last_value";
                         let row = db.db.query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Sqlite, bump));
-                        Some(Expr::val(row.await.unwrap().unwrap().try_get_by_index::<i64>(0).unwrap()).into())
+                        Some(Expr::val(row.await.unwrap().unwrap().try_get_by_index::<i64>(0).unwrap()))
                     }
                     _ => None,
                 };
@@ -192,6 +194,7 @@ async fn any_stored_row_reads_or_fails_typed(db: TestDb) {
                 Ok(())
             })
         })
+        .map_err(|failure| failure.to_string())
     });
     outcome.unwrap();
     // The cases reached both sides: rows read, and rows refused with a typed error.
