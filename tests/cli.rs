@@ -514,6 +514,7 @@ async fn commands_work_across_the_stores_of_a_stores_file() {
     // Bad input: an unknown store, a store file naming one it lacks.
     assert!(failed(run(&["stores", "assign", "x", "nowhere"])).contains("nowhere"));
     assert!(failed(run(&["partitions", "move", "globex", "--to", "nowhere"])).contains("nowhere"));
+    assert!(failed(run(&["partitions", "import", "--input", "x.jsonl"])).contains("needs --partition"));
     std::fs::write(&file, "default = \"gone\"\n[stores]\na = \"sqlite::memory:\"\n").unwrap();
     assert!(failed(run(&["stores", "list"])).contains("store 'gone' is not under [stores]"));
     // A store that does not answer: the others still answer, the command fails naming it.

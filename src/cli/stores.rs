@@ -115,6 +115,9 @@ impl Command {
                     .run(stores.url(&from), projections)
                     .await
             }
+            Command::Partitions(Partitions::Import { partition: None, .. }) => Err(CliError::Invalid(
+                "with --stores, `partitions import` needs --partition: the tenant decides the store".into(),
+            )),
             command => match command.tenant() {
                 Some(tenant) => {
                     let store = router.store_of(tenant).await?;
