@@ -282,7 +282,7 @@ pub async fn tenants(store: &EventStore) -> Result<Vec<Tenant>> {
     Ok(counts.into_iter().map(tenant).collect())
 }
 
-/// Which streams [`streams`] lists.
+/// Which streams [`streams()`] lists.
 #[derive(Debug, Clone, Default)]
 pub struct StreamFilter {
     /// Only this tenant's.

@@ -34,7 +34,7 @@
 use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr};
 
 /// Connects to `url` with [`configure`]'s settings (`pooler=transaction` in a PostgreSQL URL:
-/// through a transaction-mode pooler, see the [module](self) docs).
+/// through a transaction-mode pooler: see the crate docs, "Behind PgBouncer, and over TLS").
 pub async fn connect(url: impl Into<String>) -> Result<DatabaseConnection, DbErr> {
     Database::connect(configure(connect_options(&url.into()))).await
 }

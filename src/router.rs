@@ -1,33 +1,4 @@
-//! Tenants spread over several databases: a [`StoreRouter`] resolves a tenant to the
-//! [`EventStore`] that holds it.
-//!
-//! A tenant's store comes from, in order: the router's catalog (a table `emt_tenant_stores` in a
-//! small database of its own, which you change at runtime; read through a cache that forgets
-//! an entry after [`StoreRouter::catalog`]'s `ttl`), its fixed map, then the default store.
-//! The store is handed out bound to the tenant
-//! ([`EventStore::for_tenant`]), so everything the crate does through it — appends, reads,
-//! aggregates, sessions, the command handler, inline projections — stays in that tenant and
-//! that database: a tenant never straddles two stores.
-//!
-//! ```no_run
-//! # async fn f(shared: emmett_seaorm::EventStore, big: emmett_seaorm::EventStore,
-//! #            catalog: sea_orm::DatabaseConnection) -> emmett_seaorm::Result<()> {
-//! use emmett_seaorm::{AppendOptions, StoreRouter};
-//! use std::time::Duration;
-//!
-//! let router = StoreRouter::new()
-//!     .store("shared", shared)
-//!     .store("big", big)
-//!     .tenant("acme", "big") // a fixed entry (the catalog can override it)
-//!     .default_store("shared") // the long tail
-//!     .catalog(catalog, Duration::from_secs(1))
-//!     .await?;
-//! router.assign("globex", "big").await?; // a new tenant, recorded in the catalog
-//! let acme = router.for_tenant("acme").await?; // the "big" store, bound to tenant acme
-//! let e = serde_json::json!({ "type": "Opened", "data": {} });
-//! acme.append_to_stream("cart-1", [e], AppendOptions::default()).await?;
-//! # Ok(()) }
-//! ```
+//! Tenants spread over several databases: [`StoreRouter`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -40,8 +11,38 @@ use crate::conn::Conn;
 use crate::projection::ReadModel;
 use crate::{Error, EventStore, PartitionCounts, Result};
 
-/// Resolves tenants to the stores that hold them (see the [module docs](self)). Cheap to
-/// clone: clones share the stores (a store added to one is in all) and the catalog's cache.
+/// Tenants spread over several databases: resolves a tenant to the [`EventStore`] that holds it.
+///
+/// A tenant's store comes from, in order: the router's catalog (a table `emt_tenant_stores` in a
+/// small database of its own, which you change at runtime; read through a cache that forgets
+/// an entry after [`StoreRouter::catalog`]'s `ttl`), its fixed map, then the default store.
+/// The store is handed out bound to the tenant
+/// ([`EventStore::for_tenant`]), so everything the crate does through it — appends, reads,
+/// aggregates, sessions, the command handler, inline projections — stays in that tenant and
+/// that database: a tenant never straddles two stores.
+///
+/// ```no_run
+/// # async fn f(shared: emmett_seaorm::EventStore, big: emmett_seaorm::EventStore,
+/// #            catalog: sea_orm::DatabaseConnection) -> emmett_seaorm::Result<()> {
+/// use emmett_seaorm::{AppendOptions, StoreRouter};
+/// use std::time::Duration;
+///
+/// let router = StoreRouter::new()
+///     .store("shared", shared)
+///     .store("big", big)
+///     .tenant("acme", "big") // a fixed entry (the catalog can override it)
+///     .default_store("shared") // the long tail
+///     .catalog(catalog, Duration::from_secs(1))
+///     .await?;
+/// router.assign("globex", "big").await?; // a new tenant, recorded in the catalog
+/// let acme = router.for_tenant("acme").await?; // the "big" store, bound to tenant acme
+/// let e = serde_json::json!({ "type": "Opened", "data": {} });
+/// acme.append_to_stream("cart-1", [e], AppendOptions::default()).await?;
+/// # Ok(()) }
+/// ```
+///
+/// Cheap to clone: clones share the stores (a store added to one is in all) and the catalog's
+/// cache.
 #[derive(Clone, Default)]
 pub struct StoreRouter {
     stores: Arc<RwLock<BTreeMap<String, EventStore>>>,
