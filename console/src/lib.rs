@@ -112,8 +112,8 @@ impl Console {
     }
 
     /// The axum router: nest it under a path of your own. Call it in a tokio runtime: it
-    /// starts sampling lag and throughput every few seconds for the overview's chart (until
-    /// the router is dropped).
+    /// samples lag and appends every 5 s for the overview's charts while anyone has made a
+    /// request in the last 10 minutes (until the router is dropped).
     pub fn into_router(self) -> Router {
         let shared = Shared {
             stores: self.stores,
@@ -165,14 +165,19 @@ async fn base(OriginalUri(original): OriginalUri, mut request: Request, next: Ne
 /// The cookie `/login` sets.
 const COOKIE: &str = "emt_console_token";
 
-/// Lets through requests with the bearer token (when one is set), and `/login`.
+/// Lets through requests with the bearer token (when one is set), and `/login`; notes that
+/// someone is looking.
 async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let Some(token) = &state.token else { return next.run(request).await };
-    if request.uri().path() == "/login" || presented(request.headers()).is_some_and(|t| t == token) {
-        return next.run(request).await;
+    let allowed = match &state.token {
+        None => true,
+        Some(token) => request.uri().path() == "/login" || presented(request.headers()).is_some_and(|t| t == token),
+    };
+    if !allowed {
+        let body = "this console needs its token: open /login?token=… or send Authorization: Bearer …";
+        return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], body).into_response();
     }
-    let body = "this console needs its token: open /login?token=… or send Authorization: Bearer …";
-    (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], body).into_response()
+    state.samples.watch();
+    next.run(request).await
 }
 
 /// The token a request presents, by header or cookie.

@@ -371,3 +371,26 @@ async fn a_rebuild_started_from_the_console_reports_its_progress_and_outcome() {
     );
     common::drop_database(&url).await;
 }
+
+/// While someone looks, the console samples every 5 s: the overview draws its charts from the
+/// second sample on, and the rebuilds page's lag trend comes from them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_overview_charts_lag_and_appends_sampled_while_watched() {
+    let url = common::sqlite().await;
+    let store = EventStore::new(common::connect(&url).await);
+    common::append(&store, "t1", "acc", vec![common::deposit(1, "")]).await;
+    let app = Console::new().store("main", store.clone()).into_router();
+    assert!(!get(&app, "/").await.body.contains("<figure class=\"chart\""), "no samples yet");
+    let (ledger, _) = common::ledger();
+    let projections = emmett_seaorm::cli::Projections::new().projection("ledger", ledger);
+    let mut progress = |_: &emmett_seaorm::projection::Progress| {};
+    projections.rebuild(store.clone(), "ledger", Default::default(), &mut progress).await.unwrap();
+    for i in 0..20 {
+        common::append(&store, "t1", "acc", vec![common::deposit(i, "")]).await;
+    }
+    common::eventually(30, "two samples", async || get(&app, "/").await.body.contains("<figure class=\"chart\"")).await;
+    let page = get(&app, "/").await.body;
+    assert_eq!(page.matches("<figure class=\"chart\"").count(), 2, "{page}");
+    assert!(page.contains("events behind, last minutes — now 20"), "{page}");
+    common::drop_database(&url).await;
+}
