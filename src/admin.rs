@@ -97,8 +97,23 @@ pub async fn reset(store: &EventStore, projection: &str, tenant: &str, to: u64) 
     if !leased && checkpoint(store, projection, tenant).await?.is_none() {
         return Err(unknown_pair(projection, Some(tenant)));
     }
-    let txn = backend::begin_write(db).await?;
+    move_checkpoint(store, projection, tenant, to, None).await
+}
+
+/// Moves the checkpoint of `projection` in `tenant` to `to` and clears its failures, recording
+/// `skipped` in the same transaction; running daemons give the lease up and go on from there.
+async fn move_checkpoint(
+    store: &EventStore,
+    projection: &str,
+    tenant: &str,
+    to: i64,
+    skipped: Option<skipped_events::Model>,
+) -> Result<()> {
+    let txn = backend::begin_write(store.conn()).await?;
     backend::lock_checkpoints(&txn, projection, &[tenant]).await?;
+    if let Some(skipped) = skipped {
+        skipped_events::save(&txn, skipped).await?;
+    }
     backend::move_checkpoints(&txn, projection, &[(tenant, to)]).await?;
     backend::unpark(&txn, projection, &[tenant]).await?;
     // Running daemons drop what they knew of this tenant and read the new checkpoint.
@@ -108,8 +123,9 @@ pub async fn reset(store: &EventStore, projection: &str, tenant: &str, to: u64) 
 }
 
 /// Goes past the event `projection` failed on in `tenant` (its lease's error position): the
-/// event is recorded in [`skipped_events`] with the error, and the checkpoint moved to it
-/// ([`reset`]). [`Error::NothingToSkip`] when the tenant has not failed on an event.
+/// event is recorded in [`skipped_events`] with the error and the checkpoint moved to it
+/// ([`reset`]), in one transaction. [`Error::NothingToSkip`] when the tenant has not failed on
+/// an event.
 pub async fn skip(store: &EventStore, projection: &str, tenant: &str) -> Result<skipped_events::Model> {
     let db = store.conn();
     let lease = backend::lease_rows(db, &[projection.to_owned()]).await?.into_iter().find(|l| l.partition == tenant);
@@ -130,8 +146,7 @@ pub async fn skip(store: &EventStore, projection: &str, tenant: &str) -> Result<
         reason,
         skipped_at: chrono::Utc::now(),
     };
-    skipped_events::save(db, skipped.clone()).await?;
-    reset(store, projection, tenant, position as u64).await?;
+    move_checkpoint(store, projection, tenant, position, Some(skipped.clone())).await?;
     Ok(skipped)
 }
 
