@@ -134,6 +134,11 @@ impl StoreRouter {
     /// and there is no default, [`Error::UnknownStore`] when it maps to a store this router
     /// does not have, [`Error::TenantMoving`] while it is being moved.
     pub async fn store_of(&self, tenant: &str) -> Result<String> {
+        Ok(self.resolve(tenant).await?.0)
+    }
+
+    /// The name of the store that holds `tenant`, with the store (see [`store_of`](Self::store_of)).
+    async fn resolve(&self, tenant: &str) -> Result<(String, EventStore)> {
         let entry = match &self.catalog {
             Some(catalog) => catalog.entry(tenant).await?,
             None => None,
@@ -146,16 +151,15 @@ impl StoreRouter {
             .or_else(|| self.fixed.get(tenant).cloned())
             .or_else(|| self.default.clone())
             .ok_or_else(|| Error::UnknownTenant { partition: tenant.into() })?;
-        self.named(&store, tenant)?;
-        Ok(store)
+        let named = self.named(&store, tenant)?;
+        Ok((store, named))
     }
 
     /// The store that holds `tenant`, bound to it ([`EventStore::for_tenant`]). Take one per
     /// unit of work: a handle kept across a [`move_tenant`](Self::move_tenant) still reaches
     /// the old store.
     pub async fn for_tenant(&self, tenant: &str) -> Result<EventStore> {
-        let store = self.store_of(tenant).await?;
-        Ok(self.named(&store, tenant)?.for_tenant(tenant))
+        Ok(self.resolve(tenant).await?.1.for_tenant(tenant))
     }
 
     /// Records in the catalog that `tenant` lives in `store` (a store of this router), for
@@ -173,14 +177,14 @@ impl StoreRouter {
     /// tenant stays where it was, unmarked.
     pub async fn move_tenant(&self, tenant: &str, to: &str, read_models: &[ReadModel]) -> Result<PartitionCounts> {
         let catalog = self.catalog_and_store(tenant, to)?;
-        let from = self.store_of(tenant).await?;
+        let (from, source) = self.resolve(tenant).await?;
         if from == to {
             return Ok(PartitionCounts { partition: tenant.into(), streams: 0, events: 0 });
         }
         catalog.set(tenant, &from, true).await?;
         // Once for every router's cache to see the mark, once more for what they let through.
         tokio::time::sleep(catalog.ttl * 2).await;
-        let (source, target) = (self.named(&from, tenant)?, self.named(to, tenant)?);
+        let target = self.named(to, tenant)?;
         match source.move_partition(tenant, &target, read_models).await {
             Ok(moved) => {
                 catalog.set(tenant, to, false).await?;
