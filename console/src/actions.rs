@@ -31,7 +31,7 @@ pub async fn resume(
     let outcome = admin::resume(store, &form.projection, Some(&form.tenant)).await;
     view::forget(&shared).await;
     let message = outcome.map(|_| format!("{} / {}: resumed, running again now", form.projection, form.tenant));
-    Ok(back(&base, message))
+    Ok(back(&base, "parked", message.map_err(|e| e.to_string())))
 }
 
 /// `POST /actions/skip`: go past the event a tenant failed on.
@@ -50,7 +50,7 @@ pub async fn skip(
             form.projection, form.tenant, s.stream_position, s.stream_id
         )
     });
-    Ok(back(&base, message))
+    Ok(back(&base, "parked", message.map_err(|e| e.to_string())))
 }
 
 /// Refuses the action unless actions are on and the form carries this console's token.
@@ -64,11 +64,11 @@ pub(crate) fn allowed(shared: &crate::Shared, csrf: &str) -> Result<(), Failure>
     Ok(())
 }
 
-/// Back to the parked page, saying what happened.
-fn back(base: &str, outcome: Result<String, emmett_seaorm::Error>) -> Response {
+/// Back to `page` after an action, saying what it did or why it didn't.
+pub(crate) fn back(base: &str, page: &str, outcome: Result<String, String>) -> Response {
     let query = match outcome {
         Ok(done) => format!("done={}", encode(&done)),
-        Err(error) => format!("error={}", encode(&error.to_string())),
+        Err(error) => format!("error={}", encode(&error)),
     };
-    (StatusCode::SEE_OTHER, [(header::LOCATION, format!("{base}/parked?{query}"))]).into_response()
+    (StatusCode::SEE_OTHER, [(header::LOCATION, format!("{base}/{page}?{query}"))]).into_response()
 }

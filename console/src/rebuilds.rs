@@ -8,15 +8,16 @@ use std::time::Instant;
 use axum::Extension;
 use axum::Json;
 use axum::extract::{Form, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use emmett_seaorm::projection::{Progress, RunOptions};
 use maud::html;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::actions::{allowed, back};
 use crate::pages::page;
-use crate::view::{self, PairState, duration, encode};
+use crate::view::{self, PairState, duration};
 use crate::{AppState, Base, Failure, Shared};
 
 /// A rebuild started from the console.
@@ -177,7 +178,7 @@ pub async fn start(
     Extension(Base(base)): Extension<Base>,
     Form(form): Form<RebuildForm>,
 ) -> Result<Response, Failure> {
-    crate::actions::allowed(&shared, &form.csrf)?;
+    allowed(&shared, &form.csrf)?;
     let (name, store) = shared.store(Some(&form.store))?;
     let projections = shared.projections.clone().ok_or_else(|| {
         Failure(StatusCode::CONFLICT, "this console has no projections to rebuild (Console::projections)".into())
@@ -190,7 +191,7 @@ pub async fn start(
         let mut rebuilds = shared.rebuilds.lock().expect("not poisoned");
         if rebuilds.get(&key).is_some_and(Rebuild::running) {
             let message = format!("{} is being rebuilt already", form.projection);
-            return Ok(back(&base, &format!("error={}", encode(&message))));
+            return Ok(back(&base, "rebuilds", Err(message)));
         }
         let started = Instant::now();
         let rebuild = Rebuild {
@@ -228,10 +229,5 @@ pub async fn start(
             view::forget(&shared).await;
         }
     });
-    let message = format!("{}: rebuild started", form.projection);
-    Ok(back(&base, &format!("done={}", encode(&message))))
-}
-
-fn back(base: &str, query: &str) -> Response {
-    (StatusCode::SEE_OTHER, [(header::LOCATION, format!("{base}/rebuilds?{query}"))]).into_response()
+    Ok(back(&base, "rebuilds", Ok(format!("{}: rebuild started", form.projection))))
 }
