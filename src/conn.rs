@@ -152,11 +152,7 @@ impl Clients {
         let idle = self.idle.lock().expect("no panics under the lock").pop();
         let mut conn = match idle {
             Some(conn) => conn,
-            None => {
-                let conn = sea_orm::sqlx::PgConnection::connect_with(&self.options).await?;
-                crate::connect::nodelay::set_towards(self.options.get_port());
-                conn
-            }
+            None => sea_orm::sqlx::PgConnection::connect_with(&self.options).await?,
         };
         // Dropped mid-statement (the caller's future dropped), the connection closes with it.
         let done = run(sql, &mut conn).await;

@@ -1,13 +1,6 @@
-//! Connecting the way the store needs: no Nagle stalls over TCP, SQLite as a real embedded
-//! database.
+//! Connecting the way the store needs: SQLite as a real embedded database, PostgreSQL behind a
+//! transaction-mode pooler.
 //!
-//! - **PostgreSQL and MySQL over TCP**: `TCP_NODELAY` on every pooled connection, including the
-//!   ones the pool opens later. sqlx 0.9.0 (the newest release, which SeaORM 2.0 uses) opens its
-//!   sockets without it (sqlx issue #4335, fixed upstream but unreleased), and Nagle's algorithm
-//!   meeting delayed ACKs stalled mid-size appends (150–400 events) for ~40 ms each. sqlx does not
-//!   hand out its socket, so a per-connection hook asks the server for the connection's client
-//!   port and sets the option on the process's socket with that local port (`getsockname`,
-//!   `setsockopt`). Remove [`nodelay`] once sqlx ships the fix.
 //! - **SQLite**: WAL (readers never block the writer, nor it them), `synchronous = NORMAL`
 //!   (durable at checkpoints, no fsync per commit) and a 30 s busy timeout.
 //! - **Behind a transaction-mode pooler** (PgBouncer `pool_mode = transaction`, and the managed
@@ -58,8 +51,11 @@ pub fn connect_options(url: &str) -> ConnectOptions {
     ConnectOptions::new(url)
 }
 
-/// Applies the store's connection settings to options you built: `TCP_NODELAY` on PostgreSQL
-/// and MySQL connections, WAL, `synchronous = NORMAL` and a 30 s busy timeout on SQLite.
+/// Applies the store's connection settings to options you built: WAL, `synchronous = NORMAL`
+/// and a 30 s busy timeout on SQLite; no statement cache and no checkout ping behind a
+/// transaction-mode pooler. (sqlx ≥ 0.9.1 sets `TCP_NODELAY` on every TCP connection itself:
+/// 0.9.0 did not, and Nagle's algorithm meeting delayed ACKs cost ~40 ms twice in every TLS
+/// handshake and once per mid-size append.)
 ///
 /// sqlx's liveness ping on every checkout stays on PostgreSQL and MySQL (not on SQLite: a file has
 /// no server to lose the connection). It costs a round trip per operation (PostgreSQL
@@ -67,64 +63,21 @@ pub fn connect_options(url: &str) -> ConnectOptions {
 /// pool with connections the server killed or lost in a restart recovers without any query
 /// failing. Opt out with `options.test_before_acquire_if_idle_for(…)` where that is worth more.
 ///
-/// It sets the per-connection hook of the PostgreSQL and MySQL pools (sqlx's `after_connect`),
-/// replacing one set before through `map_sqlx_postgres_pool_opts` / `map_sqlx_mysql_pool_opts`
-/// (and SeaORM's `set_schema_search_path`), and SQLite's options through `map_sqlx_sqlite_opts`
-/// and `map_sqlx_sqlite_pool_opts`.
+/// It sets SQLite's options through `map_sqlx_sqlite_opts` and `map_sqlx_sqlite_pool_opts`.
 ///
 /// A PostgreSQL URL with `pooler=transaction` (or sqlx's `statement-cache-capacity=0`) is taken
 /// as reaching the server through a transaction-mode pooler: sqlx's statement cache is turned
 /// off (through `map_sqlx_postgres_opts`; sqlx logs that it ignores the `pooler` parameter,
-/// which [`connect`] avoids), there is no ping on checkout, and `TCP_NODELAY` is set without
-/// asking the server.
+/// which [`connect`] avoids) and there is no ping on checkout.
 pub fn configure(mut options: ConnectOptions) -> ConnectOptions {
     #[cfg(feature = "postgres")]
-    if let Some(pooler_port) = pooler::port(options.get_url()) {
+    if pooler::behind(options.get_url()) {
         options.map_sqlx_postgres_opts(|pg| pg.statement_cache_capacity(0));
         // No ping on checkout: the pooler keeps the server connections (a broken connection to
-        // it fails its statement, which the store retries). The server sees the pooler's port,
-        // not ours: `TCP_NODELAY` goes on the sockets to the pooler.
-        options.map_sqlx_postgres_pool_opts(move |pool| {
-            pool.test_before_acquire(false).after_connect(move |_, _| {
-                Box::pin(async move {
-                    nodelay::set_towards(pooler_port);
-                    Ok(())
-                })
-            })
-        });
+        // it fails its statement, which the store retries).
+        options.map_sqlx_postgres_pool_opts(|pool| pool.test_before_acquire(false));
         return options;
     }
-    #[cfg(feature = "postgres")]
-    options.map_sqlx_postgres_pool_opts(|pool| {
-        pool.after_connect(|conn, _| {
-            Box::pin(async move {
-                match sea_orm::sqlx::query_scalar::<_, Option<i32>>("SELECT inet_client_port()").fetch_one(&mut *conn).await {
-                    Ok(port) => nodelay::set(port.and_then(|p| u16::try_from(p).ok())),
-                    // Statements fail with `Error::Pooler` saying what to do; the option waits.
-                    Err(error) if statements_mixed_up(&error) => {
-                        tracing::warn!(%error, "the server is behind a transaction-mode pooler: add pooler=transaction to the URL");
-                    }
-                    Err(error) => return Err(error),
-                }
-                Ok(())
-            })
-        })
-    });
-    #[cfg(feature = "mysql")]
-    options.map_sqlx_mysql_pool_opts(|pool| {
-        pool.after_connect(|conn, _| {
-            Box::pin(async move {
-                // `HOST` is `address:port` over TCP, `localhost` over a Unix socket.
-                let host: String = sea_orm::sqlx::query_scalar(
-                    "SELECT HOST FROM information_schema.PROCESSLIST WHERE ID = CONNECTION_ID()",
-                )
-                .fetch_one(&mut *conn)
-                .await?;
-                nodelay::set(host.rsplit_once(':').and_then(|(_, port)| port.parse().ok()));
-                Ok(())
-            })
-        })
-    });
     #[cfg(feature = "sqlite")]
     options.map_sqlx_sqlite_opts(|sqlite| {
         use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
@@ -180,111 +133,8 @@ mod pooler {
         format!("{url}{}{param}", if url.contains('?') { '&' } else { '?' })
     }
 
-    /// The pooler's port if the PostgreSQL `url` says it goes through a transaction pooler.
-    pub fn port(url: &str) -> Option<u16> {
-        if !url.starts_with("postgres") {
-            return None;
-        }
-        let url = match strip(url) {
-            Some(url) => url,
-            None if url.contains("statement-cache-capacity=0") => url.to_owned(),
-            None => return None,
-        };
-        let options: sea_orm::sqlx::postgres::PgConnectOptions = url.parse().ok()?;
-        Some(options.get_port())
-    }
-}
-
-/// `TCP_NODELAY` on the process's TCP socket bound to a local port — until sqlx sets it itself.
-#[cfg(any(feature = "postgres", feature = "mysql"))]
-pub(crate) mod nodelay {
-    /// Sets `TCP_NODELAY` on the process's TCP sockets bound to local `port` — the connection the
-    /// server reported (a no-op for `None`: a Unix-socket connection has no Nagle to turn off).
-    /// Behind NAT or a proxy the server sees another port and nothing is found; that is logged.
-    pub fn set(port: Option<u16>) {
-        #[cfg(unix)]
-        if let Some(port) = port {
-            let sockets = find(port);
-            if sockets.is_empty() {
-                tracing::debug!(port, "no socket with this local port: TCP_NODELAY not set");
-            }
-            for fd in sockets {
-                on(fd);
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = port;
-    }
-
-    /// Sets `TCP_NODELAY` on every TCP socket of the process connected to remote `port` (a
-    /// pooler's: the server can't tell which of them is the new connection; setting it on the
-    /// others again is harmless).
-    #[cfg(feature = "postgres")]
-    pub fn set_towards(port: u16) {
-        #[cfg(unix)]
-        for fd in descriptors().filter(|&fd| address(fd, libc::getpeername) == Some(port)) {
-            on(fd);
-        }
-        #[cfg(not(unix))]
-        let _ = port;
-    }
-
-    /// The descriptors of the process's TCP sockets bound to local `port`.
-    #[cfg(unix)]
-    fn find(port: u16) -> Vec<libc::c_int> {
-        descriptors().filter(|&fd| address(fd, libc::getsockname) == Some(port)).collect()
-    }
-
-    /// The process's open descriptors: `/proc/self/fd` where it exists, else the first 4,096.
-    #[cfg(unix)]
-    fn descriptors() -> impl Iterator<Item = libc::c_int> {
-        let listed: Option<Vec<libc::c_int>> = std::fs::read_dir("/proc/self/fd")
-            .ok()
-            .map(|dir| dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect());
-        listed.unwrap_or_else(|| (0..4096).collect()).into_iter()
-    }
-
-    /// Sets `TCP_NODELAY` on `fd`.
-    #[cfg(unix)]
-    fn on(fd: libc::c_int) {
-        let on: libc::c_int = 1;
-        // SAFETY: a plain setsockopt on a descriptor number; if it was closed meanwhile the call
-        // fails with EBADF and changes nothing.
-        let done = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::IPPROTO_TCP,
-                libc::TCP_NODELAY,
-                (&on as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if done != 0 {
-            tracing::debug!(fd, "could not set TCP_NODELAY: {}", std::io::Error::last_os_error());
-        }
-    }
-
-    /// The port of `fd`'s local (`getsockname`) or remote (`getpeername`) address if it is an
-    /// IPv4 or IPv6 socket.
-    #[cfg(unix)]
-    fn address(
-        fd: libc::c_int,
-        get: unsafe extern "C" fn(libc::c_int, *mut libc::sockaddr, *mut libc::socklen_t) -> libc::c_int,
-    ) -> Option<u16> {
-        // SAFETY: sockaddr_storage is plain data, large enough for any address the call writes.
-        let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        // SAFETY: getsockname/getpeername write at most `len` bytes into `addr`.
-        if unsafe { get(fd, (&mut addr as *mut libc::sockaddr_storage).cast(), &mut len) } != 0 {
-            return None;
-        }
-        // SAFETY: the family says which sockaddr the storage holds.
-        unsafe {
-            match addr.ss_family as libc::c_int {
-                libc::AF_INET => Some(u16::from_be((*(&addr as *const _ as *const libc::sockaddr_in)).sin_port)),
-                libc::AF_INET6 => Some(u16::from_be((*(&addr as *const _ as *const libc::sockaddr_in6)).sin6_port)),
-                _ => None,
-            }
-        }
+    /// Whether the PostgreSQL `url` says it goes through a transaction pooler.
+    pub fn behind(url: &str) -> bool {
+        url.starts_with("postgres") && (strip(url).is_some() || url.contains("statement-cache-capacity=0"))
     }
 }

@@ -123,10 +123,8 @@ impl EventStore {
     /// An event store over `db`. Run [`migrate`](crate::migrate) (or the migration crate) first.
     ///
     /// Make `db` with [`connect`](crate::connect), or [`configure`](crate::configure) your own
-    /// options: over TCP, a PostgreSQL or MySQL pool made otherwise keeps Nagle's algorithm on
-    /// (sqlx 0.9.0 does not set `TCP_NODELAY`), and appends of 150–400 events then stall ~40 ms
-    /// each on delayed ACKs (see [`configure`](crate::configure)); on SQLite it misses WAL
-    /// and the busy timeout.
+    /// options: a SQLite pool made otherwise misses WAL and the busy timeout, and a PostgreSQL
+    /// pool behind a transaction-mode pooler needs its statement cache off.
     pub fn new(db: DatabaseConnection) -> Self {
         let signals = Signals {
             appends: tokio::sync::watch::Sender::new(0),
