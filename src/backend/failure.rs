@@ -26,7 +26,7 @@ pub(crate) enum Failure {
 /// Sorts a database error by what a caller can do about it.
 ///
 /// Codes: PostgreSQL 40001/40P01 (serialization failure, deadlock), 55P03 (lock timeout),
-/// 57P01–57P03 and class 08 (connection), 42501 (insufficient privilege, row-level security);
+/// 57P01–57P03 and class 08 (connection), 25P03/57P05 (idle timeouts: the session ended), 42501 (insufficient privilege, row-level security);
 /// MySQL 1213 (deadlock, SQLSTATE 40001), 1205 (lock wait timeout), 1927 (connection killed),
 /// 1142/1143/1227 (access denied); SQLite 5/6 and extended BUSY/LOCKED codes
 /// (`database is locked` after the busy timeout), 517 (BUSY_SNAPSHOT: retry at once).
@@ -65,6 +65,9 @@ pub(crate) fn classify(err: &DbErr) -> Failure {
         Some("40001" | "40P01" | "517") => Failure::Retry,
         Some("55P03" | "5" | "6" | "261" | "262" | "773") => Failure::Busy,
         Some("57P01" | "57P02" | "57P03") => Failure::Connection { maybe_written: true },
+        // The server ended an idle session, or one idle in its transaction (rolled back): the
+        // statement that meets it never ran.
+        Some("25P03" | "57P05") => Failure::Connection { maybe_written: false },
         Some("42501") => Failure::Denied,
         Some(code) if code.starts_with("08") => Failure::Connection { maybe_written: true },
         _ => Failure::Other,

@@ -250,28 +250,55 @@ pub(crate) async fn ensure_leases(conn: &impl ConnectionTrait, pairs: &[(String,
     Ok(())
 }
 
+/// A failed run, as [`park`] records it.
+pub(crate) struct FailedRun<'a> {
+    /// Failed runs in a row, this one included.
+    pub failures: i64,
+    /// Milliseconds until it may run again.
+    pub retry_in_ms: i64,
+    pub error: &'a str,
+    /// The failing event's position, or the checkpoint the run failed after.
+    pub position: i64,
+}
+
 /// Parks a lease after a failed run: records the error and where it happened, and when it may
-/// run again, where every instance (and `status()`) can read it.
+/// run again, where every instance (and `status()`) can read it. With `fence` (a daemon's
+/// `(owner, epoch)`), only while that instance still holds the tenant's segment at that epoch:
+/// a paused instance whose late batch failed after a takeover records nothing over the new
+/// holder's tenant. Whether it recorded.
 pub(crate) async fn park(
     conn: &impl ConnectionTrait,
     subscription: &str,
     partition: &str,
-    failures: i64,
-    retry_in_ms: i64,
-    error: &str,
-    position: i64,
-) -> Result<(), DbErr> {
+    run: FailedRun<'_>,
+    fence: Option<(&str, i64)>,
+) -> Result<bool, DbErr> {
     let backend = conn.get_database_backend();
+    let held = match fence {
+        Some(_) => {
+            "AND EXISTS (SELECT 1 FROM emt_segments g WHERE g.subscription_id = $7 AND g.segment = $8
+                                AND g.owner = $9 AND g.epoch = $10)"
+        }
+        None => "",
+    };
     let sql = format!(
         "UPDATE emt_leases SET failures = $1, retry_at = {now} + $2, last_error = $3, error_position = $4
-         WHERE subscription_id = $5 AND {p} = $6",
+         WHERE subscription_id = $5 AND {p} = $6 {held}",
         now = now_ms(backend),
         p = partition_column(backend),
     );
-    let values: [Value; 6] =
-        [failures.into(), retry_in_ms.into(), error.into(), position.into(), subscription.into(), partition.into()];
-    conn.execute_raw(statement(backend, &sql, values)).await?;
-    Ok(())
+    let mut values: Vec<Value> = vec![
+        run.failures.into(),
+        run.retry_in_ms.into(),
+        run.error.into(),
+        run.position.into(),
+        subscription.into(),
+        partition.into(),
+    ];
+    if let Some((owner, epoch)) = fence {
+        values.extend([subscription.into(), segment_of(partition).into(), owner.into(), epoch.into()]);
+    }
+    Ok(conn.execute_raw(statement(backend, &sql, values)).await?.rows_affected() > 0)
 }
 
 /// Clears the failure records of `partitions`' leases: in the transaction of a batch that

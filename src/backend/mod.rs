@@ -55,8 +55,8 @@ pub(crate) use import::{
 pub(crate) use instances::{LEASES_CHANNEL, PRESENCE_PREFIX, presence_renewal};
 pub(crate) use instances::{heartbeat, registered};
 pub(crate) use leases::{
-    LeaseReport, create_lease_tables, create_owner_index, drop_lease_tables, drop_owner_index, ensure_leases,
-    forget_leases, lease_reports, lease_rows, lease_subscriptions, park, unpark,
+    FailedRun, LeaseReport, create_lease_tables, create_owner_index, drop_lease_tables, drop_owner_index,
+    ensure_leases, forget_leases, lease_reports, lease_rows, lease_subscriptions, park, unpark,
 };
 pub(crate) use locks::{
     forget_unmoved_checkpoints, lock_checkpoint, lock_checkpoints, lock_snapshots, move_checkpoints,

@@ -152,38 +152,60 @@ pub(crate) async fn segments(conn: &impl ConnectionTrait, subscriptions: &[Strin
     Ok(segments)
 }
 
-/// Takes a segment, if it is still at its epoch and free (or held by anyone, with `from_live`:
-/// an instance with none of a projection's segments while none is free takes one, so the others
-/// count it): the new epoch, or `None` when another instance was faster (a compare-and-set; no
-/// lock is held afterwards; a live holder's batches are then refused by the epoch). A segment
+/// Takes `segments` (of one projection), each if it is still at its epoch and free (or held by
+/// anyone, with `from_live`: an instance with none of a projection's segments while none is
+/// free takes one, so the others count it), in one transaction: the `(segment, new epoch)` of
+/// each taken. Each is a compare-and-set (no lock is held afterwards; a live holder's batches
+/// are then refused by the epoch); one another instance took first is left out. A segment
 /// share-locked by a batch in flight (its holder paused mid-batch) is not waited for: the round
-/// goes on with the others, and looks at this one again later.
+/// goes on with the others, and looks at it again later.
 pub(crate) async fn claim<C: ConnectionTrait + TransactionTrait<Transaction = DatabaseTransaction>>(
     conn: &C,
-    segment: &SegmentRow,
+    segments: &[&SegmentRow],
     owner: &str,
     from_live: bool,
-) -> Result<Option<i64>, DbErr> {
+) -> Result<Vec<(i64, i64)>, DbErr> {
+    let Some(first) = segments.first() else { return Ok(Vec::new()) };
     let backend = conn.get_database_backend();
-    let key = [segment.subscription.as_str().into(), segment.segment.into(), segment.epoch.into()];
-    let txn = conn.begin().await?;
-    if backend != DbBackend::Sqlite {
-        let lock = "SELECT epoch FROM emt_segments WHERE subscription_id = $1 AND segment = $2 AND epoch = $3
-                    FOR UPDATE SKIP LOCKED";
-        if txn.query_one_raw(statement(backend, lock, key.clone())).await?.is_none() {
-            return Ok(None);
-        }
+    // `subscription_id = $1 AND (segment = $2 AND epoch = $3 OR …)`, keys in order (MySQL's
+    // and SQLite's placeholders are positional), after `before` other values.
+    let keys = |segments: &[(i64, i64)], before: usize| {
+        let pairs: Vec<String> = (0..segments.len())
+            .map(|i| format!("segment = ${} AND epoch = ${}", before + 2 + 2 * i, before + 3 + 2 * i))
+            .collect();
+        let sql = format!("subscription_id = ${} AND ({})", before + 1, pairs.join(" OR "));
+        let values = std::iter::once(Value::from(first.subscription.as_str()))
+            .chain(segments.iter().flat_map(|(segment, epoch)| [Value::from(*segment), Value::from(*epoch)]));
+        (sql, values.collect::<Vec<_>>())
+    };
+    let mut candidates: Vec<(i64, i64)> = segments.iter().map(|s| (s.segment, s.epoch)).collect();
+    let txn = super::begin_write(conn).await?;
+    // The ones still at their epoch, locked (SQLite: the writer's lock, taken at `BEGIN`, holds
+    // them all).
+    let (matching, values) = keys(&candidates, 0);
+    let lock = if backend == DbBackend::Sqlite { "" } else { "FOR UPDATE SKIP LOCKED" };
+    let lock = format!("SELECT segment FROM emt_segments WHERE {matching} {lock}");
+    let rows = txn.query_all_raw(statement(backend, &lock, values)).await?;
+    let lockable: BTreeSet<i64> = rows.iter().map(|r| r.try_get_by_index(0)).collect::<Result<_, _>>()?;
+    candidates.retain(|(segment, _)| lockable.contains(segment));
+    if candidates.is_empty() {
+        txn.rollback().await?;
+        return Ok(Vec::new());
     }
-    // (Placeholders in the order they appear: MySQL's are positional.)
-    let sql = format!(
-        "UPDATE emt_segments SET owner = $1, epoch = epoch + 1
-         WHERE subscription_id = $2 AND segment = $3 AND epoch = $4 AND ({free})",
-        free = if from_live { "1 = 1".to_owned() } else { free_condition(backend, "emt_segments.") },
-    );
-    let values = std::iter::once(owner.into()).chain(key);
-    let done = txn.execute_raw(statement(backend, &sql, values)).await?.rows_affected() == 1;
+    let (matching, values) = keys(&candidates, 1);
+    let free = if from_live { "1 = 1".to_owned() } else { free_condition(backend, "emt_segments.") };
+    let update = format!("UPDATE emt_segments SET owner = $1, epoch = epoch + 1 WHERE ({matching}) AND ({free})");
+    let values = std::iter::once(Value::from(owner)).chain(values);
+    txn.execute_raw(statement(backend, &update, values)).await?;
+    let taken: Vec<(i64, i64)> = candidates.iter().map(|(segment, epoch)| (*segment, epoch + 1)).collect();
+    let (matching, values) = keys(&taken, 1);
+    let read = format!("SELECT segment, epoch FROM emt_segments WHERE owner = $1 AND ({matching})");
+    let values = std::iter::once(Value::from(owner)).chain(values);
+    let rows = txn.query_all_raw(statement(backend, &read, values)).await?;
+    let taken =
+        rows.iter().map(|r| Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?))).collect::<Result<_, DbErr>>()?;
     txn.commit().await?;
-    Ok(done.then_some(segment.epoch + 1))
+    Ok(taken)
 }
 
 /// Gives a segment back (only if `owner` still holds it at `epoch`), so another instance may
@@ -322,5 +344,78 @@ mod tests {
         assert_eq!(segment_of("a"), (0xaf63_dc4c_8601_ec8c_u64 % 64) as i64);
         let spread: std::collections::BTreeSet<i64> = (0..1000).map(|i| segment_of(&format!("t{i}"))).collect();
         assert_eq!(spread.len(), SEGMENTS as usize, "1,000 tenants fall in every segment");
+    }
+}
+
+/// Claims and fenced failure records on every backend the build has (PostgreSQL and MySQL at
+/// `EMMETT_TEST_POSTGRES_URL` / `EMMETT_TEST_MYSQL_URL`, default the local servers).
+#[cfg(test)]
+mod on_backends {
+    use super::*;
+    use crate::backend::{FailedRun, ensure_leases, lease_rows, park};
+    use crate::testing::TestDatabase;
+
+    async fn backends() -> Vec<TestDatabase> {
+        let mut dbs = vec![TestDatabase::at("sqlite::memory:").await];
+        #[cfg(feature = "postgres")]
+        dbs.push(
+            TestDatabase::at(
+                &std::env::var("EMMETT_TEST_POSTGRES_URL").unwrap_or("postgres://postgres@127.0.0.1:5432".into()),
+            )
+            .await,
+        );
+        #[cfg(feature = "mysql")]
+        dbs.push(
+            TestDatabase::at(&std::env::var("EMMETT_TEST_MYSQL_URL").unwrap_or("mysql://root@127.0.0.1:3306".into()))
+                .await,
+        );
+        dbs
+    }
+
+    /// One round's claims in one transaction: every free segment asked for is taken at the next
+    /// epoch; one another instance took meanwhile (its epoch moved) is left out, and the
+    /// claimed ones are not taken again from their live holder.
+    #[tokio::test]
+    async fn claims_take_the_free_segments_asked_for_and_leave_out_the_ones_taken_meanwhile() {
+        for test in backends().await {
+            let db = test.connection();
+            super::super::heartbeat(db, "a", 60_000).await.unwrap();
+            super::super::heartbeat(db, "b", 60_000).await.unwrap();
+            ensure_segments(db, &["p".to_owned()]).await.unwrap();
+            let rows = segments(db, &["p".to_owned()]).await.unwrap().rows;
+            let asked: Vec<&SegmentRow> = rows.iter().take(5).collect();
+            // Another instance takes segment 2 first.
+            assert_eq!(claim(db, &asked[2..3], "b", false).await.unwrap(), [(asked[2].segment, asked[2].epoch + 1)]);
+            let taken = claim(db, &asked, "a", false).await.unwrap();
+            let expected: Vec<(i64, i64)> =
+                asked.iter().filter(|r| r.segment != asked[2].segment).map(|r| (r.segment, r.epoch + 1)).collect();
+            assert_eq!(taken, expected, "{:?}", db.get_database_backend());
+            assert!(claim(db, &asked, "b", false).await.unwrap().is_empty(), "live holders keep theirs");
+        }
+    }
+
+    /// A failure is recorded with a fence only while the fencing instance holds the tenant's
+    /// segment at that epoch (a paused instance's late batch records nothing after a takeover);
+    /// without one (a rebuild), always.
+    #[tokio::test]
+    async fn a_fenced_failure_is_recorded_only_by_the_segment_holder() {
+        for test in backends().await {
+            let db = test.connection();
+            super::super::heartbeat(db, "a", 60_000).await.unwrap();
+            ensure_segments(db, &["p".to_owned()]).await.unwrap();
+            ensure_leases(db, &[("p".to_owned(), "t".to_owned())]).await.unwrap();
+            let row = segments(db, &["p".to_owned()]).await.unwrap().rows;
+            let row = row.iter().find(|r| r.segment == segment_of("t")).unwrap();
+            let [(_, epoch)] = claim(db, &[row], "a", false).await.unwrap()[..] else { panic!("claimed") };
+            let run = |failures| FailedRun { failures, retry_in_ms: 0, error: "boom", position: 7 };
+            assert!(!park(db, "p", "t", run(1), Some(("a", epoch - 1))).await.unwrap(), "an old epoch");
+            assert!(!park(db, "p", "t", run(1), Some(("b", epoch))).await.unwrap(), "another owner");
+            let failures = || async { lease_rows(db, &["p".to_owned()]).await.unwrap()[0].failures };
+            assert_eq!(failures().await, 0, "{:?}", db.get_database_backend());
+            assert!(park(db, "p", "t", run(2), Some(("a", epoch))).await.unwrap());
+            assert_eq!(failures().await, 2);
+            assert!(park(db, "p", "t", run(3), None).await.unwrap());
+            assert_eq!(failures().await, 3);
+        }
     }
 }

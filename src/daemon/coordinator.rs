@@ -102,20 +102,18 @@ async fn balance_one(
         let most = counts.iter().max_by_key(|(o, n)| (**n, std::cmp::Reverse(**o))).map(|(o, _)| *o);
         free = rows.iter().copied().filter(|r| r.owner.as_deref() == most).take(1).collect();
     }
-    for row in free {
-        if mine(held) >= share {
+    // As many as the share lacks, in one transaction; again with the next ones for those another
+    // instance took first.
+    let mut free = free.into_iter();
+    loop {
+        let wanted: Vec<&SegmentRow> = free.by_ref().take(share.saturating_sub(mine(held))).collect();
+        if wanted.is_empty() {
             break;
         }
-        if let Some(epoch) = backend::claim(conn, row, owner, from_live).await? {
-            let key = (row.subscription.clone(), row.segment);
+        for (segment, epoch) in backend::claim(conn, &wanted, owner, from_live).await? {
+            let key = (subscription.to_owned(), segment);
             held.insert(key.clone(), epoch);
-            tracing::debug!(
-                subscription = row.subscription,
-                segment = row.segment,
-                epoch,
-                from_live,
-                "segment claimed"
-            );
+            tracing::debug!(subscription, segment, epoch, from_live, "segment claimed");
             round.claimed.push((key, epoch));
         }
     }

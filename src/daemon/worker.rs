@@ -220,13 +220,14 @@ impl Worker {
         let segments = std::mem::take(&mut state.unscanned);
         let subscriptions: Vec<String> =
             segments.iter().map(|(s, _)| s.clone()).collect::<BTreeSet<_>>().into_iter().collect();
-        let heads = backend::partition_heads(&self.db, None).await?;
-        let checkpoints = super::status::checkpoints(&self.db, &subscriptions).await?;
-        let failures: BTreeMap<Key, i64> = backend::lease_rows(&self.db, &subscriptions)
-            .await?
-            .into_iter()
-            .map(|l| ((l.subscription, l.partition), l.failures))
-            .collect();
+        // Three reads on three connections at once.
+        let (heads, checkpoints, leases) = futures::try_join!(
+            async { Ok::<_, Error>(backend::partition_heads(&self.db, None).await?) },
+            super::status::checkpoints(&self.db, &subscriptions),
+            async { Ok(backend::lease_rows(&self.db, &subscriptions).await?) },
+        )?;
+        let failures: BTreeMap<Key, i64> =
+            leases.into_iter().map(|l| ((l.subscription, l.partition), l.failures)).collect();
         let mut missing = Vec::new();
         for (tenant, head) in heads {
             if !self.runs(&tenant) {
@@ -482,8 +483,14 @@ impl Worker {
                     ),
                 }
                 let message = error.to_string();
-                backend::park(&self.db, &key.0, &key.1, held.failures, pause.as_millis() as i64, &message, position)
-                    .await?;
+                let run =
+                    backend::FailedRun { failures, retry_in_ms: pause.as_millis() as i64, error: &message, position };
+                if !backend::park(&self.db, &key.0, &key.1, run, Some((&self.owner, held.epoch))).await? {
+                    // Its segment was taken over meanwhile: the failure is not ours to record.
+                    state.held.remove(&key);
+                    state.round_due = true;
+                    return Ok(false);
+                }
                 telemetry::parked(&key.0, &key.1, parked);
                 Ok(false)
             }

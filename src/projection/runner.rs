@@ -323,7 +323,8 @@ impl<E: Event + 'static> ProjectionRunner<E> {
                     tracing::error!(subscription = subscription_id, tenant, %error, "tenant not rebuilt; it keeps its previous read model");
                     let position = error.event_position().unwrap_or(0) as i64;
                     let message = error.to_string();
-                    let recorded = backend::park(executor, subscription_id, &tenant, 1, 0, &message, position);
+                    let run = backend::FailedRun { failures: 1, retry_in_ms: 0, error: &message, position };
+                    let recorded = backend::park(executor, subscription_id, &tenant, run, None);
                     if let Err(record) = recorded.await {
                         tracing::warn!(%record, "recording the failed rebuild failed");
                     }
