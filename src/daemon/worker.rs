@@ -70,6 +70,8 @@ struct State {
     segments: BTreeMap<SegmentKey, i64>,
     /// Segments claimed whose tenants are not looked up yet.
     unscanned: BTreeSet<SegmentKey>,
+    /// Tenants found by a scan without their lease row yet: made while their first batches run.
+    unleased: Vec<Key>,
     /// The position up to which changes were read: every event up to it is committed (or will
     /// never be), and its tenant is marked where its segment is held.
     scanned: Option<i64>,
@@ -100,6 +102,7 @@ impl Worker {
             held: BTreeMap::new(),
             segments: BTreeMap::new(),
             unscanned: BTreeSet::new(),
+            unleased: Vec::new(),
             scanned: None,
             gap_since: None,
             last_renewal: Instant::now(),
@@ -252,7 +255,7 @@ impl Worker {
                 state.held.insert(key, held);
             }
         }
-        backend::ensure_leases(&self.db, &missing).await?;
+        state.unleased.extend(missing);
         tracing::debug!(segments = segments.len(), tenants = state.held.len(), "segments scanned");
         Ok(())
     }
@@ -331,7 +334,10 @@ impl Worker {
             self.scan(state).await?;
         }
         tracing::debug!(head, scanned = ?state.scanned, took = ?started.elapsed(), "daemon: changes read");
-        if let Some(ready) = state.ready.take() {
+        // `start` returns once the tenants found have their lease rows, so `status()` shows them.
+        if state.unleased.is_empty()
+            && let Some(ready) = state.ready.take()
+        {
             let _ = ready.send(());
         }
         // Where the store has one, the horizon just waited for serves every tenant's run.
@@ -339,7 +345,8 @@ impl Worker {
         let ready: Vec<(Key, Held)> =
             state.held.iter().filter(|(_, h)| h.ready()).map(|(k, h)| (k.clone(), h.clone())).collect();
         if ready.is_empty() {
-            return Ok(false);
+            let unleased = std::mem::take(&mut state.unleased);
+            return self.make_leases(state, unleased).await.map(|()| false);
         }
         // Tenants of one projection run in groups, one transaction each (MySQL: each group
         // takes the horizon of its tenants first). A tenant that failed last time runs alone:
@@ -413,13 +420,32 @@ impl Worker {
             })
             .buffer_unordered(concurrency);
         // A long cycle (a catch-up) renews between turns: the instance is working, not hung.
-        let mut turns = std::pin::pin!(turns);
+        // The lease rows a scan found missing are made meanwhile (a failure is recorded in them).
+        let (unleased, waiting) = (std::mem::take(&mut state.unleased), state.ready.take());
         let mut results = Vec::new();
-        while let Some(done) = turns.next().await {
-            results.extend(done);
-            if let Err(error) = self.renew(state, presence).await {
-                tracing::warn!(%error, "renewing the instance's leases failed; retrying");
+        let run = async {
+            let mut turns = std::pin::pin!(turns);
+            while let Some(done) = turns.next().await {
+                results.extend(done);
+                if let Err(error) = self.renew(state, presence).await {
+                    tracing::warn!(%error, "renewing the instance's leases failed; retrying");
+                }
             }
+        };
+        let make = async {
+            let made = backend::ensure_leases(&self.db, &unleased).await;
+            match (made.is_ok(), waiting) {
+                (true, Some(ready)) => {
+                    let _ = ready.send(());
+                    (made, None)
+                }
+                (_, waiting) => (made, waiting),
+            }
+        };
+        let ((), (made, waiting)) = tokio::join!(run, make);
+        state.ready = state.ready.take().or(waiting);
+        if made.is_err() {
+            self.make_leases(state, unleased).await?;
         }
         tracing::debug!(leases = results.len(), took = ?started.elapsed(), "daemon: cycle");
         let mut worked = false;
@@ -427,6 +453,15 @@ impl Worker {
             worked |= self.settle(state, key, held, turn).await?;
         }
         Ok(worked)
+    }
+
+    /// Makes the lease rows of `unleased`; kept for the next cycle if that fails.
+    async fn make_leases(&self, state: &mut State, unleased: Vec<Key>) -> Result<()> {
+        if let Err(error) = backend::ensure_leases(&self.db, &unleased).await {
+            state.unleased.extend(unleased);
+            return Err(error.into());
+        }
+        Ok(())
     }
 
     /// Records how a turn ended: progress, a lost lease, or a failure that parks the lease.
