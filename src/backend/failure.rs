@@ -34,6 +34,7 @@ pub(crate) enum Failure {
 pub(crate) fn classify(err: &DbErr) -> Failure {
     use sea_orm::sqlx::Error as Sqlx;
     let sqlx = match err {
+        DbErr::Custom(message) if message.starts_with(LOST_RACE) => return Failure::Retry,
         DbErr::ConnectionAcquire(_) => return Failure::Connection { maybe_written: false },
         DbErr::Conn(sea_orm::RuntimeErr::SqlxError(e))
         | DbErr::Exec(sea_orm::RuntimeErr::SqlxError(e))
@@ -72,6 +73,16 @@ pub(crate) fn classify(err: &DbErr) -> Failure {
         Some(code) if code.starts_with("08") => Failure::Connection { maybe_written: true },
         _ => Failure::Other,
     }
+}
+
+/// How the message of a race the store lost and found itself begins: classified (and retried)
+/// like a serialization failure.
+const LOST_RACE: &str = "lost a race: ";
+
+/// A race the store lost and found itself (`what` happened meanwhile): nothing of the
+/// transaction may commit; it runs again, like after a serialization failure.
+pub(crate) fn lost_race(what: &str) -> DbErr {
+    DbErr::Custom(format!("{LOST_RACE}{what}"))
 }
 
 /// Without a backend there is no driver error to sort (and `lib.rs` stops the build).

@@ -1,6 +1,6 @@
 //! The row locks of a projection batch: the checkpoint, then the snapshots.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use sea_orm::sea_query::{Expr, ExprTrait, LockType, OnConflict, Query};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr};
@@ -8,20 +8,10 @@ use serde_json::Value;
 
 use crate::schema::{snapshots, subscriptions};
 
-/// Creates a subscription's checkpoint row if needed and locks it, returning its position:
-/// concurrent runners of one subscription and partition queue here, and each sees the
-/// checkpoint the previous one committed.
-pub(crate) async fn lock_checkpoint(
-    txn: &DatabaseTransaction,
-    subscription: &str,
-    partition: &str,
-) -> Result<i64, DbErr> {
-    let positions = lock_checkpoints(txn, subscription, &[partition]).await?;
-    positions.get(partition).copied().ok_or_else(|| DbErr::RecordNotFound(format!("subscription {subscription}")))
-}
-
-/// [`lock_checkpoint`] for several partitions at once (taken in partition order, so
-/// concurrent batches can't deadlock on them): each partition's position. Existing rows are
+/// Creates the checkpoint rows of a subscription's `partitions` if needed and locks them,
+/// returning their positions: concurrent runners of one subscription and partition queue here,
+/// and each sees the checkpoint the previous one committed. Taken in partition order, so
+/// concurrent batches can't deadlock on them. Existing rows are
 /// locked, not written: PostgreSQL locks them first (one index probe each) and creates only the
 /// missing ones (a no-op upsert creates, locks and returns them); SQLite and MySQL create the
 /// missing rows first (MySQL: a locking read of a missing key would lock its gap, and two such
@@ -60,10 +50,7 @@ pub(crate) async fn lock_checkpoints(
     };
     #[cfg(feature = "postgres")]
     if txn.get_database_backend() == DbBackend::Postgres {
-        let read = "SELECT s.partition, s.last_processed_position FROM unnest($2::text[]) AS k(p)
-                    CROSS JOIN LATERAL (SELECT partition, last_processed_position FROM subscriptions
-                                        WHERE subscription_id = $1 AND partition = k.p AND version = 1
-                                        FOR UPDATE) AS s";
+        let read = PG_LOCK_CHECKPOINTS;
         let current = Expr::col((subscriptions::Entity, subscriptions::Column::LastProcessedPosition));
         let upsert = |missing: &[&str]| {
             create(missing)
@@ -89,6 +76,92 @@ pub(crate) async fn lock_checkpoints(
         )
         .await?;
     positions(locked)
+}
+
+/// PostgreSQL: the checkpoint rows of `$2`'s partitions under subscription `$1`, locked, one
+/// index probe each, in `$2`'s order.
+#[cfg(feature = "postgres")]
+const PG_LOCK_CHECKPOINTS: &str = "SELECT s.partition, s.last_processed_position FROM unnest($2::text[]) AS k(p)
+    CROSS JOIN LATERAL (SELECT partition, last_processed_position FROM subscriptions
+                        WHERE subscription_id = $1 AND partition = k.p AND version = 1 FOR UPDATE) AS s";
+
+/// The checkpoints a projection batch locked ([`lock_batch_checkpoints`]), to save with
+/// [`save_checkpoints`].
+pub(crate) struct BatchCheckpoints {
+    /// Each partition's position (0 without a checkpoint).
+    positions: BTreeMap<String, i64>,
+    /// PostgreSQL: the partitions without a checkpoint row, which the batch creates only if it
+    /// moves them (a row created meanwhile by another runner is a lost race: the batch rolls
+    /// back and runs again).
+    absent: HashSet<String>,
+}
+
+impl BatchCheckpoints {
+    /// `partition`'s position (0 without a checkpoint).
+    pub fn position(&self, partition: &str) -> i64 {
+        self.positions.get(partition).copied().unwrap_or(0)
+    }
+}
+
+/// [`lock_checkpoints`] for a projection batch: on PostgreSQL the existing rows are locked and
+/// the missing ones are not created (a new tenant's placeholder row, written and then moved in
+/// the same batch, doubled the checkpoint writes of a cold start); [`save_checkpoints`] inserts
+/// them, and fails with a retried lost race if another runner created one meanwhile.
+pub(crate) async fn lock_batch_checkpoints(
+    txn: &DatabaseTransaction,
+    subscription: &str,
+    partitions: &[&str],
+) -> Result<BatchCheckpoints, DbErr> {
+    #[cfg(feature = "postgres")]
+    if txn.get_database_backend() == DbBackend::Postgres {
+        let mut sorted = partitions.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let keys: Vec<String> = sorted.iter().map(|p| p.to_string()).collect();
+        let values: [sea_orm::Value; 2] = [subscription.into(), keys.into()];
+        let statement = sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, PG_LOCK_CHECKPOINTS, values);
+        let mut positions = BTreeMap::new();
+        for row in txn.query_all_raw(statement).await? {
+            positions.insert(row.try_get::<String>("", "partition")?, row.try_get("", "last_processed_position")?);
+        }
+        let absent: HashSet<String> =
+            sorted.iter().filter(|p| !positions.contains_key(**p)).map(|p| p.to_string()).collect();
+        return Ok(BatchCheckpoints { positions, absent });
+    }
+    let positions = lock_checkpoints(txn, subscription, partitions).await?;
+    Ok(BatchCheckpoints { positions, absent: HashSet::new() })
+}
+
+/// Saves a batch's checkpoints: `moves` (`(partition, position)`), the rows of absent ones
+/// created; checkpoints left at 0 are forgotten (see [`forget_unmoved_checkpoints`]).
+pub(crate) async fn save_checkpoints(
+    txn: &DatabaseTransaction,
+    subscription: &str,
+    locked: &BatchCheckpoints,
+    moves: &[(&str, i64)],
+) -> Result<(), DbErr> {
+    let (created, moved): (Vec<_>, Vec<_>) = moves.iter().partition(|(p, _)| locked.absent.contains(*p));
+    move_checkpoints(txn, subscription, &moved).await?;
+    // (Absent ones: PostgreSQL only.)
+    if !created.is_empty() {
+        let sql = "INSERT INTO subscriptions (subscription_id, version, partition, last_processed_position)
+                   SELECT $1, 1, e ->> 0, (e ->> 1)::bigint FROM json_array_elements($2::json) AS e
+                   ON CONFLICT (subscription_id, partition, version) DO NOTHING";
+        let json = serde_json::to_string(&created).map_err(|e| DbErr::Custom(e.to_string()))?;
+        let values: [sea_orm::Value; 2] = [subscription.into(), json.into()];
+        let done = txn.execute_raw(super::statement(txn.get_database_backend(), sql, values)).await?;
+        if done.rows_affected() < created.len() as u64 {
+            return Err(super::lost_race(&format!("another runner created a checkpoint of '{subscription}'")));
+        }
+    }
+    let moved: HashSet<&str> = moves.iter().map(|(partition, _)| *partition).collect();
+    let unmoved: Vec<&str> = locked
+        .positions
+        .iter()
+        .filter(|(partition, position)| **position == 0 && !moved.contains(partition.as_str()))
+        .map(|(partition, _)| partition.as_str())
+        .collect();
+    forget_unmoved_checkpoints(txn, subscription, &unmoved).await
 }
 
 /// Deletes the checkpoints of `partitions` still at 0: rows a batch created only to lock them

@@ -43,7 +43,7 @@ pub(crate) use append::{
 };
 pub(crate) use catalog::catalog_table;
 pub(crate) use erase::{TenantRows, partition_rows};
-pub(crate) use failure::{is_retried, retry_policy};
+pub(crate) use failure::{is_retried, lost_race, retry_policy};
 pub(crate) use horizon::{
     changes, global_horizon, head, horizon, index_order_only, last_position_upto, partition_heads, pending,
     tenants_horizon,
@@ -58,9 +58,7 @@ pub(crate) use leases::{
     FailedRun, LeaseReport, create_lease_tables, create_owner_index, drop_lease_tables, drop_owner_index,
     ensure_leases, forget_leases, lease_reports, lease_rows, lease_subscriptions, park, unpark,
 };
-pub(crate) use locks::{
-    forget_unmoved_checkpoints, lock_checkpoint, lock_checkpoints, lock_snapshots, move_checkpoints,
-};
+pub(crate) use locks::{lock_batch_checkpoints, lock_checkpoints, lock_snapshots, move_checkpoints, save_checkpoints};
 pub(crate) use schema::{
     create_partition, create_schema, drop_schema, forget_tenant_statistics, harden_schema, mysql_exact_collation,
     soften_schema, table_shape, tenant_statistics,

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use backon::Retryable;
 
-use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect};
 
 use super::ProjectionRegistry;
@@ -456,7 +455,8 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         options: &RunOptions,
     ) -> Result<(u64, u64)> {
         let txn = Arc::new(backend::begin_write(self.store.executor()).await?);
-        let checkpoint = backend::lock_checkpoint(&txn, subscription, partition).await?;
+        let locked = backend::lock_batch_checkpoints(&txn, subscription, &[partition]).await?;
+        let checkpoint = locked.position(partition);
         tracing::Span::current().record("checkpoint", checkpoint);
         if let Some((owner, epoch)) = &options.lease {
             let lease = [(partition.to_owned(), *epoch)];
@@ -470,20 +470,12 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         }
         let applied = self.apply_next(&txn, subscription, partition, source, checkpoint, options, None).await?;
         let Some((count, next_checkpoint)) = applied else {
-            if checkpoint == 0 {
-                backend::forget_unmoved_checkpoints(&txn, subscription, &[partition]).await?;
-            }
+            backend::save_checkpoints(&txn, subscription, &locked, &[]).await?;
             commit(txn).await?;
             return Ok((0, checkpoint as u64));
         };
         tracing::Span::current().record("events", count);
-        subscriptions::Entity::update_many()
-            .col_expr(subscriptions::Column::LastProcessedPosition, Expr::value(next_checkpoint))
-            .filter(subscriptions::Column::SubscriptionId.eq(subscription))
-            .filter(subscriptions::Column::Partition.eq(partition))
-            .filter(subscriptions::Column::Version.eq(1))
-            .exec(&*txn)
-            .await?;
+        backend::save_checkpoints(&txn, subscription, &locked, &[(partition, next_checkpoint)]).await?;
         commit(txn).await?;
         Ok((count, next_checkpoint as u64))
     }
@@ -583,13 +575,10 @@ impl<E: Event + 'static> ProjectionRunner<E> {
     ) -> Result<Vec<GroupProgress>> {
         let txn = Arc::new(backend::begin_write(self.store.executor()).await?);
         let names: Vec<&str> = tenants.iter().map(|(t, _)| t.as_str()).collect();
-        let checkpoints = backend::lock_checkpoints(&txn, subscription, &names).await?;
+        let checkpoints = backend::lock_batch_checkpoints(&txn, subscription, &names).await?;
         let held = backend::held_tenants(&txn, subscription, owner, tenants, options.lease_ttl).await?;
-        let reads: Vec<(&str, i64)> = names
-            .iter()
-            .filter(|t| held.contains(**t))
-            .map(|t| (*t, checkpoints.get(*t).copied().unwrap_or(0)))
-            .collect();
+        let reads: Vec<(&str, i64)> =
+            names.iter().filter(|t| held.contains(**t)).map(|t| (*t, checkpoints.position(t))).collect();
         // Tenants recovering from failures: their records go with this batch's progress.
         let recovering: Vec<&str> = reads.iter().map(|(t, _)| *t).filter(|t| options.recovering.contains(*t)).collect();
         backend::unpark(&txn, subscription, &recovering).await?;
@@ -608,7 +597,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         let epochs: HashMap<&str, i64> = tenants.iter().map(|(t, epoch)| (t.as_str(), *epoch)).collect();
         let mut progress = Vec::with_capacity(tenants.len());
         let mut batches = Vec::with_capacity(by_tenant.len());
-        let (mut moved, mut unmoved) = (Vec::with_capacity(by_tenant.len()), Vec::new());
+        let mut moved = Vec::with_capacity(by_tenant.len());
         for (tenant, checkpoint) in &reads {
             let rows = by_tenant.remove(tenant).unwrap_or_default();
             let next = rows.last().and_then(|r| r.global_position).unwrap_or(*checkpoint);
@@ -623,20 +612,17 @@ impl<E: Event + 'static> ProjectionRunner<E> {
                 moved.push((*tenant, next));
                 let epoch = epochs.get(tenant).copied();
                 batches.push((*tenant, epoch, self.decode(&txn, subscription, rows, options).await?));
-            } else if *checkpoint == 0 {
-                unmoved.push(*tenant);
             }
         }
         let session = self.store.bound_to(Arc::clone(&txn));
         self.registry.apply(&session, None, &batches, None).await?;
         drop(session);
-        backend::move_checkpoints(&txn, subscription, &moved).await?;
-        backend::forget_unmoved_checkpoints(&txn, subscription, &unmoved).await?;
+        backend::save_checkpoints(&txn, subscription, &checkpoints, &moved).await?;
         commit(txn).await?;
         progress.extend(names.iter().filter(|t| !held.contains(**t)).map(|t| GroupProgress {
             tenant: t.to_string(),
             processed: 0,
-            checkpoint: checkpoints.get(*t).copied().unwrap_or(0),
+            checkpoint: checkpoints.position(t),
             full: false,
             lost: true,
         }));
