@@ -356,19 +356,17 @@ mod on_backends {
     use crate::testing::TestDatabase;
 
     async fn backends() -> Vec<TestDatabase> {
-        let mut dbs = vec![TestDatabase::at("sqlite::memory:").await];
-        #[cfg(feature = "postgres")]
-        dbs.push(
-            TestDatabase::at(
-                &std::env::var("EMMETT_TEST_POSTGRES_URL").unwrap_or("postgres://postgres@127.0.0.1:5432".into()),
-            )
-            .await,
-        );
-        #[cfg(feature = "mysql")]
-        dbs.push(
-            TestDatabase::at(&std::env::var("EMMETT_TEST_MYSQL_URL").unwrap_or("mysql://root@127.0.0.1:3306".into()))
-                .await,
-        );
+        let server = |var: &str, default: &str| std::env::var(var).unwrap_or(default.to_owned());
+        let urls = [
+            Some("sqlite::memory:".to_owned()),
+            cfg!(feature = "postgres")
+                .then(|| server("EMMETT_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")),
+            cfg!(feature = "mysql").then(|| server("EMMETT_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306")),
+        ];
+        let mut dbs = Vec::new();
+        for url in urls.into_iter().flatten() {
+            dbs.push(TestDatabase::at(&url).await);
+        }
         dbs
     }
 
