@@ -43,11 +43,6 @@ pub(crate) async fn lock_checkpoints(
         create
     };
     let returned = [subscriptions::Column::Partition, subscriptions::Column::LastProcessedPosition];
-    let positions = |rows: Vec<sea_orm::QueryResult>| -> Result<BTreeMap<String, i64>, DbErr> {
-        rows.iter()
-            .map(|row| Ok((row.try_get("", "partition")?, row.try_get("", "last_processed_position")?)))
-            .collect()
-    };
     #[cfg(feature = "postgres")]
     if txn.get_database_backend() == DbBackend::Postgres {
         let read = PG_LOCK_CHECKPOINTS;
@@ -60,7 +55,7 @@ pub(crate) async fn lock_checkpoints(
                 .returning(Query::returning().columns(returned))
                 .to_owned()
         };
-        return positions(pg_lock_or_create(txn, read, subscription, &partitions, "partition", upsert).await?);
+        return positions(&pg_lock_or_create(txn, read, subscription, &partitions, "partition", upsert).await?);
     }
     let mut create = create(&partitions);
     create.on_conflict(OnConflict::columns(key).do_nothing_on([subscriptions::Column::SubscriptionId]).to_owned());
@@ -75,7 +70,12 @@ pub(crate) async fn lock_checkpoints(
                 .lock(LockType::Update),
         )
         .await?;
-    positions(locked)
+    positions(&locked)
+}
+
+/// Each checkpoint row's `(partition, last_processed_position)`.
+fn positions(rows: &[sea_orm::QueryResult]) -> Result<BTreeMap<String, i64>, DbErr> {
+    rows.iter().map(|row| Ok((row.try_get("", "partition")?, row.try_get("", "last_processed_position")?))).collect()
 }
 
 /// PostgreSQL: the checkpoint rows of `$2`'s partitions under subscription `$1`, locked, one
@@ -117,13 +117,7 @@ pub(crate) async fn lock_batch_checkpoints(
         let mut sorted = partitions.to_vec();
         sorted.sort_unstable();
         sorted.dedup();
-        let keys: Vec<String> = sorted.iter().map(|p| p.to_string()).collect();
-        let values: [sea_orm::Value; 2] = [subscription.into(), keys.into()];
-        let statement = sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, PG_LOCK_CHECKPOINTS, values);
-        let mut positions = BTreeMap::new();
-        for row in txn.query_all_raw(statement).await? {
-            positions.insert(row.try_get::<String>("", "partition")?, row.try_get("", "last_processed_position")?);
-        }
+        let positions = positions(&pg_lock(txn, PG_LOCK_CHECKPOINTS, subscription, &sorted).await?)?;
         let absent: HashSet<String> =
             sorted.iter().filter(|p| !positions.contains_key(**p)).map(|p| p.to_string()).collect();
         return Ok(BatchCheckpoints { positions, absent });
@@ -297,9 +291,20 @@ pub(crate) async fn lock_snapshots(
     .await
 }
 
-/// PostgreSQL: the rows of `keys` locked without writing them — `read` is a `LATERAL` read
-/// `FOR UPDATE` of `$2`'s keys under `$1` (`scope`), one index probe each, in `keys` order —
-/// then the missing ones (no row with that `key_column`) created and locked by `upsert`
+/// PostgreSQL: the rows `read` locks (a `LATERAL` read `FOR UPDATE` of `$2`'s keys under `$1`,
+/// `scope`), one index probe each, in `keys` order.
+#[cfg(feature = "postgres")]
+async fn pg_lock(
+    txn: &DatabaseTransaction,
+    read: &str,
+    scope: &str,
+    keys: &[&str],
+) -> Result<Vec<sea_orm::QueryResult>, DbErr> {
+    let values: [sea_orm::Value; 2] = [scope.into(), keys.iter().map(|k| k.to_string()).collect::<Vec<_>>().into()];
+    txn.query_all_raw(sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, read, values)).await
+}
+
+/// PostgreSQL: the rows of `keys` locked without writing them ([`pg_lock`]), then the missing ones (no row with that `key_column`) created and locked by `upsert`
 /// (a no-op upsert returning them: a row created meanwhile is locked as it is).
 #[cfg(feature = "postgres")]
 async fn pg_lock_or_create(
@@ -310,9 +315,7 @@ async fn pg_lock_or_create(
     key_column: &str,
     upsert: impl FnOnce(&[&str]) -> sea_orm::sea_query::InsertStatement,
 ) -> Result<Vec<sea_orm::QueryResult>, DbErr> {
-    let values: [sea_orm::Value; 2] = [scope.into(), keys.iter().map(|k| k.to_string()).collect::<Vec<_>>().into()];
-    let mut rows =
-        txn.query_all_raw(sea_orm::Statement::from_sql_and_values(DbBackend::Postgres, read, values)).await?;
+    let mut rows = pg_lock(txn, read, scope, keys).await?;
     let found: std::collections::HashSet<String> =
         rows.iter().map(|row| row.try_get("", key_column)).collect::<Result<_, _>>()?;
     let missing: Vec<&str> = keys.iter().copied().filter(|k| !found.contains(*k)).collect();
