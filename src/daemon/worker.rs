@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use std::panic::AssertUnwindSafe;
 
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryFutureExt};
 use sea_orm::{ConnectionTrait, DbBackend};
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -225,9 +225,9 @@ impl Worker {
             segments.iter().map(|(s, _)| s.clone()).collect::<BTreeSet<_>>().into_iter().collect();
         // Three reads on three connections at once.
         let (heads, checkpoints, leases) = futures::try_join!(
-            async { Ok::<_, Error>(backend::partition_heads(&self.db, None).await?) },
+            backend::partition_heads(&self.db, None).err_into::<Error>(),
             super::status::checkpoints(&self.db, &subscriptions),
-            async { Ok(backend::lease_rows(&self.db, &subscriptions).await?) },
+            backend::lease_rows(&self.db, &subscriptions).err_into(),
         )?;
         let failures: BTreeMap<Key, i64> =
             leases.into_iter().map(|l| ((l.subscription, l.partition), l.failures)).collect();
@@ -434,16 +434,16 @@ impl Worker {
         };
         let make = async {
             let made = backend::ensure_leases(&self.db, &unleased).await;
-            match (made.is_ok(), waiting) {
-                (true, Some(ready)) => {
-                    let _ = ready.send(());
-                    (made, None)
-                }
-                (_, waiting) => (made, waiting),
+            let mut waiting = waiting;
+            if made.is_ok()
+                && let Some(ready) = waiting.take()
+            {
+                let _ = ready.send(());
             }
+            (made, waiting)
         };
         let ((), (made, waiting)) = tokio::join!(run, make);
-        state.ready = state.ready.take().or(waiting);
+        state.ready = waiting;
         if made.is_err() {
             self.make_leases(state, unleased).await?;
         }
