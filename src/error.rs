@@ -148,6 +148,24 @@ pub enum Error {
         source: serde_json::Error,
     },
 
+    /// A projection run reached a read-model row that another partition (tenant) wrote last,
+    /// with events at or below the row's last global position: whether they are already folded
+    /// can't be told from the row (each tenant's runs fold its events in order, but tenants run
+    /// in any order). Nothing of the batch is written. Put the partition in the row's keys, or
+    /// keep rows shared by tenants with an inline projection, which folds every append's events
+    /// as they are written.
+    #[error(
+        "read model '{table}' row '{row}' is fed by several partitions ({partitions:?}, the first wrote it last); key it by partition"
+    )]
+    SharedRowAcrossPartitions {
+        /// The read-model table.
+        table: String,
+        /// The row's snapshot id (its encoded keys).
+        row: String,
+        /// The partition that wrote the row last (or "(its events are gone)"), then the batch's.
+        partitions: Vec<String>,
+    },
+
     /// A per-stream run (`project_events`) reached a read-model row that another stream wrote
     /// last, with events at or below the row's last global position: which of them are
     /// already folded can't be told from the row. Project such rows (fed by several streams,

@@ -1,6 +1,6 @@
 //! The row locks of a projection batch: the checkpoint, then the snapshots.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use sea_orm::sea_query::{Expr, ExprTrait, LockType, OnConflict, Query};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, DbErr};
@@ -117,10 +117,9 @@ pub(crate) async fn lock_batch_checkpoints(
         let mut sorted = partitions.to_vec();
         sorted.sort_unstable();
         sorted.dedup();
-        let positions = positions(&pg_lock(txn, PG_LOCK_CHECKPOINTS, subscription, &sorted).await?)?;
-        let absent: HashSet<String> =
-            sorted.iter().filter(|p| !positions.contains_key(**p)).map(|p| p.to_string()).collect();
-        return Ok(BatchCheckpoints { positions, absent });
+        let rows = pg_lock(txn, PG_LOCK_CHECKPOINTS, subscription, &sorted).await?;
+        let absent = absent(&rows, &sorted, "partition")?.into_iter().collect();
+        return Ok(BatchCheckpoints { positions: positions(&rows)?, absent });
     }
     let positions = lock_checkpoints(txn, subscription, partitions).await?;
     Ok(BatchCheckpoints { positions, absent: HashSet::new() })
@@ -234,61 +233,76 @@ pub(crate) async fn move_checkpoints(
     Ok(())
 }
 
-/// Locks the snapshots `ids` (with the tenant each folds) of read model `table`, creating
-/// missing ones (a lock on a row that does not exist locks nothing), and returns `stream_id`,
-/// `last_global_position` and `snapshot` of each (`null` for new ones). Rows are taken in `ids`
-/// order (callers sort it), so concurrent batches cannot deadlock; existing ones are locked, not
-/// written, as in [`lock_checkpoints`].
+/// The snapshot rows a projection batch locked ([`lock_snapshots`]).
+pub(crate) struct LockedSnapshots {
+    /// `stream_id`, `last_global_position` and `snapshot` of each locked row (`null` for rows
+    /// created as placeholders).
+    pub rows: Vec<sea_orm::QueryResult>,
+    /// PostgreSQL: the ids without a row, which the batch inserts when it writes them, without
+    /// `ON CONFLICT`: a row another batch created meanwhile fails the insert on `snapshots`'
+    /// key ([`is_snapshot_taken`]), a lost race, and the batch runs again.
+    pub absent: Vec<String>,
+}
+
+/// Locks the snapshots `ids` (with the tenant each folds) of read model `table`. Rows are
+/// taken in `ids` order (callers sort it), so concurrent batches cannot deadlock; existing ones
+/// are locked, not written, as in [`lock_checkpoints`]. PostgreSQL leaves missing ones absent
+/// (a placeholder row, written and then updated in the same batch, doubled the snapshot writes
+/// of every new row); SQLite and MySQL create them as placeholders first (MySQL: a locking read
+/// of a missing key locks its gap, and two such batches deadlock inserting into it).
 pub(crate) async fn lock_snapshots(
     txn: &DatabaseTransaction,
     table: &str,
     ids: &[(&str, &str)],
-) -> Result<Vec<sea_orm::QueryResult>, DbErr> {
-    let key = [snapshots::Column::ReadmodelTableName, snapshots::Column::StreamId];
-    let partitions: HashMap<&str, &str> = ids.iter().copied().collect();
-    let create = |ids: &[&str]| {
-        let mut create = snapshots::insert_all_columns();
-        for id in ids {
-            let partition = partitions[id];
-            create.values_panic([
-                table.into(),
-                (*id).into(),
-                0i64.into(),
-                0i64.into(),
-                Value::Null.into(),
-                partition.into(),
-            ]);
-        }
-        create
-    };
+) -> Result<LockedSnapshots, DbErr> {
     let returned = [snapshots::Column::StreamId, snapshots::Column::LastGlobalPosition, snapshots::Column::Snapshot];
-    let ids: Vec<&str> = ids.iter().map(|(id, _)| *id).collect();
+    let keys: Vec<&str> = ids.iter().map(|(id, _)| *id).collect();
     #[cfg(feature = "postgres")]
     if txn.get_database_backend() == DbBackend::Postgres {
         let read = "SELECT s.stream_id, s.last_global_position, s.snapshot FROM unnest($2::text[]) AS k(id)
                     CROSS JOIN LATERAL (SELECT stream_id, last_global_position, snapshot FROM snapshots
                                         WHERE readmodel_table_name = $1 AND stream_id = k.id
                                         FOR UPDATE) AS s";
-        let unchanged = Expr::col((snapshots::Entity, snapshots::Column::StreamId));
-        let upsert = |missing: &[&str]| {
-            create(missing)
-                .on_conflict(OnConflict::columns(key).value(snapshots::Column::StreamId, unchanged).to_owned())
-                .returning(Query::returning().columns(returned))
-                .to_owned()
-        };
-        return pg_lock_or_create(txn, read, table, &ids, "stream_id", upsert).await;
+        let rows = pg_lock(txn, read, table, &keys).await?;
+        let absent = absent(&rows, &keys, "stream_id")?;
+        return Ok(LockedSnapshots { rows, absent });
     }
-    let mut create = create(&ids);
+    let mut create = snapshots::insert_all_columns();
+    for (id, partition) in ids {
+        create.values_panic([
+            table.into(),
+            (*id).into(),
+            0i64.into(),
+            0i64.into(),
+            Value::Null.into(),
+            (*partition).into(),
+        ]);
+    }
+    let key = [snapshots::Column::ReadmodelTableName, snapshots::Column::StreamId];
     create.on_conflict(OnConflict::columns(key).do_nothing_on([snapshots::Column::StreamId]).to_owned());
     txn.execute(&create).await?;
-    txn.query_all(
-        super::primary_key_only(Query::select().columns(returned).from(snapshots::Entity))
-            .and_where(Expr::col(snapshots::Column::ReadmodelTableName).eq(table))
-            .and_where(Expr::col(snapshots::Column::StreamId).is_in(ids.iter().copied()))
-            .order_by(snapshots::Column::StreamId, sea_orm::Order::Asc)
-            .lock(LockType::Update),
-    )
-    .await
+    let rows = txn
+        .query_all(
+            super::primary_key_only(Query::select().columns(returned).from(snapshots::Entity))
+                .and_where(Expr::col(snapshots::Column::ReadmodelTableName).eq(table))
+                .and_where(Expr::col(snapshots::Column::StreamId).is_in(keys.iter().copied()))
+                .order_by(snapshots::Column::StreamId, sea_orm::Order::Asc)
+                .lock(LockType::Update),
+        )
+        .await?;
+    Ok(LockedSnapshots { rows, absent: Vec::new() })
+}
+
+/// Whether `err` is an insert of a snapshot row that another batch created meanwhile (see
+/// [`LockedSnapshots::absent`]).
+pub(crate) fn is_snapshot_taken(err: &DbErr) -> bool {
+    matches!(err.sql_err(), Some(sea_orm::SqlErr::UniqueConstraintViolation(message)) if message.contains("snapshots_pkey"))
+}
+
+/// `keys` without a row among `rows` (matched on `key_column`), in `keys` order.
+fn absent(rows: &[sea_orm::QueryResult], keys: &[&str], key_column: &str) -> Result<Vec<String>, DbErr> {
+    let found: HashSet<String> = rows.iter().map(|row| row.try_get("", key_column)).collect::<Result<_, _>>()?;
+    Ok(keys.iter().filter(|k| !found.contains(**k)).map(|k| k.to_string()).collect())
 }
 
 /// PostgreSQL: the rows `read` locks (a `LATERAL` read `FOR UPDATE` of `$2`'s keys under `$1`,
@@ -316,10 +330,9 @@ async fn pg_lock_or_create(
     upsert: impl FnOnce(&[&str]) -> sea_orm::sea_query::InsertStatement,
 ) -> Result<Vec<sea_orm::QueryResult>, DbErr> {
     let mut rows = pg_lock(txn, read, scope, keys).await?;
-    let found: std::collections::HashSet<String> =
-        rows.iter().map(|row| row.try_get("", key_column)).collect::<Result<_, _>>()?;
-    let missing: Vec<&str> = keys.iter().copied().filter(|k| !found.contains(*k)).collect();
+    let missing = absent(&rows, keys, key_column)?;
     if !missing.is_empty() {
+        let missing: Vec<&str> = missing.iter().map(String::as_str).collect();
         rows.extend(txn.query_all(&upsert(&missing)).await?);
     }
     Ok(rows)

@@ -58,7 +58,9 @@ pub(crate) use leases::{
     FailedRun, LeaseReport, create_lease_tables, create_owner_index, drop_lease_tables, drop_owner_index,
     ensure_leases, forget_leases, lease_reports, lease_rows, lease_subscriptions, park, unpark,
 };
-pub(crate) use locks::{lock_batch_checkpoints, lock_checkpoints, lock_snapshots, move_checkpoints, save_checkpoints};
+pub(crate) use locks::{
+    is_snapshot_taken, lock_batch_checkpoints, lock_checkpoints, lock_snapshots, move_checkpoints, save_checkpoints,
+};
 pub(crate) use schema::{
     create_partition, create_schema, drop_schema, forget_tenant_statistics, harden_schema, mysql_exact_collation,
     soften_schema, table_shape, tenant_statistics,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::ProjectionRegistry;
-use super::registry::Accepted;
+use super::registry::{Accepted, Feed};
 use crate::error::Result;
 use crate::event::{Event, RecordedEvent, StoredMessage};
 use crate::store::EventStore;
@@ -38,7 +38,7 @@ impl<E: Event + 'static> Inline for Named<E> {
             .map(|(partition, events)| (partition.as_str(), None, std::mem::take(events)))
             .collect();
         if !batches.is_empty() {
-            self.registry.apply(store, None, &batches, None).await?;
+            self.registry.apply(store, Feed::Append, &batches, None).await?;
         }
         Ok(())
     }

@@ -18,11 +18,23 @@ pub struct ProjectionContext<'a> {
     pub(crate) txn: &'a DatabaseTransaction,
     pub(crate) store: &'a EventStore,
     pub(crate) partition: &'a str,
-    /// The stream of a per-stream run (`project_events`); `None` for a partition run.
-    pub(crate) stream: Option<&'a str>,
+    /// What feeds the batch.
+    pub(crate) feed: Feed<'a>,
     pub(crate) epoch: Option<i64>,
     /// In a rebuild: the rows folded again so far (others' stored snapshots are ignored).
     pub(crate) replay: Option<&'a Replay>,
+}
+
+/// What feeds a batch, which says whether a stored snapshot may already hold some of its events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Feed<'a> {
+    /// A per-stream run (`project_events`) of this stream, from its checkpoint.
+    Stream(&'a str),
+    /// A run over partitions in global order (runners, the daemon), each from its checkpoint.
+    Partitions,
+    /// The events an append just wrote in this transaction (an inline projection): no
+    /// snapshot holds any of them yet, whatever its position.
+    Append,
 }
 
 /// The snapshot ids (per read-model table) a rebuild of one tenant has folded again so far:
@@ -263,12 +275,12 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
     }
 
     /// Runs every step, in registration order, on the batches of one transaction: `(partition,
-    /// the lease epoch it runs under, its events in global order)` each; `stream` for a
-    /// per-stream run; `replay` in a rebuild.
+    /// the lease epoch it runs under, its events in global order)` each, fed by `feed`;
+    /// `replay` in a rebuild.
     pub(crate) async fn apply(
         &self,
         store: &EventStore,
-        stream: Option<&str>,
+        feed: Feed<'_>,
         batches: &[TenantBatch<'_, E>],
         replay: Option<&Replay>,
     ) -> Result<()> {
@@ -284,13 +296,13 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
                         .collect();
                     if let Some(first) = events.first() {
                         let ctx =
-                            ProjectionContext { txn, store, partition: &first.partition, stream, epoch: None, replay };
+                            ProjectionContext { txn, store, partition: &first.partition, feed, epoch: None, replay };
                         projection.fold(&ctx, &events).await?;
                     }
                 }
                 Step::Custom(handler) => {
                     for (partition, epoch, batch) in batches {
-                        let ctx = ProjectionContext { txn, store, partition, stream, epoch: *epoch, replay };
+                        let ctx = ProjectionContext { txn, store, partition, feed, epoch: *epoch, replay };
                         for event in batch.iter().filter(|e| registered.handles(&e.message_type)) {
                             let handled = AssertUnwindSafe(handler.handle(&ctx, event)).catch_unwind().await;
                             handled
@@ -301,7 +313,7 @@ impl<E: Event + 'static> ProjectionRegistry<E> {
                 }
                 Step::Batch(handler) => {
                     for (partition, epoch, batch) in batches {
-                        let ctx = ProjectionContext { txn, store, partition, stream, epoch: *epoch, replay };
+                        let ctx = ProjectionContext { txn, store, partition, feed, epoch: *epoch, replay };
                         let events: Vec<&RecordedEvent<E>> =
                             batch.iter().filter(|e| registered.handles(&e.message_type)).collect();
                         if let Some(first) = events.first() {

@@ -11,7 +11,7 @@ use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, PaginatorTrait, Que
 
 use super::ProjectionRegistry;
 use super::own_streams::OwnStreams;
-use super::registry::{Accepted, Replay};
+use super::registry::{Accepted, Feed, Replay};
 use crate::backend;
 use crate::backend::{is_retried, retry_policy};
 use crate::error::{Error, Result};
@@ -497,16 +497,16 @@ impl<E: Event + 'static> ProjectionRunner<E> {
     ) -> Result<Option<(u64, i64)>> {
         let rows = read_after(txn, partition, source, after, options.batch_size).await?;
         let Some(last) = rows.last() else { return Ok(None) };
-        let (next, stream) = match source {
-            Source::Stream(stream) => (last.stream_position, Some(stream)),
+        let (next, feed) = match source {
+            Source::Stream(stream) => (last.stream_position, Feed::Stream(stream)),
             // Rows without a global position are not read in global order.
-            Source::Partition { .. } => (last.global_position.unwrap_or(after), None),
+            Source::Partition { .. } => (last.global_position.unwrap_or(after), Feed::Partitions),
         };
         let count = rows.len() as u64;
         let batch = self.decode(txn, subscription, rows, options).await?;
         let epoch = options.lease.as_ref().map(|(_, epoch)| *epoch);
         let session = self.store.bound_to(Arc::clone(txn));
-        self.registry.apply(&session, stream, &[(partition, epoch, batch)], replay).await?;
+        self.registry.apply(&session, feed, &[(partition, epoch, batch)], replay).await?;
         Ok(Some((count, next)))
     }
 
@@ -615,7 +615,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
             }
         }
         let session = self.store.bound_to(Arc::clone(&txn));
-        self.registry.apply(&session, None, &batches, None).await?;
+        self.registry.apply(&session, Feed::Partitions, &batches, None).await?;
         drop(session);
         backend::save_checkpoints(&txn, subscription, &checkpoints, &moved).await?;
         commit(txn).await?;

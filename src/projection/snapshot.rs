@@ -5,11 +5,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use sea_orm::sea_query::QueryBuilder;
 use sea_orm::sea_query::{
-    Alias, CommonTableExpression, Expr, ExprTrait, InsertStatement, LockType, OnConflict, Query, SimpleExpr,
+    Alias, CommonTableExpression, Expr, ExprTrait, InsertStatement, LockType, OnConflict, Query, SimpleExpr, WithClause,
 };
 use sea_orm::{ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QuerySelect};
 use serde::{Serialize, de::DeserializeOwned};
 
+use super::registry::Feed;
 use super::{Columns, Keys, ProjectionContext};
 use crate::error::{Error, Result};
 use crate::event::{RecordedEvent, json_column};
@@ -299,6 +300,8 @@ struct Row<'a, E, S> {
     events: Vec<&'a RecordedEvent<E>>,
     state: Option<S>,
     last: Option<&'a RecordedEvent<E>>,
+    /// The stored snapshot's global position (0 for a new one).
+    folded: i64,
 }
 
 /// The type-erased face of a snapshot projection, as the registry runs it.
@@ -321,19 +324,19 @@ where
             let id = construct_stream_id(&keys);
             limits::check_identifier("snapshot id", &id, MAX_SNAPSHOT_ID_CHARS)?;
             rows.entry(id)
-                .or_insert_with(|| Row { keys, events: Vec::new(), state: None, last: None })
+                .or_insert_with(|| Row { keys, events: Vec::new(), state: None, last: None, folded: 0 })
                 .events
                 .push(event);
         }
         let Some(first) = rows.values().next() else { return Ok(()) };
         let table_columns = self.check_table(ctx, &first.keys).await?;
-        let mut stored = match self.storage {
+        let (mut stored, absent) = match self.storage {
             Storage::SnapshotTable => {
                 let ids: Vec<(&str, &str)> =
                     rows.iter().map(|(id, row)| (id.as_str(), row.events[0].partition.as_str())).collect();
                 self.lock_snapshots(ctx, &ids).await?
             }
-            Storage::InTable => self.lock_rows(ctx, &rows).await?,
+            Storage::InTable => (self.lock_rows(ctx, &rows).await?, BTreeSet::new()),
         };
         for (id, row) in rows.iter_mut() {
             // A rebuild folds every row again from the initial state.
@@ -342,19 +345,23 @@ where
                 Some((position, json)) => (position, self.decode(id, json)?),
                 None => (0, (self.initial_state)()),
             };
-            if let Some(stream) = ctx.stream {
-                self.check_fed_by_one_stream(ctx, id, folded, &row.events, stream).await?;
-            }
-            // Events up to the snapshot's position are in it; the events one stored row became
-            // (an upcaster's split) share its position, so all of them are folded or none.
-            for &event in row.events.iter().filter(|e| e.global_position as i64 > folded) {
+            // Events up to the snapshot's position are in it, unless they were just appended;
+            // the events one stored row became (an upcaster's split) share its position, so all
+            // of them are folded or none.
+            let in_snapshot = match ctx.feed {
+                Feed::Stream(stream) => self.check_fed_alone(ctx, id, folded, &row.events, Some(stream)).await?,
+                Feed::Partitions => self.check_fed_alone(ctx, id, folded, &row.events, None).await?,
+                Feed::Append => 0,
+            };
+            for &event in row.events.iter().filter(|e| e.global_position as i64 > in_snapshot) {
                 state = catch(event, || (self.evolve)(state, &event.event))?;
                 row.last = Some(event);
             }
             row.state = row.last.is_some().then_some(state);
+            row.folded = folded;
         }
         rows.retain(|_, row| row.last.is_some());
-        self.write(ctx, &rows, &table_columns).await
+        self.write(ctx, &rows, &absent, &table_columns).await
     }
 }
 
@@ -363,37 +370,62 @@ where
     E: Send + Sync,
     S: Serialize + DeserializeOwned + Send + Sync,
 {
-    /// A per-stream run skips events at or below the row's last global position as already
-    /// folded. That holds when the row is fed by this stream alone; when another stream wrote
-    /// it last, the order of the two streams' runs decides, and skipping could lose events:
-    /// fail with [`Error::SharedRow`] instead.
-    async fn check_fed_by_one_stream(
+    /// A run skips events at or below the row's last global position as already folded
+    /// (returned: the position up to which the row holds the batch's events). That holds when
+    /// the row's last writer is the events' own partition and, in a per-stream run
+    /// (`stream`), their own stream: each folds its events in order. When another wrote it
+    /// last, the order of the runs decides, and skipping could lose events: fail with
+    /// [`Error::SharedRow`] (another stream) or [`Error::SharedRowAcrossPartitions`] instead.
+    async fn check_fed_alone(
         &self,
         ctx: &ProjectionContext<'_>,
         id: &str,
         last_global: i64,
         events: &[&RecordedEvent<E>],
-        stream: &str,
-    ) -> Result<()> {
-        if last_global == 0 || events.iter().all(|e| e.global_position as i64 > last_global) {
-            return Ok(());
+        stream: Option<&str>,
+    ) -> Result<i64> {
+        let Some(writer) = self.earlier_writer(ctx, last_global, events).await? else { return Ok(last_global) };
+        let mut partitions: Vec<String> =
+            events.iter().filter(|e| e.global_position as i64 <= last_global).map(|e| e.partition.clone()).collect();
+        partitions.dedup();
+        let (table, row) = (self.table.clone(), id.to_owned());
+        match writer {
+            Some((_, partition)) if partitions.iter().any(|p| *p != partition) => {
+                partitions.retain(|p| *p != partition);
+                partitions.insert(0, partition);
+                Err(Error::SharedRowAcrossPartitions { table, row, partitions })
+            }
+            None => {
+                partitions.insert(0, "(its events are gone)".to_owned());
+                Err(Error::SharedRowAcrossPartitions { table, row, partitions })
+            }
+            Some((other, _)) if stream.is_some_and(|s| s != other) => {
+                Err(Error::SharedRow { table, row, streams: vec![other, stream.unwrap_or_default().to_owned()] })
+            }
+            Some(_) => Ok(last_global),
         }
-        let last_stream: Option<String> = messages::Entity::find()
+    }
+
+    /// `None` when no event of the batch is at or below the row's position `last_global`;
+    /// otherwise the stream and partition of the event there (the row's last writer), if it is
+    /// still stored.
+    async fn earlier_writer(
+        &self,
+        ctx: &ProjectionContext<'_>,
+        last_global: i64,
+        events: &[&RecordedEvent<E>],
+    ) -> Result<Option<Option<(String, String)>>> {
+        if last_global == 0 || events.iter().all(|e| e.global_position as i64 > last_global) {
+            return Ok(None);
+        }
+        let writer = messages::Entity::find()
             .select_only()
-            .column(messages::Column::StreamId)
-            .filter(messages::Column::Partition.eq(ctx.partition))
+            .columns([messages::Column::StreamId, messages::Column::Partition])
             .filter(messages::Column::GlobalPosition.eq(last_global))
             .into_tuple()
             .one(ctx.txn)
             .await?;
-        match last_stream {
-            Some(other) if other != stream => Err(Error::SharedRow {
-                table: self.table.clone(),
-                row: id.to_owned(),
-                streams: vec![other, stream.to_owned()],
-            }),
-            _ => Ok(()),
-        }
+        Ok(Some(writer))
     }
 
     /// A database error from the read-model table, named with the table unless it is one the
@@ -414,20 +446,23 @@ where
         }
     }
 
-    /// Snapshot-table mode: locks (creating them if needed) and loads the batch's snapshots.
+    /// Snapshot-table mode: locks and loads the batch's snapshots, and the ids of those that
+    /// have no row yet (PostgreSQL; the other backends create them as placeholders).
     async fn lock_snapshots(
         &self,
         ctx: &ProjectionContext<'_>,
         ids: &[(&str, &str)],
-    ) -> Result<BTreeMap<String, Stored>> {
-        let mut stored = BTreeMap::new();
+    ) -> Result<(BTreeMap<String, Stored>, BTreeSet<String>)> {
+        let (mut stored, mut absent) = (BTreeMap::new(), BTreeSet::new());
         for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-            for row in crate::backend::lock_snapshots(ctx.txn, &self.table, chunk).await? {
+            let locked = crate::backend::lock_snapshots(ctx.txn, &self.table, chunk).await?;
+            for row in locked.rows {
                 let id: String = row.try_get("", "stream_id")?;
                 stored.insert(id, (row.try_get("", "last_global_position")?, json_column(&row, "", "snapshot")?));
             }
+            absent.extend(locked.absent);
         }
-        Ok(stored)
+        Ok((stored, absent))
     }
 
     /// In-table mode: locks the existing read-model rows of the batch, in key order.
@@ -456,10 +491,12 @@ where
     }
 
     /// Writes every folded row: the snapshot (central table or in the row) and the read-model row.
+    /// `absent`: the snapshots without a row (PostgreSQL), inserted without `ON CONFLICT`.
     async fn write(
         &self,
         ctx: &ProjectionContext<'_>,
         rows: &BTreeMap<String, Row<'_, E, S>>,
+        absent: &BTreeSet<String>,
         table_columns: &BTreeSet<String>,
     ) -> Result<()> {
         let rows: Vec<(&String, &Row<'_, E, S>)> = rows.iter().collect();
@@ -474,52 +511,71 @@ where
                     let reason = format!("the column '{missing}' (from map_to_columns) does not exist");
                     return Err(Error::InvalidReadModel { table: self.table.clone(), reason });
                 }
-                written.push((id.as_str(), &row.keys, snapshot, last, columns));
+                // (An append's events may fold after a later position's: the row keeps the highest.)
+                let position = Ord::max(row.folded, last.global_position as i64);
+                written.push(Written { id: id.as_str(), keys: &row.keys, snapshot, last, position, columns });
             }
             let mut upserts = self.read_model_upserts(&written);
             if self.storage == Storage::SnapshotTable {
-                let snapshots = self.snapshots_upsert(&written);
-                match ctx.backend() {
-                    // One statement writes snapshots and rows: a round trip less per batch.
-                    DbBackend::Postgres => {
-                        let cte = CommonTableExpression::new().query(snapshots).table_name("emt_snapshots").to_owned();
-                        upserts[0].with_cte(cte);
+                let (new, old): (Vec<_>, Vec<_>) = written.iter().partition(|w| absent.contains(w.id));
+                let snapshots = [self.snapshots_insert(&new, false), self.snapshots_insert(&old, true)];
+                let mut with = WithClause::new();
+                for (i, snapshots) in snapshots.into_iter().flatten().enumerate() {
+                    match ctx.backend() {
+                        // One statement writes snapshots and rows: a round trip less per batch.
+                        DbBackend::Postgres => {
+                            let name = format!("emt_snapshots_{i}");
+                            with.cte(CommonTableExpression::new().query(snapshots).table_name(name).to_owned());
+                        }
+                        _ => {
+                            ctx.txn.execute(&snapshots).await?;
+                        }
                     }
-                    _ => {
-                        ctx.txn.execute(&snapshots).await?;
-                    }
+                }
+                if ctx.backend() == DbBackend::Postgres {
+                    upserts[0].with_cte(with);
                 }
             }
             for upsert in upserts {
-                ctx.txn.execute(&upsert).await.map_err(|err| self.read_model_error(err))?;
+                ctx.txn.execute(&upsert).await.map_err(|err| match crate::backend::is_snapshot_taken(&err) {
+                    true => crate::backend::lost_race(&format!("another batch created a snapshot of '{}'", self.table))
+                        .into(),
+                    false => self.read_model_error(err),
+                })?;
             }
         }
         Ok(())
     }
 
-    fn snapshots_upsert(&self, written: &[Written<'_, E>]) -> InsertStatement {
+    /// The snapshots of `written` as one insert (none for no rows), an upsert if `existing`.
+    fn snapshots_insert(&self, written: &[&Written<'_, E>], existing: bool) -> Option<InsertStatement> {
+        if written.is_empty() {
+            return None;
+        }
         let mut upsert = snapshots::insert_all_columns();
-        for (id, _, snapshot, last, _) in written {
+        for Written { id, snapshot, last, position, .. } in written {
             upsert.values_panic([
                 self.table.as_str().into(),
                 (*id).into(),
                 (last.stream_position as i64).into(),
-                (last.global_position as i64).into(),
+                (*position).into(),
                 snapshot.clone().into(),
                 last.partition.as_str().into(),
             ]);
         }
-        upsert.on_conflict(
-            OnConflict::columns([snapshots::Column::ReadmodelTableName, snapshots::Column::StreamId])
-                .update_columns([
-                    snapshots::Column::LastStreamPosition,
-                    snapshots::Column::LastGlobalPosition,
-                    snapshots::Column::Snapshot,
-                    snapshots::Column::Partition,
-                ])
-                .to_owned(),
-        );
-        upsert
+        if existing {
+            upsert.on_conflict(
+                OnConflict::columns([snapshots::Column::ReadmodelTableName, snapshots::Column::StreamId])
+                    .update_columns([
+                        snapshots::Column::LastStreamPosition,
+                        snapshots::Column::LastGlobalPosition,
+                        snapshots::Column::Snapshot,
+                        snapshots::Column::Partition,
+                    ])
+                    .to_owned(),
+            );
+        }
+        Some(upsert)
     }
 
     /// Upserts keys + mapped columns (+ the snapshot columns in legacy mode), at least one.
@@ -527,7 +583,7 @@ where
     /// has one column list.
     fn read_model_upserts(&self, written: &[Written<'_, E>]) -> Vec<InsertStatement> {
         let mut by_shape: BTreeMap<Vec<String>, Vec<(Vec<SimpleExpr>, &Keys)>> = BTreeMap::new();
-        for (_, keys, snapshot, last, columns) in written {
+        for Written { keys, snapshot, last, position, columns, .. } in written {
             let mut names: Vec<String> = keys.keys().cloned().collect();
             let mut values: Vec<SimpleExpr> = keys.values().map(|v| Expr::val(v.clone())).collect();
             if self.storage == Storage::InTable {
@@ -536,7 +592,7 @@ where
                     snapshot.clone().into(),
                     last.stream_id.as_str().into(),
                     (last.stream_position as i64).into(),
-                    (last.global_position as i64).into(),
+                    (*position).into(),
                 ]);
             }
             for (name, value) in columns {
@@ -566,8 +622,19 @@ where
     }
 }
 
-/// A folded row ready to write: snapshot id, keys, snapshot JSON, last event, mapped columns.
-type Written<'a, E> = (&'a str, &'a Keys, serde_json::Value, &'a RecordedEvent<E>, Columns);
+/// A folded row ready to write.
+struct Written<'a, E> {
+    /// The snapshot id.
+    id: &'a str,
+    keys: &'a Keys,
+    snapshot: serde_json::Value,
+    /// The last event folded.
+    last: &'a RecordedEvent<E>,
+    /// The global position the row holds every event up to.
+    position: i64,
+    /// The mapped columns.
+    columns: Columns,
+}
 
 #[cfg(test)]
 mod tests {
