@@ -265,26 +265,31 @@ async fn a_row_shared_by_streams_and_tenants_loses_no_event(db: TestDb) {
         SnapshotProjection::new(table, everyone, evolve, Account::default)
             .columns(|a: &Account| columns! { "total" => a.total, "deposits" => a.deposits as i64 })
     };
-    create_read_model(&db.db, "everyone_inline", false).await;
-    let inline = |store: &EventStore| {
-        store.clone().inline("everyone", ProjectionRegistry::new().with(shared("everyone_inline")))
-    };
-    let (inline, inline_other) = (inline(&store), inline(&other));
-    for round in 0..3 {
-        let appends: Vec<_> = (0..8)
-            .map(|i| {
-                let store = if i % 2 == 0 { inline.clone() } else { inline_other.clone() };
-                tokio::spawn(async move {
-                    let opts = AppendOptions::default().partition(format!("t{}", i % 3));
-                    store.append_to_stream(&format!("s-{i}"), [Ev::Deposited { amount: i }], opts).await
+    // In the central snapshots table, then in the row.
+    for in_table in [false, true] {
+        let table = if in_table { "everyone_in_row" } else { "everyone_inline" };
+        create_read_model(&db.db, table, in_table).await;
+        let inline = |store: &EventStore| {
+            let projection = if in_table { shared(table).in_table() } else { shared(table) };
+            store.clone().inline("everyone", ProjectionRegistry::new().with(projection))
+        };
+        let (inline, inline_other) = (inline(&store), inline(&other));
+        for round in 0..3 {
+            let appends: Vec<_> = (0..8)
+                .map(|i| {
+                    let store = if i % 2 == 0 { inline.clone() } else { inline_other.clone() };
+                    tokio::spawn(async move {
+                        let opts = AppendOptions::default().partition(format!("t{}", i % 3));
+                        store.append_to_stream(&format!("s-{i}"), [Ev::Deposited { amount: i }], opts).await
+                    })
                 })
-            })
-            .collect();
-        for a in appends {
-            a.await.unwrap().unwrap();
+                .collect();
+            for a in appends {
+                a.await.unwrap().unwrap();
+            }
+            let expected = ("all".to_owned(), 28 * (round + 1), 8 * (round + 1));
+            assert_eq!(read_model(&db.db, table, "all").await, vec![expected], "{table}, round {round}");
         }
-        let expected = ("all".to_owned(), 28 * (round + 1), 8 * (round + 1));
-        assert_eq!(read_model(&db.db, "everyone_inline", "all").await, vec![expected]);
     }
 
     create_read_model(&db.db, "everyone", false).await;

@@ -336,7 +336,16 @@ where
                     rows.iter().map(|(id, row)| (id.as_str(), row.events[0].partition.as_str())).collect();
                 self.lock_snapshots(ctx, &ids).await?
             }
-            Storage::InTable => (self.lock_rows(ctx, &rows).await?, BTreeSet::new()),
+            Storage::InTable => {
+                let stored = self.lock_rows(ctx, &rows).await?;
+                // PostgreSQL locks nothing for a row that does not exist: its insert must not
+                // overwrite one another batch created meanwhile (see `read_model_upserts`).
+                let absent = match ctx.backend() {
+                    DbBackend::Postgres => rows.keys().filter(|id| !stored.contains_key(*id)).cloned().collect(),
+                    _ => BTreeSet::new(),
+                };
+                (stored, absent)
+            }
         };
         for (id, row) in rows.iter_mut() {
             // A rebuild folds every row again from the initial state.
@@ -491,7 +500,8 @@ where
     }
 
     /// Writes every folded row: the snapshot (central table or in the row) and the read-model row.
-    /// `absent`: the snapshots without a row (PostgreSQL), inserted without `ON CONFLICT`.
+    /// `absent`: the snapshots (or, in-table, read-model rows) without a row (PostgreSQL),
+    /// which another batch must not have created meanwhile.
     async fn write(
         &self,
         ctx: &ProjectionContext<'_>,
@@ -515,7 +525,7 @@ where
                 let position = Ord::max(row.folded, last.global_position as i64);
                 written.push(Written { id: id.as_str(), keys: &row.keys, snapshot, last, position, columns });
             }
-            let mut upserts = self.read_model_upserts(&written);
+            let mut upserts = self.read_model_upserts(&written, absent);
             if self.storage == Storage::SnapshotTable {
                 let (new, old): (Vec<_>, Vec<_>) = written.iter().partition(|w| absent.contains(w.id));
                 let snapshots = [self.snapshots_insert(&new, false), self.snapshots_insert(&old, true)];
@@ -533,15 +543,20 @@ where
                     }
                 }
                 if ctx.backend() == DbBackend::Postgres {
-                    upserts[0].with_cte(with);
+                    upserts[0].0.with_cte(with);
                 }
             }
-            for upsert in upserts {
-                ctx.txn.execute(&upsert).await.map_err(|err| match crate::backend::is_snapshot_taken(&err) {
-                    true => crate::backend::lost_race(&format!("another batch created a snapshot of '{}'", self.table))
-                        .into(),
-                    false => self.read_model_error(err),
-                })?;
+            let lost_race =
+                |what: &str| Error::from(crate::backend::lost_race(&format!("another batch created {what}")));
+            for (upsert, new_rows) in upserts {
+                let done =
+                    ctx.txn.execute(&upsert).await.map_err(|err| match crate::backend::is_snapshot_taken(&err) {
+                        true => lost_race(&format!("a snapshot of '{}'", self.table)),
+                        false => self.read_model_error(err),
+                    })?;
+                if new_rows.is_some_and(|rows| done.rows_affected() < rows) {
+                    return Err(lost_race(&format!("a row of '{}'", self.table)));
+                }
             }
         }
         Ok(())
@@ -578,12 +593,19 @@ where
         Some(upsert)
     }
 
-    /// Upserts keys + mapped columns (+ the snapshot columns in legacy mode), at least one.
+    /// Upserts keys + mapped columns (+ the snapshot columns in in-table mode), at least one.
     /// Rows whose mapped column names differ go in separate statements, since one statement
-    /// has one column list.
-    fn read_model_upserts(&self, written: &[Written<'_, E>]) -> Vec<InsertStatement> {
-        let mut by_shape: BTreeMap<Vec<String>, Vec<(Vec<SimpleExpr>, &Keys)>> = BTreeMap::new();
-        for Written { keys, snapshot, last, position, columns, .. } in written {
+    /// has one column list. In-table rows in `absent` are inserted apart, with the number of
+    /// rows each statement must insert: one another batch created meanwhile is skipped
+    /// (`ON CONFLICT DO NOTHING` waits for that batch), a lost race.
+    fn read_model_upserts(
+        &self,
+        written: &[Written<'_, E>],
+        absent: &BTreeSet<String>,
+    ) -> Vec<(InsertStatement, Option<u64>)> {
+        type Shape = (bool, Vec<String>);
+        let mut by_shape: BTreeMap<Shape, Vec<(Vec<SimpleExpr>, &Keys)>> = BTreeMap::new();
+        for Written { id, keys, snapshot, last, position, columns } in written {
             let mut names: Vec<String> = keys.keys().cloned().collect();
             let mut values: Vec<SimpleExpr> = keys.values().map(|v| Expr::val(v.clone())).collect();
             if self.storage == Storage::InTable {
@@ -599,10 +621,11 @@ where
                 names.push(name.clone());
                 values.push(Expr::val(value.clone()));
             }
-            by_shape.entry(names).or_default().push((values, keys));
+            let new = self.storage == Storage::InTable && absent.contains(*id);
+            by_shape.entry((new, names)).or_default().push((values, keys));
         }
-        let statements = by_shape.into_iter().map(|(names, rows)| {
-            let key_count = rows[0].1.len();
+        let statements = by_shape.into_iter().map(|((new, names), rows)| {
+            let (key_count, count) = (rows[0].1.len(), rows.len() as u64);
             let mut upsert = Query::insert();
             upsert.into_table(self.table_name()).columns(names.iter().map(Alias::new));
             for (values, _) in rows {
@@ -610,13 +633,13 @@ where
             }
             let key_columns = names[..key_count].iter().map(Alias::new);
             let updated: Vec<Alias> = names[key_count..].iter().map(Alias::new).collect();
-            let on_conflict = if updated.is_empty() {
+            let on_conflict = if updated.is_empty() || new {
                 OnConflict::columns(key_columns).do_nothing_on(names[..1].iter().map(Alias::new)).to_owned()
             } else {
                 OnConflict::columns(key_columns).update_columns(updated).to_owned()
             };
             upsert.on_conflict(on_conflict);
-            upsert
+            (upsert, new.then_some(count))
         });
         statements.collect()
     }
