@@ -315,7 +315,30 @@ async fn a_row_shared_by_streams_and_tenants_loses_no_event(db: TestDb) {
             other => panic!("p{t}: expected SharedRowAcrossPartitions, got {other:?}"),
         }
     }
-    assert_eq!(read_model(&db.db, "everyone", "all").await, vec![("all".into(), 70 + 71 + 72, 3)]);
+    let p7 = ("all".to_owned(), 70 + 71 + 72, 3);
+    assert_eq!(read_model(&db.db, "everyone", "all").await, vec![p7.clone()]);
+
+    // Rebuilding a tenant would start the row over with its events alone: refused for a row
+    // another tenant wrote last, done for the tenant that wrote it.
+    match runner(&store).rebuild("everyone-rm", options(0), |_| {}).await {
+        Err(Error::RebuildIncomplete { failed, .. }) => {
+            assert!(matches!(&failed[..], [(t, Error::SharedRowAcrossPartitions { .. })] if t == "p0"), "{failed:?}")
+        }
+        other => panic!("expected RebuildIncomplete, got {other:?}"),
+    }
+    assert_eq!(read_model(&db.db, "everyone", "all").await, vec![p7.clone()]);
+    // From nothing, one event per batch: later batches build on the row the first one created.
+    for sql in ["DELETE FROM everyone", "DELETE FROM snapshots"] {
+        db.db.execute_unprepared(sql).await.unwrap();
+    }
+    let one_by_one = options(7).batch_size(1);
+    assert_eq!(runner(&store).rebuild("everyone-rm", one_by_one.clone(), |_| {}).await.unwrap().processed, 3);
+    assert_eq!(read_model(&db.db, "everyone", "all").await, vec![p7.clone()]);
+    create_read_model(&db.db, "everyone_row", true).await;
+    let in_row =
+        ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(shared("everyone_row").in_table()));
+    assert_eq!(in_row.rebuild("everyone-row", one_by_one, |_| {}).await.unwrap().processed, 3);
+    assert_eq!(read_model(&db.db, "everyone_row", "all").await, vec![p7]);
 }
 
 async fn handler_failure_rolls_the_batch_back(db: TestDb) {

@@ -300,6 +300,7 @@ pub(crate) fn is_snapshot_taken(err: &DbErr) -> bool {
 }
 
 /// `keys` without a row among `rows` (matched on `key_column`), in `keys` order.
+#[cfg(feature = "postgres")]
 fn absent(rows: &[sea_orm::QueryResult], keys: &[&str], key_column: &str) -> Result<Vec<String>, DbErr> {
     let found: HashSet<String> = rows.iter().map(|row| row.try_get("", key_column)).collect::<Result<_, _>>()?;
     Ok(keys.iter().filter(|k| !found.contains(**k)).map(|k| k.to_string()).collect())

@@ -347,9 +347,19 @@ where
                 (stored, absent)
             }
         };
+        // A rebuild folds every row again from the initial state; not a row another tenant's
+        // events fed, which a rebuild of this one would wipe.
+        let mut discarded = Vec::new();
+        for (id, row) in rows.iter() {
+            if ctx.replay.is_some_and(|r| r.first_time(&self.table, id))
+                && let Some((position, _)) = stored.remove(id)
+            {
+                discarded.push((id.as_str(), position, row.events[0].partition.as_str()));
+            }
+        }
+        self.check_rebuilt_alone(ctx, &discarded).await?;
         for (id, row) in rows.iter_mut() {
-            // A rebuild folds every row again from the initial state.
-            let stored = stored.remove(id).filter(|_| ctx.replay.is_none_or(|r| !r.first_time(&self.table, id)));
+            let stored = stored.remove(id);
             let (folded, mut state) = match stored {
                 Some((position, json)) => (position, self.decode(id, json)?),
                 None => (0, (self.initial_state)()),
@@ -413,6 +423,37 @@ where
             }
             Some(_) => Ok(last_global),
         }
+    }
+
+    /// A rebuild starts the rows `discarded` (`(id, stored position, the batch's partition)`)
+    /// over: each must have been written last by the partition being rebuilt, or by events no
+    /// longer stored; one another tenant wrote last fails with
+    /// [`Error::SharedRowAcrossPartitions`] instead of losing that tenant's events.
+    async fn check_rebuilt_alone(&self, ctx: &ProjectionContext<'_>, discarded: &[(&str, i64, &str)]) -> Result<()> {
+        let positions: Vec<i64> = discarded.iter().map(|(_, position, _)| *position).filter(|p| *p > 0).collect();
+        if positions.is_empty() {
+            return Ok(());
+        }
+        let writers: BTreeMap<i64, String> = messages::Entity::find()
+            .select_only()
+            .columns([messages::Column::GlobalPosition, messages::Column::Partition])
+            .filter(messages::Column::GlobalPosition.is_in(positions))
+            .into_tuple()
+            .all(ctx.txn)
+            .await?
+            .into_iter()
+            .collect();
+        for (id, position, partition) in discarded {
+            if let Some(writer) = writers.get(position).filter(|w| w != partition) {
+                let partitions = vec![writer.clone(), partition.to_string()];
+                return Err(Error::SharedRowAcrossPartitions {
+                    table: self.table.clone(),
+                    row: id.to_string(),
+                    partitions,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// `None` when no event of the batch is at or below the row's position `last_global`;
