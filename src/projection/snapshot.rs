@@ -404,9 +404,12 @@ where
         stream: Option<&str>,
     ) -> Result<i64> {
         let Some(writer) = self.earlier_writer(ctx, last_global, events).await? else { return Ok(last_global) };
-        let mut partitions: Vec<String> =
-            events.iter().filter(|e| e.global_position as i64 <= last_global).map(|e| e.partition.clone()).collect();
-        partitions.dedup();
+        let mut partitions: Vec<String> = Vec::new();
+        for event in events.iter().filter(|e| e.global_position as i64 <= last_global) {
+            if !partitions.contains(&event.partition) {
+                partitions.push(event.partition.clone());
+            }
+        }
         let (table, row) = (self.table.clone(), id.to_owned());
         match writer {
             Some((_, partition)) if partitions.iter().any(|p| *p != partition) => {
