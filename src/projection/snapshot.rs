@@ -5,7 +5,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use sea_orm::sea_query::QueryBuilder;
 use sea_orm::sea_query::{
-    Alias, CommonTableExpression, Expr, ExprTrait, InsertStatement, LockType, OnConflict, Query, SimpleExpr, WithClause,
+    Alias, CaseStatement, CommonTableExpression, Condition, Expr, ExprTrait, InsertStatement, LockType, OnConflict,
+    Query, SimpleExpr, WithClause,
 };
 use sea_orm::{ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QuerySelect};
 use serde::{Serialize, de::DeserializeOwned};
@@ -518,26 +519,42 @@ where
         Ok((stored, absent))
     }
 
-    /// In-table mode: locks the existing read-model rows of the batch, in key order.
+    /// In-table mode: locks the existing read-model rows of the batch, in key order, a
+    /// statement per [`ROWS_PER_STATEMENT`] rows (one per row took a round trip each). Each
+    /// found row says which of the batch's rows it is by a `CASE` over their keys, compared by
+    /// the database as the `WHERE` is, so no key is read back and converted.
     async fn lock_rows(
         &self,
         ctx: &ProjectionContext<'_>,
         rows: &BTreeMap<String, Row<'_, E, S>>,
     ) -> Result<BTreeMap<String, Stored>> {
         let mut stored = BTreeMap::new();
-        for (id, row) in rows {
+        let rows: Vec<(&String, &Row<'_, E, S>)> = rows.iter().collect();
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            // (Every row of a batch has the same key names: `check_key_names`.)
+            let names: Vec<Alias> = chunk[0].1.keys.keys().map(Alias::new).collect();
+            let columns = || Expr::tuple(names.iter().map(|name| Expr::col(name.clone())));
+            let keys = |row: &Row<'_, E, S>| Expr::tuple(row.keys.values().map(|v| Expr::val(v.clone())));
+            let mut which = CaseStatement::new();
+            for (i, (_, row)) in chunk.iter().enumerate() {
+                which = which.case(columns().eq(keys(row)), i as i64);
+            }
             let mut select = Query::select();
             select
+                .expr_as(which, Alias::new("emt_row"))
                 .expr_as(Expr::col(Alias::new("last_global_position")), Alias::new("last_global_position"))
                 .expr_as(Expr::col(Alias::new("snapshot")), Alias::new("snapshot"))
                 .from(self.table_name())
+                .cond_where(chunk.iter().fold(Condition::any(), |any, (_, row)| any.add(columns().eq(keys(row)))))
                 .lock(LockType::Update);
-            for (name, value) in &row.keys {
-                select.and_where(Expr::col(Alias::new(name)).eq(Expr::val(value.clone())));
+            for name in &names {
+                select.order_by(name.clone(), sea_orm::Order::Asc);
             }
-            if let Some(found) = ctx.txn.query_one(&select).await.map_err(|err| self.read_model_error(err))? {
+            for found in ctx.txn.query_all(&select).await.map_err(|err| self.read_model_error(err))? {
+                let which: i64 = found.try_get("", "emt_row")?;
+                let Some((id, _)) = chunk.get(which as usize) else { continue };
                 let position: Option<i64> = found.try_get("", "last_global_position")?;
-                stored.insert(id.clone(), (position.unwrap_or(0), json_column(&found, "", "snapshot")?));
+                stored.insert((*id).clone(), (position.unwrap_or(0), json_column(&found, "", "snapshot")?));
             }
         }
         Ok(stored)
