@@ -39,6 +39,8 @@
 //!   (1,000,000), then `aggregate-1m-snapshot` from a snapshot 50 events before its end;
 //! - `command` / `command-snapshot` (not in the default list): `--commands` (4,000) single-event
 //!   commands by 8 callers over 8 streams, without and with snapshots every 100 events;
+//! - `project-partition-in-table` (not in the default list): `project-partition` with the
+//!   snapshots kept in the read-model rows (`SnapshotProjection::in_table`);
 //! - `project-partition-upcast` (not in the default list): `project-partition` over events
 //!   stored one version behind their type's current one (one upcaster step each);
 //! - `tenant-transfer` (not in the default list): one tenant of `--tenant-events` (1,000,000)
@@ -169,6 +171,22 @@ fn carts_projection(table: &str) -> ProjectionRegistry<CartEvent> {
     ProjectionRegistry::new().with(carts)
 }
 
+/// The read model of `project-partition-in-table`: the carts with their snapshots in the rows.
+const IN_ROW_TABLE: &str = "bench_carts_in_row";
+
+fn carts_in_row() -> ProjectionRegistry<CartEvent> {
+    let carts = SnapshotProjection::new(
+        IN_ROW_TABLE,
+        |e, tenant| keys! { "tenant_id" => tenant, "cart_id" => &e.stream_id },
+        evolve,
+        CartState::default,
+    )
+    .handles(["CartCreated", "ItemAdded"])
+    .columns(|s: &CartState| columns! { "item_count" => s.items, "total" => s.total })
+    .in_table();
+    ProjectionRegistry::new().with(carts)
+}
+
 fn cart_event(s: u64, e: u64) -> CartEvent {
     if e == 0 {
         CartEvent::CartCreated { cart_id: format!("c{s}") }
@@ -219,6 +237,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for table in ["bench_carts", "bench_carts_interleaved", "bench_carts_inline"] {
         create_carts_table(&store, table).await?;
     }
+    create_carts_table_with(&store, IN_ROW_TABLE, true).await?;
     let partition = format!("bench-{}", uuid::Uuid::now_v7().simple());
     let mut appended = false;
 
@@ -261,6 +280,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "project-partition-upcast" => {
                 project_partition(&store, &args, &format!("{partition}-ppu"), Mode::Upcast).await?
             }
+            "project-partition-in-table" => {
+                project_partition(&store, &args, &format!("{partition}-ppi"), Mode::InTable).await?
+            }
             "append-n" => append_n(&store, &format!("{partition}-n")).await?,
             "daemon-lag" => daemon::lag(&args, &partition, true).await?,
             "daemon-lag-polling" => daemon::lag(&args, &partition, false).await?,
@@ -296,6 +318,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// Creates a carts read-model table (keys, item count, total) if needed; on MySQL its keys
 /// compare exactly, as the store requires of a read model.
 async fn create_carts_table(db: &impl ConnectionTrait, table: &str) -> Result<(), sea_orm::DbErr> {
+    create_carts_table_with(db, table, false).await
+}
+
+/// [`create_carts_table`], with the snapshot columns of `SnapshotProjection::in_table` if `in_row`.
+async fn create_carts_table_with(db: &impl ConnectionTrait, table: &str, in_row: bool) -> Result<(), sea_orm::DbErr> {
     let collation = emmett_seaorm::migrations::exact_collation(db).await?;
     let key = |name: &str| {
         let mut column = ColumnDef::new(Alias::new(name));
@@ -305,17 +332,23 @@ async fn create_carts_table(db: &impl ConnectionTrait, table: &str) -> Result<()
         }
         column
     };
-    db.execute(
-        Table::create()
-            .table(Alias::new(table))
-            .if_not_exists()
-            .col(key("tenant_id"))
-            .col(key("cart_id"))
-            .col(ColumnDef::new(Alias::new("item_count")).big_integer())
-            .col(ColumnDef::new(Alias::new("total")).big_integer())
-            .primary_key(Index::create().col(Alias::new("cart_id")).col(Alias::new("tenant_id"))),
-    )
-    .await?;
+    let mut create = Table::create();
+    create
+        .table(Alias::new(table))
+        .if_not_exists()
+        .col(key("tenant_id"))
+        .col(key("cart_id"))
+        .col(ColumnDef::new(Alias::new("item_count")).big_integer())
+        .col(ColumnDef::new(Alias::new("total")).big_integer())
+        .primary_key(Index::create().col(Alias::new("cart_id")).col(Alias::new("tenant_id")));
+    if in_row {
+        create
+            .col(ColumnDef::new(Alias::new("snapshot")).json_binary())
+            .col(ColumnDef::new(Alias::new("stream_id")).string())
+            .col(ColumnDef::new(Alias::new("last_stream_position")).big_integer())
+            .col(ColumnDef::new(Alias::new("last_global_position")).big_integer());
+    }
+    db.execute(&create).await?;
     Ok(())
 }
 
@@ -450,7 +483,7 @@ async fn project(store: &EventStore, args: &Args, partition: &str) -> Result<(),
         worker.await??;
     }
     report("project", args.streams * args.events_per_stream, started);
-    check_cart_0(store, partition, args.events_per_stream).await
+    check_cart_0(store, "bench_carts", partition, args.events_per_stream).await
 }
 
 /// How `project-partition` runs.
@@ -462,6 +495,8 @@ enum Mode {
     Cold,
     /// Warm, every event stored one version behind its type's current one: one upcaster step each.
     Upcast,
+    /// Warm, the snapshots in the read-model rows.
+    InTable,
 }
 
 /// The cart events' step from version 1 to 2: `price` moved into `unitPrice` and back (a
@@ -514,7 +549,11 @@ async fn project_partition(
         Mode::Upcast => store.clone().with_upcasters(cart_upcasters())?,
         _ => store.clone(),
     };
-    let runner = ProjectionRunner::new(reader, carts_projection("bench_carts"));
+    let (table, registry) = match mode {
+        Mode::InTable => (IN_ROW_TABLE, carts_in_row()),
+        _ => ("bench_carts", carts_projection("bench_carts")),
+    };
+    let runner = ProjectionRunner::new(reader, registry);
     let started = Instant::now();
     let done = runner
         .project_partition("carts-partition", RunOptions::default().partition(partition).batch_size(args.batch_size))
@@ -523,19 +562,25 @@ async fn project_partition(
         Mode::Warm => "project-partition",
         Mode::Cold => "project-partition-cold",
         Mode::Upcast => "project-partition-upcast",
+        Mode::InTable => "project-partition-in-table",
     };
     report(name, done.processed, started);
     assert_eq!(done.processed, streams * 10);
-    check_cart_0(store, partition, 10).await
+    check_cart_0(store, table, partition, 10).await
 }
 
 /// The read model of `cart-0` must be the fold of its events.
-async fn check_cart_0(store: &EventStore, partition: &str, events: u64) -> Result<(), Box<dyn std::error::Error>> {
+async fn check_cart_0(
+    store: &EventStore,
+    table: &str,
+    partition: &str,
+    events: u64,
+) -> Result<(), Box<dyn std::error::Error>> {
     let row = store
         .query_one(
             sea_orm::sea_query::Query::select()
                 .columns([Alias::new("item_count"), Alias::new("total")])
-                .from(Alias::new("bench_carts"))
+                .from(Alias::new(table))
                 .and_where(sea_orm::sea_query::ExprTrait::eq(
                     sea_orm::sea_query::Expr::col(Alias::new("cart_id")),
                     "cart-0",
