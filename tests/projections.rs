@@ -677,21 +677,22 @@ async fn read_model_tables_are_checked_and_keys_are_typed(db: TestDb) {
 
     db.db.execute(&table(true, true)).await.unwrap();
     assert_eq!(run().await.unwrap().processed, 3 + 4 + 5);
-    let rows = db
-        .db
-        .query_all(
-            sea_orm::sea_query::Query::select()
-                .columns([Alias::new("account_no"), Alias::new("total")])
-                .from(Alias::new("typed"))
-                .order_by(Alias::new("account_no"), sea_orm::Order::Asc),
-        )
-        .await
-        .unwrap();
-    let totals: Vec<(i64, i64)> =
-        rows.iter().map(|r| (r.try_get("", "account_no").unwrap(), r.try_get("", "total").unwrap())).collect();
+    // `(account_no, total)` of every row of `table`.
+    let conn = &db.db;
+    let totals = move |table: &'static str| async move {
+        let select = sea_orm::sea_query::Query::select()
+            .columns([Alias::new("account_no"), Alias::new("total")])
+            .from(Alias::new(table))
+            .order_by(Alias::new("account_no"), sea_orm::Order::Asc)
+            .to_owned();
+        let rows = conn.query_all(&select).await.unwrap();
+        rows.iter()
+            .map(|r| (r.try_get("", "account_no").unwrap(), r.try_get("", "total").unwrap()))
+            .collect::<Vec<(i64, i64)>>()
+    };
     let folded: Vec<(i64, i64)> =
         folded(&store, "t1", 3).await.iter().enumerate().map(|(i, r)| (i as i64, r.1)).collect();
-    assert_eq!(totals, folded);
+    assert_eq!(totals("typed").await, folded);
     // The same in the row, two events a batch: later batches find (lock) the rows by typed keys.
     let mut in_row = table(true, true);
     in_row
@@ -707,19 +708,7 @@ async fn read_model_tables_are_checked_and_keys_are_typed(db: TestDb) {
     let runner = ProjectionRunner::new(store.clone(), ProjectionRegistry::new().with(in_row));
     let options = RunOptions::default().partition("t1").batch_size(2);
     assert_eq!(runner.project_partition("typed-row", options).await.unwrap().processed, 3 + 4 + 5);
-    let rows = db
-        .db
-        .query_all(
-            sea_orm::sea_query::Query::select()
-                .columns([Alias::new("account_no"), Alias::new("total")])
-                .from(Alias::new("typed_row"))
-                .order_by(Alias::new("account_no"), sea_orm::Order::Asc),
-        )
-        .await
-        .unwrap();
-    let in_row: Vec<(i64, i64)> =
-        rows.iter().map(|r| (r.try_get("", "account_no").unwrap(), r.try_get("", "total").unwrap())).collect();
-    assert_eq!(in_row, folded);
+    assert_eq!(totals("typed_row").await, folded);
     // Typed keys are encoded in snapshot ids as JavaScript's String(value) would.
     let id = construct_stream_id(&keys! { "account_no" => 7i64, "flag" => true });
     assert_eq!(id, "account_no:7|flag:true");

@@ -160,31 +160,26 @@ fn evolve(state: CartState, event: &CartEvent) -> CartState {
 }
 
 fn carts_projection(table: &str) -> ProjectionRegistry<CartEvent> {
-    let carts = SnapshotProjection::new(
+    ProjectionRegistry::new().with(carts(table))
+}
+
+/// The carts read model: a row per cart and tenant, its item count and total.
+fn carts(table: &str) -> SnapshotProjection<CartEvent, CartState> {
+    SnapshotProjection::new(
         table,
         |e, tenant| keys! { "tenant_id" => tenant, "cart_id" => &e.stream_id },
         evolve,
         CartState::default,
     )
     .handles(["CartCreated", "ItemAdded"])
-    .columns(|s: &CartState| columns! { "item_count" => s.items, "total" => s.total });
-    ProjectionRegistry::new().with(carts)
+    .columns(|s: &CartState| columns! { "item_count" => s.items, "total" => s.total })
 }
 
 /// The read model of `project-partition-in-table`: the carts with their snapshots in the rows.
 const IN_ROW_TABLE: &str = "bench_carts_in_row";
 
 fn carts_in_row() -> ProjectionRegistry<CartEvent> {
-    let carts = SnapshotProjection::new(
-        IN_ROW_TABLE,
-        |e, tenant| keys! { "tenant_id" => tenant, "cart_id" => &e.stream_id },
-        evolve,
-        CartState::default,
-    )
-    .handles(["CartCreated", "ItemAdded"])
-    .columns(|s: &CartState| columns! { "item_count" => s.items, "total" => s.total })
-    .in_table();
-    ProjectionRegistry::new().with(carts)
+    ProjectionRegistry::new().with(carts(IN_ROW_TABLE).in_table())
 }
 
 fn cart_event(s: u64, e: u64) -> CartEvent {
