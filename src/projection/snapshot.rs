@@ -43,7 +43,10 @@ enum Storage {
 /// Per batch, each read-model row's snapshot is locked once (`SELECT … FOR UPDATE`; SQLite's
 /// write transaction is exclusive), the batch's events for that row are folded in memory —
 /// skipping those at or below the snapshot's last position, so re-runs are no-ops — and the
-/// snapshot and row are written once.
+/// snapshot and row are written once. A row created by two batches at once is a lost race,
+/// run again. An inline projection folds every event of its append (a row fed by several
+/// streams gets each, whatever order the appends commit in); a run over partitions refuses a
+/// row another tenant wrote last with `Error::SharedRowAcrossPartitions` rather than guess.
 ///
 /// Table, key and column names are quoted identifiers, never spliced into SQL.
 pub struct SnapshotProjection<E, S> {
