@@ -308,6 +308,14 @@ struct Row<'a, E, S> {
     folded: i64,
 }
 
+/// The stream and partition of the event at each global position (a row's last writer).
+type Writers = BTreeMap<i64, (String, String)>;
+
+/// Whether a row stored at `position` may hold some of `events` (at or below it).
+fn holds_some<E>(position: i64, events: &[&RecordedEvent<E>]) -> bool {
+    position > 0 && events.iter().any(|e| e.global_position as i64 <= position)
+}
+
 /// The type-erased face of a snapshot projection, as the registry runs it.
 #[async_trait::async_trait]
 pub(crate) trait Fold<E>: Send + Sync {
@@ -361,7 +369,14 @@ where
                 discarded.push((id.as_str(), position, row.events[0].partition.as_str()));
             }
         }
-        self.check_rebuilt_alone(ctx, &discarded).await?;
+        // The last writers of the rows whose position a check needs, read at once.
+        let overlapping = rows.iter().filter_map(|(id, row)| {
+            let position = stored.get(id).map(|(position, _)| *position)?;
+            (ctx.feed != Feed::Append && holds_some(position, &row.events)).then_some(position)
+        });
+        let positions = discarded.iter().map(|(_, position, _)| *position).chain(overlapping);
+        let writers = self.last_writers(ctx, positions.filter(|p| *p > 0).collect()).await?;
+        self.check_rebuilt_alone(&discarded, &writers)?;
         for (id, row) in rows.iter_mut() {
             let stored = stored.remove(id);
             let (folded, mut state) = match stored {
@@ -372,8 +387,8 @@ where
             // the events one stored row became (an upcaster's split) share its position, so all
             // of them are folded or none.
             let in_snapshot = match ctx.feed {
-                Feed::Stream(stream) => self.check_fed_alone(ctx, id, folded, &row.events, Some(stream)).await?,
-                Feed::Partitions => self.check_fed_alone(ctx, id, folded, &row.events, None).await?,
+                Feed::Stream(stream) => self.check_fed_alone(id, folded, &row.events, Some(stream), &writers)?,
+                Feed::Partitions => self.check_fed_alone(id, folded, &row.events, None, &writers)?,
                 Feed::Append => 0,
             };
             for &event in row.events.iter().filter(|e| e.global_position as i64 > in_snapshot) {
@@ -395,19 +410,21 @@ where
 {
     /// A run skips events at or below the row's last global position as already folded
     /// (returned: the position up to which the row holds the batch's events). That holds when
-    /// the row's last writer is the events' own partition and, in a per-stream run
-    /// (`stream`), their own stream: each folds its events in order. When another wrote it
+    /// the row's last writer (in `writers`) is the events' own partition and, in a per-stream
+    /// run (`stream`), their own stream: each folds its events in order. When another wrote it
     /// last, the order of the runs decides, and skipping could lose events: fail with
     /// [`Error::SharedRow`] (another stream) or [`Error::SharedRowAcrossPartitions`] instead.
-    async fn check_fed_alone(
+    fn check_fed_alone(
         &self,
-        ctx: &ProjectionContext<'_>,
         id: &str,
         last_global: i64,
         events: &[&RecordedEvent<E>],
         stream: Option<&str>,
+        writers: &Writers,
     ) -> Result<i64> {
-        let Some(writer) = self.earlier_writer(ctx, last_global, events).await? else { return Ok(last_global) };
+        if !holds_some(last_global, events) {
+            return Ok(last_global);
+        }
         let mut partitions: Vec<String> = Vec::new();
         for event in events.iter().filter(|e| e.global_position as i64 <= last_global) {
             if !partitions.contains(&event.partition) {
@@ -415,7 +432,7 @@ where
             }
         }
         let (table, row) = (self.table.clone(), id.to_owned());
-        match writer {
+        match writers.get(&last_global).cloned() {
             Some((_, partition)) if partitions.iter().any(|p| *p != partition) => {
                 partitions.retain(|p| *p != partition);
                 partitions.insert(0, partition);
@@ -433,25 +450,12 @@ where
     }
 
     /// A rebuild starts the rows `discarded` (`(id, stored position, the batch's partition)`)
-    /// over: each must have been written last by the partition being rebuilt, or by events no
-    /// longer stored; one another tenant wrote last fails with
+    /// over: each must have been written last (`writers`) by the partition being rebuilt, or by
+    /// events no longer stored; one another tenant wrote last fails with
     /// [`Error::SharedRowAcrossPartitions`] instead of losing that tenant's events.
-    async fn check_rebuilt_alone(&self, ctx: &ProjectionContext<'_>, discarded: &[(&str, i64, &str)]) -> Result<()> {
-        let positions: Vec<i64> = discarded.iter().map(|(_, position, _)| *position).filter(|p| *p > 0).collect();
-        if positions.is_empty() {
-            return Ok(());
-        }
-        let writers: BTreeMap<i64, String> = messages::Entity::find()
-            .select_only()
-            .columns([messages::Column::GlobalPosition, messages::Column::Partition])
-            .filter(messages::Column::GlobalPosition.is_in(positions))
-            .into_tuple()
-            .all(ctx.txn)
-            .await?
-            .into_iter()
-            .collect();
+    fn check_rebuilt_alone(&self, discarded: &[(&str, i64, &str)], writers: &Writers) -> Result<()> {
         for (id, position, partition) in discarded {
-            if let Some(writer) = writers.get(position).filter(|w| w != partition) {
+            if let Some((_, writer)) = writers.get(position).filter(|(_, w)| w != partition) {
                 let partitions = vec![writer.clone(), partition.to_string()];
                 return Err(Error::SharedRowAcrossPartitions {
                     table: self.table.clone(),
@@ -463,26 +467,21 @@ where
         Ok(())
     }
 
-    /// `None` when no event of the batch is at or below the row's position `last_global`;
-    /// otherwise the stream and partition of the event there (the row's last writer), if it is
-    /// still stored.
-    async fn earlier_writer(
-        &self,
-        ctx: &ProjectionContext<'_>,
-        last_global: i64,
-        events: &[&RecordedEvent<E>],
-    ) -> Result<Option<Option<(String, String)>>> {
-        if last_global == 0 || events.iter().all(|e| e.global_position as i64 > last_global) {
-            return Ok(None);
+    /// The stream and partition of the events still stored at `positions` (rows' last writers):
+    /// one read per 1,000, none for no positions.
+    async fn last_writers(&self, ctx: &ProjectionContext<'_>, positions: Vec<i64>) -> Result<Writers> {
+        let mut writers = Writers::new();
+        for chunk in positions.chunks(1000) {
+            let found: Vec<(i64, String, String)> = messages::Entity::find()
+                .select_only()
+                .columns([messages::Column::GlobalPosition, messages::Column::StreamId, messages::Column::Partition])
+                .filter(messages::Column::GlobalPosition.is_in(chunk.iter().copied()))
+                .into_tuple()
+                .all(ctx.txn)
+                .await?;
+            writers.extend(found.into_iter().map(|(position, stream, partition)| (position, (stream, partition))));
         }
-        let writer = messages::Entity::find()
-            .select_only()
-            .columns([messages::Column::StreamId, messages::Column::Partition])
-            .filter(messages::Column::GlobalPosition.eq(last_global))
-            .into_tuple()
-            .one(ctx.txn)
-            .await?;
-        Ok(Some(writer))
+        Ok(writers)
     }
 
     /// A database error from the read-model table, named with the table unless it is one the
