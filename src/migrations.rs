@@ -243,6 +243,34 @@ impl MigrationTrait for M20261207000004TenantPolicies {
     }
 }
 
+/// Keys `messages` by stream, tenant, archive flag and position (the TypeScript package's key puts
+/// the position before the tenant), so reading or appending to one tenant's stream no longer
+/// walks the events of every tenant with a stream of the same id. The primary key is rebuilt on
+/// PostgreSQL and MySQL (appends wait meanwhile); SQLite gets an index in that order. Databases
+/// created since have the key already.
+pub struct M20261208000001KeyMessagesByStream;
+
+impl M20261208000001KeyMessagesByStream {
+    const NAME: &str = "m20261208_000001_key_messages_by_stream";
+}
+
+impl MigrationName for M20261208000001KeyMessagesByStream {
+    fn name(&self) -> &str {
+        Self::NAME
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for M20261208000001KeyMessagesByStream {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        run(manager, up_sql(self.name(), manager.get_connection()).await?).await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        backend::key_messages_by_position(manager.get_connection()).await
+    }
+}
+
 /// Runs `statements` in order.
 async fn run(manager: &SchemaManager<'_>, statements: Vec<String>) -> Result<(), DbErr> {
     for statement in statements {
@@ -267,6 +295,7 @@ async fn up_sql(name: &str, db: &impl ConnectionTrait) -> Result<Vec<String>, Db
         M20261207000002CreateAppendFunction::NAME => Ok(backend::create_append_function(db.get_database_backend())),
         M20261207000003AssumeManyTenants::NAME => Ok(backend::tenant_statistics(db.get_database_backend())),
         M20261207000004TenantPolicies::NAME => backend::rls::tenant_policies(db).await,
+        M20261208000001KeyMessagesByStream::NAME => backend::key_messages_by_stream(db).await,
         other => Err(DbErr::Migration(format!("no migration named {other}"))),
     }
 }
@@ -349,6 +378,7 @@ impl MigratorTrait for Migrator {
             Box::new(M20261207000002CreateAppendFunction),
             Box::new(M20261207000003AssumeManyTenants),
             Box::new(M20261207000004TenantPolicies),
+            Box::new(M20261208000001KeyMessagesByStream),
         ]
     }
 

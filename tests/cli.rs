@@ -49,9 +49,9 @@ fn json_lines(stdout: &str) -> Vec<Value> {
 
 async fn migrations_report_apply_and_print_their_sql(db: TestDb) {
     let status = ok(cli(&db, &["migrate", "status"]));
-    assert_eq!(status.matches("applied").count(), 9, "{status}");
+    assert_eq!(status.matches("applied").count(), 10, "{status}");
     assert!(ok(cli(&db, &["migrate", "sql"])).contains("no pending migrations"));
-    ok(cli(&db, &["migrate", "down", "--steps", "7"]));
+    ok(cli(&db, &["migrate", "down", "--steps", "8"]));
     let status = ok(cli(&db, &["migrate", "status"]));
     let line = status.lines().find(|l| l.starts_with("m20261128_000002_create_daemon_leases")).unwrap_or_default();
     assert!(line.ends_with(" pending"), "{status}");
@@ -77,7 +77,7 @@ async fn migrations_report_apply_and_print_their_sql(db: TestDb) {
     }
     assert!(statement.trim().is_empty(), "left over: {statement}");
     ok(cli(&db, &["migrate", "up"]));
-    assert_eq!(ok(cli(&db, &["migrate", "status"])).matches("applied").count(), 9);
+    assert_eq!(ok(cli(&db, &["migrate", "status"])).matches("applied").count(), 10);
     assert!(failed(cli(&db, &["migrate", "fresh"])).contains("--yes"));
 }
 

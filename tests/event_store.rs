@@ -464,6 +464,113 @@ async fn migrations_go_down_and_up_again(db: TestDb) {
     assert_eq!((again.next_expected_stream_version, again.last_event_global_position), (1, 1));
 }
 
+/// The columns of the primary key of `messages`, in order, and whether SQLite's index by stream
+/// (added to a table keyed the old way) is there.
+async fn messages_key(db: &sea_orm::DatabaseConnection) -> (Vec<String>, bool) {
+    let backend = db.get_database_backend();
+    let sql = match backend {
+        sea_orm::DbBackend::Postgres => {
+            "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid
+             AND a.attnum = ANY(i.indkey) WHERE i.indrelid = 'messages'::regclass AND i.indisprimary
+             ORDER BY array_position(i.indkey::int2[], a.attnum)"
+        }
+        sea_orm::DbBackend::MySql => {
+            "SELECT COLUMN_NAME FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE()
+             AND TABLE_NAME = 'messages' AND INDEX_NAME = 'PRIMARY' ORDER BY SEQ_IN_INDEX"
+        }
+        _ => "SELECT name FROM pragma_index_info((SELECT name FROM pragma_index_list('messages') WHERE origin = 'pk')) ORDER BY seqno",
+    };
+    let rows = db.query_all_raw(sea_orm::Statement::from_string(backend, sql)).await.unwrap();
+    let key = rows.iter().map(|row| row.try_get_by_index(0).unwrap()).collect();
+    let index = "SELECT 1 FROM sqlite_master WHERE name = 'idx_messages_stream'";
+    let indexed = backend == sea_orm::DbBackend::Sqlite
+        && db.query_one_raw(sea_orm::Statement::from_string(backend, index)).await.unwrap().is_some();
+    (key, indexed)
+}
+
+/// `messages` is keyed by stream, tenant, archive flag and position. A database keyed the
+/// TypeScript package's way (position before tenant: reading one tenant's stream walked every
+/// tenant's stream of that id) is rekeyed by the migration, its events kept; on MySQL, whose
+/// handler counters are exact, reading a tenant's stream then reads its rows only.
+async fn messages_are_keyed_by_stream_then_tenant(db: TestDb) {
+    use sea_orm::{DbBackend, Statement};
+    let backend = db.db.get_database_backend();
+    let store = db.store();
+    // 40 tenants with a stream `shared`; `t0` also has 100 events in another stream.
+    for t in 0..40 {
+        let events: Vec<Ev> = (1..=3).map(deposit).collect();
+        store.append_to_stream("shared", events, AppendOptions::default().partition(format!("t{t}"))).await.unwrap();
+    }
+    let other: Vec<Ev> = (0..100).map(deposit).collect();
+    store.append_to_stream("other", other, AppendOptions::default().partition("t0")).await.unwrap();
+    let by_stream = ["stream_id", "partition", "is_archived", "stream_position"].map(String::from).to_vec();
+    let by_position = ["stream_id", "stream_position", "partition", "is_archived"].map(String::from).to_vec();
+    assert_eq!(messages_key(&db.db).await, (by_stream.clone(), false), "a new database");
+
+    // Back to the old key: the migration undone on PostgreSQL and MySQL; on SQLite (whose key
+    // can't change) the table is rebuilt by hand with it, indexes and triggers included.
+    Migrator::down(&db.db, Some(1)).await.unwrap();
+    if backend == DbBackend::Sqlite {
+        use sea_orm::TransactionTrait;
+        let txn = db.db.begin().await.unwrap();
+        let objects = "SELECT sql FROM sqlite_master WHERE tbl_name = 'messages' AND sql IS NOT NULL
+                       ORDER BY CASE type WHEN 'table' THEN 0 WHEN 'index' THEN 1 ELSE 2 END";
+        let rows = txn.query_all_raw(Statement::from_string(backend, objects)).await.unwrap();
+        let ddl: Vec<String> = rows.iter().map(|row| row.try_get_by_index(0).unwrap()).collect();
+        txn.execute_unprepared("CREATE TEMP TABLE kept AS SELECT * FROM messages").await.unwrap();
+        txn.execute_unprepared("DROP TABLE messages").await.unwrap();
+        for sql in ddl {
+            let (new, old) = ("partition, is_archived, stream_position)", "stream_position, partition, is_archived)");
+            txn.execute_unprepared(&sql.replace(new, old)).await.unwrap();
+        }
+        txn.execute_unprepared("INSERT INTO messages SELECT * FROM kept").await.unwrap();
+        txn.execute_unprepared("DROP TABLE kept").await.unwrap();
+        txn.commit().await.unwrap();
+    }
+    assert_eq!(messages_key(&db.db).await, (by_position, false), "keyed the old way");
+    let read_shared = async |db: &sea_orm::DatabaseConnection| {
+        let store = EventStore::new(db.clone());
+        let read = store.read_stream::<Ev>("shared", ReadOptions::default().partition("t0")).await.unwrap();
+        assert_eq!(read.events.iter().map(|e| e.stream_position).collect::<Vec<_>>(), [1, 2, 3]);
+    };
+    // Rows MySQL reads for one read of `t0`'s `shared` (over one connection, so the session's
+    // counters see the store's read); 0 elsewhere.
+    let single = {
+        let mut options = emmett_seaorm::connect_options(&db.url);
+        options.max_connections(1).sqlx_logging(false);
+        sea_orm::Database::connect(emmett_seaorm::configure(options)).await.unwrap()
+    };
+    let rows_read = async || {
+        let counters = async || {
+            let sql = "SELECT sum(VARIABLE_VALUE) FROM information_schema.SESSION_STATUS
+                       WHERE VARIABLE_NAME IN ('HANDLER_READ_KEY', 'HANDLER_READ_NEXT', 'HANDLER_READ_PREV')";
+            let row = single.query_one_raw(Statement::from_string(backend, sql)).await.unwrap().unwrap();
+            row.try_get_by_index::<f64>(0).unwrap() as u64
+        };
+        // (Once first: the statement is prepared again after the table changed.)
+        read_shared(&single).await;
+        let before = if backend == DbBackend::MySql { counters().await } else { 0 };
+        read_shared(&single).await;
+        if backend == DbBackend::MySql { counters().await - before } else { 0 }
+    };
+    let old = rows_read().await;
+    assert!(backend != DbBackend::MySql || old > 60, "the old key walks other tenants' rows: {old}");
+
+    Migrator::up(&db.db, None).await.unwrap();
+    let rekeyed = match backend {
+        DbBackend::Sqlite => (["stream_id", "stream_position", "partition", "is_archived"].map(String::from).to_vec(), true),
+        _ => (by_stream, false),
+    };
+    assert_eq!(messages_key(&db.db).await, rekeyed, "rekeyed by the migration");
+    let new = rows_read().await;
+    assert!(new < 20, "the stream's rows only: {new} (old key: {old})");
+    let again = store.append_to_stream("shared", [deposit(4)], exact(3).partition("t0")).await.unwrap();
+    assert_eq!(again.next_expected_stream_version, 4);
+    let read = store.read_stream::<Ev>("other", ReadOptions::default().partition("t0")).await.unwrap();
+    assert_eq!(read.events.len(), 100);
+    single.close().await.unwrap();
+}
+
 /// An app's own migration: a read-model table.
 struct CreateCarts;
 
@@ -712,6 +819,7 @@ conformance!(with_pooler:
     aggregate_folds_a_long_stream_in_pages,
     bad_input_gets_typed_errors_and_writes_nothing,
     migrations_go_down_and_up_again,
+    messages_are_keyed_by_stream_then_tenant,
     appends_of_any_size,
     concurrent_appends_each_get_their_own_outcome,
     a_panicking_inline_projection_fails_its_append_alone,

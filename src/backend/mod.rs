@@ -62,8 +62,8 @@ pub(crate) use locks::{
     is_snapshot_taken, lock_batch_checkpoints, lock_checkpoints, lock_snapshots, move_checkpoints, save_checkpoints,
 };
 pub(crate) use schema::{
-    create_partition, create_schema, drop_schema, forget_tenant_statistics, harden_schema, mysql_exact_collation,
-    soften_schema, table_shape, tenant_statistics,
+    create_partition, create_schema, drop_schema, forget_tenant_statistics, harden_schema, key_messages_by_position,
+    key_messages_by_stream, mysql_exact_collation, soften_schema, table_shape, tenant_statistics,
 };
 pub(crate) use segments::{
     SegmentRow, Segments, claim, create_segment_table, drop_segment_table, ensure_segments, held_tenants, leave,

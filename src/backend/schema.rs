@@ -28,7 +28,7 @@ pub(crate) fn create_schema(backend: DbBackend) -> Result<Vec<&'static str>, DbE
                global_position bigint DEFAULT nextval('emt_global_message_position'),
                created timestamptz(3) NOT NULL DEFAULT now(),
                transaction_id xid8 NOT NULL DEFAULT pg_current_xact_id(),
-               CONSTRAINT pk_messages PRIMARY KEY (stream_id, stream_position, partition, is_archived)
+               CONSTRAINT pk_messages PRIMARY KEY (stream_id, partition, is_archived, stream_position)
              ) PARTITION BY LIST (partition)",
             // Emmett's column for gap-free reads, added to a schema the TypeScript package created.
             "ALTER TABLE messages ADD COLUMN IF NOT EXISTS transaction_id xid8 NOT NULL DEFAULT pg_current_xact_id()",
@@ -57,7 +57,7 @@ pub(crate) fn create_schema(backend: DbBackend) -> Result<Vec<&'static str>, DbE
                message_id VARCHAR(64) NOT NULL, is_archived BOOLEAN NOT NULL DEFAULT FALSE,
                global_position BIGINT NOT NULL AUTO_INCREMENT,
                created DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
-               PRIMARY KEY (stream_id, stream_position, `partition`, is_archived),
+               PRIMARY KEY (stream_id, `partition`, is_archived, stream_position),
                UNIQUE KEY uq_messages_global_position (global_position),
                KEY idx_messages_partition_global_position (`partition`, global_position))",
             "CREATE TABLE IF NOT EXISTS subscriptions (
@@ -83,7 +83,7 @@ pub(crate) fn create_schema(backend: DbBackend) -> Result<Vec<&'static str>, DbE
                message_schema_version TEXT NOT NULL, message_type TEXT NOT NULL, message_id TEXT NOT NULL,
                is_archived BOOLEAN NOT NULL DEFAULT FALSE, global_position INTEGER,
                created TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
-               PRIMARY KEY (stream_id, stream_position, partition, is_archived))",
+               PRIMARY KEY (stream_id, partition, is_archived, stream_position))",
             "CREATE UNIQUE INDEX IF NOT EXISTS uq_messages_global_position ON messages (global_position)",
             "CREATE INDEX IF NOT EXISTS idx_messages_partition_global_position ON messages (partition, global_position)",
             "CREATE TABLE IF NOT EXISTS subscriptions (
@@ -198,6 +198,73 @@ pub(crate) async fn harden_schema(conn: &impl ConnectionTrait) -> Result<Vec<Str
         other => return Err(DbErr::BackendNotSupported { db: other.as_str(), ctx: "emmett-seaorm schema" }),
     };
     Ok(ddl)
+}
+
+/// The key of `messages` by which a stream's events are found: its stream, tenant, archive flag,
+/// then position. The TypeScript package's key, `(stream_id, stream_position, partition,
+/// is_archived)`, holds the same rows but puts the position before the tenant, so reading one
+/// tenant's stream walked the events of every tenant with a stream of that id (7.9 ms for a
+/// 3-event stream at 10,000 tenants sharing `cart-0` on PostgreSQL, 6,000 rows examined per
+/// append on MariaDB).
+const STREAM_KEY: [&str; 4] = ["stream_id", "partition", "is_archived", "stream_position"];
+/// The TypeScript package's key of `messages` (see [`STREAM_KEY`]).
+const POSITION_KEY: [&str; 4] = ["stream_id", "stream_position", "partition", "is_archived"];
+
+/// The columns of the primary key of `messages`, in order (empty without the table).
+async fn messages_key(conn: &impl ConnectionTrait) -> Result<Vec<String>, DbErr> {
+    let backend = conn.get_database_backend();
+    let sql = match backend {
+        DbBackend::Postgres => {
+            "SELECT a.attname::text FROM pg_constraint c
+             CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k(attnum, n)
+             JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
+             WHERE c.conrelid = to_regclass('messages') AND c.contype = 'p' ORDER BY k.n"
+        }
+        DbBackend::MySql => {
+            "SELECT COLUMN_NAME FROM information_schema.STATISTICS
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'messages' AND INDEX_NAME = 'PRIMARY' ORDER BY SEQ_IN_INDEX"
+        }
+        _ => {
+            "SELECT i.name FROM pragma_index_list('messages') AS l, pragma_index_info(l.name) AS i
+             WHERE l.origin = 'pk' ORDER BY i.seqno"
+        }
+    };
+    let rows = conn.query_all_raw(Statement::from_string(backend, sql)).await?;
+    rows.iter().map(|row| row.try_get_by_index(0)).collect()
+}
+
+/// DDL keying `messages` by [`STREAM_KEY`] (a migration), not run: on PostgreSQL and MySQL the
+/// primary key is rebuilt in that order (a table rewrite on MySQL; appends wait meanwhile); on
+/// SQLite, whose primary key can't change, an index in that order is added. Nothing when the
+/// table already has it (databases created since).
+pub(crate) async fn key_messages_by_stream(conn: &impl ConnectionTrait) -> Result<Vec<String>, DbErr> {
+    if messages_key(conn).await? != POSITION_KEY {
+        return Ok(Vec::new());
+    }
+    Ok(vec![rekey_messages(conn.get_database_backend(), &STREAM_KEY)])
+}
+
+/// Undoes [`key_messages_by_stream`] on a database it changed.
+pub(crate) async fn key_messages_by_position(conn: &impl ConnectionTrait) -> Result<(), DbErr> {
+    let backend = conn.get_database_backend();
+    let ddl = match backend {
+        DbBackend::Sqlite => "DROP INDEX IF EXISTS idx_messages_stream".to_owned(),
+        _ if messages_key(conn).await? == STREAM_KEY => rekey_messages(backend, &POSITION_KEY),
+        _ => return Ok(()),
+    };
+    conn.execute_unprepared(&ddl).await.map(|_| ())
+}
+
+/// The statement giving `messages` the key `columns` (on SQLite an index in that order).
+fn rekey_messages(backend: DbBackend, columns: &[&str; 4]) -> String {
+    let list = columns.map(|c| if c == "partition" { super::partition_column(backend) } else { c }).join(", ");
+    match backend {
+        DbBackend::Postgres => {
+            format!("ALTER TABLE messages DROP CONSTRAINT pk_messages, ADD CONSTRAINT pk_messages PRIMARY KEY ({list})")
+        }
+        DbBackend::MySql => format!("ALTER TABLE messages DROP PRIMARY KEY, ADD PRIMARY KEY ({list})"),
+        _ => format!("CREATE INDEX IF NOT EXISTS idx_messages_stream ON messages ({list})"),
+    }
 }
 
 /// PostgreSQL: the share of the default partition's events one tenant is assumed to hold (1%),
