@@ -464,6 +464,37 @@ async fn migrations_go_down_and_up_again(db: TestDb) {
     assert_eq!((again.next_expected_stream_version, again.last_event_global_position), (1, 1));
 }
 
+/// Appends over one connection, alternating existing and new streams, single events and several:
+/// every result reports the version and last global position the store holds (MySQL hands both
+/// back in a statement's answer, which must not carry over from the connection's last statement).
+async fn reported_versions_and_positions_are_the_stored_ones(db: TestDb) {
+    let mut options = emmett_seaorm::connect_options(&db.url);
+    options.max_connections(1).sqlx_logging(false);
+    let single = sea_orm::Database::connect(emmett_seaorm::configure(options)).await.unwrap();
+    let store = EventStore::new(single.clone());
+    let any = AppendOptions::default;
+    let exists = || AppendOptions::default().expected(ExpectedVersion::StreamExists);
+    let steps: [(&str, usize, AppendOptions, u64); 8] = [
+        ("a", 2, any(), 2),
+        ("a", 1, any(), 3),
+        ("a", 1, exists(), 4),
+        ("b", 1, any(), 1),
+        ("a", 3, exists(), 7),
+        ("c", 1, any(), 1),
+        ("b", 1, exists(), 2),
+        ("b", 2, any(), 4),
+    ];
+    for (stream, n, options, version) in steps {
+        let events: Vec<Ev> = (0..n as i64).map(deposit).collect();
+        let done = store.append_to_stream(stream, events, options).await.unwrap();
+        assert_eq!(done.next_expected_stream_version, version, "{stream}");
+        let read = store.read_stream::<Ev>(stream, ReadOptions::default()).await.unwrap();
+        let last = read.events.last().unwrap();
+        assert_eq!((last.stream_position, last.global_position), (version, done.last_event_global_position));
+    }
+    single.close().await.unwrap();
+}
+
 /// The columns of the primary key of `messages`, in order, and whether SQLite's index by stream
 /// (added to a table keyed the old way) is there.
 async fn messages_key(db: &sea_orm::DatabaseConnection) -> (Vec<String>, bool) {
@@ -820,6 +851,7 @@ conformance!(with_pooler:
     bad_input_gets_typed_errors_and_writes_nothing,
     migrations_go_down_and_up_again,
     messages_are_keyed_by_stream_then_tenant,
+    reported_versions_and_positions_are_the_stored_ones,
     appends_of_any_size,
     concurrent_appends_each_get_their_own_outcome,
     a_panicking_inline_projection_fails_its_append_alone,

@@ -1,6 +1,6 @@
 //! Appends: one statement on PostgreSQL, one transaction on SQLite and MySQL.
 
-use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query, SimpleExpr};
+use sea_orm::sea_query::{Expr, ExprTrait, Func, OnConflict, Query, SimpleExpr};
 use sea_orm::{
     ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, ExecResult, SqlErr, Statement, TransactionTrait,
 };
@@ -324,6 +324,7 @@ pub(crate) async fn append_steps(
     // SQLite returns the rows of inline projections from the insert; MySQL reads them back.
     let returning = first_global.is_some() && moved.iter().any(|(a, _)| a.returning_rows);
     let mut returned = std::collections::BTreeMap::new();
+    let mut inserted = None;
     let mut rows = rows.into_iter().enumerate();
     for _ in 0..rows.len().div_ceil(MESSAGES_PER_INSERT) {
         let mut insert = Query::insert();
@@ -340,7 +341,11 @@ pub(crate) async fn append_steps(
                 returned.insert(row.global_position.unwrap_or_default(), row);
             }
         } else {
-            txn.execute(&insert).await?;
+            let res = txn.execute(&insert).await?;
+            // MySQL: a one-row insert answers with the position it took.
+            if backend == DbBackend::MySql && total == 1 {
+                inserted = Some(res.last_insert_id() as i64);
+            }
         }
     }
 
@@ -363,7 +368,10 @@ pub(crate) async fn append_steps(
                 };
                 (range.end - 1, rows)
             }
-            None => read_back(txn, a, version).await?,
+            None => match inserted {
+                Some(position) if !a.returning_rows => (position, Vec::new()),
+                _ => read_back(txn, a, version).await?,
+            },
         };
         done.push(Some(Appended {
             next_expected_version: version as u64,
@@ -458,7 +466,26 @@ async fn move_stream_row(txn: &DatabaseTransaction, a: &Append, n: i64) -> Resul
             ]);
         insert
     };
-    let increment = Expr::col(streams::Column::StreamPosition).add(n);
+    let backend = txn.get_database_backend();
+    // The moved row's new version comes back with the statement: SQLite returns it; MySQL's
+    // `LAST_INSERT_ID(expr)` puts it in the statement's answer (0 when the row was inserted, at
+    // version `n`: the table has no AUTO_INCREMENT column).
+    let mut increment = Expr::col(streams::Column::StreamPosition).add(n);
+    if backend == DbBackend::MySql {
+        increment = Func::cust("LAST_INSERT_ID").arg(increment).into();
+    }
+    let moved = async |statement: Statement| -> Result<Option<i64>, DbErr> {
+        if backend == DbBackend::MySql {
+            let res = txn.execute_raw(statement).await?;
+            return Ok((res.rows_affected() > 0).then(|| match res.last_insert_id() {
+                0 => n,
+                version => version as i64,
+            }));
+        }
+        let row = txn.query_one_raw(statement).await?;
+        row.map(|row| row.try_get::<i64>("", "stream_position")).transpose()
+    };
+
     let updated = |res: ExecResult| res.rows_affected() > 0;
     match a.expected {
         ExpectedVersion::NoStream | ExpectedVersion::Exact(0) => match txn.execute(&new_stream()).await {
@@ -477,40 +504,25 @@ async fn move_stream_row(txn: &DatabaseTransaction, a: &Append, n: i64) -> Resul
                 .await?;
             Ok(updated(res).then_some(v as i64 + n))
         }
-        ExpectedVersion::StreamExists | ExpectedVersion::Any => {
-            let moved = if a.expected == ExpectedVersion::Any {
-                let mut upsert = new_stream();
-                upsert.on_conflict(
-                    OnConflict::columns([
-                        streams::Column::StreamId,
-                        streams::Column::Partition,
-                        streams::Column::IsArchived,
-                    ])
+        ExpectedVersion::Any => {
+            let mut upsert = new_stream();
+            upsert.on_conflict(
+                OnConflict::columns([streams::Column::StreamId, streams::Column::Partition, streams::Column::IsArchived])
                     .value(streams::Column::StreamPosition, increment)
                     .to_owned(),
-                );
-                updated(txn.execute(&upsert).await?)
-            } else {
-                let mut update = Query::update();
-                update
-                    .table(streams::Entity)
-                    .value(streams::Column::StreamPosition, increment)
-                    .cond_where(this_stream());
-                updated(txn.execute(&update).await?)
-            };
-            if !moved {
-                return Ok(None);
+            );
+            if backend != DbBackend::MySql {
+                upsert.returning_col(streams::Column::StreamPosition);
             }
-            let row = txn
-                .query_one(
-                    Query::select()
-                        .column(streams::Column::StreamPosition)
-                        .from(streams::Entity)
-                        .cond_where(this_stream()),
-                )
-                .await?
-                .ok_or_else(|| DbErr::RecordNotFound(format!("stream {}", a.stream_id.as_str())))?;
-            Ok(Some(row.try_get::<i64>("", "stream_position")?))
+            moved(backend.build(&upsert)).await
+        }
+        ExpectedVersion::StreamExists => {
+            let mut update = Query::update();
+            update.table(streams::Entity).value(streams::Column::StreamPosition, increment).cond_where(this_stream());
+            if backend != DbBackend::MySql {
+                update.returning_col(streams::Column::StreamPosition);
+            }
+            moved(backend.build(&update)).await
         }
     }
 }
