@@ -585,7 +585,7 @@ impl<E: Event + 'static> ProjectionRunner<E> {
         backend::index_order_only(&txn, true).await?;
         // The batch's events shared among its tenants (a few each at least).
         let limit = (options.batch_size / reads.len().max(1) as u64).max(MIN_GROUP_SHARE);
-        let rows = read_partitions_after(&txn, &reads, until, limit).await?;
+        let rows = read_partitions_after(&txn, &reads, until, limit, options.batch_size).await?;
         backend::index_order_only(&txn, false).await?;
         tracing::Span::current().record("events", rows.len());
         let mut by_tenant: HashMap<&str, Vec<StoredMessage>> = reads.iter().map(|(t, _)| (*t, Vec::new())).collect();
@@ -673,13 +673,17 @@ async fn read_after(
 }
 
 /// The next `limit` live events of each `(partition, checkpoint)` up to `until`, in global
-/// order: a query per [`UNION_PARTS`] partitions, a part per partition (each walks its index
-/// range and stops at its limit).
+/// order. PostgreSQL: one statement. SQLite, MySQL: the partitions whose checkpoints lie within
+/// `window` positions of `until` (caught up: the steady state) in one read of their
+/// `(partition, global_position)` ranges from the lowest of them, at most `window` rows since
+/// positions are unique; the others a query per [`UNION_PARTS`] partitions, a part per partition
+/// (each walks its index range and stops at its limit).
 async fn read_partitions_after(
     txn: &DatabaseTransaction,
     reads: &[(&str, i64)],
     until: i64,
     limit: u64,
+    window: u64,
 ) -> Result<Vec<StoredMessage>> {
     use sea_orm::sea_query::{Alias, Asterisk, Query, UnionType};
     use sea_orm::{ConnectionTrait, QueryTrait};
@@ -687,6 +691,9 @@ async fn read_partitions_after(
     if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
         return read_partitions_lateral(txn, reads, until, limit).await;
     }
+    let (near, reads): (Vec<(&str, i64)>, Vec<(&str, i64)>) =
+        reads.iter().partition(|(_, checkpoint)| until.saturating_sub(*checkpoint) <= window as i64);
+    let mut messages = read_near(txn, &near, until, limit).await?;
     let inner = |(partition, checkpoint): (&str, i64)| {
         messages::Entity::find()
             .filter(messages::Column::Partition.eq(partition))
@@ -697,7 +704,6 @@ async fn read_partitions_after(
             .limit(limit)
             .into_query()
     };
-    let mut messages = Vec::new();
     // MySQL: the parts as parenthesized query expressions. As derived tables (below) each was
     // materialized in a temporary table: 80–110 ms for 100 tenants of 3 events on MariaDB, 10–20
     // ms so. (SQLite refuses a `LIMIT` in a compound's part.)
@@ -731,6 +737,40 @@ async fn read_partitions_after(
     }
     messages.sort_by_key(|m| m.global_position);
     Ok(messages)
+}
+
+/// [`read_partitions_after`] of partitions close to `until`: one read of their index ranges from
+/// the lowest checkpoint, each partition's rows at or below its own checkpoint or past its
+/// `limit` dropped.
+async fn read_near(
+    txn: &DatabaseTransaction,
+    near: &[(&str, i64)],
+    until: i64,
+    limit: u64,
+) -> Result<Vec<StoredMessage>> {
+    let Some(low) = near.iter().map(|(_, checkpoint)| *checkpoint).min() else {
+        return Ok(Vec::new());
+    };
+    let rows = messages::Entity::find()
+        .filter(messages::Column::Partition.is_in(near.iter().map(|(partition, _)| *partition)))
+        .filter(messages::Column::IsArchived.eq(false))
+        .filter(messages::Column::GlobalPosition.gt(low))
+        .filter(messages::Column::GlobalPosition.lte(until))
+        .order_by_asc(messages::Column::GlobalPosition)
+        .into_model::<StoredMessage>()
+        .all(txn)
+        .await?;
+    let mut left: HashMap<&str, (i64, u64)> = near.iter().map(|(p, c)| (*p, (*c, limit))).collect();
+    Ok(rows
+        .into_iter()
+        .filter(|row| match left.get_mut(row.partition.as_str()) {
+            Some((checkpoint, left)) if row.global_position.unwrap_or_default() > *checkpoint && *left > 0 => {
+                *left -= 1;
+                true
+            }
+            _ => false,
+        })
+        .collect())
 }
 
 /// The most parts of one `UNION ALL` read: SQLite refuses more than 500 (`too many terms in
@@ -787,9 +827,22 @@ mod tests {
             let noted = serde_json::json!({"type": "Noted", "data": {}});
             store.append_to_stream("s", [noted], AppendOptions::default().partition(tenant)).await.expect("append");
         }
+        let noted = serde_json::json!({"type": "Noted", "data": {}});
+        let two = [noted.clone(), noted];
+        store.append_to_stream("s", two, AppendOptions::default().partition("t000")).await.expect("append");
         let txn = backend::begin_write(store.executor()).await.expect("begin");
         let reads: Vec<(&str, i64)> = tenants.iter().map(|t| (t.as_str(), 0)).collect();
-        let rows = read_partitions_after(&txn, &reads, i64::MAX, 16).await.expect("read");
-        assert_eq!(rows.len(), 700, "one event of each tenant");
+        let rows = read_partitions_after(&txn, &reads, i64::MAX, 16, 500).await.expect("read");
+        assert_eq!(rows.len(), 702, "every tenant's events");
+        // Caught up (within the window): one read. Tenants past their event get none, the others
+        // theirs, each at most its limit (`t000` has 3).
+        let reads: Vec<(&str, i64)> =
+            tenants.iter().enumerate().map(|(i, t)| (t.as_str(), if i % 2 == 0 { 0 } else { i as i64 + 1 })).collect();
+        for (window, limit) in [(10_000, 16), (500, 16), (10_000, 1)] {
+            let rows = read_partitions_after(&txn, &reads, 702, limit, window).await.expect("read");
+            let expected = 350 + if limit > 1 { 2 } else { 0 };
+            assert_eq!(rows.len(), expected, "window {window}, limit {limit}");
+            assert!(rows.windows(2).all(|w| w[0].global_position < w[1].global_position), "in global order");
+        }
     }
 }
