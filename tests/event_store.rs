@@ -527,6 +527,8 @@ async fn messages_are_keyed_by_stream_then_tenant(db: TestDb) {
     use sea_orm::{DbBackend, Statement};
     let backend = db.db.get_database_backend();
     let store = db.store();
+    // (On PostgreSQL `t1` has partitions of its own, rekeyed with their parents.)
+    store.create_partition("t1").await.unwrap();
     // 40 tenants with a stream `shared`; `t0` also has 100 events in another stream.
     for t in 0..40 {
         let events: Vec<Ev> = (1..=3).map(deposit).collect();
@@ -595,8 +597,20 @@ async fn messages_are_keyed_by_stream_then_tenant(db: TestDb) {
     assert_eq!(messages_key(&db.db).await, rekeyed, "rekeyed by the migration");
     let new = rows_read().await;
     assert!(new < 20, "the stream's rows only: {new} (old key: {old})");
-    let again = store.append_to_stream("shared", [deposit(4)], exact(3).partition("t0")).await.unwrap();
-    assert_eq!(again.next_expected_stream_version, 4);
+    for tenant in ["t0", "t1"] {
+        let again = store.append_to_stream("shared", [deposit(4)], exact(3).partition(tenant)).await.unwrap();
+        assert_eq!(again.next_expected_stream_version, 4);
+        let conflict = store.append_to_stream("shared", [deposit(4)], exact(3).partition(tenant)).await;
+        assert_conflict(conflict, "shared", ExpectedVersion::Exact(3), 4);
+    }
+    if backend == DbBackend::Postgres {
+        // Every partition's key follows its parent's.
+        let sql = "SELECT count(*) FROM pg_inherits i JOIN pg_index x ON x.indrelid = i.inhrelid AND x.indisprimary
+                   WHERE i.inhparent = 'messages'::regclass AND x.indkey::text = (SELECT indkey::text FROM pg_index
+                   WHERE indrelid = 'messages'::regclass AND indisprimary)";
+        let row = db.db.query_one_raw(Statement::from_string(backend, sql)).await.unwrap().unwrap();
+        assert_eq!(row.try_get_by_index::<i64>(0).unwrap(), 2, "messages_default and t1's partition");
+    }
     let read = store.read_stream::<Ev>("other", ReadOptions::default().partition("t0")).await.unwrap();
     assert_eq!(read.events.len(), 100);
     single.close().await.unwrap();
