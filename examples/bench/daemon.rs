@@ -464,6 +464,32 @@ fn tenant_name(name: &str, chars: usize) -> String {
     padded
 }
 
+/// `daemon-tenants-<N>-read`: 500 reads, one after another, of `cart-0` in tenants taken across
+/// `tenants`, every one of which has a `cart-0` (median and p99 ms): what a tenant's read costs
+/// as the tenants sharing its stream ids grow.
+async fn reads_of_a_shared_stream(store: &EventStore, name: &str, tenants: &[String]) -> Res {
+    const READS: usize = 500;
+    let mut took = Vec::with_capacity(READS);
+    let started = Instant::now();
+    for i in 0..READS {
+        let options = emmett_seaorm::ReadOptions::default().partition(&tenants[i * 7919 % tenants.len()]);
+        let began = Instant::now();
+        let read = store.read_stream::<CartEvent>("cart-0", options).await?;
+        took.push(began.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(read.events.len(), 3, "a tenant's cart-0");
+    }
+    let secs = started.elapsed().as_secs_f64();
+    took.sort_by(f64::total_cmp);
+    println!(
+        "{}\t{READS}\treads\t{secs:.3}\ts\t{:.0}\treads/s\tp50_ms={:.2}\tp99_ms={:.2}",
+        crate::label(&format!("{name}-read")),
+        READS as f64 / secs,
+        took[READS / 2],
+        took[READS * 99 / 100]
+    );
+    Ok(())
+}
+
 /// `daemon-tenants-<N>`: N tenants with one stream of 3 events each, `--tenant-projections`
 /// projections, one daemon finding the tenants itself. Catch-up from cold (pairs of projection
 /// and tenant per second), then idle for 10 s: rows read and written and commits per second on
@@ -485,6 +511,7 @@ pub async fn tenants_scale(args: &Args, run: &str, count: usize) -> Res {
             last = last.max(done?.last_event_global_position);
         }
     }
+    reads_of_a_shared_stream(&store, &name, &names).await?;
     let db = EventStore::new(pool(args).await?);
     let mut daemon = Daemon::new(EventStore::new(pool(args).await?));
     for p in 0..args.tenant_projections {

@@ -47,8 +47,9 @@
 //!   events in its own partitions (PostgreSQL) exported to memory (`tenant-export`), imported
 //!   under another id (`tenant-import`), then erased (`tenant-erase`);
 //! - `daemon-tenants` (not in the default list): for each of `--tenant-counts` (100,10000), that
-//!   many tenants of 3 events × `--tenant-projections` (2), caught up from cold by one daemon
-//!   (pairs/s), then idle: rows read and written and commits per second (PostgreSQL), RSS, then
+//!   many tenants of 3 events × `--tenant-projections` (2): `daemon-tenants-<N>-read`, 500 reads
+//!   of a tenant's `cart-0` (every tenant has one; p50/p99 ms), then caught up from cold by one
+//!   daemon (pairs/s), then idle: rows read and written and commits per second (PostgreSQL), RSS, then
 //!   `daemon-tenants-<N>-lag-<rate>` for each of `--tenant-lag-rates` (50,2000) events/s over
 //!   all tenants for `--tenant-lag-seconds` (10): p50/p99 from commit to both checkpoints.
 //!
