@@ -691,8 +691,8 @@ async fn read_partitions_after(
     if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
         return read_partitions_lateral(txn, reads, until, limit).await;
     }
-    let (near, reads): (Vec<(&str, i64)>, Vec<(&str, i64)>) =
-        reads.iter().partition(|(_, checkpoint)| until.saturating_sub(*checkpoint) <= window as i64);
+    let (near, reads): (Vec<_>, Vec<_>) =
+        reads.iter().copied().partition(|(_, checkpoint)| until.saturating_sub(*checkpoint) <= window as i64);
     let mut messages = read_near(txn, &near, until, limit).await?;
     let inner = |(partition, checkpoint): (&str, i64)| {
         messages::Entity::find()
