@@ -509,7 +509,9 @@ async fn messages_key(db: &sea_orm::DatabaseConnection) -> (Vec<String>, bool) {
             "SELECT COLUMN_NAME FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE()
              AND TABLE_NAME = 'messages' AND INDEX_NAME = 'PRIMARY' ORDER BY SEQ_IN_INDEX"
         }
-        _ => "SELECT name FROM pragma_index_info((SELECT name FROM pragma_index_list('messages') WHERE origin = 'pk')) ORDER BY seqno",
+        _ => {
+            "SELECT name FROM pragma_index_info((SELECT name FROM pragma_index_list('messages') WHERE origin = 'pk')) ORDER BY seqno"
+        }
     };
     let rows = db.query_all_raw(sea_orm::Statement::from_string(backend, sql)).await.unwrap();
     let key = rows.iter().map(|row| row.try_get_by_index(0).unwrap()).collect();
@@ -591,7 +593,9 @@ async fn messages_are_keyed_by_stream_then_tenant(db: TestDb) {
 
     Migrator::up(&db.db, None).await.unwrap();
     let rekeyed = match backend {
-        DbBackend::Sqlite => (["stream_id", "stream_position", "partition", "is_archived"].map(String::from).to_vec(), true),
+        DbBackend::Sqlite => {
+            (["stream_id", "stream_position", "partition", "is_archived"].map(String::from).to_vec(), true)
+        }
         _ => (by_stream, false),
     };
     assert_eq!(messages_key(&db.db).await, rekeyed, "rekeyed by the migration");

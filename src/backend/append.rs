@@ -507,9 +507,13 @@ async fn move_stream_row(txn: &DatabaseTransaction, a: &Append, n: i64) -> Resul
         ExpectedVersion::Any => {
             let mut upsert = new_stream();
             upsert.on_conflict(
-                OnConflict::columns([streams::Column::StreamId, streams::Column::Partition, streams::Column::IsArchived])
-                    .value(streams::Column::StreamPosition, increment)
-                    .to_owned(),
+                OnConflict::columns([
+                    streams::Column::StreamId,
+                    streams::Column::Partition,
+                    streams::Column::IsArchived,
+                ])
+                .value(streams::Column::StreamPosition, increment)
+                .to_owned(),
             );
             if backend != DbBackend::MySql {
                 upsert.returning_col(streams::Column::StreamPosition);
