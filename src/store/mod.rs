@@ -94,13 +94,36 @@ pub struct EventStore {
 /// woken by one polls quickly while it finds work, so the appends in between are found too.
 #[derive(Debug)]
 struct Signals {
-    /// Bumped by every committed append.
-    appends: tokio::sync::watch::Sender<u64>,
+    /// Bumped by every committed append (shared by the stores on one SQLite file: [`appends_signal`]).
+    appends: Arc<tokio::sync::watch::Sender<u64>>,
     /// Whether appends notify on PostgreSQL.
     notify: AtomicBool,
     /// When the last notifying append was sent, in ms after `started` (`u64::MAX`: never).
     last_notify: std::sync::atomic::AtomicU64,
     started: std::time::Instant,
+}
+
+/// The signal appends through a store over `db` bump. On a SQLite file it is one per file in
+/// this process, so a daemon over another pool on the same file (SQLite has no `NOTIFY`) wakes
+/// up at once too, not at its next poll.
+fn appends_signal(db: &DatabaseConnection) -> Arc<tokio::sync::watch::Sender<u64>> {
+    #[cfg(feature = "sqlite")]
+    if db.get_database_backend() == DbBackend::Sqlite
+        && let Ok(file) = std::fs::canonicalize(db.get_sqlite_connection_pool().connect_options().get_filename())
+    {
+        type Files = std::collections::HashMap<std::path::PathBuf, std::sync::Weak<tokio::sync::watch::Sender<u64>>>;
+        static FILES: std::sync::LazyLock<std::sync::Mutex<Files>> = std::sync::LazyLock::new(Default::default);
+        let mut files = FILES.lock().expect("not poisoned");
+        files.retain(|_, signal| signal.strong_count() > 0);
+        if let Some(signal) = files.get(&file).and_then(std::sync::Weak::upgrade) {
+            return signal;
+        }
+        let signal = Arc::new(tokio::sync::watch::Sender::new(0));
+        files.insert(file, Arc::downgrade(&signal));
+        return signal;
+    }
+    let _ = db;
+    Arc::new(tokio::sync::watch::Sender::new(0))
 }
 
 /// The least time between two notifying appends of one store.
@@ -127,7 +150,7 @@ impl EventStore {
     /// pool behind a transaction-mode pooler needs its statement cache off.
     pub fn new(db: DatabaseConnection) -> Self {
         let signals = Signals {
-            appends: tokio::sync::watch::Sender::new(0),
+            appends: appends_signal(&db),
             notify: true.into(),
             last_notify: u64::MAX.into(),
             started: std::time::Instant::now(),
