@@ -198,8 +198,8 @@ impl Daemon {
     }
 
     /// PostgreSQL: whether appends' notifications wake the daemon (default `true`). Off, it
-    /// finds other processes' appends by polling (appends through the same store, or on SQLite
-    /// through any store on the same file, still wake it).
+    /// finds other processes' appends by polling (appends in this process through the same
+    /// store still wake it, and on SQLite and MySQL through any store on the same database).
     pub fn notifications(mut self, enabled: bool) -> Self {
         self.options.notifications = enabled;
         self

@@ -94,7 +94,8 @@ pub struct EventStore {
 /// woken by one polls quickly while it finds work, so the appends in between are found too.
 #[derive(Debug)]
 struct Signals {
-    /// Bumped by every committed append (shared by the stores on one SQLite file: [`appends_signal`]).
+    /// Bumped by every committed append (shared by the stores on one SQLite or MySQL database:
+    /// [`appends_signal`]).
     appends: Arc<tokio::sync::watch::Sender<u64>>,
     /// Whether appends notify on PostgreSQL.
     notify: AtomicBool,
@@ -103,27 +104,43 @@ struct Signals {
     started: std::time::Instant,
 }
 
-/// The signal appends through a store over `db` bump. On a SQLite file it is one per file in
-/// this process, so a daemon over another pool on the same file (SQLite has no `NOTIFY`) wakes
-/// up at once too, not at its next poll.
+/// The signal appends through a store over `db` bump. SQLite and MySQL have no `NOTIFY`, so
+/// there it is one per database in this process: a daemon over another pool on the same
+/// database wakes up at once too, not at its next look.
 fn appends_signal(db: &DatabaseConnection) -> Arc<tokio::sync::watch::Sender<u64>> {
-    #[cfg(feature = "sqlite")]
-    if db.get_database_backend() == DbBackend::Sqlite
-        && let Ok(file) = std::fs::canonicalize(db.get_sqlite_connection_pool().connect_options().get_filename())
-    {
-        type Files = std::collections::HashMap<std::path::PathBuf, std::sync::Weak<tokio::sync::watch::Sender<u64>>>;
-        static FILES: std::sync::LazyLock<std::sync::Mutex<Files>> = std::sync::LazyLock::new(Default::default);
-        let mut files = FILES.lock().expect("not poisoned");
-        files.retain(|_, signal| signal.strong_count() > 0);
-        if let Some(signal) = files.get(&file).and_then(std::sync::Weak::upgrade) {
-            return signal;
-        }
-        let signal = Arc::new(tokio::sync::watch::Sender::new(0));
-        files.insert(file, Arc::downgrade(&signal));
+    type Signals = std::collections::HashMap<String, std::sync::Weak<tokio::sync::watch::Sender<u64>>>;
+    static BY_DATABASE: std::sync::LazyLock<std::sync::Mutex<Signals>> = std::sync::LazyLock::new(Default::default);
+    let Some(database) = database_in_process(db) else {
+        return Arc::new(tokio::sync::watch::Sender::new(0));
+    };
+    let mut signals = BY_DATABASE.lock().expect("not poisoned");
+    signals.retain(|_, signal| signal.strong_count() > 0);
+    if let Some(signal) = signals.get(&database).and_then(std::sync::Weak::upgrade) {
         return signal;
     }
-    let _ = db;
-    Arc::new(tokio::sync::watch::Sender::new(0))
+    let signal = Arc::new(tokio::sync::watch::Sender::new(0));
+    signals.insert(database, Arc::downgrade(&signal));
+    signal
+}
+
+/// The database `db` reaches, where appends must tell daemons in this process themselves: a
+/// SQLite file (by its canonical path; an in-memory database is its pool's own), a MySQL
+/// server's database. `None` on PostgreSQL (its `NOTIFY` does it).
+fn database_in_process(db: &DatabaseConnection) -> Option<String> {
+    match db.get_database_backend() {
+        #[cfg(feature = "sqlite")]
+        DbBackend::Sqlite => {
+            let file = std::fs::canonicalize(db.get_sqlite_connection_pool().connect_options().get_filename()).ok()?;
+            Some(format!("sqlite:{}", file.display()))
+        }
+        #[cfg(feature = "mysql")]
+        DbBackend::MySql => {
+            let options = db.get_mysql_connection_pool().connect_options();
+            let (host, port, socket) = (options.get_host(), options.get_port(), options.get_socket());
+            Some(format!("mysql:{host}:{port}:{socket:?}/{}", options.get_database()?))
+        }
+        _ => None,
+    }
 }
 
 /// The least time between two notifying appends of one store.
